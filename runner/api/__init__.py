@@ -1,0 +1,24 @@
+"""The bem API as the runner uses it: :class:`BemClient` and the typed request/response models."""
+
+from runner.api.client import BemClient, parse_retry_after
+from runner.api.models import (
+    TERMINAL_STATUSES,
+    Call,
+    ErrorEvent,
+    OutputEvent,
+    UploadFile,
+    V2Call,
+    V2CallRequest,
+)
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "BemClient",
+    "Call",
+    "ErrorEvent",
+    "OutputEvent",
+    "UploadFile",
+    "V2Call",
+    "V2CallRequest",
+    "parse_retry_after",
+]

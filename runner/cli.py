@@ -1,0 +1,211 @@
+"""The command line: ``bem-runner run | drain | status | retry | emulator``.
+
+The only place that reads the process environment, handles exit codes and calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+from pydantic import SecretStr
+
+from runner import faults
+from runner.config import Config, load_config
+from runner.daemon import ExitCode, Outcome, Runner, RunnerOptions
+from runner.emulator import Emulator, EmulatorSettings, serve_emulator
+from runner.emulator.cli import emulator_command
+from runner.errors import RunnerError
+from runner.logs import LEVELS, configure_logging
+from runner.progress import DrainProgress
+from runner.retry import requeue_failed
+from runner.status import collect_status, render_status
+from runner.store.sqlite import open_sqlite_store
+
+PATH_FLAGS = ("inbox", "outbox", "archive", "state")
+
+
+def path_options(command: Any) -> Any:
+    for name in reversed(PATH_FLAGS):
+        command = click.option(
+            f"--{name}",
+            type=click.Path(path_type=Path),
+            default=None,
+            help=f"Override paths.{name} from the config.",
+        )(command)
+    return command
+
+
+def pipeline_options(command: Any) -> Any:
+    command = click.option(
+        "--emulator",
+        "use_emulator",
+        is_flag=True,
+        help="Start the built-in bem emulator on a free loopback port and use it.",
+    )(command)
+    command = click.option(
+        "--on-done",
+        type=click.Choice(["archive", "delete", "keep"]),
+        default=None,
+        help="Override inbox.on_done.",
+    )(command)
+    command = click.option(
+        "--settle-seconds", type=float, default=None, help="Override inbox.settle_seconds."
+    )(command)
+    return path_options(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML config file (default: $BEM_RUNNER_CONFIG, else built-in defaults).",
+)
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+@click.version_option(package_name="bem-runner")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
+    """Files dropped into an inbox become bem calls; each leaves one result in an outbox."""
+    configure_logging(log_level)
+    faults.arm(os.environ.get("BEM_RUNNER_CRASH_AT"))
+    ctx.obj = {"config_path": config_path}
+
+
+def _config(ctx: click.Context, overrides: Mapping[str, Any]) -> Config:
+    try:
+        return load_config(ctx.obj["config_path"], environ=os.environ, overrides=overrides)
+    except RunnerError as exc:
+        click.echo(f"bem-runner: {exc}", err=True)
+        sys.exit(ExitCode.USAGE)
+
+
+def _overrides(paths: Mapping[str, Path | None], **more: Any) -> dict[str, Any]:
+    overrides: dict[str, Any] = {f"paths.{k}": v for k, v in paths.items()}
+    overrides.update(more)
+    return overrides
+
+
+@cli.command()
+@pipeline_options
+@click.pass_context
+def run(ctx: click.Context, use_emulator: bool, on_done: str | None,
+        settle_seconds: float | None, **paths: Path | None) -> None:
+    """Run as a daemon until SIGTERM/SIGINT."""
+    config = _config(ctx, _overrides(paths, **{"inbox.on_done": on_done,
+                                               "inbox.settle_seconds": settle_seconds}))
+    outcome = _execute(config, RunnerOptions(drain=False), use_emulator=use_emulator)
+    sys.exit(outcome.exit_code)
+
+
+@cli.command()
+@pipeline_options
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: on when stderr is a terminal).")
+@click.pass_context
+def drain(ctx: click.Context, use_emulator: bool, on_done: str | None,
+          settle_seconds: float | None, progress: bool | None, **paths: Path | None) -> None:
+    """Take what is in the inbox now, wait until every file is delivered, then exit.
+
+    Exit codes: 0 all completed, 1 some file ended in an error, 2 usage or config error,
+    3 bem rejected the API key or cannot be reached (state kept, nothing lost).
+    """
+    config = _config(ctx, _overrides(paths, **{"inbox.on_done": on_done,
+                                               "inbox.settle_seconds": settle_seconds}))
+    show = sys.stderr.isatty() if progress is None else progress
+    outcome = _execute(config, RunnerOptions(drain=True), use_emulator=use_emulator,
+                       show_progress=show)
+    results = outcome.delivered.get("result", 0)
+    errors = outcome.delivered.get("error", 0)
+    summary = f"drained: {results} results, {errors} errors → {config.paths.outbox}"
+    if outcome.reason:
+        summary += f" — stopped: {outcome.reason}"
+    click.echo(summary)
+    sys.exit(outcome.exit_code)
+
+
+def _execute(config: Config, options: RunnerOptions, *, use_emulator: bool,
+             show_progress: bool = False) -> Outcome:
+    async def main() -> Outcome:
+        async with _api_target(config, use_emulator) as target:
+            if show_progress:
+                with DrainProgress() as progress:
+                    return await Runner(target, options, progress=progress.update).serve()
+            return await Runner(target, options).serve()
+
+    try:
+        return anyio.run(main)
+    except RunnerError as exc:
+        click.echo(f"bem-runner: {exc}", err=True)
+        sys.exit(ExitCode.USAGE)
+
+
+@asynccontextmanager
+async def _api_target(config: Config, use_emulator: bool) -> AsyncIterator[Config]:
+    if not use_emulator:
+        yield config
+        return
+    settings = EmulatorSettings(latency_min=0.2, latency_max=1.0)
+    async with serve_emulator(Emulator(settings)) as base_url:
+        click.echo(f"bem emulator at {base_url}", err=True)
+        api = config.api.model_copy(update={"base_url": base_url})
+        yield config.model_copy(update={"api": api, "api_key": SecretStr(settings.api_key)})
+
+
+@cli.command()
+@path_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, **paths: Path | None) -> None:
+    """Counts by state, open calls and recent errors."""
+    config = _config(ctx, _overrides(paths))
+
+    async def main() -> dict[str, Any]:
+        async with open_sqlite_store(config.paths.state) as store:
+            return await collect_status(store)
+
+    try:
+        report = anyio.run(main)
+    except RunnerError as exc:
+        click.echo(f"bem-runner: {exc}", err=True)
+        sys.exit(ExitCode.USAGE)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render_status(report)
+
+
+@cli.command()
+@path_options
+@click.pass_context
+def retry(ctx: click.Context, **paths: Path | None) -> None:
+    """Requeue every file that ended in an error."""
+    config = _config(ctx, _overrides(paths))
+
+    async def main() -> tuple[list[str], list[tuple[str, str]]]:
+        async with open_sqlite_store(config.paths.state) as store:
+            return await requeue_failed(store, config)
+
+    try:
+        requeued, impossible = anyio.run(main)
+    except RunnerError as exc:
+        click.echo(f"bem-runner: {exc}", err=True)
+        sys.exit(ExitCode.USAGE)
+    for rel, why in impossible:
+        click.echo(f"cannot retry {rel}: {why}", err=True)
+    click.echo(f"requeued {len(requeued)} file(s)")
+
+
+cli.add_command(emulator_command, "emulator")
+
+
+def main() -> None:
+    cli(prog_name="bem-runner")

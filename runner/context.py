@@ -1,0 +1,91 @@
+"""What every stage of the pipeline shares: config, store, client, clock and wake-ups.
+
+The wake-ups only say "look again"; every decision is read back from the store.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import anyio
+
+from runner.api.client import BemClient
+from runner.clock import Clock
+from runner.config import Config
+from runner.store.base import KnownFile
+from runner.store.sqlite import SqliteStore
+
+
+class Nudge:
+    """A wake-up for one stage: every idle wait is "new work OR interval OR stop"."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        if not self._event.is_set() and timeout > 0:
+            with anyio.move_on_after(min(timeout, 3600.0) if math.isfinite(timeout) else 3600.0):
+                await self._event.wait()
+        self._event = anyio.Event()
+
+
+@dataclass
+class Nudges:
+    intake: Nudge = field(default_factory=Nudge)
+    group: Nudge = field(default_factory=Nudge)
+    submit: Nudge = field(default_factory=Nudge)
+    poll: Nudge = field(default_factory=Nudge)
+    deliver: Nudge = field(default_factory=Nudge)
+    supervisor: Nudge = field(default_factory=Nudge)
+
+    def all(self) -> tuple[Nudge, ...]:
+        return (self.intake, self.group, self.submit, self.poll, self.deliver, self.supervisor)
+
+
+@dataclass
+class Health:
+    """What the API told us about the account as a whole."""
+
+    auth_error: str | None = None
+    unreachable_since: float | None = None
+    last_error: str | None = None
+
+    def reached(self) -> None:
+        self.auth_error = None
+        self.unreachable_since = None
+
+    def unreachable(self, now: float, error: str) -> None:
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+        self.last_error = error
+
+
+@dataclass
+class Context:
+    config: Config
+    store: SqliteStore
+    client: BemClient
+    clock: Clock
+    draining: bool
+    nudges: Nudges = field(default_factory=Nudges)
+    health: Health = field(default_factory=Health)
+    stopping: anyio.Event = field(default_factory=anyio.Event)
+    """Set on shutdown: stop intake and new submissions, finish what is in flight."""
+    intake_done: anyio.Event = field(default_factory=anyio.Event)
+    """Drain only: everything that was in the inbox has been taken."""
+    known: dict[str, KnownFile] = field(default_factory=dict)
+    """Cache of the store's latest row per inbox path, so rescans never re-hash."""
+    rng: random.Random = field(default_factory=random.Random)
+    tally: Counter[str] = field(default_factory=Counter)
+    """Documents delivered by this process, by outcome ("result" / "error")."""
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for nudge in self.nudges.all():
+            nudge.set()

@@ -1,0 +1,149 @@
+"""What the pipeline needs from a store, and the rows it hands back.
+
+SQLite (:mod:`runner.store.sqlite`) is the embedded default. The interface speaks in rows and
+state transitions, not SQL, so a PostgreSQL store shared by several runners can be added beside it.
+
+A group is one bem call. Its life::
+
+    open ──close──▶ ready ──▶ sending ──▶ polling ──▶ terminal ──▶ done
+                      ▲          │  ▲                    ▲
+                      │          ▼  │ (found by listing) │ (rejected by bem, timed out)
+                      └──────  unknown ─────────────────-┘
+
+A file's life: ``queued`` (in a group) or ``rejected`` (never sent) → ``delivered`` (its outbox
+document is written) → ``done`` (archived, deleted or kept). ``retried`` rows are history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Literal, Protocol
+
+from runner.route import Destination
+
+GroupState = Literal["open", "ready", "sending", "unknown", "polling", "terminal", "done"]
+FileState = Literal["queued", "rejected", "delivered", "done", "retried"]
+BatchLimits = Mapping[str, tuple[int, int]]
+"""``window`` group key → (max files, max bytes); a file that would overflow starts a new group."""
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    id: int
+    call_reference_id: str
+    workflow: str
+    mode: str
+    group_key: str
+    state: str
+    opened_at: float
+    last_added_at: float
+    file_count: int
+    byte_count: int
+    not_before: float
+    attempts: int
+    sent_at: float | None
+    submitted_at: float | None
+    call_id: str | None
+    status: str | None
+    result_json: str | None
+    error_reason: str | None
+    finished_at: float | None
+
+    @property
+    def batch(self) -> bool:
+        return self.mode != "file"
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    rel: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    input_type: str | None
+    workflow: str | None
+    item_reference_id: str | None
+    group_id: int | None
+    state: str
+    outcome: str | None
+    reason: str | None
+    seen_at: float
+    delivered_at: float | None
+    done_at: float | None
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A settled file as the watcher hands it over: routed, or rejected with a reason."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    input_type: str | None
+    destination: Destination | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    size: int
+    mtime_ns: int
+    state: str
+
+
+@dataclass(frozen=True)
+class Counts:
+    files: dict[str, int]
+    groups: dict[str, int]
+    open_calls: int
+
+
+class Store(Protocol):
+    async def recover(self) -> None: ...
+    async def known_files(self) -> dict[str, KnownFile]: ...
+    async def add_files(
+        self, files: list[NewFile], *, now: float, batch_limits: BatchLimits
+    ) -> None: ...
+    async def open_groups(self) -> list[GroupRow]: ...
+    async def close_group(self, group_id: int) -> None: ...
+    async def ready_groups(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def group(self, group_id: int) -> GroupRow: ...
+    async def group_files(self, group_id: int) -> list[FileRow]: ...
+    async def supersede_file(self, file: FileRow) -> None: ...
+    async def reject_queued_file(self, file: FileRow, reason: str) -> None: ...
+    async def mark_sending(self, group_ids: list[int], *, now: float) -> None: ...
+    async def mark_submitted(
+        self, group_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
+    ) -> None: ...
+    async def mark_submit_later(self, group_ids: list[int], *, not_before: float) -> None: ...
+    async def mark_unknown(self, group_ids: list[int], *, not_before: float) -> None: ...
+    async def mark_terminal(
+        self,
+        group_id: int,
+        *,
+        status: str,
+        result_json: str | None,
+        error_reason: str | None,
+        now: float,
+    ) -> None: ...
+    async def due_polls(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def reschedule_polls(self, updates: list[tuple[int, float, str | None]]) -> None: ...
+    async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def next_due(self) -> float | None: ...
+    async def terminal_groups(self, *, limit: int) -> list[GroupRow]: ...
+    async def rejected_files(self, *, limit: int) -> list[FileRow]: ...
+    async def delivered_files(self, *, limit: int) -> list[FileRow]: ...
+    async def mark_delivered(
+        self, file_id: int, *, outcome: str, reason: str | None, now: float
+    ) -> None: ...
+    async def mark_done(self, file_id: int, *, now: float) -> None: ...
+    async def finish_group(self, group_id: int) -> None: ...
+    async def counts(self) -> Counts: ...
+    async def open_call_count(self) -> int: ...
+    async def unfinished_work(self) -> int: ...
+    async def recent_errors(self, *, limit: int) -> list[tuple[str, str | None, float | None]]: ...
+    async def failed_files(self) -> list[FileRow]: ...
+    async def close(self) -> None: ...

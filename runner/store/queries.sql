@@ -1,0 +1,187 @@
+-- Every SQL statement of the SQLite store, by name. Loaded once by runner/store/sqlite.py.
+
+-- name: pragmas
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+PRAGMA foreign_keys = ON;
+PRAGMA busy_timeout = 5000;
+
+-- name: schema_1
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE groups (
+    id INTEGER PRIMARY KEY,
+    call_reference_id TEXT NOT NULL UNIQUE,
+    workflow TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    group_key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    last_added_at REAL NOT NULL,
+    file_count INTEGER NOT NULL DEFAULT 0,
+    byte_count INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    sent_at REAL,
+    submitted_at REAL,
+    call_id TEXT,
+    status TEXT,
+    result_json TEXT,
+    error_reason TEXT,
+    finished_at REAL
+);
+CREATE INDEX groups_state_due ON groups (state, not_before);
+CREATE UNIQUE INDEX groups_one_open_per_key ON groups (group_key) WHERE state = 'open';
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY,
+    rel TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    input_type TEXT,
+    workflow TEXT,
+    item_reference_id TEXT,
+    group_id INTEGER REFERENCES groups (id),
+    state TEXT NOT NULL,
+    outcome TEXT,
+    reason TEXT,
+    seen_at REAL NOT NULL,
+    delivered_at REAL,
+    done_at REAL
+);
+CREATE UNIQUE INDEX files_one_active_per_path ON files (rel) WHERE state NOT IN ('done', 'retried');
+CREATE INDEX files_by_group ON files (group_id);
+CREATE INDEX files_by_state ON files (state);
+INSERT INTO meta (key, value) VALUES ('schema_version', '1');
+
+-- name: schema_version
+SELECT value FROM meta WHERE key = 'schema_version';
+
+-- name: has_meta_table
+SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta';
+
+-- name: table_count
+SELECT count(*) FROM sqlite_master WHERE type = 'table';
+
+-- name: recover_sending
+UPDATE groups SET state = 'unknown', not_before = 0 WHERE state = 'sending';
+
+-- name: known_files
+SELECT rel, size, mtime_ns, state FROM files
+WHERE state <> 'retried' AND id IN (SELECT max(id) FROM files WHERE state <> 'retried' GROUP BY rel);
+
+-- name: insert_file
+INSERT INTO files (rel, size, mtime_ns, sha256, input_type, workflow, item_reference_id,
+                   group_id, state, reason, seen_at)
+VALUES (:rel, :size, :mtime_ns, :sha256, :input_type, :workflow, :item_reference_id,
+        :group_id, :state, :reason, :seen_at);
+
+-- name: open_group_by_key
+SELECT id, file_count, byte_count FROM groups WHERE group_key = :group_key AND state = 'open';
+
+-- name: insert_group
+INSERT INTO groups (call_reference_id, workflow, mode, group_key, state, opened_at, last_added_at)
+VALUES (:call_reference_id, :workflow, :mode, :group_key, :state, :now, :now);
+
+-- name: add_to_group
+UPDATE groups SET file_count = file_count + 1, byte_count = byte_count + :size, last_added_at = :now
+WHERE id = :id;
+
+-- name: open_groups
+SELECT * FROM groups WHERE state = 'open' ORDER BY id;
+
+-- name: close_group
+UPDATE groups SET state = 'ready', not_before = 0 WHERE id = :id AND state = 'open';
+
+-- name: ready_groups
+SELECT * FROM groups WHERE state = 'ready' AND not_before <= :now ORDER BY not_before, id LIMIT :limit;
+
+-- name: group_by_id
+SELECT * FROM groups WHERE id = :id;
+
+-- name: group_files
+SELECT * FROM files WHERE group_id = :group_id AND state <> 'retried' ORDER BY id;
+
+-- name: mark_sending
+UPDATE groups SET state = 'sending', sent_at = :now, attempts = attempts + 1 WHERE id = :id;
+
+-- name: mark_submitted
+UPDATE groups SET state = 'polling', call_id = :call_id, status = :status,
+       submitted_at = coalesce(submitted_at, :now), not_before = :next_poll, attempts = 0
+WHERE id = :id;
+
+-- name: mark_submit_later
+UPDATE groups SET state = 'ready', not_before = :not_before WHERE id = :id;
+
+-- name: mark_unknown
+UPDATE groups SET state = 'unknown', not_before = :not_before WHERE id = :id;
+
+-- name: mark_terminal
+UPDATE groups SET state = 'terminal', status = :status, result_json = :result_json,
+       error_reason = :error_reason, finished_at = :now, not_before = 0
+WHERE id = :id;
+
+-- name: due_polls
+SELECT * FROM groups WHERE state = 'polling' AND not_before <= :now ORDER BY not_before LIMIT :limit;
+
+-- name: next_due
+SELECT min(not_before) FROM groups WHERE state IN ('ready', 'polling', 'unknown');
+
+-- name: reschedule_poll
+UPDATE groups SET not_before = :not_before, attempts = attempts + 1, status = :status WHERE id = :id;
+
+-- name: due_unknown
+SELECT * FROM groups WHERE state = 'unknown' AND not_before <= :now ORDER BY id LIMIT :limit;
+
+-- name: terminal_groups
+SELECT * FROM groups WHERE state = 'terminal' ORDER BY finished_at, id LIMIT :limit;
+
+-- name: rejected_files
+SELECT * FROM files WHERE state = 'rejected' ORDER BY id LIMIT :limit;
+
+-- name: delivered_files
+SELECT * FROM files WHERE state = 'delivered' ORDER BY id LIMIT :limit;
+
+-- name: supersede_file
+UPDATE files SET state = 'retried' WHERE id = :id;
+
+-- name: reject_file
+UPDATE files SET state = 'rejected', reason = :reason, group_id = NULL WHERE id = :id;
+
+-- name: shrink_group
+UPDATE groups SET file_count = file_count - 1, byte_count = byte_count - :size WHERE id = :id;
+
+-- name: mark_delivered
+UPDATE files SET state = 'delivered', outcome = :outcome, reason = coalesce(:reason, reason),
+       delivered_at = :now
+WHERE id = :id;
+
+-- name: mark_done
+UPDATE files SET state = 'done', done_at = :now WHERE id = :id;
+
+-- name: mark_group_done
+UPDATE groups SET state = 'done' WHERE id = :id AND NOT EXISTS (
+    SELECT 1 FROM files WHERE group_id = :id AND state IN ('queued', 'rejected'));
+
+-- name: drop_empty_group
+UPDATE groups SET state = 'done', error_reason = 'no files left to send' WHERE id = :id;
+
+-- name: count_files
+SELECT state, outcome, count(*) FROM files GROUP BY state, outcome;
+
+-- name: count_groups
+SELECT state, count(*) FROM groups GROUP BY state;
+
+-- name: open_call_count
+SELECT count(*) FROM groups WHERE state IN ('sending', 'unknown', 'polling');
+
+-- name: unfinished_work
+SELECT
+    (SELECT count(*) FROM groups WHERE state NOT IN ('done')) +
+    (SELECT count(*) FROM files WHERE state IN ('queued', 'rejected', 'delivered'));
+
+-- name: recent_errors
+SELECT rel, reason, done_at FROM files
+WHERE outcome = 'error' AND state IN ('delivered', 'done') ORDER BY id DESC LIMIT :limit;
+
+-- name: failed_files
+SELECT * FROM files WHERE outcome = 'error' AND state = 'done' ORDER BY id;

@@ -1,0 +1,398 @@
+"""The SQLite store: one connection, one writer, WAL with ``synchronous=FULL``.
+
+Every statement lives in ``queries.sql``; this class only runs them. A commit here must never
+roll back behind an outbox rename that already happened, hence ``synchronous=FULL``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import anyio
+
+from runner import faults
+from runner.errors import StoreError
+from runner.store.base import (
+    BatchLimits,
+    Counts,
+    FileRow,
+    GroupRow,
+    KnownFile,
+    NewFile,
+)
+
+SCHEMA_VERSION = 1
+Row = TypeVar("Row", GroupRow, FileRow)
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files("runner.store").joinpath("queries.sql").read_text(encoding="utf-8")
+    queries: dict[str, str] = {}
+    name: str | None = None
+    for line in text.splitlines():
+        if line.startswith("-- name: "):
+            name = line.removeprefix("-- name: ").strip()
+            queries[name] = ""
+        elif name is not None and not line.startswith("--"):
+            queries[name] += line + "\n"
+    return {key: value.strip() for key, value in queries.items()}
+
+
+QUERIES = _load_queries()
+MIGRATIONS: dict[int, str] = {1: QUERIES["schema_1"]}
+
+
+def new_call_reference_id() -> str:
+    return f"bemr-{uuid.uuid4().hex}"
+
+
+@asynccontextmanager
+async def open_sqlite_store(path: Path) -> AsyncIterator[SqliteStore]:
+    """Open (creating and migrating as needed) the state database at ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = await aiosqlite.connect(path, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"{path}: cannot open state database: {exc}") from exc
+    store = SqliteStore(connection, path)
+    try:
+        await store.migrate()
+        yield store
+    finally:
+        await store.close()
+
+
+class SqliteStore:
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._db = connection
+        self._path = path
+        self._writer = anyio.Lock()  # one connection, so one transaction at a time
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[sqlite3.Row]:
+        try:
+            async with self._db.execute(QUERIES[name], params or {}) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self._path}: {name}: {exc}") from exc
+
+    async def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        rows = await self._fetch(name, params)
+        return rows[0][0] if rows else None
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._writer:
+            async with self._transaction_unlocked() as db:
+                yield db
+
+    @asynccontextmanager
+    async def _transaction_unlocked(self) -> AsyncIterator[aiosqlite.Connection]:
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            faults.point("store.before_commit")
+            await self._db.execute("COMMIT")
+            faults.point("store.after_commit")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self._path}: {exc}") from exc
+
+    async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        async with self._transaction() as db:
+            await db.executemany(QUERIES[name], list(rows))
+
+    async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
+        names = [f.name for f in fields(cls)]
+        rows = await self._fetch(name, params)
+        return [cls(**{key: row[key] for key in names}) for row in rows]
+
+    async def migrate(self) -> None:
+        self._db.row_factory = sqlite3.Row
+        try:
+            await self._db.executescript(QUERIES["pragmas"])
+            mode = await self._scalar_raw("PRAGMA journal_mode")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self._path}: not a bem-runner state database: {exc}") from exc
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{self._path}: cannot switch the database to WAL mode")
+        if await self._scalar("has_meta_table"):
+            version = int(await self._scalar("schema_version") or 0)
+        elif await self._scalar("table_count"):
+            raise StoreError(f"{self._path}: not a bem-runner state database (unknown tables)")
+        else:
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self._path}: schema version {version} is newer than this bem-runner "
+                f"({SCHEMA_VERSION}); upgrade bem-runner"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            async with self._transaction() as db:
+                for statement in MIGRATIONS[target].split(";\n"):
+                    if statement.strip():
+                        await db.execute(statement)
+
+    async def _scalar_raw(self, sql: str) -> Any:
+        async with self._db.execute(sql) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def integrity_check(self) -> str:
+        return str(await self._scalar_raw("PRAGMA integrity_check"))
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- intake -----------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """A POST that was in flight when the last process died has an unknown outcome."""
+        await self._write("recover_sending", [{}])
+
+    async def known_files(self) -> dict[str, KnownFile]:
+        rows = await self._fetch("known_files")
+        return {row["rel"]: KnownFile(row["size"], row["mtime_ns"], row["state"]) for row in rows}
+
+    async def add_files(self, files: list[NewFile], *, now: float, batch_limits: BatchLimits) -> None:
+        async with self._transaction() as db:
+            for new in files:
+                await self._add_file(db, new, now, batch_limits)
+
+    async def _add_file(
+        self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
+    ) -> None:
+        destination = new.destination
+        group_id: int | None = None
+        if destination is not None and new.reason is None:
+            group_id = await self._group_for(db, new, now, batch_limits)
+        await db.execute(
+            QUERIES["insert_file"],
+            {
+                "rel": new.rel,
+                "size": new.size,
+                "mtime_ns": new.mtime_ns,
+                "sha256": new.sha256,
+                "input_type": new.input_type,
+                "workflow": destination.workflow if destination else None,
+                "item_reference_id": destination.item_reference_id if destination else None,
+                "group_id": group_id,
+                "state": "queued" if group_id is not None else "rejected",
+                "reason": new.reason,
+                "seen_at": now,
+            },
+        )
+
+    async def _group_for(
+        self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
+    ) -> int:
+        destination = new.destination
+        assert destination is not None
+        if destination.mode == "file":
+            group_id = await self._insert_group(
+                db, destination.workflow, "file", new.rel, "ready", now
+            )
+            await db.execute(QUERIES["add_to_group"], {"id": group_id, "size": new.size, "now": now})
+            return group_id
+        async with db.execute(QUERIES["open_group_by_key"], {"group_key": destination.group_key}) as c:
+            row = await c.fetchone()
+        if row is not None and destination.group_key in batch_limits:
+            max_files, max_bytes = batch_limits[destination.group_key]
+            full = row["file_count"] >= max_files or (
+                row["file_count"] > 0 and row["byte_count"] + new.size > max_bytes
+            )
+            if full:
+                await db.execute(QUERIES["close_group"], {"id": row["id"]})
+                row = None
+        if row is None:
+            group_id = await self._insert_group(
+                db, destination.workflow, destination.mode, destination.group_key, "open", now
+            )
+        else:
+            group_id = int(row["id"])
+        await db.execute(QUERIES["add_to_group"], {"id": group_id, "size": new.size, "now": now})
+        return group_id
+
+    async def _insert_group(
+        self, db: aiosqlite.Connection, workflow: str, mode: str, key: str, state: str, now: float
+    ) -> int:
+        cursor = await db.execute(
+            QUERIES["insert_group"],
+            {
+                "call_reference_id": new_call_reference_id(),
+                "workflow": workflow,
+                "mode": mode,
+                "group_key": key,
+                "state": state,
+                "now": now,
+            },
+        )
+        group_id = cursor.lastrowid
+        await cursor.close()
+        assert group_id is not None
+        return group_id
+
+    async def open_groups(self) -> list[GroupRow]:
+        return await self._rows(GroupRow, "open_groups", {})
+
+    async def close_group(self, group_id: int) -> None:
+        await self._write("close_group", [{"id": group_id}])
+
+    # -- submit -----------------------------------------------------------------------------
+
+    async def ready_groups(self, *, now: float, limit: int) -> list[GroupRow]:
+        return await self._rows(GroupRow, "ready_groups", {"now": now, "limit": limit})
+
+    async def group(self, group_id: int) -> GroupRow:
+        rows = await self._rows(GroupRow, "group_by_id", {"id": group_id})
+        if not rows:
+            raise StoreError(f"{self._path}: no group {group_id}")
+        return rows[0]
+
+    async def group_files(self, group_id: int) -> list[FileRow]:
+        return await self._rows(FileRow, "group_files", {"group_id": group_id})
+
+    async def supersede_file(self, file: FileRow) -> None:
+        """The file changed after it was queued: drop it from its group; it will be taken anew."""
+        async with self._transaction() as db:
+            await db.execute(QUERIES["supersede_file"], {"id": file.id})
+            if file.group_id is not None:
+                await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})
+
+    async def reject_queued_file(self, file: FileRow, reason: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(QUERIES["reject_file"], {"id": file.id, "reason": reason})
+            if file.group_id is not None:
+                await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})
+
+    async def drop_empty_group(self, group_id: int) -> None:
+        await self._write("drop_empty_group", [{"id": group_id}])
+
+    async def mark_sending(self, group_ids: list[int], *, now: float) -> None:
+        await self._write("mark_sending", ({"id": gid, "now": now} for gid in group_ids))
+
+    async def mark_submitted(
+        self, group_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
+    ) -> None:
+        await self._write(
+            "mark_submitted",
+            [
+                {
+                    "id": group_id,
+                    "call_id": call_id,
+                    "status": status,
+                    "now": now,
+                    "next_poll": next_poll,
+                }
+            ],
+        )
+
+    async def mark_submit_later(self, group_ids: list[int], *, not_before: float) -> None:
+        await self._write(
+            "mark_submit_later", ({"id": gid, "not_before": not_before} for gid in group_ids)
+        )
+
+    async def mark_unknown(self, group_ids: list[int], *, not_before: float) -> None:
+        await self._write("mark_unknown", ({"id": gid, "not_before": not_before} for gid in group_ids))
+
+    async def mark_terminal(
+        self,
+        group_id: int,
+        *,
+        status: str,
+        result_json: str | None,
+        error_reason: str | None,
+        now: float,
+    ) -> None:
+        await self._write(
+            "mark_terminal",
+            [
+                {
+                    "id": group_id,
+                    "status": status,
+                    "result_json": result_json,
+                    "error_reason": error_reason,
+                    "now": now,
+                }
+            ],
+        )
+
+    # -- poll -------------------------------------------------------------------------------
+
+    async def due_polls(self, *, now: float, limit: int) -> list[GroupRow]:
+        return await self._rows(GroupRow, "due_polls", {"now": now, "limit": limit})
+
+    async def reschedule_polls(self, updates: list[tuple[int, float, str | None]]) -> None:
+        await self._write(
+            "reschedule_poll",
+            ({"id": gid, "not_before": when, "status": status} for gid, when, status in updates),
+        )
+
+    async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]:
+        return await self._rows(GroupRow, "due_unknown", {"now": now, "limit": limit})
+
+    async def next_due(self) -> float | None:
+        value = await self._scalar("next_due")
+        return float(value) if value is not None else None
+
+    # -- deliver ----------------------------------------------------------------------------
+
+    async def terminal_groups(self, *, limit: int) -> list[GroupRow]:
+        return await self._rows(GroupRow, "terminal_groups", {"limit": limit})
+
+    async def rejected_files(self, *, limit: int) -> list[FileRow]:
+        return await self._rows(FileRow, "rejected_files", {"limit": limit})
+
+    async def delivered_files(self, *, limit: int) -> list[FileRow]:
+        return await self._rows(FileRow, "delivered_files", {"limit": limit})
+
+    async def mark_delivered(
+        self, file_id: int, *, outcome: str, reason: str | None, now: float
+    ) -> None:
+        await self._write(
+            "mark_delivered",
+            [{"id": file_id, "outcome": outcome, "reason": reason, "now": now}],
+        )
+
+    async def mark_done(self, file_id: int, *, now: float) -> None:
+        await self._write("mark_done", [{"id": file_id, "now": now}])
+
+    async def finish_group(self, group_id: int) -> None:
+        await self._write("mark_group_done", [{"id": group_id}])
+
+    # -- reports ----------------------------------------------------------------------------
+
+    async def counts(self) -> Counts:
+        files: dict[str, int] = {}
+        for state, outcome, count in await self._fetch("count_files"):
+            key = f"{state}:{outcome}" if state in ("delivered", "done") and outcome else state
+            files[key] = files.get(key, 0) + count
+        groups = {state: count for state, count in await self._fetch("count_groups")}
+        return Counts(files=files, groups=groups, open_calls=await self.open_call_count())
+
+    async def open_call_count(self) -> int:
+        return int(await self._scalar("open_call_count") or 0)
+
+    async def unfinished_work(self) -> int:
+        return int(await self._scalar("unfinished_work") or 0)
+
+    async def recent_errors(self, *, limit: int) -> list[tuple[str, str | None, float | None]]:
+        return [(r["rel"], r["reason"], r["done_at"]) for r in await self._fetch("recent_errors", {"limit": limit})]
+
+    async def failed_files(self) -> list[FileRow]:
+        return await self._rows(FileRow, "failed_files", {})
+
+    async def mark_retried(self, file_ids: list[int]) -> None:
+        await self._write("supersede_file", ({"id": fid} for fid in file_ids))

@@ -1,0 +1,371 @@
+"""The watcher: which files in the inbox are ready to be taken.
+
+Scanning is plain ``os.scandir`` that never follows a symlink and never opens anything that is
+not a regular file. A file is taken once its size and mtime have not changed for
+``settle_seconds``; a file whose mtime is already that old is taken on first sight, so a drain
+of a quiet folder does not wait. File-system events (watchfiles) only say *where* to look
+sooner; a periodic full rescan is the safety net.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import anyio
+import structlog
+import watchfiles
+
+from runner.route import INPUT_TYPES, Route, input_type_for, is_ignored, route_file
+from runner.context import Context
+from runner.store.base import KnownFile, NewFile
+
+log = structlog.get_logger("runner.watch")
+
+HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A regular file seen in the inbox."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ScanReport:
+    entries: list[Entry] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(rel, why) for symlinks and non-regular files: never taken, reported once."""
+
+
+def scan_inbox(inbox: Path, under: str = "") -> ScanReport:
+    """Every candidate file below ``inbox/under``; symlinks and special files are skipped."""
+    report = ScanReport()
+    start = inbox / under if under else inbox
+    _walk(inbox, start, report)
+    return report
+
+
+def _walk(inbox: Path, directory: Path, report: ScanReport) -> None:
+    try:
+        iterator = os.scandir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        report.skipped.append((_rel(inbox, Path(directory)), f"cannot list: {exc.strerror}"))
+        return
+    with iterator:
+        for item in iterator:
+            rel = _rel(inbox, Path(item.path))
+            if is_ignored(PurePosixPath(rel)):
+                continue
+            try:
+                if item.is_symlink():
+                    report.skipped.append((rel, "symlink (never followed)"))
+                elif item.is_dir(follow_symlinks=False):
+                    _walk(inbox, Path(item.path), report)
+                elif item.is_file(follow_symlinks=False):
+                    st = item.stat(follow_symlinks=False)
+                    report.entries.append(Entry(rel, st.st_size, st.st_mtime_ns))
+                else:
+                    report.skipped.append((rel, "not a regular file"))
+            except FileNotFoundError:
+                continue
+
+
+def _rel(inbox: Path, path: Path) -> str:
+    return path.relative_to(inbox).as_posix()
+
+
+@dataclass
+class Settler:
+    """Remembers what each unsettled file looked like and since when."""
+
+    settle_seconds: float
+    _pending: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+
+    def observe(self, entries: Iterable[Entry], *, now: float, complete: bool) -> list[Entry]:
+        """Feed one scan; return the entries that have settled.
+
+        ``complete`` says the scan covered the whole inbox, so pending files it did not see
+        have vanished and are forgotten.
+        """
+        settled: list[Entry] = []
+        seen: set[str] = set()
+        for entry in entries:
+            seen.add(entry.rel)
+            if self._is_settled(entry, now):
+                settled.append(entry)
+        if complete:
+            for rel in list(self._pending):
+                if rel not in seen:
+                    del self._pending[rel]
+        return settled
+
+    def _is_settled(self, entry: Entry, now: float) -> bool:
+        age = now - entry.mtime_ns / 1e9
+        previous = self._pending.get(entry.rel)
+        if previous is None or previous[:2] != (entry.size, entry.mtime_ns):
+            if age >= self.settle_seconds:
+                self._pending.pop(entry.rel, None)
+                return True
+            self._pending[entry.rel] = (entry.size, entry.mtime_ns, now)
+            return False
+        if now - previous[2] >= self.settle_seconds or age >= self.settle_seconds:
+            del self._pending[entry.rel]
+            return True
+        return False
+
+    def forget(self, rel: str) -> None:
+        self._pending.pop(rel, None)
+
+    @property
+    def pending(self) -> Mapping[str, tuple[int, int, float]]:
+        return self._pending
+
+    def next_deadline(self) -> float | None:
+        if not self._pending:
+            return None
+        return min(since for _, _, since in self._pending.values()) + self.settle_seconds
+
+    def has_pending_under(self, folder: str) -> bool:
+        prefix = folder.rstrip("/") + "/"
+        return any(rel.startswith(prefix) for rel in self._pending)
+
+
+def is_new(entry: Entry, known: Mapping[str, KnownFile], *, keep: bool) -> bool:
+    """Whether a settled file is new work.
+
+    A file with an unfinished row is never taken twice. A finished file that is still in the
+    inbox is new when inputs are archived or deleted (it was dropped again), and only when its
+    size or mtime changed when inputs are kept (so unchanged files are never hashed again).
+    """
+    previous = known.get(entry.rel)
+    if previous is None or previous.state == "retried":
+        return True
+    if previous.state != "done":
+        return False
+    if not keep:
+        return True
+    return (previous.size, previous.mtime_ns) != (entry.size, entry.mtime_ns)
+
+
+def examine(
+    inbox: Path, entry: Entry, *, routes: Sequence[Route], max_file_bytes: int
+) -> NewFile | None:
+    """Route, check and hash one settled file; ``None`` if it vanished meanwhile."""
+    rel = PurePosixPath(entry.rel)
+    destination = route_file(rel, routes)
+    input_type = input_type_for(rel)
+    reason = _rejection(rel, entry, destination is not None, input_type, routes, max_file_bytes)
+    sha256: str | None = None
+    if reason is None:
+        try:
+            sha256 = hash_file(inbox / entry.rel)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            reason = f"cannot read the file: {exc.strerror or exc}"
+    return NewFile(
+        rel=entry.rel,
+        size=entry.size,
+        mtime_ns=entry.mtime_ns,
+        sha256=sha256,
+        input_type=input_type,
+        destination=destination,
+        reason=reason,
+    )
+
+
+def _rejection(
+    rel: PurePosixPath,
+    entry: Entry,
+    routed: bool,
+    input_type: str | None,
+    routes: Sequence[Route],
+    max_file_bytes: int,
+) -> str | None:
+    if not routed:
+        if routes:
+            return "no [[route]] matches this file"
+        return "no workflow for this file: put it in inbox/<workflow>/"
+    if input_type is None:
+        suffix = rel.suffix or "(none)"
+        return f"unsupported file type {suffix!r}: bem accepts " + ", ".join(_supported())
+    if entry.size == 0:
+        return "empty file: nothing to send"
+    if entry.size > max_file_bytes:
+        return f"file too large: {entry.size} bytes > inbox.max_file_bytes = {max_file_bytes}"
+    return None
+
+
+def _supported() -> Iterator[str]:
+    return iter(sorted(f".{ext}" for ext in INPUT_TYPES))
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of a regular file, opened without following symlinks or blocking on a FIFO."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        digest = hashlib.sha256()
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The intake stage
+
+EventSource = Callable[[Path, anyio.Event], AsyncIterator[set[str]]]
+"""Yields sets of changed paths below the inbox until the event is set."""
+
+
+async def watchfiles_events(inbox: Path, stop: anyio.Event) -> AsyncIterator[set[str]]:
+    async for changes in watchfiles.awatch(
+        inbox, stop_event=stop, recursive=True, debounce=200, step=50, ignore_permission_denied=True
+    ):
+        yield {path for _, path in changes}
+
+
+class Intake:
+    """Scans the inbox, settles files and hands new ones to the store, grouped."""
+
+    def __init__(self, ctx: Context, *, events: EventSource | None) -> None:
+        self._ctx = ctx
+        self._events = events
+        self._settler = Settler(ctx.config.inbox.settle_seconds)
+        self._dirty: set[str] = set()
+        self._reported: set[str] = set()
+
+    def has_pending_under(self, folder: str) -> bool:
+        return self._settler.has_pending_under(folder)
+
+    async def run(self) -> None:
+        ctx = self._ctx
+        ctx.config.paths.inbox.mkdir(parents=True, exist_ok=True)
+        ctx.known.update(await ctx.store.known_files())
+        async with anyio.create_task_group() as tg:
+            if self._events is not None and not ctx.draining:
+                tg.start_soon(self._follow_events, name="intake-events")
+            await self._loop()
+            tg.cancel_scope.cancel()
+
+    async def _follow_events(self) -> None:
+        assert self._events is not None
+        inbox = self._ctx.config.paths.inbox
+        async for paths in self._events(inbox, self._ctx.stopping):
+            for path in paths:
+                try:
+                    self._dirty.add(Path(path).relative_to(inbox).as_posix())
+                except ValueError:
+                    continue
+            self._ctx.nudges.intake.set()
+
+    async def _loop(self) -> None:
+        ctx = self._ctx
+        rescan_every = ctx.config.inbox.rescan_seconds
+        next_full = ctx.clock.now()
+        while not ctx.stopping.is_set():
+            full = ctx.draining or ctx.clock.now() >= next_full
+            if full:
+                next_full = ctx.clock.now() + rescan_every
+            await self.take(full=full)
+            if ctx.draining and not self._settler.pending:
+                ctx.intake_done.set()
+                ctx.nudges.supervisor.set()
+                return
+            timeout = next_full - ctx.clock.now()
+            deadline = self._settler.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(deadline - ctx.clock.wall(), 0.05))
+            await ctx.nudges.intake.wait(timeout)
+
+    async def take(self, *, full: bool) -> int:
+        """One pass: scan, settle, examine, store. Returns how many files were taken."""
+        ctx = self._ctx
+        inbox = ctx.config.paths.inbox
+        if full:
+            self._dirty.clear()
+            report = await anyio.to_thread.run_sync(scan_inbox, inbox)
+        else:
+            targets = self._dirty | set(self._settler.pending)
+            self._dirty = set()
+            report = await anyio.to_thread.run_sync(_scan_paths, inbox, targets)
+        self._report_skipped(report.skipped)
+        settled = self._settler.observe(report.entries, now=ctx.clock.wall(), complete=full)
+        keep = ctx.config.inbox.on_done == "keep"
+        fresh = [entry for entry in settled if is_new(entry, ctx.known, keep=keep)]
+        if not fresh:
+            return 0
+        new_files = await anyio.to_thread.run_sync(self._examine_all, fresh)
+        await ctx.store.add_files(new_files, now=ctx.clock.wall(), batch_limits=self._batch_limits())
+        for new in new_files:
+            state = "rejected" if new.reason else "queued"
+            ctx.known[new.rel] = KnownFile(new.size, new.mtime_ns, state)
+            if new.reason:
+                log.warning("file rejected", file=new.rel, reason=new.reason)
+            else:
+                log.info("file queued", file=new.rel, workflow=new.destination and new.destination.workflow)
+        for nudge in (ctx.nudges.group, ctx.nudges.submit, ctx.nudges.deliver):
+            nudge.set()
+        return len(new_files)
+
+    def _examine_all(self, entries: list[Entry]) -> list[NewFile]:
+        config = self._ctx.config
+        examined = (
+            examine(
+                config.paths.inbox,
+                entry,
+                routes=config.routes,
+                max_file_bytes=config.inbox.max_file_bytes,
+            )
+            for entry in entries
+        )
+        return [new for new in examined if new is not None]
+
+    def _batch_limits(self) -> dict[str, tuple[int, int]]:
+        return {
+            f"window:{index}": (route.batch_max_files, route.batch_max_bytes)
+            for index, route in enumerate(self._ctx.config.routes)
+            if route.group == "window"
+        }
+
+    def _report_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        for rel, why in skipped:
+            if rel not in self._reported:
+                self._reported.add(rel)
+                log.warning("file skipped", file=rel, reason=why)
+
+
+def _scan_paths(inbox: Path, rels: Iterable[str]) -> ScanReport:
+    """Look only at the given paths (files or folders) below the inbox."""
+    report = ScanReport()
+    for rel in sorted(rels):
+        if not rel or rel == "." or is_ignored(PurePosixPath(rel)):
+            continue
+        path = inbox / rel
+        try:
+            st = path.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            sub = scan_inbox(inbox, rel)
+            report.entries.extend(sub.entries)
+            report.skipped.extend(sub.skipped)
+        elif stat.S_ISREG(st.st_mode):
+            report.entries.append(Entry(rel, st.st_size, st.st_mtime_ns))
+        elif stat.S_ISLNK(st.st_mode):
+            report.skipped.append((rel, "symlink (never followed)"))
+        else:
+            report.skipped.append((rel, "not a regular file"))
+    return report

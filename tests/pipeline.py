@@ -1,0 +1,81 @@
+"""Helpers for end-to-end tests: a real Runner against the emulator, real SQLite, real files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from runner.config import Config, load_config
+from runner.daemon import Outcome, Runner, RunnerOptions
+from runner.emulator import Emulator
+
+API_KEY = "emulator-key"
+
+
+def make_config(root: Path, base_url: str = "http://emulator", **sections: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {
+        "paths.inbox": str(root / "inbox"),
+        "paths.outbox": str(root / "outbox"),
+        "paths.archive": str(root / "archive"),
+        "paths.state": str(root / "state.db"),
+        "api.base_url": base_url,
+        "inbox.settle_seconds": 0,
+        "poll.initial_seconds": 0.02,
+        "poll.max_seconds": 0.2,
+        "limits.requests_per_second": 1000,
+        "limits.burst": 100,
+    }
+    for section, values in sections.items():
+        for key, value in values.items():
+            raw[f"{section}.{key}"] = value
+    routes = raw.pop("route.list", None)
+    config = load_config(None, environ={"BEM_API_KEY": API_KEY}, overrides=raw)
+    if routes:
+        config = Config.model_validate(
+            {**config.model_dump(exclude={"api_key"}), "route": routes}
+        ).model_copy(update={"api_key": SecretStr(API_KEY)})
+    return config
+
+
+async def drain(config: Config, emulator: Emulator, **options: Any) -> Outcome:
+    transport = httpx.ASGITransport(app=emulator.app)
+    runner = Runner(
+        config,
+        RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05, **options),
+        transport=transport,
+        events=None,
+    )
+    return await runner.serve()
+
+
+def write_files(inbox: Path, files: Iterable[tuple[str, bytes]]) -> list[str]:
+    rels = []
+    for rel, content in files:
+        path = inbox / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        rels.append(rel)
+    return rels
+
+
+def outbox_documents(outbox: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """input rel path → ("result" | "error", document)."""
+    documents: dict[str, tuple[str, dict[str, Any]]] = {}
+    for path in sorted(outbox.rglob("*.json")):
+        rel = path.relative_to(outbox).as_posix()
+        if rel.endswith(".error.json"):
+            key, kind = rel.removesuffix(".error.json"), "error"
+        else:
+            key, kind = rel.removesuffix(".json"), "result"
+        assert key not in documents, f"two documents for {key}"
+        documents[key] = (kind, json.loads(path.read_text()))
+    return documents
+
+
+def leftover_temporaries(outbox: Path) -> list[Path]:
+    return [p for p in outbox.rglob("*") if p.name.endswith(".tmp")]
