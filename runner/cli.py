@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import click
@@ -30,6 +30,7 @@ from runner.status import collect_status, render_status
 from runner.store.sqlite import open_sqlite_store
 
 PATH_FLAGS = ("inbox", "outbox", "archive", "state")
+T = TypeVar("T")
 
 
 def path_options(command: Any) -> Any:
@@ -97,32 +98,51 @@ def _overrides(paths: Mapping[str, Path | None], **more: Any) -> dict[str, Any]:
 @cli.command()
 @pipeline_options
 @click.pass_context
-def run(ctx: click.Context, use_emulator: bool, on_done: str | None,
-        settle_seconds: float | None, **paths: Path | None) -> None:
+def run(
+    ctx: click.Context,
+    /,
+    use_emulator: bool,
+    on_done: str | None,
+    settle_seconds: float | None,
+    **paths: Path | None,
+) -> None:
     """Run as a daemon until SIGTERM/SIGINT."""
-    config = _config(ctx, _overrides(paths, **{"inbox.on_done": on_done,
-                                               "inbox.settle_seconds": settle_seconds}))
+    config = _config(
+        ctx, _overrides(paths, **{"inbox.on_done": on_done, "inbox.settle_seconds": settle_seconds})
+    )
     outcome = _execute(config, RunnerOptions(drain=False), use_emulator=use_emulator)
     sys.exit(outcome.exit_code)
 
 
 @cli.command()
 @pipeline_options
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bar (default: on when stderr is a terminal).")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar (default: on when stderr is a terminal).",
+)
 @click.pass_context
-def drain(ctx: click.Context, use_emulator: bool, on_done: str | None,
-          settle_seconds: float | None, progress: bool | None, **paths: Path | None) -> None:
+def drain(
+    ctx: click.Context,
+    /,
+    use_emulator: bool,
+    on_done: str | None,
+    settle_seconds: float | None,
+    progress: bool | None,
+    **paths: Path | None,
+) -> None:
     """Take what is in the inbox now, wait until every file is delivered, then exit.
 
     Exit codes: 0 all completed, 1 some file ended in an error, 2 usage or config error,
     3 bem rejected the API key or cannot be reached (state kept, nothing lost).
     """
-    config = _config(ctx, _overrides(paths, **{"inbox.on_done": on_done,
-                                               "inbox.settle_seconds": settle_seconds}))
+    config = _config(
+        ctx, _overrides(paths, **{"inbox.on_done": on_done, "inbox.settle_seconds": settle_seconds})
+    )
     show = sys.stderr.isatty() if progress is None else progress
-    outcome = _execute(config, RunnerOptions(drain=True), use_emulator=use_emulator,
-                       show_progress=show)
+    outcome = _execute(
+        config, RunnerOptions(drain=True), use_emulator=use_emulator, show_progress=show
+    )
     results = outcome.delivered.get("result", 0)
     errors = outcome.delivered.get("error", 0)
     summary = f"drained: {results} results, {errors} errors → {config.paths.outbox}"
@@ -132,8 +152,9 @@ def drain(ctx: click.Context, use_emulator: bool, on_done: str | None,
     sys.exit(outcome.exit_code)
 
 
-def _execute(config: Config, options: RunnerOptions, *, use_emulator: bool,
-             show_progress: bool = False) -> Outcome:
+def _execute(
+    config: Config, options: RunnerOptions, *, use_emulator: bool, show_progress: bool = False
+) -> Outcome:
     async def main() -> Outcome:
         async with _api_target(config, use_emulator) as target:
             if show_progress:
@@ -141,11 +162,25 @@ def _execute(config: Config, options: RunnerOptions, *, use_emulator: bool,
                     return await Runner(target, options, progress=progress.update).serve()
             return await Runner(target, options).serve()
 
+    return _run(main)
+
+
+def _run(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main``; any error the runner raised on purpose is a message and exit code 2."""
     try:
         return anyio.run(main)
-    except RunnerError as exc:
-        click.echo(f"bem-runner: {exc}", err=True)
+    except* RunnerError as group:
+        first = _first_leaf(group)
+        click.echo(f"bem-runner: {first}", err=True)
         sys.exit(ExitCode.USAGE)
+
+
+def _first_leaf(group: BaseExceptionGroup[RunnerError]) -> RunnerError:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, RunnerError)
+    return leaf
 
 
 @asynccontextmanager
@@ -164,7 +199,7 @@ async def _api_target(config: Config, use_emulator: bool) -> AsyncIterator[Confi
 @path_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, **paths: Path | None) -> None:
+def status(ctx: click.Context, /, as_json: bool, **paths: Path | None) -> None:
     """Counts by state, open calls and recent errors."""
     config = _config(ctx, _overrides(paths))
 
@@ -172,11 +207,7 @@ def status(ctx: click.Context, as_json: bool, **paths: Path | None) -> None:
         async with open_sqlite_store(config.paths.state) as store:
             return await collect_status(store)
 
-    try:
-        report = anyio.run(main)
-    except RunnerError as exc:
-        click.echo(f"bem-runner: {exc}", err=True)
-        sys.exit(ExitCode.USAGE)
+    report = _run(main)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -186,7 +217,7 @@ def status(ctx: click.Context, as_json: bool, **paths: Path | None) -> None:
 @cli.command()
 @path_options
 @click.pass_context
-def retry(ctx: click.Context, **paths: Path | None) -> None:
+def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     """Requeue every file that ended in an error."""
     config = _config(ctx, _overrides(paths))
 
@@ -194,11 +225,7 @@ def retry(ctx: click.Context, **paths: Path | None) -> None:
         async with open_sqlite_store(config.paths.state) as store:
             return await requeue_failed(store, config)
 
-    try:
-        requeued, impossible = anyio.run(main)
-    except RunnerError as exc:
-        click.echo(f"bem-runner: {exc}", err=True)
-        sys.exit(ExitCode.USAGE)
+    requeued, impossible = _run(main)
     for rel, why in impossible:
         click.echo(f"cannot retry {rel}: {why}", err=True)
     click.echo(f"requeued {len(requeued)} file(s)")

@@ -45,7 +45,9 @@ class ApiConfig(Section):
     """Files at least this large are sent as multipart/form-data streamed from disk (v3 only)."""
     v2_calls_per_request: int = Field(default=10, ge=1, le=100)
     visibility_window: Duration = 30.0
-    """How long a call may stay invisible to ``GET /v3/calls`` before "not found" means not created."""
+    """How long a new call may be missing from ``GET /v3/calls`` before "not found" counts."""
+    unreachable_timeout: Duration = 60.0
+    """A drain stops (exit 3, state kept) when bem has been unreachable this long."""
 
     @field_validator("base_url")
     @classmethod

@@ -28,9 +28,10 @@ class Nudge:
     def set(self) -> None:
         self._event.set()
 
-    async def wait(self, timeout: float) -> None:
-        if not self._event.is_set() and timeout > 0:
-            with anyio.move_on_after(min(timeout, 3600.0) if math.isfinite(timeout) else 3600.0):
+    async def wait(self, at_most: float) -> None:
+        """Until :meth:`set` is called or ``at_most`` seconds have passed."""
+        if not self._event.is_set() and at_most > 0:
+            with anyio.move_on_after(min(at_most, 3600.0) if math.isfinite(at_most) else 3600.0):
                 await self._event.wait()
         self._event = anyio.Event()
 

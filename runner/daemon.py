@@ -63,8 +63,6 @@ Progress = Callable[[Counts], Awaitable[None]]
 class RunnerOptions:
     drain: bool = False
     graceful_timeout: float = 30.0
-    unreachable_exit_after: float = 60.0
-    """A drain gives up (exit 3) when bem has been unreachable this long."""
     handle_signals: bool = True
     supervise_every: float = 1.0
 
@@ -94,9 +92,7 @@ class Runner:
     async def serve(self) -> Outcome:
         config = self.config
         if config.api_key is None:
-            raise ConfigError(
-                "no API key: set BEM_API_KEY, api.api_key_file, or use --emulator"
-            )
+            raise ConfigError("no API key: set BEM_API_KEY, api.api_key_file, or use --emulator")
         limiter = RateLimiter(
             rate=config.limits.requests_per_second * RATE_HEADROOM,
             burst=max(1, config.limits.burst - 1),
@@ -193,7 +189,7 @@ class Runner:
             self._stop(ExitCode.API_UNAVAILABLE, f"bem rejected the API key: {health.auth_error}")
         elif (
             health.unreachable_since is not None
-            and ctx.clock.wall() - health.unreachable_since >= self.options.unreachable_exit_after
+            and ctx.clock.wall() - health.unreachable_since >= ctx.config.api.unreachable_timeout
         ):
             self._stop(ExitCode.API_UNAVAILABLE, f"bem cannot be reached: {health.last_error}")
         elif ctx.intake_done.is_set() and await ctx.store.unfinished_work() == 0:

@@ -60,10 +60,14 @@ def documents_for_group(group: GroupRow, files: Sequence[FileRow]) -> list[Docum
 def _events_for(
     events: list[dict[str, Any]], reference: str | None, index: int
 ) -> list[dict[str, Any]]:
-    by_reference = [e for e in events if reference is not None and e.get("referenceID") == reference]
+    by_reference = [
+        e for e in events if reference is not None and e.get("referenceID") == reference
+    ]
     if by_reference:
         return by_reference
-    return [e for e in events if e.get("referenceID") in (None, "") and e.get("itemOffset") == index]
+    return [
+        e for e in events if e.get("referenceID") in (None, "") and e.get("itemOffset") == index
+    ]
 
 
 def _document(
@@ -135,7 +139,9 @@ def outbox_paths(outbox: Path, rel: str) -> tuple[Path, Path]:
 
 def write_document(outbox: Path, document: Document) -> Path:
     result_path, error_path = outbox_paths(outbox, document.file.rel)
-    target, other = (result_path, error_path) if document.outcome == "result" else (error_path, result_path)
+    target, other = (
+        (result_path, error_path) if document.outcome == "result" else (error_path, result_path)
+    )
     data = json.dumps(document.body, indent=2, ensure_ascii=False, sort_keys=False).encode() + b"\n"
     write_atomic(target, data)
     _unlink(other)
@@ -272,7 +278,9 @@ class Deliverer:
                 finish_input, paths.inbox, paths.archive, file.rel, ctx.config.inbox.on_done
             )
         except OSError as exc:
-            log.error("cannot archive or delete the input; will retry", file=file.rel, error=str(exc))
+            log.error(
+                "cannot archive or delete the input; will retry", file=file.rel, error=str(exc)
+            )
             return False
         await ctx.store.mark_done(file.id, now=ctx.clock.wall())
         ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, "done")

@@ -5,8 +5,8 @@ limiter is that same bucket plus a cap on requests in flight. A request waits fo
 slot and a token; waiting requests of different kinds ("submit", "poll", ...) are served in turn
 so neither starves the other, and in arrival order within a kind.
 
-The bucket is kept in exact rational arithmetic and refilled a hair slower than the current rate,
-so float rounding can never let it grant a token the server's bucket does not have yet.
+The bucket is kept in exact rational arithmetic, and every wait is rounded up to the next float,
+so float rounding can never let it grant a token the ideal bucket does not have yet.
 
 A 429 pauses every grant until its ``Retry-After`` has passed, empties the bucket and halves the
 rate (down to a floor); successes then bring the rate back up linearly over ``recovery_seconds``.
@@ -33,58 +33,62 @@ DEFAULT_RETRY_AFTER = 5.0
 """Pause after a 429 that came without a usable ``Retry-After``, in seconds."""
 
 _DECREASE_FACTOR = 0.5
-_REFILL_SAFETY = 1.0 - 1e-9  # refill this much slower than the rate the server enforces
 _MIN_SLEEP = 1e-6  # a timekeeper never sleeps for less, so rounding cannot make it spin
 
 
-class _TokenBucket:
-    """A token bucket in exact arithmetic; full when first used."""
+class TokenBucket:
+    """A token bucket (``burst`` capacity, refilled at ``rate`` per second), full when first used.
+
+    Kept in exact rational arithmetic, so it never holds a token that the ideal bucket would not
+    hold, however long it runs. A server-side bucket built from this class and read with the same
+    clock makes exactly the same decisions as the limiter.
+    """
 
     def __init__(self, *, rate: float, burst: int) -> None:
-        self._refill_rate = _refill_rate(rate)
+        self._rate = Fraction(rate)
         self._burst = Fraction(burst)
         self._tokens = Fraction(burst)
         self._stamp: Fraction | None = None
 
-    def has_token(self, now: Fraction) -> bool:
-        self._refill(now)
-        return self._tokens >= 1
-
-    def take(self) -> None:
+    def try_take(self, now: float) -> bool:
+        """Take one token if there is one."""
+        self._refill(Fraction(now))
+        if self._tokens < 1:
+            return False
         self._tokens -= 1
+        return True
 
     def give_back(self) -> None:
+        """Return a token that was taken but not used."""
         self._tokens = min(self._burst, self._tokens + 1)
 
-    def empty(self, now: Fraction) -> None:
-        self._refill(now)
+    def empty(self, now: float) -> None:
+        self._refill(Fraction(now))
         self._tokens = Fraction(0)
 
-    def token_time(self, now: Fraction) -> Fraction:
-        """When the next whole token is there (``now`` if it already is)."""
-        self._refill(now)
+    def wait_time(self, now: float) -> float:
+        """Seconds until a whole token is there (0 if one is): the smallest float ``d`` for which
+        the float ``now + d`` is not before the exact moment the token arrives."""
+        exact_now = Fraction(now)
+        self._refill(exact_now)
         if self._tokens >= 1:
-            return now
-        return now + (1 - self._tokens) / self._refill_rate
+            return 0.0
+        return _float_delay(now, exact_now + (1 - self._tokens) / self._rate)
 
-    def set_rate(self, now: Fraction, rate: float) -> None:
-        self._refill(now)
-        self._refill_rate = _refill_rate(rate)
+    def set_rate(self, now: float, rate: float) -> None:
+        self._refill(Fraction(now))
+        self._rate = Fraction(rate)
 
-    def set_burst(self, now: Fraction, burst: int) -> None:
-        self._refill(now)
+    def set_burst(self, now: float, burst: int) -> None:
+        self._refill(Fraction(now))
         self._burst = Fraction(burst)
         self._tokens = min(self._tokens, self._burst)
 
     def _refill(self, now: Fraction) -> None:
         if self._stamp is not None and now > self._stamp:
-            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._refill_rate)
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
         if self._stamp is None or now > self._stamp:
             self._stamp = now
-
-
-def _refill_rate(rate: float) -> Fraction:
-    return Fraction(rate * _REFILL_SAFETY)
 
 
 @dataclass(eq=False)
@@ -116,7 +120,7 @@ class RateLimiter:
         self._min_rate_fraction = min_rate_fraction
         self._recovery_seconds = recovery_seconds
         self._max_concurrency = max_concurrency
-        self._bucket = _TokenBucket(rate=rate, burst=burst)
+        self._bucket = TokenBucket(rate=rate, burst=burst)
         self._paused_until: float | None = None
         self._recover_from: float | None = None  # when the rate last moved towards its target
         self._in_flight = 0
@@ -167,7 +171,7 @@ class RateLimiter:
             self._paused_until = until
         self._recover_from = self._paused_until
         self._set_rate(now, max(self._rate_floor(), self._current_rate * _DECREASE_FACTOR))
-        self._bucket.empty(Fraction(now))
+        self._bucket.empty(now)
         self._kick()
 
     def on_success(self) -> None:
@@ -190,7 +194,7 @@ class RateLimiter:
         fraction = self._current_rate / self._configured_rate
         self._configured_rate = float(rate)
         self._set_rate(now, max(self._rate_floor(), min(rate, rate * fraction)))
-        self._bucket.set_burst(Fraction(now), burst)
+        self._bucket.set_burst(now, burst)
         self._max_concurrency = max_concurrency
         self._kick(reschedule=True)
 
@@ -230,10 +234,10 @@ class RateLimiter:
         if self._in_flight >= self._max_concurrency:
             return None
         now = self._clock.now()
-        due = self._bucket.token_time(Fraction(now))
+        delay = self._bucket.wait_time(now)
         if self._paused_until is not None:
-            due = max(due, Fraction(self._paused_until))
-        return max(_MIN_SLEEP, _float_delay(now, due))
+            delay = max(delay, _float_delay(now, Fraction(self._paused_until)))
+        return max(_MIN_SLEEP, delay)
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """A waiter was cancelled: it takes no token and holds no slot."""
@@ -262,11 +266,9 @@ class RateLimiter:
         now = self._clock.now()
         if self._paused_until is not None and now < self._paused_until:
             return
-        while (
-            self._turns
-            and self._in_flight < self._max_concurrency
-            and self._bucket.has_token(Fraction(now))
-        ):
+        while self._turns and self._in_flight < self._max_concurrency:
+            if not self._bucket.try_take(now):
+                return
             kind = self._turns.popleft()
             queue = self._queues[kind]
             waiter = queue.popleft()
@@ -274,7 +276,6 @@ class RateLimiter:
                 self._turns.append(kind)
             else:
                 del self._queues[kind]
-            self._bucket.take()
             self._in_flight += 1
             waiter.granted = True
             waiter.wake.set()
@@ -298,7 +299,7 @@ class RateLimiter:
 
     def _set_rate(self, now: float, rate: float) -> None:
         self._current_rate = rate
-        self._bucket.set_rate(Fraction(now), rate)
+        self._bucket.set_rate(now, rate)
 
 
 def _check_limits(*, rate: float, burst: int, max_concurrency: int) -> None:

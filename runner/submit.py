@@ -23,6 +23,7 @@ from runner.errors import (
     AuthError,
     OutcomeUnknownError,
     PermanentError,
+    RateLimitedError,
     TransientError,
 )
 from runner.policy import retry_delay, unknown_outcome_resolution
@@ -203,7 +204,11 @@ class Submitter:
         refs = [g.call_reference_id for g in groups]
         if isinstance(exc, OutcomeUnknownError):
             log.warning("submit outcome unknown", callReferenceIDs=refs, error=exc.message)
-            await ctx.store.mark_unknown(ids, not_before=now + UNKNOWN_RECHECK_SECONDS)
+            await ctx.store.mark_unknown(ids, not_before=now + self._recheck_seconds())
+        elif isinstance(exc, RateLimitedError):
+            # the shared limiter already holds every request until Retry-After has passed
+            log.info("submit rate limited", callReferenceIDs=refs, retry_after=exc.retry_after)
+            await ctx.store.mark_submit_later(ids, not_before=now)
         elif isinstance(exc, AuthError):
             ctx.health.auth_error = exc.message
             log.error("bem rejected the API key; retrying slowly", error=exc.message)
@@ -224,8 +229,13 @@ class Submitter:
             if isinstance(exc, TransientError) and exc.status_code is None:
                 ctx.health.unreachable(now, exc.message)
                 ctx.nudges.supervisor.set()
-            log.warning("submit failed; will retry", callReferenceIDs=refs, error=exc.message, delay=delay)
+            log.warning(
+                "submit failed; will retry", callReferenceIDs=refs, error=exc.message, delay=delay
+            )
             await ctx.store.mark_submit_later(ids, not_before=now + delay)
+
+    def _recheck_seconds(self) -> float:
+        return min(UNKNOWN_RECHECK_SECONDS, self._ctx.config.api.visibility_window / 2)
 
     async def resolve_unknown(self) -> None:
         """Adopt calls that were created after all; resend those that surely were not."""
@@ -241,26 +251,33 @@ class Submitter:
             if isinstance(exc, AuthError):
                 ctx.health.auth_error = exc.message
             await ctx.store.mark_unknown(
-                [g.id for g in groups], not_before=now + UNKNOWN_RECHECK_SECONDS
+                [g.id for g in groups], not_before=now + self._recheck_seconds()
             )
             return
         window = ctx.config.api.visibility_window
         for group in groups:
             call = found.get(group.call_reference_id)
             decision = unknown_outcome_resolution(
-                now=now, sent_at=group.sent_at or now, visibility_window=window, found=call is not None
+                now=now,
+                sent_at=group.sent_at or now,
+                visibility_window=window,
+                found=call is not None,
             )
             if call is not None:
-                log.info("adopted call created by an earlier attempt", callID=call.call_id,
-                         callReferenceID=group.call_reference_id)
+                log.info(
+                    "adopted call created by an earlier attempt",
+                    callID=call.call_id,
+                    callReferenceID=group.call_reference_id,
+                )
                 await self._submitted(group, call.call_id, call.status, call)
             elif decision == "wait":
                 await ctx.store.mark_unknown(
-                    [group.id], not_before=now + min(UNKNOWN_RECHECK_SECONDS, window)
+                    [group.id], not_before=now + self._recheck_seconds()
                 )
             else:
-                log.info("call was never created; sending again",
-                         callReferenceID=group.call_reference_id)
+                log.info(
+                    "call was never created; sending again", callReferenceID=group.call_reference_id
+                )
                 await ctx.store.mark_submit_later([group.id], not_before=now)
         ctx.nudges.submit.set()
 

@@ -20,8 +20,8 @@ import anyio
 import structlog
 import watchfiles
 
-from runner.route import INPUT_TYPES, Route, input_type_for, is_ignored, route_file
 from runner.context import Context
+from runner.route import INPUT_TYPES, Route, input_type_for, is_ignored, route_file
 from runner.store.base import KnownFile, NewFile
 
 log = structlog.get_logger("runner.watch")
@@ -308,14 +308,20 @@ class Intake:
         if not fresh:
             return 0
         new_files = await anyio.to_thread.run_sync(self._examine_all, fresh)
-        await ctx.store.add_files(new_files, now=ctx.clock.wall(), batch_limits=self._batch_limits())
+        await ctx.store.add_files(
+            new_files, now=ctx.clock.wall(), batch_limits=self._batch_limits()
+        )
         for new in new_files:
             state = "rejected" if new.reason else "queued"
             ctx.known[new.rel] = KnownFile(new.size, new.mtime_ns, state)
             if new.reason:
                 log.warning("file rejected", file=new.rel, reason=new.reason)
             else:
-                log.info("file queued", file=new.rel, workflow=new.destination and new.destination.workflow)
+                log.info(
+                    "file queued",
+                    file=new.rel,
+                    workflow=new.destination and new.destination.workflow,
+                )
         for nudge in (ctx.nudges.group, ctx.nudges.submit, ctx.nudges.deliver):
             nudge.set()
         return len(new_files)

@@ -17,7 +17,9 @@ from runner.emulator import Emulator
 API_KEY = "emulator-key"
 
 
-def make_config(root: Path, base_url: str = "http://emulator", **sections: dict[str, Any]) -> Config:
+def make_config(
+    root: Path, base_url: str = "http://emulator", **sections: dict[str, Any]
+) -> Config:
     raw: dict[str, Any] = {
         "paths.inbox": str(root / "inbox"),
         "paths.outbox": str(root / "outbox"),

@@ -187,12 +187,12 @@ async def test_bad_arguments_and_unreadable_files_send_nothing(
     with pytest.raises(ValueError, match="at least one file"):
         await client.invoke_workflow("wf", [], call_reference_id="r", batch=True)
     for multipart in (False, True):
-        with pytest.raises(PermanentError, match="gone.txt") as caught:
+        with pytest.raises(PermanentError, match=r"gone\.txt") as caught:
             await client.invoke_workflow(
                 "wf", [missing], call_reference_id="r", batch=False, multipart=multipart
             )
         assert isinstance(caught.value.__cause__, FileNotFoundError)
-    with pytest.raises(PermanentError, match="gone.txt"):
+    with pytest.raises(PermanentError, match=r"gone\.txt"):
         await client.create_calls_v2(
             [V2CallRequest("wf", "r", (one,)), V2CallRequest("wf", "s", (missing,))]
         )
@@ -399,9 +399,7 @@ async def test_v2_creates_several_calls_in_one_request_and_gets_them(
 # -- the rate limiter ----------------------------------------------------------------------------
 
 
-async def test_every_attempt_waits_for_the_limiter(
-    emulator: Emulator, clock: FakeClock, tmp_path: Path
-) -> None:
+async def test_every_attempt_waits_for_the_limiter(emulator: Emulator, clock: FakeClock) -> None:
     limiter = RateLimiter(rate=1.0, burst=1, max_concurrency=4, clock=clock)
     emulator.update(error_5xx_rate=1.0)
     async with make_client(emulator, clock, limiter=limiter) as client:
@@ -511,6 +509,7 @@ async def test_json_body_is_valid_json_with_base64_content(tmp_path: Path) -> No
     assert request.url.raw_path == b"/v3/workflows/my%20wf%2Fx/call"
     assert request.headers["x-api-key"] == API_KEY
     assert request.headers["content-length"] == str(len(request.content))
+    assert "transfer-encoding" not in request.headers
     document = json.loads(request.content)
     [item] = document["input"]["batchFiles"]["inputs"]
     assert base64.b64decode(item.pop("inputContent")) == content

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
+import anyio
+import httpx
 import pytest
 
-from runner.daemon import ExitCode
+from runner.daemon import ExitCode, Runner, RunnerOptions
 from runner.emulator import Emulator, EmulatorSettings
+from runner.retry import requeue_failed
+from runner.status import collect_status
+from runner.store.sqlite import open_sqlite_store
 
 from .pipeline import drain, leftover_temporaries, make_config, outbox_documents, write_files
 
@@ -60,19 +66,25 @@ async def test_every_file_gets_exactly_one_document(tmp_path: Path, version: str
     assert all(n == 1 for n in stats["files_by_content_sha256"].values())
     assert not leftover_temporaries(config.paths.outbox)
     # every input was archived under its own path, the inbox holds no files
-    assert sorted(p.relative_to(config.paths.archive).as_posix()
-                  for p in config.paths.archive.rglob("*") if p.is_file()) == sorted(rels)
+    assert sorted(
+        p.relative_to(config.paths.archive).as_posix()
+        for p in config.paths.archive.rglob("*")
+        if p.is_file()
+    ) == sorted(rels)
     assert not [p for p in config.paths.inbox.rglob("*") if p.is_file()]
 
 
 async def test_batch_folder_is_one_call_split_per_item(tmp_path: Path) -> None:
     emulator = fast_emulator()
     config = make_config(tmp_path)
-    write_files(config.paths.inbox, [
-        ("invoices/march/a.txt", b"alpha"),
-        ("invoices/march/sub/b.txt", b"beta"),
-        ("invoices/march/c.txt", b"gamma BEM-EMULATOR-FAIL"),
-    ])
+    write_files(
+        config.paths.inbox,
+        [
+            ("invoices/march/a.txt", b"alpha"),
+            ("invoices/march/sub/b.txt", b"beta"),
+            ("invoices/march/c.txt", b"gamma BEM-EMULATOR-FAIL"),
+        ],
+    )
 
     outcome = await drain(config, emulator)
 
@@ -84,7 +96,7 @@ async def test_batch_folder_is_one_call_split_per_item(tmp_path: Path) -> None:
     }
     call_ids = {doc["callID"] for _, doc in documents.values()}
     assert len(call_ids) == 1
-    kind, doc = documents["invoices/march/sub/b.txt"]
+    _, doc = documents["invoices/march/sub/b.txt"]
     assert doc["itemReferenceID"] == "sub/b.txt"
     assert [o["referenceID"] for o in doc["outputs"]] == ["sub/b.txt"]
     _, error = documents["invoices/march/c.txt"]
@@ -96,24 +108,34 @@ async def test_batch_folder_is_one_call_split_per_item(tmp_path: Path) -> None:
 async def test_bad_input_gets_an_error_document_and_is_never_sent(tmp_path: Path) -> None:
     emulator = fast_emulator()
     config = make_config(tmp_path, inbox={"max_file_bytes": 100})
-    write_files(config.paths.inbox, [
-        ("wf/empty.txt", b""),
-        ("wf/program.exe", b"MZ..."),
-        ("wf/huge.txt", b"x" * 101),
-        ("loose.txt", b"no workflow folder"),
-        ("wf/good.txt", b"fine"),
-        ("wf/.hidden.txt", b"never taken"),
-        ("wf/partial.pdf.part", b"never taken"),
-        ("unknown-workflow/x.txt", b"404 from bem"),
-        ("wf/invalid.txt", b"BEM-EMULATOR-INVALID"),
-    ])
+    write_files(
+        config.paths.inbox,
+        [
+            ("wf/empty.txt", b""),
+            ("wf/program.exe", b"MZ..."),
+            ("wf/huge.txt", b"x" * 101),
+            ("loose.txt", b"no workflow folder"),
+            ("wf/good.txt", b"fine"),
+            ("wf/.hidden.txt", b"never taken"),
+            ("wf/partial.pdf.part", b"never taken"),
+            ("unknown-workflow/x.txt", b"404 from bem"),
+            ("wf/invalid.txt", b"BEM-EMULATOR-INVALID"),
+        ],
+    )
 
     outcome = await drain(config, emulator)
 
     documents = outbox_documents(config.paths.outbox)
     reasons = {rel: doc["reason"] for rel, (kind, doc) in documents.items() if kind == "error"}
-    assert set(documents) == {"wf/empty.txt", "wf/program.exe", "wf/huge.txt", "loose.txt",
-                              "wf/good.txt", "unknown-workflow/x.txt", "wf/invalid.txt"}
+    assert set(documents) == {
+        "wf/empty.txt",
+        "wf/program.exe",
+        "wf/huge.txt",
+        "loose.txt",
+        "wf/good.txt",
+        "unknown-workflow/x.txt",
+        "wf/invalid.txt",
+    }
     assert "empty" in reasons["wf/empty.txt"]
     assert "unsupported file type '.exe'" in reasons["wf/program.exe"]
     assert "too large" in reasons["wf/huge.txt"]
@@ -125,8 +147,11 @@ async def test_bad_input_gets_an_error_document_and_is_never_sent(tmp_path: Path
     assert (config.paths.inbox / "wf/.hidden.txt").exists()
     assert (config.paths.inbox / "wf/partial.pdf.part").exists()
     assert outcome.exit_code == ExitCode.FILE_ERRORS
-    posts = {route: counts for route, counts in emulator.stats()["requests"].items()
-             if route.startswith("POST")}
+    posts = {
+        route: counts
+        for route, counts in emulator.stats()["requests"].items()
+        if route.startswith("POST")
+    }
     # only the good file, the unknown workflow and the invalid one reached bem
     assert sum(sum(c.values()) for c in posts.values()) == 3
 
@@ -170,3 +195,200 @@ async def test_keep_mode_never_resubmits_unchanged_files(tmp_path: Path) -> None
     await drain(config, emulator)
     assert emulator.stats()["calls_total"] == calls_after_first + 1
     assert len(outbox_documents(config.paths.outbox)) == 2
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Bounded wait on the emulator's counters, which offer no event to wait on."""
+    with anyio.fail_after(30):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def test_restart_resumes_without_resubmitting(tmp_path: Path) -> None:
+    # calls take "forever" in emulator time until the test moves that time on
+    emulator = Emulator(EmulatorSettings(latency_min=1000, latency_max=1000))
+    config = make_config(tmp_path)
+    rels, _ = mixed_inbox(config.paths.inbox, 50)
+    expected_calls = len({rel.rsplit("/", 1)[0] if "/batch-" in rel else rel for rel in rels})
+    runner = Runner(
+        config,
+        RunnerOptions(drain=False, handle_signals=False, supervise_every=0.02),
+        transport=httpx.ASGITransport(app=emulator.app),
+        events=None,
+    )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.serve)
+        await wait_until(lambda: emulator.stats()["calls_total"] == expected_calls)
+        runner.should_exit = True
+
+    assert outbox_documents(config.paths.outbox) == {}
+    emulator.advance(2000)
+    outcome = await drain(config, emulator)
+
+    assert sorted(outbox_documents(config.paths.outbox)) == sorted(rels)
+    stats = emulator.stats()
+    assert stats["calls_total"] == expected_calls
+    assert all(n == 1 for n in stats["calls_by_reference"].values())
+    assert outcome.exit_code == ExitCode.FILE_ERRORS
+
+
+async def test_status_and_retry(tmp_path: Path) -> None:
+    emulator = fast_emulator(failure_rate=1.0)
+    config = make_config(tmp_path)
+    write_files(
+        config.paths.inbox,
+        [("wf/a.txt", b"one"), ("wf/b.txt", b"two"), ("wf/c.exe", b"unsupported")],
+    )
+    first = await drain(config, emulator)
+    assert first.exit_code == ExitCode.FILE_ERRORS
+
+    async with open_sqlite_store(config.paths.state) as store:
+        report = await collect_status(store)
+        assert report["files"] == {"done:error": 3}
+        assert report["open_calls"] == 0
+        assert {e["file"] for e in report["recent_errors"]} == {"wf/a.txt", "wf/b.txt", "wf/c.exe"}
+        requeued, impossible = await requeue_failed(store, config)
+    assert sorted(requeued) == ["wf/a.txt", "wf/b.txt", "wf/c.exe"]
+    assert impossible == []
+    assert (config.paths.inbox / "wf/a.txt").read_bytes() == b"one"
+
+    emulator.update(failure_rate=0.0)
+    second = await drain(config, emulator)
+
+    documents = outbox_documents(config.paths.outbox)
+    assert {rel: kind for rel, (kind, _) in documents.items()} == {
+        "wf/a.txt": "result",
+        "wf/b.txt": "result",
+        "wf/c.exe": "error",
+    }
+    assert second.delivered == {"result": 2, "error": 1}
+    async with open_sqlite_store(config.paths.state) as store:
+        report = await collect_status(store)
+    assert report["files"] == {"done:result": 2, "done:error": 1, "retried": 3}
+
+
+async def test_window_route_batches_loose_files(tmp_path: Path) -> None:
+    emulator = fast_emulator()
+    config = make_config(
+        tmp_path,
+        **{
+            "route": {
+                "list": [
+                    {
+                        "glob": "scans/**",
+                        "workflow": "scan-extract",
+                        "group": "window",
+                        "batch_max_files": 4,
+                        "batch_window_seconds": 60,
+                    },
+                    {"glob": "**", "workflow": "catch-all"},
+                ]
+            }
+        },
+    )
+    write_files(
+        config.paths.inbox,
+        [(f"scans/{n}.png", b"png %d" % n) for n in range(10)] + [("other/x.txt", b"x")],
+    )
+
+    await drain(config, emulator)
+
+    documents = outbox_documents(config.paths.outbox)
+    assert len(documents) == 11
+    scan_calls = {doc["callID"] for rel, (_, doc) in documents.items() if rel.startswith("scans/")}
+    assert len(scan_calls) == 3  # 4 + 4 + 2
+    assert {doc["workflow"] for _, doc in documents.values()} == {"scan-extract", "catch-all"}
+
+
+async def test_v3_polls_many_calls_per_request(tmp_path: Path) -> None:
+    emulator = Emulator(EmulatorSettings(latency_min=0.3, latency_max=0.3))
+    config = make_config(tmp_path, poll={"initial_seconds": 0.2, "max_seconds": 0.5})
+    rels = write_files(config.paths.inbox, [(f"wf/{n}.txt", b"n%d" % n) for n in range(60)])
+
+    await drain(config, emulator)
+
+    assert len(outbox_documents(config.paths.outbox)) == len(rels)
+    requests = emulator.stats()["requests"]
+    polls = sum(requests.get("GET /v3/calls", {}).values())
+    single_gets = sum(requests.get("GET /v3/calls/{callID}", {}).values())
+    assert single_gets == 0
+    assert polls < len(rels) / 2
+
+
+async def test_large_files_go_multipart(tmp_path: Path) -> None:
+    emulator = fast_emulator()
+    config = make_config(tmp_path, api={"multipart_min_bytes": 1})
+    write_files(config.paths.inbox, [
+        ("wf/a.pdf", b"%PDF-1.4 small"),
+        ("wf/batch/b.txt", b"bee"),
+        ("wf/batch/c.csv", b"x,y\n"),
+    ])
+
+    outcome = await drain(config, emulator)
+
+    documents = outbox_documents(config.paths.outbox)
+    assert {kind for kind, _ in documents.values()} == {"result"}
+    assert documents["wf/batch/b.txt"][1]["outputs"][0]["referenceID"] == "b.txt"
+    assert outcome.exit_code == ExitCode.OK
+
+
+async def test_a_call_that_never_finishes_times_out_into_an_error(tmp_path: Path) -> None:
+    emulator = Emulator(EmulatorSettings(latency_min=10_000, latency_max=10_000))
+    config = make_config(tmp_path, poll={"give_up_after": "0.3s"})
+    write_files(config.paths.inbox, [("wf/stuck.txt", b"stuck")])
+
+    outcome = await drain(config, emulator)
+
+    kind, document = outbox_documents(config.paths.outbox)["wf/stuck.txt"]
+    assert kind == "error"
+    assert document["reason"].startswith("timed out")
+    assert outcome.exit_code == ExitCode.FILE_ERRORS
+
+
+@pytest.mark.parametrize("version", ["v3", "v2"])
+async def test_unknown_outcomes_are_adopted_never_resent(tmp_path: Path, version: str) -> None:
+    # every POST creates its calls and then answers 500; new calls are listed only after a lag
+    emulator = fast_emulator(accept_then_500_rate=1.0, list_visibility_lag=0.3)
+    config = make_config(tmp_path, api={"version": version, "visibility_window": "5s"})
+    rels, _ = mixed_inbox(config.paths.inbox, 30)
+
+    await drain(config, emulator)
+
+    assert sorted(outbox_documents(config.paths.outbox)) == sorted(rels)
+    stats = emulator.stats()
+    assert all(n == 1 for n in stats["calls_by_reference"].values())
+    assert all(n == 1 for n in stats["files_by_content_sha256"].values())
+
+
+async def test_calls_that_were_never_created_are_sent_again(tmp_path: Path) -> None:
+    # 5xx before anything is created: after the visibility window the call is sent again
+    emulator = fast_emulator(error_5xx_rate=0.4, seed=7)
+    config = make_config(tmp_path, api={"visibility_window": "0.1s"})
+    rels, _ = mixed_inbox(config.paths.inbox, 30)
+
+    await drain(config, emulator)
+
+    assert sorted(outbox_documents(config.paths.outbox)) == sorted(rels)
+    stats = emulator.stats()
+    assert all(n == 1 for n in stats["calls_by_reference"].values())
+    assert stats["faults"]["error_5xx"] > 0
+
+
+async def test_the_daemon_takes_files_as_they_arrive(tmp_path: Path) -> None:
+    emulator = fast_emulator()
+    # the periodic rescan is far away: only file-system events can find the new file in time
+    config = make_config(tmp_path, inbox={"rescan_seconds": 3600, "settle_seconds": 0.1})
+    config.paths.inbox.mkdir(parents=True)
+    runner = Runner(
+        config,
+        RunnerOptions(drain=False, handle_signals=False, supervise_every=0.02),
+        transport=httpx.ASGITransport(app=emulator.app),
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.serve)
+        await anyio.sleep(0.3)  # let the watcher start before the file appears
+        write_files(config.paths.inbox, [("wf/arrived.txt", b"hello")])
+        await wait_until(lambda: (config.paths.outbox / "wf/arrived.txt.json").exists())
+        runner.should_exit = True
+    assert (config.paths.archive / "wf/arrived.txt").exists()

@@ -13,8 +13,14 @@ from runner.store.sqlite import SCHEMA_VERSION, open_sqlite_store
 pytestmark = pytest.mark.anyio
 
 
-def new_file(rel: str, *, mode: str = "file", key: str | None = None, size: int = 10,
-             reason: str | None = None) -> NewFile:
+def new_file(
+    rel: str,
+    *,
+    mode: str = "file",
+    key: str | None = None,
+    size: int = 10,
+    reason: str | None = None,
+) -> NewFile:
     workflow = rel.split("/")[0]
     return NewFile(
         rel=rel,
@@ -75,8 +81,9 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 async def test_file_mode_groups_are_born_ready_with_a_reference(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "s.db") as store:
-        await store.add_files([new_file("wf/a.txt"), new_file("wf/b.txt")], now=100.0,
-                              batch_limits={})
+        await store.add_files(
+            [new_file("wf/a.txt"), new_file("wf/b.txt")], now=100.0, batch_limits={}
+        )
         ready = await store.ready_groups(now=100.0, limit=10)
         assert [g.group_key for g in ready] == ["wf/a.txt", "wf/b.txt"]
         assert all(g.call_reference_id.startswith("bemr-") for g in ready)
@@ -94,8 +101,9 @@ async def test_folder_files_share_one_open_group_until_closed(tmp_path: Path) ->
         await store.close_group(group.id)
         assert await store.open_groups() == []
         # a file arriving after the close starts a new batch for the same folder
-        await store.add_files([new_file("wf/f1/late.txt", mode="folder", key="wf/f1")], now=2.0,
-                              batch_limits={})
+        await store.add_files(
+            [new_file("wf/f1/late.txt", mode="folder", key="wf/f1")], now=2.0, batch_limits={}
+        )
         (later,) = await store.open_groups()
         assert later.id != group.id
 
@@ -115,8 +123,9 @@ async def test_window_groups_close_when_the_next_file_would_overflow(tmp_path: P
 
 async def test_rejected_files_are_kept_for_an_error_document(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "s.db") as store:
-        await store.add_files([new_file("wf/empty.txt", reason="empty file")], now=1.0,
-                              batch_limits={})
+        await store.add_files(
+            [new_file("wf/empty.txt", reason="empty file")], now=1.0, batch_limits={}
+        )
         (rejected,) = await store.rejected_files(limit=10)
         assert rejected.reason == "empty file"
         assert rejected.group_id is None
@@ -156,8 +165,9 @@ async def test_full_life_of_a_group(tmp_path: Path) -> None:
         (due,) = await store.due_polls(now=4.0, limit=10)
         await store.reschedule_polls([(due.id, 10.0, "running")])
         assert (await store.group(group.id)).attempts == 1
-        await store.mark_terminal(group.id, status="completed", result_json="{}", error_reason=None,
-                                  now=11.0)
+        await store.mark_terminal(
+            group.id, status="completed", result_json="{}", error_reason=None, now=11.0
+        )
         (terminal,) = await store.terminal_groups(limit=10)
         (file,) = await store.group_files(terminal.id)
         await store.finish_group(group.id)

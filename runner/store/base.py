@@ -16,8 +16,8 @@ document is written) → ``done`` (archived, deleted or kept). ``retried`` rows 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from runner.route import Destination

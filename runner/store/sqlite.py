@@ -91,9 +91,8 @@ class SqliteStore:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._writer:
-            async with self._transaction_unlocked() as db:
-                yield db
+        async with self._writer, self._transaction_unlocked() as db:
+            yield db
 
     @asynccontextmanager
     async def _transaction_unlocked(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -166,7 +165,9 @@ class SqliteStore:
         rows = await self._fetch("known_files")
         return {row["rel"]: KnownFile(row["size"], row["mtime_ns"], row["state"]) for row in rows}
 
-    async def add_files(self, files: list[NewFile], *, now: float, batch_limits: BatchLimits) -> None:
+    async def add_files(
+        self, files: list[NewFile], *, now: float, batch_limits: BatchLimits
+    ) -> None:
         async with self._transaction() as db:
             for new in files:
                 await self._add_file(db, new, now, batch_limits)
@@ -204,9 +205,13 @@ class SqliteStore:
             group_id = await self._insert_group(
                 db, destination.workflow, "file", new.rel, "ready", now
             )
-            await db.execute(QUERIES["add_to_group"], {"id": group_id, "size": new.size, "now": now})
+            await db.execute(
+                QUERIES["add_to_group"], {"id": group_id, "size": new.size, "now": now}
+            )
             return group_id
-        async with db.execute(QUERIES["open_group_by_key"], {"group_key": destination.group_key}) as c:
+        async with db.execute(
+            QUERIES["open_group_by_key"], {"group_key": destination.group_key}
+        ) as c:
             row = await c.fetchone()
         if row is not None and destination.group_key in batch_limits:
             max_files, max_bytes = batch_limits[destination.group_key]
@@ -305,7 +310,9 @@ class SqliteStore:
         )
 
     async def mark_unknown(self, group_ids: list[int], *, not_before: float) -> None:
-        await self._write("mark_unknown", ({"id": gid, "not_before": not_before} for gid in group_ids))
+        await self._write(
+            "mark_unknown", ({"id": gid, "not_before": not_before} for gid in group_ids)
+        )
 
     async def mark_terminal(
         self,
@@ -389,7 +396,10 @@ class SqliteStore:
         return int(await self._scalar("unfinished_work") or 0)
 
     async def recent_errors(self, *, limit: int) -> list[tuple[str, str | None, float | None]]:
-        return [(r["rel"], r["reason"], r["done_at"]) for r in await self._fetch("recent_errors", {"limit": limit})]
+        return [
+            (r["rel"], r["reason"], r["done_at"])
+            for r in await self._fetch("recent_errors", {"limit": limit})
+        ]
 
     async def failed_files(self) -> list[FileRow]:
         return await self._rows(FileRow, "failed_files", {})

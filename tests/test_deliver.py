@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from runner.deliver import (
+    Document,
+    documents_for_group,
+    finish_input,
+    rejection_document,
+    write_atomic,
+    write_document,
+)
+from runner.store.base import FileRow, GroupRow
+
+
+def file_row(n: int, rel: str, item: str | None) -> FileRow:
+    return FileRow(
+        id=n,
+        rel=rel,
+        size=3,
+        mtime_ns=1,
+        sha256="00",
+        input_type="text",
+        workflow="wf",
+        item_reference_id=item,
+        group_id=1,
+        state="queued",
+        outcome=None,
+        reason=None,
+        seen_at=1.0,
+        delivered_at=None,
+        done_at=None,
+    )
+
+
+def group_row(
+    call: dict[str, object] | None, *, mode: str = "folder", reason: str | None = None
+) -> GroupRow:
+    return GroupRow(
+        id=1,
+        call_reference_id="bemr-1",
+        workflow="wf",
+        mode=mode,
+        group_key="wf/f",
+        state="terminal",
+        opened_at=1.0,
+        last_added_at=1.0,
+        file_count=3,
+        byte_count=9,
+        not_before=0.0,
+        attempts=0,
+        sent_at=2.0,
+        submitted_at=2.0,
+        call_id="c1",
+        status=str(call.get("status")) if call else "failed",
+        result_json=json.dumps(call) if call is not None else None,
+        error_reason=reason,
+        finished_at=3.0,
+    )
+
+
+FILES = [
+    file_row(1, "wf/f/a.txt", "a.txt"),
+    file_row(2, "wf/f/b.txt", "b.txt"),
+    file_row(3, "wf/f/c.txt", "c.txt"),
+]
+
+
+def test_batch_outputs_split_by_reference_then_offset() -> None:
+    call = {
+        "status": "completed",
+        "outputs": [
+            {
+                "eventID": "1",
+                "referenceID": "b.txt",
+                "itemOffset": 1,
+                "transformedContent": {"b": 1},
+            },
+            {"eventID": "2", "referenceID": "", "itemOffset": 0, "transformedContent": {"a": 1}},
+        ],
+        "errors": [{"eventID": "3", "referenceID": "c.txt", "message": "unreadable scan"}],
+    }
+    documents = {d.file.rel: d for d in documents_for_group(group_row(call), FILES)}
+    assert documents["wf/f/a.txt"].outcome == "result"
+    assert documents["wf/f/a.txt"].body["outputs"][0]["transformedContent"] == {"a": 1}
+    assert documents["wf/f/b.txt"].body["outputs"][0]["eventID"] == "1"
+    assert documents["wf/f/c.txt"].outcome == "error"
+    assert documents["wf/f/c.txt"].reason == "unreadable scan"
+
+
+def test_an_item_without_output_is_an_error_not_a_silent_success() -> None:
+    call = {"status": "completed", "outputs": [], "errors": []}
+    (document,) = documents_for_group(group_row(call, mode="file"), FILES[:1])
+    assert document.outcome == "error"
+    assert "no output" in (document.reason or "")
+
+
+def test_a_rejected_call_fails_every_file_with_the_reason() -> None:
+    documents = documents_for_group(group_row(None, reason="bem rejected the call: bad"), FILES)
+    assert {d.outcome for d in documents} == {"error"}
+    assert {d.reason for d in documents} == {"bem rejected the call: bad"}
+
+
+def test_documents_are_private_atomic_and_exactly_one_per_file(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    file = FILES[0]
+    error = rejection_document(file)
+    write_document(outbox, error)
+    assert (outbox / "wf/f/a.txt.error.json").exists()
+    result = Document(file, "result", {"file": file.rel}, None)
+    path = write_document(outbox, result)
+    assert path == outbox / "wf/f/a.txt.json"
+    assert not (outbox / "wf/f/a.txt.error.json").exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["a.txt.json"]
+
+
+def test_write_atomic_leaves_no_temporary_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "dir"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_atomic(target, b"data")
+    assert [p.name for p in tmp_path.iterdir()] == ["dir"]
+
+
+@pytest.mark.parametrize("on_done", ["archive", "delete", "keep"])
+def test_finish_input_is_idempotent(tmp_path: Path, on_done: str) -> None:
+    inbox, archive = tmp_path / "inbox", tmp_path / "archive"
+    (inbox / "wf").mkdir(parents=True)
+    (inbox / "wf/a.txt").write_bytes(b"abc")
+    finish_input(inbox, archive, "wf/a.txt", on_done)
+    finish_input(inbox, archive, "wf/a.txt", on_done)  # a crash made us do it again
+    assert (inbox / "wf/a.txt").exists() is (on_done == "keep")
+    assert (archive / "wf/a.txt").exists() is (on_done == "archive")
+    if on_done == "archive":
+        assert (archive / "wf/a.txt").read_bytes() == b"abc"

@@ -1,0 +1,692 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runner.clock import FakeClock
+from runner.ratelimit import DEFAULT_RETRY_AFTER, RateLimiter
+
+
+async def until(condition: Callable[[], bool], *, turns: int = 1000) -> None:
+    """Let other tasks run until ``condition`` holds; fail (instead of hanging) if it never does."""
+    for _ in range(turns):
+        if condition():
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError("condition never became true")
+
+
+class CountingClock:
+    """A FakeClock that counts how often it is read and slept on."""
+
+    def __init__(self, inner: FakeClock) -> None:
+        self.inner = inner
+        self.reads = 0
+        self.sleeps = 0
+
+    def now(self) -> float:
+        self.reads += 1
+        return self.inner.now()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        await self.inner.sleep(seconds)
+
+    def wall(self) -> float:
+        self.reads += 1
+        return self.inner.wall()
+
+
+@dataclass
+class Holder:
+    """A task that takes a slot, notes when, and keeps it until released."""
+
+    limiter: RateLimiter
+    clock: FakeClock
+    kind: str = "default"
+    name: str = ""
+    granted_at: float | None = None
+    done: bool = False
+    release: anyio.Event = field(default_factory=anyio.Event)
+    log: list[str] | None = None
+
+    async def run(self) -> None:
+        async with self.limiter.slot(self.kind):
+            self.granted_at = self.clock.now()
+            if self.log is not None:
+                self.log.append(self.name)
+            await self.release.wait()
+        self.done = True
+
+
+def make(
+    clock: FakeClock, *, rate: float = 10.0, burst: int = 1, max_concurrency: int = 100
+) -> RateLimiter:
+    return RateLimiter(rate=rate, burst=burst, max_concurrency=max_concurrency, clock=clock)
+
+
+# -- construction ------------------------------------------------------------------------------
+
+
+def test_constructor_has_no_side_effects() -> None:
+    clock = CountingClock(FakeClock())
+    limiter = RateLimiter(rate=10, burst=5, max_concurrency=2, clock=clock)
+    assert (clock.reads, clock.sleeps) == (0, 0)
+    assert limiter.current_rate == 10.0
+    assert limiter.in_flight == 0
+    assert limiter.waiting == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rate": 0}, "rate"),
+        ({"rate": -1.0}, "rate"),
+        ({"rate": float("inf")}, "rate"),
+        ({"rate": float("nan")}, "rate"),
+        ({"burst": 0}, "burst"),
+        ({"burst": 1.5}, "burst"),
+        ({"burst": True}, "burst"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+        ({"max_concurrency": 2.0}, "max_concurrency"),
+        ({"min_rate_fraction": 0.0}, "min_rate_fraction"),
+        ({"min_rate_fraction": 1.5}, "min_rate_fraction"),
+        ({"recovery_seconds": 0.0}, "recovery_seconds"),
+    ],
+)
+def test_constructor_rejects_bad_limits(kwargs: dict[str, float], message: str) -> None:
+    values: dict[str, float] = {"rate": 10.0, "burst": 5, "max_concurrency": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        RateLimiter(clock=FakeClock(), **values)  # type: ignore[arg-type]
+
+
+# -- the bucket --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_starts_full_then_refills_at_the_rate() -> None:
+    clock = FakeClock(1000.0)
+    limiter = make(clock, rate=10.0, burst=3)
+    for _ in range(3):
+        async with limiter.slot():
+            assert clock.now() == 1000.0
+    fourth = Holder(limiter, clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fourth.run)
+        await clock.wait_for_sleepers(1)  # the waiter sleeps until the next token is due
+        deadline = clock.next_deadline
+        assert deadline is not None
+        assert 1000.1 <= deadline <= 1000.1 + 1e-6
+        clock.advance_to(1000.1 - 1e-6)
+        await anyio.lowlevel.checkpoint()
+        assert fourth.granted_at is None
+        clock.advance_to(deadline)
+        await until(lambda: fourth.granted_at is not None)
+        fourth.release.set()
+    assert fourth.granted_at == deadline
+
+
+@pytest.mark.anyio
+async def test_sustained_demand_is_served_at_the_rate_never_faster() -> None:
+    clock = FakeClock()
+    rate, burst = 3.0, 4
+    limiter = make(clock, rate=rate, burst=burst)
+    grants: list[float] = []
+
+    async def worker() -> None:
+        async with limiter.slot():
+            grants.append(clock.now())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(worker)
+        while len(grants) < 40:
+            await clock.wait_for_sleepers(1)
+            clock.advance_to_next_deadline()
+            await until(lambda: limiter.waiting == 0 or clock.sleepers == 1)
+    assert grants[:burst] == [0.0] * burst
+    for index, granted in enumerate(grants[burst:], start=1):
+        ideal = Fraction(index) / Fraction(rate)
+        assert Fraction(granted) >= ideal  # never before the token exists
+        assert granted - float(ideal) < 1e-6  # and not noticeably later
+
+
+@pytest.mark.anyio
+async def test_waiting_never_spins() -> None:
+    inner = FakeClock()
+    clock = CountingClock(inner)
+    limiter = RateLimiter(rate=7.0, burst=1, max_concurrency=1, clock=clock)
+    grants = 0
+
+    async def worker() -> None:
+        nonlocal grants
+        async with limiter.slot():
+            grants += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(worker)
+        while grants < 50:
+            await inner.wait_for_sleepers(1)
+            inner.advance_to_next_deadline()
+            await until(lambda: limiter.waiting == 0 or inner.sleepers == 1)
+    assert clock.sleeps == 49  # one sleep per token, none wasted
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_concurrency_is_capped_and_a_release_wakes_the_next() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=1000.0, burst=10, max_concurrency=2)
+    holders = [Holder(limiter, clock) for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        for holder in holders:
+            tg.start_soon(holder.run)
+        await until(lambda: limiter.waiting == 1)
+        assert limiter.in_flight == 2
+        assert [h.granted_at is not None for h in holders] == [True, True, False]
+        assert clock.sleepers == 0  # waiting for a slot needs no timer
+        holders[0].release.set()
+        await until(lambda: holders[2].granted_at is not None)
+        assert clock.now() == 0.0
+        assert limiter.in_flight == 2
+        holders[1].release.set()
+        holders[2].release.set()
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_a_slot_is_released_when_the_body_raises() -> None:
+    clock = FakeClock()
+    limiter = make(clock, burst=2, max_concurrency=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        async with limiter.slot():
+            raise RuntimeError("boom")
+    assert limiter.in_flight == 0
+    async with limiter.slot():
+        assert limiter.in_flight == 1
+
+
+# -- fairness ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_kinds_take_turns_and_each_kind_is_fifo() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=1000.0, burst=100, max_concurrency=1)
+    log: list[str] = []
+    gate = Holder(limiter, clock, name="gate", log=log)
+    names = ["s1", "s2", "s3", "s4", "p1", "p2", "x1"]
+    holders = [
+        Holder(limiter, clock, kind={"s": "submit", "p": "poll", "x": "other"}[n[0]], name=n, log=log)
+        for n in names
+    ]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gate.run)
+        await until(lambda: limiter.in_flight == 1)
+        for holder in holders:  # queue up one by one, in this order
+            tg.start_soon(holder.run)
+            await until(lambda: limiter.waiting == holders.index(holder) + 1)  # noqa: B023
+        gate.release.set()
+        by_name = {holder.name: holder for holder in holders}
+        for served in range(1, len(holders) + 1):
+            await until(lambda: len(log) == served + 1)  # noqa: B023
+            assert limiter.in_flight == 1
+            by_name[log[-1]].release.set()
+    assert log == ["gate", "s1", "p1", "x1", "s2", "p2", "s3", "s4"]
+
+
+@pytest.mark.anyio
+async def test_a_steady_stream_of_one_kind_cannot_starve_another() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=10.0, burst=1, max_concurrency=10)
+    log: list[str] = []
+
+    async def request(kind: str) -> None:
+        async with limiter.slot(kind):
+            log.append(kind)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(request, "poll")
+        await until(lambda: limiter.waiting == 19)
+        tg.start_soon(request, "submit")
+        await until(lambda: limiter.waiting == 20)
+        while len(log) < 3:
+            await clock.wait_for_sleepers(1)
+            clock.advance_to_next_deadline()
+            await until(lambda: limiter.waiting == 0 or clock.sleepers == 1)
+        tg.cancel_scope.cancel()
+    assert log == ["poll", "poll", "submit"]
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_takes_no_token() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=1.0, burst=1)
+    async with limiter.slot():
+        pass
+    doomed = Holder(limiter, clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(doomed.run)
+        await clock.wait_for_sleepers(1)
+        assert limiter.waiting == 1
+        tg.cancel_scope.cancel()
+    assert (clock.sleepers, limiter.waiting, limiter.in_flight) == (0, 0, 0)
+    assert doomed.granted_at is None
+    clock.advance(1.0)
+    async with limiter.slot():  # the one token refilled by now is still there
+        assert limiter.in_flight == 1
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_timekeeper_hands_the_timer_to_the_next_waiter() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=1.0, burst=1)
+    async with limiter.slot():
+        pass
+    first, second = Holder(limiter, clock), Holder(limiter, clock)
+    async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as doomed:
+            doomed.start_soon(first.run)
+            await clock.wait_for_sleepers(1)
+            tg.start_soon(second.run)
+            await until(lambda: limiter.waiting == 2)
+            assert clock.sleepers == 1  # only one waiter watches the clock
+            doomed.cancel_scope.cancel()
+        await clock.wait_for_sleepers(1)  # the second waiter took over
+        assert limiter.waiting == 1
+        clock.advance_to_next_deadline()
+        await until(lambda: second.granted_at is not None)
+        second.release.set()
+    assert first.granted_at is None
+    assert second.granted_at == pytest.approx(1.0)
+
+
+@pytest.mark.anyio
+async def test_cancelled_after_being_granted_but_before_running_returns_token_and_slot() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=1.0, burst=2, max_concurrency=1)
+    late = Holder(limiter, clock)
+    async with anyio.create_task_group() as tg:
+        async with limiter.slot():  # takes token 1 of 2 and the only slot
+            tg.start_soon(late.run)
+            await until(lambda: limiter.waiting == 1)
+            tg.cancel_scope.cancel()  # reaches `late` while it waits...
+        # ...and in the same instant leaving the slot grants it `late` (with token 2)
+        assert limiter.waiting == 0
+        assert limiter.in_flight == 1
+    assert limiter.in_flight == 0
+    assert late.granted_at is None
+    async with limiter.slot():  # token 2 was given back: no refill needed
+        assert clock.now() == 0.0
+
+
+# -- 429s --------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_rate_limited_pauses_everyone_until_retry_after() -> None:
+    clock = FakeClock(50.0)
+    limiter = make(clock, rate=10.0, burst=5)
+    limiter.on_rate_limited(2.0)
+    assert limiter.paused_until == 52.0
+    assert limiter.current_rate == 5.0
+    waiter = Holder(limiter, clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter.run)
+        await clock.wait_for_sleepers(1)
+        assert clock.next_deadline == 52.0
+        clock.advance_to(51.999)
+        await anyio.lowlevel.checkpoint()
+        assert waiter.granted_at is None
+        clock.advance_to(52.0)
+        await until(lambda: waiter.granted_at is not None)
+        waiter.release.set()
+    assert waiter.granted_at == 52.0
+    assert limiter.paused_until is None
+
+
+@pytest.mark.anyio
+async def test_rate_limited_empties_the_bucket() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=10.0, burst=5)
+    limiter.on_rate_limited(0.0)
+    waiter = Holder(limiter, clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter.run)
+        await clock.wait_for_sleepers(1)
+        deadline = clock.next_deadline
+        assert deadline is not None
+        assert 0.2 <= deadline < 0.2 + 1e-6  # one token at the halved rate
+        clock.advance_to(deadline)
+        await until(lambda: waiter.granted_at is not None)
+        waiter.release.set()
+
+
+@pytest.mark.anyio
+async def test_rate_limited_without_retry_after_pauses_a_default_while() -> None:
+    clock = FakeClock()
+    limiter = make(clock)
+    limiter.on_rate_limited(None)
+    assert limiter.paused_until == DEFAULT_RETRY_AFTER
+    assert 1.0 <= DEFAULT_RETRY_AFTER <= 10.0
+    limiter.on_rate_limited(float("nan"))
+    assert limiter.paused_until == DEFAULT_RETRY_AFTER
+
+
+def test_a_long_retry_after_is_honoured_and_a_shorter_one_does_not_cut_it() -> None:
+    clock = FakeClock()
+    limiter = make(clock)
+    limiter.on_rate_limited(3600.0)
+    limiter.on_rate_limited(1.0)
+    assert limiter.paused_until == 3600.0
+    clock.advance(3599.0)
+    assert limiter.paused_until == 3600.0
+    clock.advance(1.0)
+    assert limiter.paused_until is None
+
+
+def test_a_negative_retry_after_means_no_pause() -> None:
+    clock = FakeClock(10.0)
+    limiter = make(clock)
+    limiter.on_rate_limited(-5.0)
+    assert limiter.paused_until is None
+    assert limiter.current_rate == 5.0
+
+
+def test_each_429_halves_the_rate_down_to_the_floor() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=16.0, burst=1, max_concurrency=1, clock=clock, min_rate_fraction=0.1)
+    rates = []
+    for _ in range(6):
+        limiter.on_rate_limited(0.0)
+        rates.append(limiter.current_rate)
+    assert rates == [8.0, 4.0, 2.0, 1.6, 1.6, 1.6]
+
+
+def test_successes_bring_the_rate_back_linearly_after_the_pause() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(
+        rate=10.0, burst=1, max_concurrency=1, clock=clock, recovery_seconds=30.0
+    )
+    limiter.on_rate_limited(2.0)
+    assert limiter.current_rate == 5.0
+    clock.advance(1.0)
+    limiter.on_success()  # still paused: no recovery yet
+    assert limiter.current_rate == 5.0
+    clock.advance(1.0 + 10.0)
+    limiter.on_success()  # 10 s after the pause: 10/30 of (10 - 1) regained
+    assert limiter.current_rate == pytest.approx(8.0)
+    limiter.on_success()  # no time passed, no change
+    assert limiter.current_rate == pytest.approx(8.0)
+    clock.advance(5.0)
+    limiter.on_success()
+    assert limiter.current_rate == pytest.approx(9.5)
+    clock.advance(100.0)
+    limiter.on_success()
+    assert limiter.current_rate == 10.0  # never above the configured rate
+
+
+def test_recovery_from_the_floor_takes_about_recovery_seconds() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(
+        rate=10.0, burst=1, max_concurrency=1, clock=clock, recovery_seconds=20.0
+    )
+    for _ in range(10):
+        limiter.on_rate_limited(0.0)
+    assert limiter.current_rate == 1.0
+    for _ in range(199):
+        clock.advance(0.1)
+        limiter.on_success()
+    assert limiter.current_rate < 10.0
+    clock.advance(0.1)
+    limiter.on_success()
+    assert limiter.current_rate == pytest.approx(10.0)
+
+
+def test_success_at_full_rate_changes_nothing() -> None:
+    clock = FakeClock()
+    limiter = make(clock)
+    clock.advance(5.0)
+    limiter.on_success()
+    assert limiter.current_rate == 10.0
+
+
+@pytest.mark.anyio
+async def test_recovery_wakes_the_timekeeper_early() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=10.0, burst=1, max_concurrency=5, clock=clock, recovery_seconds=1)
+    for _ in range(10):
+        limiter.on_rate_limited(0.0)  # down to 1/s, bucket empty
+    waiter = Holder(limiter, clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter.run)
+        await clock.wait_for_sleepers(1)
+        assert clock.next_deadline == pytest.approx(1.0)
+        clock.advance(0.05)
+        limiter.on_success()  # back to 1 + 9 * 0.05 = 1.45/s
+        # the timekeeper wakes up and sleeps again, until the token now due sooner
+        await until(lambda: (clock.next_deadline or 1.0) < 1.0)
+        deadline = clock.next_deadline
+        assert deadline is not None
+        assert deadline == pytest.approx(0.05 + 0.95 / 1.45)
+        assert clock.sleepers == 1
+        clock.advance_to(deadline)
+        await until(lambda: waiter.granted_at is not None)
+        waiter.release.set()
+
+
+# -- reconfigure -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_reconfigure_raises_concurrency_and_lets_waiters_in() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=100.0, burst=5, max_concurrency=1)
+    holders = [Holder(limiter, clock) for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        for holder in holders:
+            tg.start_soon(holder.run)
+        await until(lambda: limiter.waiting == 2)
+        limiter.reconfigure(rate=100.0, burst=5, max_concurrency=3)
+        await until(lambda: all(h.granted_at is not None for h in holders))
+        assert limiter.in_flight == 3
+        for holder in holders:
+            holder.release.set()
+
+
+@pytest.mark.anyio
+async def test_reconfigure_shrinks_the_bucket_and_keeps_a_reduced_rate_reduced() -> None:
+    clock = FakeClock()
+    limiter = make(clock, rate=10.0, burst=10)
+    limiter.on_rate_limited(0.0)
+    assert limiter.current_rate == 5.0
+    limiter.reconfigure(rate=20.0, burst=2, max_concurrency=4)
+    assert limiter.current_rate == 10.0  # still half of the configured rate
+    clock.advance(60.0)  # refills to the new burst, not the old one
+    granted = 0
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            holder = Holder(limiter, clock)
+            tg.start_soon(holder.run)
+            holder.release.set()
+        await until(lambda: limiter.waiting == 1)
+        granted = 3 - limiter.waiting
+        tg.cancel_scope.cancel()
+    assert granted == 2
+
+
+def test_reconfigure_at_full_rate_moves_to_the_new_rate() -> None:
+    limiter = make(FakeClock(), rate=10.0)
+    limiter.reconfigure(rate=25.0, burst=3, max_concurrency=2)
+    assert limiter.current_rate == 25.0
+    with pytest.raises(ValueError, match="rate"):
+        limiter.reconfigure(rate=0.0, burst=3, max_concurrency=2)
+    assert limiter.current_rate == 25.0
+
+
+# -- the bound, under any interleaving ---------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    rate: float
+    burst: int
+    max_concurrency: int
+    steps: list[tuple[str, float]]
+
+
+step = st.one_of(
+    st.tuples(st.just("spawn_submit"), st.sampled_from([0.0, 0.05, 0.3, 1.0])),
+    st.tuples(st.just("spawn_poll"), st.sampled_from([0.0, 0.05, 0.3, 1.0])),
+    st.tuples(st.just("advance"), st.floats(min_value=0.0, max_value=1.5)),
+    st.tuples(st.just("next_deadline"), st.just(0.0)),
+    st.tuples(st.just("yield"), st.integers(1, 4).map(float)),
+    st.tuples(st.just("429"), st.sampled_from([-1.0, 0.0, 0.01, 0.5, 2.0])),
+    st.tuples(st.just("success"), st.just(0.0)),
+    st.tuples(st.just("cancel"), st.integers(0, 50).map(float)),
+    st.tuples(st.just("reconfigure"), st.floats(min_value=0.2, max_value=1.0)),
+)
+scenarios = st.builds(
+    Scenario,
+    rate=st.sampled_from([0.7, 1.0, 3.0, 10.0, 100.0 / 3.0, 0.1 + 0.2]),
+    burst=st.integers(1, 5),
+    max_concurrency=st.integers(1, 4),
+    steps=st.lists(step, min_size=1, max_size=60),
+)
+
+
+async def play(scenario: Scenario) -> tuple[list[float], int, int]:
+    """Run a scenario; returns grant times, the most slots ever held at once, and how many
+    requests were cancelled before getting a slot."""
+    clock = FakeClock(1000.0)
+    limiter = RateLimiter(
+        rate=scenario.rate,
+        burst=scenario.burst,
+        max_concurrency=scenario.max_concurrency,
+        clock=clock,
+    )
+    grants: list[float] = []
+    scopes: list[anyio.CancelScope] = []
+    holding = 0
+    most_holding = 0
+    unserved = 0
+    outstanding = 0
+
+    async def request(kind: str, hold: float, scope: anyio.CancelScope) -> None:
+        nonlocal holding, most_holding, unserved, outstanding
+        got_slot = False
+        with scope:
+            async with limiter.slot(kind):
+                got_slot = True
+                grants.append(clock.now())
+                holding += 1
+                most_holding = max(most_holding, holding)
+                try:
+                    await clock.sleep(hold)
+                finally:
+                    holding -= 1
+                    limiter.on_success()
+        unserved += not got_slot
+        outstanding -= 1
+
+    async with anyio.create_task_group() as tg:
+        for action, value in scenario.steps:
+            if action.startswith("spawn"):
+                scope = anyio.CancelScope()
+                scopes.append(scope)
+                outstanding += 1
+                tg.start_soon(request, action.removeprefix("spawn_"), value, scope)
+            elif action == "advance":
+                clock.advance(value)
+            elif action == "next_deadline":
+                clock.advance_to_next_deadline()
+            elif action == "yield":
+                for _ in range(int(value)):
+                    await anyio.lowlevel.checkpoint()
+            elif action == "429":
+                limiter.on_rate_limited(value)
+            elif action == "success":
+                limiter.on_success()
+            elif action == "cancel" and scopes:
+                scopes[int(value) % len(scopes)].cancel()
+            elif action == "reconfigure":
+                limiter.reconfigure(
+                    rate=scenario.rate * value,
+                    burst=max(1, round(scenario.burst * value)),
+                    max_concurrency=max(1, round(scenario.max_concurrency * value)),
+                )
+        # Everything still waiting must get its slot in the end: drive time until it has.
+        for _ in range(100_000):
+            if outstanding == 0:
+                break
+            await anyio.lowlevel.checkpoint()
+            if clock.sleepers:
+                clock.advance_to_next_deadline()
+        assert outstanding == 0, "a request never got its slot"
+    assert limiter.in_flight == 0
+    assert limiter.waiting == 0
+    assert clock.sleepers == 0
+    return grants, most_holding, unserved
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios)
+def test_never_more_than_burst_plus_rate_times_window(scenario: Scenario) -> None:
+    grants, most_holding, _ = anyio.run(play, scenario, backend="asyncio")
+    assert most_holding <= scenario.max_concurrency
+    assert grants == sorted(grants)
+    rate, burst = Fraction(scenario.rate), scenario.burst
+    for first in range(len(grants)):
+        for last in range(first, len(grants)):
+            window = Fraction(grants[last]) - Fraction(grants[first])
+            assert last - first + 1 <= burst + rate * window, (first, last, grants)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rate=st.sampled_from([0.3, 1.0, 7.0, 10.0, 1000.0 / 7.0]),
+    burst=st.integers(1, 10),
+    requests=st.integers(1, 80),
+)
+def test_under_pure_contention_grants_follow_the_bucket_exactly(
+    rate: float, burst: int, requests: int
+) -> None:
+    async def main() -> list[float]:
+        clock = FakeClock(12345.678)
+        limiter = RateLimiter(rate=rate, burst=burst, max_concurrency=1000, clock=clock)
+        grants: list[float] = []
+
+        async def request() -> None:
+            async with limiter.slot():
+                grants.append(clock.now())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(requests):
+                tg.start_soon(request)
+            while len(grants) < requests:
+                await clock.wait_for_sleepers(1)
+                clock.advance_to_next_deadline()
+                await until(lambda: limiter.waiting == 0 or clock.sleepers == 1)
+        return grants
+
+    grants = anyio.run(main, backend="asyncio")
+    start = Fraction(12345.678)
+    for index, granted in enumerate(grants):
+        ideal = start + Fraction(max(0, index - burst + 1)) / Fraction(rate)
+        assert Fraction(granted) >= ideal
+        assert granted - float(ideal) < 1e-5

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runner.store.base import KnownFile
+from runner.watch import Entry, Settler, examine, hash_file, is_new, scan_inbox
+
+
+def touch(path: Path, content: bytes = b"x", mtime: float | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def test_scan_skips_hidden_partial_symlinks_and_special_files(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    outside = tmp_path / "secret.txt"
+    touch(outside, b"do not send")
+    touch(inbox / "wf/a.txt")
+    touch(inbox / "wf/batch/b.pdf")
+    touch(inbox / "wf/.hidden.txt")
+    touch(inbox / "wf/.git/config")
+    touch(inbox / "wf/c.txt.part")
+    touch(inbox / "wf/d.TMP")
+    touch(inbox / "wf/e.pdf.crdownload")
+    (inbox / "wf/link.txt").symlink_to(outside)
+    (inbox / "wf/linkdir").symlink_to(tmp_path)
+    os.mkfifo(inbox / "wf/pipe.txt")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(inbox / "wf/sock.txt"))
+    try:
+        report = scan_inbox(inbox)
+    finally:
+        sock.close()
+
+    assert sorted(e.rel for e in report.entries) == ["wf/a.txt", "wf/batch/b.pdf"]
+    assert dict(report.skipped) == {
+        "wf/link.txt": "symlink (never followed)",
+        "wf/linkdir": "symlink (never followed)",
+        "wf/pipe.txt": "not a regular file",
+        "wf/sock.txt": "not a regular file",
+    }
+
+
+def test_hash_file_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        hash_file(fifo)
+
+
+def test_old_files_settle_at_first_sight_new_ones_after_the_settle_time() -> None:
+    settler = Settler(settle_seconds=2.0)
+    old = Entry("wf/old.txt", 5, int(90e9))
+    fresh = Entry("wf/new.txt", 5, int(99.5e9))
+    assert settler.observe([old, fresh], now=100.0, complete=True) == [old]
+    assert settler.next_deadline() == 102.0
+    assert settler.observe([fresh], now=101.0, complete=True) == []
+    assert settler.observe([fresh], now=102.0, complete=True) == [fresh]
+    assert not settler.pending
+
+
+def test_a_file_that_keeps_changing_never_settles() -> None:
+    settler = Settler(settle_seconds=2.0)
+    for second in range(10):
+        now = 100.0 + second
+        growing = Entry("wf/log.txt", 10 * second + 1, int(now * 1e9))
+        assert settler.observe([growing], now=now, complete=True) == []
+    assert settler.has_pending_under("wf")
+    assert not settler.has_pending_under("w")
+
+
+def test_a_pending_file_that_vanished_is_forgotten_by_a_full_scan() -> None:
+    settler = Settler(settle_seconds=2.0)
+    settler.observe([Entry("wf/a.txt", 1, int(100e9))], now=100.0, complete=True)
+    settler.observe([], now=100.5, complete=False)
+    assert "wf/a.txt" in settler.pending
+    settler.observe([], now=101.0, complete=True)
+    assert not settler.pending
+
+
+@given(
+    state=st.sampled_from(["queued", "rejected", "delivered", "done", "retried", None]),
+    same=st.booleans(),
+    keep=st.booleans(),
+)
+def test_is_new(state: str | None, same: bool, keep: bool) -> None:
+    entry = Entry("wf/a.txt", 10, 1000)
+    known = {} if state is None else {"wf/a.txt": KnownFile(10 if same else 11, 1000, state)}
+    expected = state in (None, "retried") or (state == "done" and (not keep or not same))
+    assert is_new(entry, known, keep=keep) is expected
+
+
+def test_examine_rejects_with_reasons(tmp_path: Path) -> None:
+    inbox = tmp_path
+    touch(inbox / "wf/ok.txt", b"hello")
+    touch(inbox / "wf/empty.txt", b"")
+    touch(inbox / "wf/big.txt", b"x" * 11)
+    touch(inbox / "wf/tool.exe", b"MZ")
+
+    def check(rel: str) -> str | None:
+        st_ = (inbox / rel).stat()
+        new = examine(inbox, Entry(rel, st_.st_size, st_.st_mtime_ns), routes=(), max_file_bytes=10)
+        assert new is not None
+        return new.reason
+
+    assert check("wf/ok.txt") is None
+    assert check("wf/empty.txt") == "empty file: nothing to send"
+    assert "too large" in (check("wf/big.txt") or "")
+    assert "unsupported file type '.exe'" in (check("wf/tool.exe") or "")
+    assert examine(inbox, Entry("wf/gone.txt", 5, 1), routes=(), max_file_bytes=10) is None
