@@ -80,6 +80,8 @@ def parse_duration(text: str | float | int) -> float:
     spec = text.strip().lower()
     if not spec:
         raise ValueError("a duration cannot be empty; write e.g. '30s', '90m', '24h' or '1h30m'")
+    if spec.startswith("-"):
+        raise ValueError(f"a duration cannot be negative: {text!r}")
     if _PLAIN_NUMBER.fullmatch(spec):
         return _checked_seconds(float(spec), text)
     return _checked_seconds(_sum_parts(spec, text), text)
@@ -121,8 +123,7 @@ def _sum_parts(spec: str, original: str) -> float:
         number, unit = match.groups()
         if unit not in _UNIT_SECONDS:
             raise ValueError(
-                f"{_bad_duration(original)}: unknown unit {unit!r} "
-                f"(use {', '.join(_UNIT_ORDER)})"
+                f"{_bad_duration(original)}: unknown unit {unit!r} (use {', '.join(_UNIT_ORDER)})"
             )
         rank = _UNIT_ORDER.index(unit)
         if rank <= previous_rank:

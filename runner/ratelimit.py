@@ -8,8 +8,8 @@ so neither starves the other, and in arrival order within a kind.
 The bucket is kept in exact rational arithmetic, and every wait is rounded up to the next float,
 so float rounding can never let it grant a token the ideal bucket does not have yet.
 
-A 429 pauses every grant until its ``Retry-After`` has passed, empties the bucket and halves the
-rate (down to a floor); successes then bring the rate back up linearly over ``recovery_seconds``.
+A 429 pauses every grant until its ``Retry-After`` has passed, empties the bucket (which stays
+empty through the pause) and halves the rate once per pause (down to a floor); successes then bring the rate back up linearly over ``recovery_seconds``.
 
 No background task: the waiters themselves do the work. At most one waiter at a time (the
 "timekeeper") sleeps on the clock until the next token or the end of a pause; the others wait on
@@ -40,8 +40,8 @@ class TokenBucket:
     """A token bucket (``burst`` capacity, refilled at ``rate`` per second), full when first used.
 
     Kept in exact rational arithmetic, so it never holds a token that the ideal bucket would not
-    hold, however long it runs. A server-side bucket built from this class and read with the same
-    clock makes exactly the same decisions as the limiter.
+    hold, however long it runs. A server-side bucket built from this class with the same limits
+    and read with the same clock never refuses a request the limiter let through.
     """
 
     def __init__(self, *, rate: float, burst: int) -> None:
@@ -62,18 +62,23 @@ class TokenBucket:
         """Return a token that was taken but not used."""
         self._tokens = min(self._burst, self._tokens + 1)
 
-    def empty(self, now: float) -> None:
+    def empty(self, now: float, *, until: float | None = None) -> None:
+        """No token now, and none accrues before ``until`` (the end of a 429 pause)."""
         self._refill(Fraction(now))
         self._tokens = Fraction(0)
+        if until is not None and self._stamp is not None and Fraction(until) > self._stamp:
+            self._stamp = Fraction(until)
 
     def wait_time(self, now: float) -> float:
-        """Seconds until a whole token is there (0 if one is): the smallest float ``d`` for which
-        the float ``now + d`` is not before the exact moment the token arrives."""
+        """Seconds until a whole token is there (0 if one is), such that the float ``now + d``
+        is not before the exact moment the token arrives (and, for a clock reading >= 0, at most
+        one float step after it)."""
         exact_now = Fraction(now)
         self._refill(exact_now)
         if self._tokens >= 1:
             return 0.0
-        return _float_delay(now, exact_now + (1 - self._tokens) / self._rate)
+        start = max(exact_now, self._stamp) if self._stamp is not None else exact_now
+        return _float_delay(now, start + (1 - self._tokens) / self._rate)
 
     def set_rate(self, now: float, rate: float) -> None:
         self._refill(Fraction(now))
@@ -99,6 +104,9 @@ class _Waiter:
 
 
 class RateLimiter:
+    """Slots for requests to bem: at most ``max_concurrency`` at once, and no more than the
+    ``rate``/``burst`` token bucket allows; slows down on 429s and recovers on successes."""
+
     def __init__(
         self,
         *,
@@ -167,11 +175,17 @@ class RateLimiter:
         if retry_after is None or not math.isfinite(retry_after):
             retry_after = DEFAULT_RETRY_AFTER
         until = now + max(0.0, retry_after)
+        # the requests already in flight when the pause began come back 429 too: they are the
+        # same overrun, so the rate is cut once per pause, not once per answer
+        already_paused = self._paused_until is not None and now < self._paused_until
         if self._paused_until is None or until > self._paused_until:
             self._paused_until = until
         self._recover_from = self._paused_until
-        self._set_rate(now, max(self._rate_floor(), self._current_rate * _DECREASE_FACTOR))
-        self._bucket.empty(now)
+        if not already_paused:
+            self._set_rate(now, max(self._rate_floor(), self._current_rate * _DECREASE_FACTOR))
+        # bem's bucket refills during the pause for the requests bem saw; ours must not, or the
+        # end of every pause would release a whole burst at once
+        self._bucket.empty(now, until=self._paused_until)
         self._kick()
 
     def on_success(self) -> None:
@@ -179,8 +193,9 @@ class RateLimiter:
         if self._current_rate >= self._configured_rate:
             return
         now = self._clock.now()
-        since = self._recover_from if self._recover_from is not None else now
-        if now <= since:
+        since = self._recover_from
+        if since is None or now <= since:  # still paused, or no time has passed since last step
+            self._recover_from = now if since is None else since
             return
         step = (self._configured_rate - self._rate_floor()) * (now - since) / self._recovery_seconds
         self._recover_from = now
@@ -314,8 +329,11 @@ def _check_limits(*, rate: float, burst: int, max_concurrency: int) -> None:
 
 
 def _float_delay(now: float, due: Fraction) -> float:
-    """The smallest float delay after which ``now + delay`` (as a float) is not before ``due``."""
-    delay = float(due - Fraction(now))
-    while Fraction(now + delay) < due:
+    """A delay after which the float ``now + delay`` is not before ``due``, and barely so."""
+    target = float(due)
+    if Fraction(target) < due:
+        target = math.nextafter(target, math.inf)
+    delay = target - now  # exact whenever target and now are close (Sterbenz)
+    while now + delay < target:  # otherwise a step or two of rounding to make up
         delay = math.nextafter(delay, math.inf)
     return delay

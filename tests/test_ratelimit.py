@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.clock import FakeClock
-from runner.ratelimit import DEFAULT_RETRY_AFTER, RateLimiter
+from runner.ratelimit import DEFAULT_RETRY_AFTER, RateLimiter, TokenBucket
 
 
 async def until(condition: Callable[[], bool], *, turns: int = 1000) -> None:
@@ -22,6 +23,16 @@ async def until(condition: Callable[[], bool], *, turns: int = 1000) -> None:
             return
         await anyio.lowlevel.checkpoint()
     raise AssertionError("condition never became true")
+
+
+async def drive(clock: FakeClock, finished: Callable[[], bool]) -> None:
+    """Move the clock from one deadline to the next (the limiter's timekeeper sleeps until the
+    next token is due) until ``finished()``."""
+    while True:
+        await until(lambda: finished() or clock.sleepers == 1)
+        if finished():
+            return
+        clock.advance_to_next_deadline()
 
 
 class CountingClock:
@@ -121,7 +132,7 @@ async def test_starts_full_then_refills_at_the_rate() -> None:
     fourth = Holder(limiter, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(fourth.run)
-        await clock.wait_for_sleepers(1)  # the waiter sleeps until the next token is due
+        await until(lambda: clock.sleepers >= 1)  # the waiter sleeps until the next token is due
         deadline = clock.next_deadline
         assert deadline is not None
         assert 1000.1 <= deadline <= 1000.1 + 1e-6
@@ -148,10 +159,7 @@ async def test_sustained_demand_is_served_at_the_rate_never_faster() -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(40):
             tg.start_soon(worker)
-        while len(grants) < 40:
-            await clock.wait_for_sleepers(1)
-            clock.advance_to_next_deadline()
-            await until(lambda: limiter.waiting == 0 or clock.sleepers == 1)
+        await drive(clock, lambda: len(grants) == 40)
     assert grants[:burst] == [0.0] * burst
     for index, granted in enumerate(grants[burst:], start=1):
         ideal = Fraction(index) / Fraction(rate)
@@ -174,10 +182,7 @@ async def test_waiting_never_spins() -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(50):
             tg.start_soon(worker)
-        while grants < 50:
-            await inner.wait_for_sleepers(1)
-            inner.advance_to_next_deadline()
-            await until(lambda: limiter.waiting == 0 or inner.sleepers == 1)
+        await drive(inner, lambda: grants == 50)
     assert clock.sleeps == 49  # one sleep per token, none wasted
 
 
@@ -228,7 +233,9 @@ async def test_kinds_take_turns_and_each_kind_is_fifo() -> None:
     gate = Holder(limiter, clock, name="gate", log=log)
     names = ["s1", "s2", "s3", "s4", "p1", "p2", "x1"]
     holders = [
-        Holder(limiter, clock, kind={"s": "submit", "p": "poll", "x": "other"}[n[0]], name=n, log=log)
+        Holder(
+            limiter, clock, kind={"s": "submit", "p": "poll", "x": "other"}[n[0]], name=n, log=log
+        )
         for n in names
     ]
     async with anyio.create_task_group() as tg:
@@ -262,10 +269,7 @@ async def test_a_steady_stream_of_one_kind_cannot_starve_another() -> None:
         await until(lambda: limiter.waiting == 19)
         tg.start_soon(request, "submit")
         await until(lambda: limiter.waiting == 20)
-        while len(log) < 3:
-            await clock.wait_for_sleepers(1)
-            clock.advance_to_next_deadline()
-            await until(lambda: limiter.waiting == 0 or clock.sleepers == 1)
+        await drive(clock, lambda: len(log) == 3)
         tg.cancel_scope.cancel()
     assert log == ["poll", "poll", "submit"]
 
@@ -282,7 +286,7 @@ async def test_a_cancelled_waiter_takes_no_token() -> None:
     doomed = Holder(limiter, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(doomed.run)
-        await clock.wait_for_sleepers(1)
+        await until(lambda: clock.sleepers >= 1)
         assert limiter.waiting == 1
         tg.cancel_scope.cancel()
     assert (clock.sleepers, limiter.waiting, limiter.in_flight) == (0, 0, 0)
@@ -302,12 +306,12 @@ async def test_cancelling_the_timekeeper_hands_the_timer_to_the_next_waiter() ->
     async with anyio.create_task_group() as tg:
         async with anyio.create_task_group() as doomed:
             doomed.start_soon(first.run)
-            await clock.wait_for_sleepers(1)
+            await until(lambda: clock.sleepers >= 1)
             tg.start_soon(second.run)
             await until(lambda: limiter.waiting == 2)
             assert clock.sleepers == 1  # only one waiter watches the clock
             doomed.cancel_scope.cancel()
-        await clock.wait_for_sleepers(1)  # the second waiter took over
+        await until(lambda: clock.sleepers >= 1)  # the second waiter took over
         assert limiter.waiting == 1
         clock.advance_to_next_deadline()
         await until(lambda: second.granted_at is not None)
@@ -329,10 +333,20 @@ async def test_cancelled_after_being_granted_but_before_running_returns_token_an
         # ...and in the same instant leaving the slot grants it `late` (with token 2)
         assert limiter.waiting == 0
         assert limiter.in_flight == 1
+        clock.advance(10.0)  # the bucket refills to its brim before `late` runs...
+        limiter.reconfigure(rate=1.0, burst=2, max_concurrency=1)  # ...(a reload looks at it)
     assert limiter.in_flight == 0
     assert late.granted_at is None
-    async with limiter.slot():  # token 2 was given back: no refill needed
-        assert clock.now() == 0.0
+    # token 2 came back, yet the bucket holds no more than its burst
+    first, second, third = (Holder(limiter, clock) for _ in range(3))
+    async with anyio.create_task_group() as tg:
+        for holder in (first, second, third):
+            tg.start_soon(holder.run)
+            holder.release.set()
+        await until(lambda: clock.sleepers == 1 or third.granted_at is not None)
+        assert (first.done, second.done, third.granted_at) == (True, True, None)
+        clock.advance_to_next_deadline()
+    assert third.granted_at == pytest.approx(11.0)
 
 
 # -- 429s --------------------------------------------------------------------------------------
@@ -345,19 +359,39 @@ async def test_rate_limited_pauses_everyone_until_retry_after() -> None:
     limiter.on_rate_limited(2.0)
     assert limiter.paused_until == 52.0
     assert limiter.current_rate == 5.0
-    waiter = Holder(limiter, clock)
+    waiter, latecomer = Holder(limiter, clock), Holder(limiter, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter.run)
-        await clock.wait_for_sleepers(1)
-        assert clock.next_deadline == 52.0
-        clock.advance_to(51.999)
+        await until(lambda: clock.sleepers >= 1)
+        # no token accrues during the pause: the first comes one interval after it ends
+        assert clock.next_deadline == pytest.approx(52.2)
+        clock.advance_to(51.5)
+        tg.start_soon(latecomer.run)
+        await until(lambda: limiter.waiting == 2)
+        clock.advance_to(52.1)
         await anyio.lowlevel.checkpoint()
-        assert waiter.granted_at is None
-        clock.advance_to(52.0)
-        await until(lambda: waiter.granted_at is not None)
+        assert (waiter.granted_at, latecomer.granted_at) == (None, None)
+        clock.advance_to_next_deadline()
+        await until(lambda: waiter.granted_at is not None and clock.sleepers >= 1)
+        clock.advance_to_next_deadline()
+        await until(lambda: latecomer.granted_at is not None)
         waiter.release.set()
-    assert waiter.granted_at == 52.0
+        latecomer.release.set()
+    assert waiter.granted_at == pytest.approx(52.2)
+    assert latecomer.granted_at == pytest.approx(52.4)
     assert limiter.paused_until is None
+
+
+@pytest.mark.anyio
+async def test_answers_to_requests_already_in_flight_cut_the_rate_once() -> None:
+    clock = FakeClock(10.0)
+    limiter = make(clock, rate=16.0, burst=4)
+    for _ in range(4):  # four requests sent before the first 429 came back
+        limiter.on_rate_limited(1.0)
+    assert limiter.current_rate == 8.0
+    clock.advance_to(11.5)
+    limiter.on_rate_limited(1.0)  # a new overrun after the pause: cut again
+    assert limiter.current_rate == 4.0
 
 
 @pytest.mark.anyio
@@ -368,7 +402,7 @@ async def test_rate_limited_empties_the_bucket() -> None:
     waiter = Holder(limiter, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter.run)
-        await clock.wait_for_sleepers(1)
+        await until(lambda: clock.sleepers >= 1)
         deadline = clock.next_deadline
         assert deadline is not None
         assert 0.2 <= deadline < 0.2 + 1e-6  # one token at the halved rate
@@ -420,9 +454,7 @@ def test_each_429_halves_the_rate_down_to_the_floor() -> None:
 
 def test_successes_bring_the_rate_back_linearly_after_the_pause() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(
-        rate=10.0, burst=1, max_concurrency=1, clock=clock, recovery_seconds=30.0
-    )
+    limiter = RateLimiter(rate=10.0, burst=1, max_concurrency=1, clock=clock, recovery_seconds=30.0)
     limiter.on_rate_limited(2.0)
     assert limiter.current_rate == 5.0
     clock.advance(1.0)
@@ -443,9 +475,7 @@ def test_successes_bring_the_rate_back_linearly_after_the_pause() -> None:
 
 def test_recovery_from_the_floor_takes_about_recovery_seconds() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(
-        rate=10.0, burst=1, max_concurrency=1, clock=clock, recovery_seconds=20.0
-    )
+    limiter = RateLimiter(rate=10.0, burst=1, max_concurrency=1, clock=clock, recovery_seconds=20.0)
     for _ in range(10):
         limiter.on_rate_limited(0.0)
     assert limiter.current_rate == 1.0
@@ -475,7 +505,7 @@ async def test_recovery_wakes_the_timekeeper_early() -> None:
     waiter = Holder(limiter, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter.run)
-        await clock.wait_for_sleepers(1)
+        await until(lambda: clock.sleepers >= 1)
         assert clock.next_deadline == pytest.approx(1.0)
         clock.advance(0.05)
         limiter.on_success()  # back to 1 + 9 * 0.05 = 1.45/s
@@ -539,6 +569,57 @@ def test_reconfigure_at_full_rate_moves_to_the_new_rate() -> None:
     assert limiter.current_rate == 25.0
 
 
+# -- the token bucket on its own --------------------------------------------------------------
+
+
+def test_token_bucket_basics() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3)
+    assert [bucket.try_take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.wait_time(100.0) == 0.5
+    assert not bucket.try_take(100.25)
+    assert bucket.wait_time(100.25) == 0.25
+    assert bucket.try_take(100.5)
+    bucket.give_back()
+    assert bucket.try_take(100.5)
+    bucket.give_back()
+    bucket.give_back()  # more than was taken: still capped at the burst
+    bucket.give_back()
+    bucket.give_back()
+    assert [bucket.try_take(100.5) for _ in range(4)] == [True, True, True, False]
+    bucket.set_rate(100.5, 4.0)
+    assert bucket.wait_time(100.5) == 0.25
+    bucket.set_burst(1000.0, 1)
+    assert [bucket.try_take(1000.0) for _ in range(2)] == [True, False]
+    bucket.empty(2000.0)
+    assert bucket.wait_time(2000.0) == 0.25
+
+
+@given(
+    start=st.floats(min_value=0.0, max_value=1e7),
+    rate=st.floats(min_value=0.01, max_value=1e4),
+    burst=st.integers(1, 5),
+    steps=st.lists(st.floats(min_value=0.0, max_value=3.0), min_size=1, max_size=20),
+)
+def test_token_bucket_wait_time_is_exactly_enough(
+    start: float, rate: float, burst: int, steps: list[float]
+) -> None:
+    bucket = TokenBucket(rate=rate, burst=burst)
+    now = start
+    for step in steps:
+        now += step
+        while bucket.try_take(now):
+            pass
+        delay = bucket.wait_time(now)
+        assert delay > 0
+        due = now + delay
+        # float rounding may overshoot the exact moment, but by no more than one step
+        earlier = math.nextafter(math.nextafter(due, -math.inf), -math.inf)
+        if earlier > now:
+            assert bucket.wait_time(earlier) > 0  # not before ...
+        assert bucket.try_take(due)  # ... but then, there it is
+        now = due
+
+
 # -- the bound, under any interleaving ---------------------------------------------------------
 
 
@@ -553,6 +634,7 @@ class Scenario:
 step = st.one_of(
     st.tuples(st.just("spawn_submit"), st.sampled_from([0.0, 0.05, 0.3, 1.0])),
     st.tuples(st.just("spawn_poll"), st.sampled_from([0.0, 0.05, 0.3, 1.0])),
+    st.tuples(st.just("crowd"), st.integers(2, 12).map(float)),
     st.tuples(st.just("advance"), st.floats(min_value=0.0, max_value=1.5)),
     st.tuples(st.just("next_deadline"), st.just(0.0)),
     st.tuples(st.just("yield"), st.integers(1, 4).map(float)),
@@ -566,7 +648,7 @@ scenarios = st.builds(
     rate=st.sampled_from([0.7, 1.0, 3.0, 10.0, 100.0 / 3.0, 0.1 + 0.2]),
     burst=st.integers(1, 5),
     max_concurrency=st.integers(1, 4),
-    steps=st.lists(step, min_size=1, max_size=60),
+    steps=st.lists(step, min_size=3, max_size=60),
 )
 
 
@@ -580,6 +662,7 @@ async def play(scenario: Scenario) -> tuple[list[float], int, int]:
         max_concurrency=scenario.max_concurrency,
         clock=clock,
     )
+    server = TokenBucket(rate=scenario.rate, burst=scenario.burst)
     grants: list[float] = []
     scopes: list[anyio.CancelScope] = []
     holding = 0
@@ -594,6 +677,7 @@ async def play(scenario: Scenario) -> tuple[list[float], int, int]:
             async with limiter.slot(kind):
                 got_slot = True
                 grants.append(clock.now())
+                assert server.try_take(clock.now()), "the server's own bucket would refuse this"
                 holding += 1
                 most_holding = max(most_holding, holding)
                 try:
@@ -604,6 +688,11 @@ async def play(scenario: Scenario) -> tuple[list[float], int, int]:
         unserved += not got_slot
         outstanding -= 1
 
+    async def every_grant_taken_up() -> None:
+        # A request is timed when its task runs, so time must not move between the grant and
+        # then; otherwise the record would show it later than the limiter let it go.
+        await until(lambda: limiter.in_flight == holding)
+
     async with anyio.create_task_group() as tg:
         for action, value in scenario.steps:
             if action.startswith("spawn"):
@@ -611,9 +700,18 @@ async def play(scenario: Scenario) -> tuple[list[float], int, int]:
                 scopes.append(scope)
                 outstanding += 1
                 tg.start_soon(request, action.removeprefix("spawn_"), value, scope)
+            elif action == "crowd":  # many short requests of both kinds at once
+                for number in range(int(value)):
+                    scope = anyio.CancelScope()
+                    scopes.append(scope)
+                    outstanding += 1
+                    kind = "submit" if number % 3 == 0 else "poll"
+                    tg.start_soon(request, kind, 0.0, scope)
             elif action == "advance":
+                await every_grant_taken_up()
                 clock.advance(value)
             elif action == "next_deadline":
+                await every_grant_taken_up()
                 clock.advance_to_next_deadline()
             elif action == "yield":
                 for _ in range(int(value)):
@@ -631,11 +729,12 @@ async def play(scenario: Scenario) -> tuple[list[float], int, int]:
                     max_concurrency=max(1, round(scenario.max_concurrency * value)),
                 )
         # Everything still waiting must get its slot in the end: drive time until it has.
-        for _ in range(100_000):
+        for _ in range(5_000):
             if outstanding == 0:
                 break
             await anyio.lowlevel.checkpoint()
             if clock.sleepers:
+                await every_grant_taken_up()
                 clock.advance_to_next_deadline()
         assert outstanding == 0, "a request never got its slot"
     assert limiter.in_flight == 0
@@ -678,10 +777,7 @@ def test_under_pure_contention_grants_follow_the_bucket_exactly(
         async with anyio.create_task_group() as tg:
             for _ in range(requests):
                 tg.start_soon(request)
-            while len(grants) < requests:
-                await clock.wait_for_sleepers(1)
-                clock.advance_to_next_deadline()
-                await until(lambda: limiter.waiting == 0 or clock.sleepers == 1)
+            await drive(clock, lambda: len(grants) == requests)
         return grants
 
     grants = anyio.run(main, backend="asyncio")

@@ -288,9 +288,7 @@ def test_default_routing_folder_is_one_batch() -> None:
     assert route_file(P("wf/batch1/sub/a.pdf"), ()) == Destination(
         "wf", "folder", "wf/batch1", "sub/a.pdf"
     )
-    assert route_file(P("wf/batch1/b.pdf"), ()) == Destination(
-        "wf", "folder", "wf/batch1", "b.pdf"
-    )
+    assert route_file(P("wf/batch1/b.pdf"), ()) == Destination("wf", "folder", "wf/batch1", "b.pdf")
 
 
 def test_default_routing_ignores_the_inbox_root() -> None:
