@@ -9,13 +9,14 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import click
 from pydantic import SecretStr
+from rich.console import Console
 
 from runner import faults
 from runner.config import Config, load_config
@@ -24,6 +25,8 @@ from runner.emulator import Emulator, EmulatorSettings, serve_emulator
 from runner.emulator.cli import emulator_command
 from runner.errors import RunnerError
 from runner.logs import LEVELS, configure_logging
+from runner.metrics import Metrics, fetch_live, render_live, serve_metrics
+from runner.notify import Notifier, notify_settings
 from runner.progress import DrainProgress
 from runner.retry import requeue_failed
 from runner.status import collect_status, render_status
@@ -31,6 +34,7 @@ from runner.store.sqlite import open_sqlite_store
 
 PATH_FLAGS = ("inbox", "outbox", "archive", "state")
 T = TypeVar("T")
+Retarget = Callable[[Config], Config]
 
 
 def path_options(command: Any) -> Any:
@@ -78,15 +82,22 @@ def cli(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
     """Files dropped into an inbox become bem calls; each leaves one result in an outbox."""
     configure_logging(log_level)
     faults.arm(os.environ.get("BEM_RUNNER_CRASH_AT"))
-    ctx.obj = {"config_path": config_path}
+    ctx.obj = {"config_path": config_path, "environ": dict(os.environ)}
 
 
 def _config(ctx: click.Context, overrides: Mapping[str, Any]) -> Config:
     try:
-        return load_config(ctx.obj["config_path"], environ=os.environ, overrides=overrides)
+        return _load(ctx, overrides)()
     except RunnerError as exc:
         click.echo(f"bem-runner: {exc}", err=True)
         sys.exit(ExitCode.USAGE)
+
+
+def _load(ctx: click.Context, overrides: Mapping[str, Any]) -> Callable[[], Config]:
+    """Reads the configuration as at startup: same file, same flags, same environment."""
+    path: Path | None = ctx.obj["config_path"]
+    environ: dict[str, str] = ctx.obj["environ"]
+    return lambda: load_config(path, environ=environ, overrides=overrides)
 
 
 def _overrides(paths: Mapping[str, Path | None], **more: Any) -> dict[str, Any]:
@@ -97,6 +108,12 @@ def _overrides(paths: Mapping[str, Path | None], **more: Any) -> dict[str, Any]:
 
 @cli.command()
 @pipeline_options
+@click.option(
+    "--metrics-addr",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics here (overrides service.metrics_addr).",
+)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -104,13 +121,26 @@ def run(
     use_emulator: bool,
     on_done: str | None,
     settle_seconds: float | None,
+    metrics_addr: str | None,
     **paths: Path | None,
 ) -> None:
-    """Run as a daemon until SIGTERM/SIGINT."""
-    config = _config(
-        ctx, _overrides(paths, **{"inbox.on_done": on_done, "inbox.settle_seconds": settle_seconds})
+    """Run as a daemon until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+    overrides = _overrides(
+        paths,
+        **{
+            "inbox.on_done": on_done,
+            "inbox.settle_seconds": settle_seconds,
+            "service.metrics_addr": metrics_addr,
+        },
     )
-    outcome = _execute(config, RunnerOptions(drain=False), use_emulator=use_emulator)
+    config = _config(ctx, overrides)
+    outcome = _execute(
+        config,
+        RunnerOptions(drain=False, graceful_timeout=config.service.graceful_timeout),
+        use_emulator=use_emulator,
+        reload=_load(ctx, overrides),
+        environ=ctx.obj["environ"],
+    )
     sys.exit(outcome.exit_code)
 
 
@@ -141,7 +171,11 @@ def drain(
     )
     show = sys.stderr.isatty() if progress is None else progress
     outcome = _execute(
-        config, RunnerOptions(drain=True), use_emulator=use_emulator, show_progress=show
+        config,
+        RunnerOptions(drain=True, graceful_timeout=config.service.graceful_timeout),
+        use_emulator=use_emulator,
+        show_progress=show,
+        environ=ctx.obj["environ"],
     )
     results = outcome.delivered.get("result", 0)
     errors = outcome.delivered.get("error", 0)
@@ -153,14 +187,38 @@ def drain(
 
 
 def _execute(
-    config: Config, options: RunnerOptions, *, use_emulator: bool, show_progress: bool = False
+    config: Config,
+    options: RunnerOptions,
+    *,
+    use_emulator: bool,
+    environ: Mapping[str, str],
+    show_progress: bool = False,
+    reload: Callable[[], Config] | None = None,
 ) -> Outcome:
+    settings = notify_settings(environ, pid=os.getpid())
+
     async def main() -> Outcome:
-        async with _api_target(config, use_emulator) as target:
-            if show_progress:
-                with DrainProgress() as progress:
-                    return await Runner(target, options, progress=progress.update).serve()
-            return await Runner(target, options).serve()
+        async with _api_target(use_emulator) as retarget:
+            with ExitStack() as stack:
+                notifier = stack.enter_context(Notifier(settings))
+                metrics = Metrics() if config.service.metrics_addr else None
+                if metrics is not None and config.service.metrics_addr:
+                    host, port = stack.enter_context(
+                        serve_metrics(metrics, config.service.metrics_addr)
+                    )
+                    click.echo(f"metrics at http://{host}:{port}/metrics", err=True)
+                progress = None
+                if show_progress:
+                    progress = stack.enter_context(DrainProgress(Console(stderr=True))).update
+                runner = Runner(
+                    retarget(config),
+                    options,
+                    progress=progress,
+                    notifier=notifier,
+                    metrics=metrics,
+                    reload=(lambda: retarget(reload())) if reload is not None else None,
+                )
+                return await runner.serve()
 
     return _run(main)
 
@@ -184,34 +242,54 @@ def _first_leaf(group: BaseExceptionGroup[RunnerError]) -> RunnerError:
 
 
 @asynccontextmanager
-async def _api_target(config: Config, use_emulator: bool) -> AsyncIterator[Config]:
+async def _api_target(use_emulator: bool) -> AsyncIterator[Retarget]:
+    """Yields how to point a configuration at the API: as it is, or at an in-process emulator."""
     if not use_emulator:
-        yield config
+        yield lambda config: config
         return
     settings = EmulatorSettings(latency_min=0.2, latency_max=1.0)
     async with serve_emulator(Emulator(settings)) as base_url:
         click.echo(f"bem emulator at {base_url}", err=True)
-        api = config.api.model_copy(update={"base_url": base_url})
-        yield config.model_copy(update={"api": api, "api_key": SecretStr(settings.api_key)})
+
+        def retarget(config: Config) -> Config:
+            api = config.api.model_copy(update={"base_url": base_url})
+            return config.model_copy(update={"api": api, "api_key": SecretStr(settings.api_key)})
+
+        yield retarget
 
 
 @cli.command()
 @path_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--metrics-addr",
+    default=None,
+    metavar="HOST:PORT",
+    help="Where the running daemon serves metrics (default: service.metrics_addr).",
+)
 @click.pass_context
-def status(ctx: click.Context, /, as_json: bool, **paths: Path | None) -> None:
-    """Counts by state, open calls and recent errors."""
-    config = _config(ctx, _overrides(paths))
+def status(
+    ctx: click.Context, /, as_json: bool, metrics_addr: str | None, **paths: Path | None
+) -> None:
+    """Counts by state, open calls and recent errors; live figures from a running daemon."""
+    config = _config(ctx, _overrides(paths, **{"service.metrics_addr": metrics_addr}))
 
     async def main() -> dict[str, Any]:
         async with open_sqlite_store(config.paths.state) as store:
             return await collect_status(store)
 
     report = _run(main)
+    address = config.service.metrics_addr
+    live = fetch_live(address) if address else None
     if as_json:
+        if address:
+            report["live"] = live.as_dict() if live is not None else None
         click.echo(json.dumps(report, indent=2))
-    else:
-        render_status(report)
+        return
+    console = Console()
+    render_status(report, console)
+    if address:
+        render_live(live, address, console)
 
 
 @cli.command()

@@ -111,6 +111,23 @@ class RouteConfig(Section):
         )
 
 
+class ServiceConfig(Section):
+    graceful_timeout: Duration = 30.0
+    """On SIGTERM, how long in-flight requests may take to finish; keep it under the unit's
+    ``TimeoutStopSec=`` (systemd is asked for more time when finishing takes longer)."""
+    metrics_addr: str | None = None
+    """``host:port`` for Prometheus metrics of ``run``; ``status`` reads them from there too."""
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            _, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535:
+                raise ValueError("expected host:port, e.g. 127.0.0.1:9464")
+        return value
+
+
 class Config(Section):
     api: ApiConfig = ApiConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -118,6 +135,7 @@ class Config(Section):
     inbox: InboxConfig = InboxConfig()
     poll: PollConfig = PollConfig()
     route: tuple[RouteConfig, ...] = ()
+    service: ServiceConfig = ServiceConfig()
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Resolved from the environment or a file by :func:`load_config`, never from the TOML."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -85,6 +86,8 @@ class Context:
     rng: random.Random = field(default_factory=random.Random)
     tally: Counter[str] = field(default_factory=Counter)
     """Documents delivered by this process, by outcome ("result" / "error")."""
+    on_call_finished: Callable[[float], None] | None = None
+    """Told the submit-to-result seconds of every call that reaches its end (metrics)."""
 
     def stop(self) -> None:
         self.stopping.set()

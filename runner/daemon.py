@@ -4,16 +4,22 @@
 the inbox has been taken, sent, followed and delivered. Signal handlers only set flags: the
 first SIGTERM/SIGINT stops intake and lets in-flight requests finish (bounded by the graceful
 timeout), a second SIGINT cancels at once — which still loses nothing, because the store is
-the queue.
+the queue. SIGHUP re-reads the configuration and applies new limits and routes in place.
+
+Under systemd the supervisor's loop reports to the service manager (:mod:`runner.notify`):
+``READY=1`` once the store is recovered, ``STATUS=`` with live counts, and a watchdog ping per
+turn of the loop — a loop that stops turning stops the pings and systemd restarts the service.
 """
 
 from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypedDict
 
 import anyio
 import httpx
@@ -24,8 +30,10 @@ from runner.clock import Clock, SystemClock
 from runner.config import Config
 from runner.context import Context
 from runner.deliver import Deliverer
-from runner.errors import ConfigError
+from runner.errors import ConfigError, RunnerError
 from runner.group import Grouper
+from runner.metrics import Metrics
+from runner.notify import STATUS_MAX, Notifier, NotifySettings, status_line
 from runner.poll import Poller
 from runner.ratelimit import RateLimiter
 from runner.store.base import Counts
@@ -57,6 +65,14 @@ class Outcome:
 
 
 Progress = Callable[[Counts], Awaitable[None]]
+Signals = AsyncIterator[int]
+Reload = Callable[[], Config]
+"""Reads the configuration again (file and environment as at startup)."""
+
+EXTEND_EVERY = 5.0
+"""While finishing takes longer than expected, ask systemd for more time this often."""
+STOP_MARGIN = 10.0
+"""Seconds beyond the graceful timeout that persisting and closing may take."""
 
 
 @dataclass
@@ -77,6 +93,9 @@ class Runner:
         transport: httpx.AsyncBaseTransport | None = None,
         events: EventSource | None = watchfiles_events,
         progress: Progress | None = None,
+        notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
+        reload: Reload | None = None,
     ) -> None:
         self.config = config
         self.options = options
@@ -84,21 +103,24 @@ class Runner:
         self.transport = transport
         self.events = events
         self.progress = progress
+        self.notifier = notifier or Notifier(NotifySettings())
+        self.metrics = metrics
+        self.reload = reload
         self.should_exit = False
         self.force_exit = False
+        self.reload_requested = False
         self._exit_code = ExitCode.OK
         self._reason: str | None = None
+        self._limiter: RateLimiter | None = None
+        self._extended_at: float | None = None
 
     async def serve(self) -> Outcome:
         config = self.config
         if config.api_key is None:
             raise ConfigError("no API key: set BEM_API_KEY, api.api_key_file, or use --emulator")
-        limiter = RateLimiter(
-            rate=config.limits.requests_per_second * RATE_HEADROOM,
-            burst=max(1, config.limits.burst - 1),
-            max_concurrency=config.limits.max_concurrency,
-            clock=self.clock,
-        )
+        limiter = RateLimiter(**_limits(config), clock=self.clock)
+        self._limiter = limiter
+        metrics = self.metrics
         async with (
             open_sqlite_store(config.paths.state) as store,
             BemClient(
@@ -108,6 +130,7 @@ class Runner:
                 transport=self.transport,
                 timeout=config.api.timeout_seconds,
                 clock=self.clock,
+                on_response=metrics.observe_response if metrics is not None else None,
             ) as client,
         ):
             ctx = Context(
@@ -117,9 +140,13 @@ class Runner:
                 clock=self.clock,
                 draining=self.options.drain,
                 rng=random.Random(),
+                on_call_finished=metrics.observe_call_finished if metrics is not None else None,
             )
-            await self.startup(ctx)
-            await self.main_loop(ctx)
+            # Signals are ours before READY=1: a stop or reload sent right after never meets
+            # the default action (which would kill the process mid-write).
+            with self._signal_receiver() as signals:
+                await self.startup(ctx)
+                await self.main_loop(ctx, signals)
             return await self.shutdown(ctx)
 
     async def startup(self, ctx: Context) -> None:
@@ -127,6 +154,7 @@ class Runner:
             path.mkdir(parents=True, exist_ok=True)
         await ctx.store.recover()
         counts = await ctx.store.counts()
+        self.notifier.ready(self._status(counts))
         log.info(
             "runner started",
             mode="drain" if self.options.drain else "run",
@@ -137,7 +165,12 @@ class Runner:
             version=ctx.config.api.version,
         )
 
-    async def main_loop(self, ctx: Context) -> None:
+    def _signal_receiver(self) -> AbstractContextManager[Signals | None]:
+        if not self.options.handle_signals:
+            return nullcontext()
+        return anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    async def main_loop(self, ctx: Context, signals: Signals | None = None) -> None:
         intake = Intake(ctx, events=self.events)
         stages: dict[str, Callable[[], Awaitable[None]]] = {
             "intake": intake.run,
@@ -160,28 +193,116 @@ class Runner:
         async with anyio.create_task_group() as tg:
             for name in stages:
                 tg.start_soon(run_stage, name, name=f"stage-{name}")
-            if self.options.handle_signals:
-                tg.start_soon(self._watch_signals, ctx, name="signals")
+            if signals is not None:
+                tg.start_soon(self._watch_signals, ctx, signals, name="signals")
             await self._supervise(ctx)
             log.info("stopping: intake stopped, finishing in-flight requests")
             ctx.stop()
-            with anyio.move_on_after(self.options.graceful_timeout):
-                while not all_stopped.is_set() and not self.force_exit:
-                    with anyio.move_on_after(0.2):
-                        await all_stopped.wait()
+            await self._finish_in_flight(all_stopped)
+            if not all_stopped.is_set():
+                # A POST in flight finishes even when cancelled; closing the connections ends
+                # it now, and its outcome is recorded as unknown (resolved on the next start).
+                await ctx.client.aclose()
             tg.cancel_scope.cancel()
 
+    async def _finish_in_flight(self, all_stopped: anyio.Event) -> None:
+        """Wait for the stages (bounded by the graceful timeout) while telling systemd why."""
+        graceful = self.options.graceful_timeout
+        deadline = self.clock.now() + graceful
+        self.notifier.stopping(status="stopping: finishing in-flight requests")
+        with anyio.move_on_after(graceful):
+            while not all_stopped.is_set() and not self.force_exit:
+                with anyio.move_on_after(0.2):
+                    await all_stopped.wait()
+                self._extend_stop(deadline)
+
+    def _extend_stop(self, deadline: float) -> None:
+        """Finishing takes a while: ask systemd to wait for the rest of the graceful timeout."""
+        now = self.clock.now()
+        if self._extended_at is None or now - self._extended_at >= EXTEND_EVERY:
+            self._extended_at = now
+            self.notifier.extend_timeout(max(0.0, deadline - now) + STOP_MARGIN)
+
     async def _supervise(self, ctx: Context) -> None:
-        """Wake on news or every few seconds; decide whether the runner should stop."""
+        """Wake on news or every few seconds; decide whether the runner should stop.
+
+        Each turn reads the store, so the watchdog ping at its end also vouches that the store
+        answers.
+        """
+        every = self.options.supervise_every
+        if self.notifier.settings.watchdog_every is not None:
+            every = min(every, self.notifier.settings.watchdog_every)
         while not self.should_exit:
+            if self.reload_requested:
+                self._reload(ctx)
             counts = await ctx.store.counts()
             if self.progress is not None:
                 await self.progress(counts)
+            if self.metrics is not None:
+                await self._observe(ctx, counts)
+            self.notifier.status(self._status(counts))
             if self.options.drain:
                 await self._check_drain(ctx)
             if self.should_exit:
                 return
-            await ctx.nudges.supervisor.wait(self.options.supervise_every)
+            self.notifier.watchdog(ctx.clock.now())
+            await ctx.nudges.supervisor.wait(every)
+
+    def _status(self, counts: Counts) -> str:
+        return status_line(
+            counts.files, counts.open_calls, mode="draining" if self.options.drain else "running"
+        )
+
+    async def _observe(self, ctx: Context, counts: Counts) -> None:
+        assert self.metrics is not None
+        assert self._limiter is not None
+        self.metrics.observe_counts(counts)
+        self.metrics.observe_limiter(
+            rate=self._limiter.current_rate, in_flight=self._limiter.in_flight
+        )
+        now = ctx.clock.wall()
+        overdue = await ctx.store.due_polls(now=now, limit=1)
+        self.metrics.observe_poll_lag(now - overdue[0].not_before if overdue else 0.0)
+
+    def _reload(self, ctx: Context) -> None:
+        """Apply a re-read configuration: limits and routes now, paths and API on restart."""
+        self.reload_requested = False
+        if self.reload is None:
+            log.warning("reload requested but there is no configuration to re-read")
+            return
+        self.notifier.reloading()
+        try:
+            fresh = self.reload()
+        except RunnerError as exc:
+            log.error("reload failed; keeping the running configuration", error=str(exc))
+            self.notifier.ready(f"reload failed: {exc}"[:STATUS_MAX])
+            return
+        current = ctx.config
+        for section in ("paths", "api", "service"):
+            if getattr(fresh, section) != getattr(current, section):
+                log.warning("reload: changes to this section need a restart", section=section)
+        config = fresh.model_copy(
+            update={
+                "paths": current.paths,
+                "api": current.api,
+                "service": current.service,
+                "api_key": current.api_key,
+            }
+        )
+        assert self._limiter is not None
+        self._limiter.reconfigure(**_limits(config))
+        ctx.config = config
+        self.config = config
+        for nudge in ctx.nudges.all():
+            nudge.set()
+        log.info(
+            "configuration reloaded",
+            requests_per_second=config.limits.requests_per_second,
+            burst=config.limits.burst,
+            max_concurrency=config.limits.max_concurrency,
+            routes=len(config.route),
+        )
+        self.notifier.ready("configuration reloaded")
 
     async def _check_drain(self, ctx: Context) -> None:
         health = ctx.health
@@ -201,16 +322,23 @@ class Runner:
         self.should_exit = True
         log.error("stopping", reason=reason)
 
-    async def _watch_signals(self, ctx: Context) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if self.should_exit and signum == signal.SIGINT:
-                    self.force_exit = True
-                    log.warning("second interrupt: exiting now")
-                else:
-                    log.info("signal received; shutting down", signal=signal.Signals(signum).name)
-                    self.should_exit = True
-                ctx.stop()
+    def request_reload(self, ctx: Context) -> None:
+        self.reload_requested = True
+        ctx.nudges.supervisor.set()
+
+    async def _watch_signals(self, ctx: Context, signals: Signals) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("signal received; reloading", signal="SIGHUP")
+                self.request_reload(ctx)
+                continue
+            if self.should_exit and signum == signal.SIGINT:
+                self.force_exit = True
+                log.warning("second interrupt: exiting now")
+            else:
+                log.info("signal received; shutting down", signal=signal.Signals(signum).name)
+                self.should_exit = True
+            ctx.stop()
 
     async def shutdown(self, ctx: Context) -> Outcome:
         with anyio.CancelScope(shield=True):
@@ -226,3 +354,18 @@ class Runner:
             open_calls=counts.open_calls,
         )
         return Outcome(code, counts, dict(ctx.tally), self._reason)
+
+
+class _Limits(TypedDict):
+    rate: float
+    burst: int
+    max_concurrency: int
+
+
+def _limits(config: Config) -> _Limits:
+    limits = config.limits
+    return {
+        "rate": limits.requests_per_second * RATE_HEADROOM,
+        "burst": max(1, limits.burst - 1),
+        "max_concurrency": limits.max_concurrency,
+    }

@@ -8,6 +8,8 @@ point is mended by delivering again.
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import shutil
@@ -144,14 +146,19 @@ def write_document(outbox: Path, document: Document) -> Path:
     )
     data = json.dumps(document.body, indent=2, ensure_ascii=False, sort_keys=False).encode() + b"\n"
     write_atomic(target, data)
+    _unlink(temporary_path(other))
     _unlink(other)
     return target
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file, fsync, rename, fsync of the directory."""
+    """Temporary file, fsync, rename, fsync of the directory.
+
+    The temporary's name depends only on the target, so a process killed before the rename
+    leaves a temporary that the next delivery of the same document overwrites and renames.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    temporary = temporary_path(path)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -159,13 +166,20 @@ def write_atomic(path: Path, data: bytes) -> None:
             fh.flush()
             faults.point("deliver.before_fsync")
             os.fsync(fh.fileno())
+            faults.point("deliver.after_fsync")
         faults.point("deliver.before_rename")
         os.replace(temporary, path)
     except BaseException:
         _unlink(temporary)
         raise
     faults.point("deliver.after_rename")
+    faults.point("deliver.before_dir_fsync")
     fsync_directory(path.parent)
+    faults.point("deliver.after_dir_fsync")
+
+
+def temporary_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.tmp"
 
 
 def fsync_directory(directory: Path) -> None:
@@ -184,32 +198,53 @@ def _unlink(path: Path) -> None:
     fsync_directory(path.parent)
 
 
-def finish_input(inbox: Path, archive: Path, rel: str, on_done: str) -> None:
-    """Archive, delete or keep a delivered input; safe to repeat after a crash."""
+def finish_input(
+    inbox: Path, archive: Path, rel: str, on_done: str, *, taken: tuple[int, int] | None = None
+) -> None:
+    """Archive, delete or keep a delivered input; safe to repeat after a crash.
+
+    ``taken`` is the (size, mtime_ns) the file had when it was taken: a file that was replaced
+    since is new work and is left in the inbox, never archived or deleted unseen.
+    """
     source = inbox / rel
     if on_done == "keep":
+        return
+    if taken is not None and _replaced(source, taken):
+        log.info("input replaced after it was taken; leaving the new one in the inbox", file=rel)
         return
     if on_done == "delete":
         _unlink(source)
         return
     target = archive / rel
     if not source.exists() and not source.is_symlink():
+        if target.exists():
+            os.chmod(target, FILE_MODE)  # the chmod after the rename may not have happened
         return  # already archived by an earlier attempt
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     faults.point("archive.before_rename")
     try:
         os.replace(source, target)
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: archive on another file system
+        if exc.errno != errno.EXDEV:  # archive on another file system
             raise
         shutil.copy2(source, target)
         with target.open("rb") as fh:
             os.fsync(fh.fileno())
         source.unlink()
+    faults.point("archive.after_rename")
     os.chmod(target, FILE_MODE)
+    faults.point("archive.before_fsync")
     fsync_directory(target.parent)
     fsync_directory(source.parent)
-    faults.point("archive.after_rename")
+    faults.point("archive.after_fsync")
+
+
+def _replaced(source: Path, taken: tuple[int, int]) -> bool:
+    try:
+        st = source.lstat()
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns) != taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +267,14 @@ class Deliverer:
         """Deliver whatever is ready; return the idle wait (short after an outbox failure)."""
         ctx = self._ctx
         healthy = True
-        for file in await ctx.store.delivered_files(limit=BATCH):
+        delivered = await ctx.store.delivered_files(limit=BATCH)
+        for file in delivered:
             healthy &= await self._finish(file)
-        for file in await ctx.store.rejected_files(limit=BATCH):
+        rejected = await ctx.store.rejected_files(limit=BATCH)
+        for file in rejected:
             healthy &= await self._deliver(rejection_document(file))
-        for group in await ctx.store.terminal_groups(limit=BATCH):
+        terminal = await ctx.store.terminal_groups(limit=BATCH)
+        for group in terminal:
             files = await ctx.store.group_files(group.id)
             pending = [f for f in files if f.state == "queued"]
             for document in documents_for_group(group, files):
@@ -245,7 +283,11 @@ class Deliverer:
             if healthy or not pending:
                 await ctx.store.finish_group(group.id)
         ctx.nudges.supervisor.set()
-        return RETRY_SECONDS if not healthy else ctx.config.inbox.rescan_seconds
+        if not healthy:
+            return RETRY_SECONDS
+        if BATCH in (len(delivered), len(rejected), len(terminal)):
+            return 0.0  # a full page: there may be more right away
+        return ctx.config.inbox.rescan_seconds
 
     async def _deliver(self, document: Document) -> bool:
         ctx = self._ctx
@@ -275,7 +317,14 @@ class Deliverer:
         paths = ctx.config.paths
         try:
             await anyio.to_thread.run_sync(
-                finish_input, paths.inbox, paths.archive, file.rel, ctx.config.inbox.on_done
+                functools.partial(
+                    finish_input,
+                    paths.inbox,
+                    paths.archive,
+                    file.rel,
+                    ctx.config.inbox.on_done,
+                    taken=(file.size, file.mtime_ns),
+                )
             )
         except OSError as exc:
             log.error(

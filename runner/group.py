@@ -41,10 +41,11 @@ def should_close(group: GroupRow, facts: GroupFacts) -> bool:
     if group.mode == "folder":
         if facts.unsettled_inside:
             return False
-        quiet = facts.now - group.last_added_at >= facts.settle_seconds
+        # compared as next_check computes it, so a group looked at on time does close
+        quiet = facts.now >= group.last_added_at + facts.settle_seconds
         return facts.ready_marker or quiet
     if group.mode == "window" and facts.window_seconds is not None:
-        return facts.now - group.opened_at >= facts.window_seconds
+        return facts.now >= group.opened_at + facts.window_seconds
     return True
 
 

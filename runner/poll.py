@@ -11,6 +11,7 @@ from __future__ import annotations
 import anyio
 import structlog
 
+from runner import faults
 from runner.api.models import Call
 from runner.context import Context
 from runner.errors import ApiError, AuthError, NotFoundError, TransientError
@@ -18,6 +19,8 @@ from runner.policy import poll_delay
 from runner.store.base import GroupRow
 
 log = structlog.get_logger("runner.poll")
+
+AUTH_RETRY_SECONDS = 60.0
 
 
 class Poller:
@@ -55,7 +58,9 @@ class Poller:
 
     async def _poll_v3(self, due: list[GroupRow]) -> None:
         ctx = self._ctx
+        faults.point("poll.before_send")
         calls = await ctx.client.list_calls(call_ids=[g.call_id or "" for g in due], limit=len(due))
+        faults.point("poll.after_receive")
         by_id = {call.call_id: call for call in calls}
         reschedule: list[tuple[int, float, str | None]] = []
         for group in due:
@@ -73,7 +78,9 @@ class Poller:
         reschedule: list[tuple[int, float, str | None]] = []
         for group in due:
             try:
+                faults.point("poll.before_send")
                 v2 = await ctx.client.get_call_v2(group.call_id or "")
+                faults.point("poll.after_receive")
             except NotFoundError:
                 await self._lost(group)
                 continue
@@ -131,13 +138,12 @@ class Poller:
         self, group: GroupRow, status: str, result_json: str | None, reason: str | None
     ) -> None:
         ctx = self._ctx
+        now = ctx.clock.wall()
         await ctx.store.mark_terminal(
-            group.id,
-            status=status,
-            result_json=result_json,
-            error_reason=reason,
-            now=ctx.clock.wall(),
+            group.id, status=status, result_json=result_json, error_reason=reason, now=now
         )
+        if ctx.on_call_finished is not None and group.submitted_at is not None:
+            ctx.on_call_finished(now - group.submitted_at)
         log.info(
             "call finished",
             callID=group.call_id,
@@ -159,5 +165,7 @@ class Poller:
             ctx.nudges.supervisor.set()
         log.warning("poll failed; will retry", error=exc.message, calls=len(due))
         delay = max(ctx.config.poll.initial_seconds, 1.0)
+        if isinstance(exc, AuthError):
+            delay = AUTH_RETRY_SECONDS  # one 401 a minute, not one a second
         await ctx.store.reschedule_polls([(g.id, now + delay, g.status) for g in due])
         await anyio.lowlevel.checkpoint()

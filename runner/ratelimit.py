@@ -9,7 +9,8 @@ The bucket is kept in exact rational arithmetic, and every wait is rounded up to
 so float rounding can never let it grant a token the ideal bucket does not have yet.
 
 A 429 pauses every grant until its ``Retry-After`` has passed, empties the bucket (which stays
-empty through the pause) and halves the rate once per pause (down to a floor); successes then bring the rate back up linearly over ``recovery_seconds``.
+empty through the pause) and halves the rate once per pause (down to a floor); successes then
+bring the rate back up linearly over ``recovery_seconds``.
 
 No background task: the waiters themselves do the work. At most one waiter at a time (the
 "timekeeper") sleeps on the clock until the next token or the end of a pause; the others wait on

@@ -40,6 +40,8 @@ class Submitter:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         self._in_flight = 0
+        self._key_accepted = False
+        self._next_auth_probe = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -58,13 +60,20 @@ class Submitter:
         ctx = self._ctx
         limits = ctx.config.limits
         await self.resolve_unknown()
-        if ctx.health.auth_error is not None and ctx.draining:
-            return AUTH_RETRY_SECONDS
+        now = ctx.clock.wall()
         room = limits.max_open_calls - await ctx.store.open_call_count()
         room = min(room, limits.max_concurrency * 2 - self._in_flight)
+        if ctx.health.auth_error is not None:
+            # a rejected key is a loud stop, not one 401 per file: one probe now and then
+            if ctx.draining or now < self._next_auth_probe:
+                return max(self._next_auth_probe - now, 0.05)
+            self._next_auth_probe = now + AUTH_RETRY_SECONDS
+            room = min(room, 1 - self._in_flight)
+        elif not self._key_accepted:
+            # until bem has answered once, one POST at a time: a bad key costs one 401
+            room = min(room, 1 - self._in_flight)
         if room <= 0:
             return 1.0
-        now = ctx.clock.wall()
         groups = await ctx.store.ready_groups(now=now, limit=room)
         if ctx.config.api.version == "v2":
             size = ctx.config.api.v2_calls_per_request
@@ -179,6 +188,7 @@ class Submitter:
     ) -> None:
         ctx = self._ctx
         ctx.health.reached()
+        self._key_accepted = True
         now = ctx.clock.wall()
         await ctx.store.mark_submitted(
             group.id,
@@ -202,6 +212,8 @@ class Submitter:
         now = ctx.clock.wall()
         ids = [g.id for g in groups]
         refs = [g.call_reference_id for g in groups]
+        if exc.status_code is not None and not isinstance(exc, AuthError):
+            self._key_accepted = True  # bem answered, and not about the key
         if isinstance(exc, OutcomeUnknownError):
             log.warning("submit outcome unknown", callReferenceIDs=refs, error=exc.message)
             await ctx.store.mark_unknown(ids, not_before=now + self._recheck_seconds())
@@ -211,8 +223,13 @@ class Submitter:
             await ctx.store.mark_submit_later(ids, not_before=now)
         elif isinstance(exc, AuthError):
             ctx.health.auth_error = exc.message
-            log.error("bem rejected the API key; retrying slowly", error=exc.message)
-            await ctx.store.mark_submit_later(ids, not_before=now + AUTH_RETRY_SECONDS)
+            self._next_auth_probe = now + AUTH_RETRY_SECONDS
+            log.error(
+                "bem rejected the API key; nothing is sent until it is fixed, probing every "
+                f"{AUTH_RETRY_SECONDS:.0f} s",
+                error=exc.message,
+            )
+            await ctx.store.mark_submit_later(ids, not_before=now)
             ctx.nudges.supervisor.set()
         elif isinstance(exc, PermanentError):
             reason = f"bem rejected the call: {exc.message}"
@@ -283,12 +300,14 @@ class Submitter:
 
     async def _find_by_reference(self, references: Sequence[str]) -> dict[str, Call]:
         found: dict[str, Call] = {}
+        faults.point("submit.before_list")
         async for call in self._ctx.client.iter_calls(
             reference_ids=list(references), sort_order="asc"
         ):
             # the oldest call with a reference wins, should a duplicate ever exist
             if call.call_reference_id and call.call_reference_id not in found:
                 found[call.call_reference_id] = call
+        faults.point("submit.after_list")
         return found
 
 

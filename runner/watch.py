@@ -300,7 +300,7 @@ class Intake:
         else:
             targets = self._dirty | set(self._settler.pending)
             self._dirty = set()
-            report = await anyio.to_thread.run_sync(_scan_paths, inbox, targets)
+            report = await anyio.to_thread.run_sync(scan_paths, inbox, targets)
         self._report_skipped(report.skipped)
         settled = self._settler.observe(report.entries, now=ctx.clock.wall(), complete=full)
         keep = ctx.config.inbox.on_done == "keep"
@@ -353,7 +353,7 @@ class Intake:
                 log.warning("file skipped", file=rel, reason=why)
 
 
-def _scan_paths(inbox: Path, rels: Iterable[str]) -> ScanReport:
+def scan_paths(inbox: Path, rels: Iterable[str]) -> ScanReport:
     """Look only at the given paths (files or folders) below the inbox."""
     report = ScanReport()
     for rel in sorted(rels):
@@ -374,4 +374,6 @@ def _scan_paths(inbox: Path, rels: Iterable[str]) -> ScanReport:
             report.skipped.append((rel, "symlink (never followed)"))
         else:
             report.skipped.append((rel, "not a regular file"))
+    # a new folder and a file inside it may both be named: each file once
+    report.entries = list({entry.rel: entry for entry in report.entries}.values())
     return report

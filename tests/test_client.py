@@ -440,6 +440,10 @@ async def test_a_429_pauses_the_limiter_for_every_request_until_retry_after(
             await clock.wait_for_sleepers(1)
             assert requests_to(emulator, INVOKE) == {"429": 1}  # the new POST is held back
             clock.advance(1.0)
+            # no token accrued during the pause: the POST waits one interval more
+            await clock.wait_for_sleepers(1)
+            assert requests_to(emulator, INVOKE) == {"429": 1}
+            clock.advance_to_next_deadline()
 
         assert len(created) == 1
         assert requests_to(emulator, INVOKE) == {"429": 1, "202": 1}

@@ -392,3 +392,15 @@ async def test_the_daemon_takes_files_as_they_arrive(tmp_path: Path) -> None:
         await wait_until(lambda: (config.paths.outbox / "wf/arrived.txt.json").exists())
         runner.should_exit = True
     assert (config.paths.archive / "wf/arrived.txt").exists()
+
+
+async def test_more_finished_calls_than_one_delivery_page(tmp_path: Path) -> None:
+    emulator = fast_emulator()
+    # the rescan is far away, so nothing but the deliverer itself can pick up a second page
+    config = make_config(tmp_path, inbox={"rescan_seconds": 3600})
+    rels = write_files(config.paths.inbox, [(f"wf/{n}.txt", b"n%d" % n) for n in range(450)])
+
+    with anyio.fail_after(60):
+        await drain(config, emulator)
+
+    assert len(outbox_documents(config.paths.outbox)) == len(rels)

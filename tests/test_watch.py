@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runner.store.base import KnownFile
-from runner.watch import Entry, Settler, examine, hash_file, is_new, scan_inbox
+from runner.watch import Entry, Settler, examine, hash_file, is_new, scan_inbox, scan_paths
 
 
 def touch(path: Path, content: bytes = b"x", mtime: float | None = None) -> None:
@@ -116,3 +116,9 @@ def test_examine_rejects_with_reasons(tmp_path: Path) -> None:
     assert "too large" in (check("wf/big.txt") or "")
     assert "unsupported file type '.exe'" in (check("wf/tool.exe") or "")
     assert examine(inbox, Entry("wf/gone.txt", 5, 1), routes=(), max_file_bytes=10) is None
+
+
+def test_a_partial_scan_names_each_file_once(tmp_path: Path) -> None:
+    touch(tmp_path / "wf/new-folder/a.txt")
+    report = scan_paths(tmp_path, ["wf/new-folder", "wf/new-folder/a.txt", "wf"])
+    assert [e.rel for e in report.entries] == ["wf/new-folder/a.txt"]

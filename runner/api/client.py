@@ -95,7 +95,9 @@ class BemClient:
         read_attempts: int = 5,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        on_response: Callable[[str, str, int | None], None] | None = None,
     ) -> None:
+        """``on_response(method, route, status)`` hears of each exchange (None: no answer)."""
         if read_attempts < 1:
             raise ValueError("read_attempts must be at least 1")
         self._base_url = base_url
@@ -106,6 +108,7 @@ class BemClient:
         self._read_attempts = read_attempts
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._rng = rng if rng is not None else random.Random()
+        self._on_response = on_response
         self._http: httpx.AsyncClient | None = None
         self._closed = False
 
@@ -422,6 +425,8 @@ class BemClient:
                     error=type(exc).__name__,
                     duration=round(self._clock.now() - started, 3),
                 )
+                if self._on_response is not None:
+                    self._on_response(method, route, None)
                 raise _transport_error(exc, method=method, route=route, creates=creates) from exc
             _log.debug(
                 "bem request",
@@ -430,6 +435,8 @@ class BemClient:
                 status=response.status_code,
                 duration=round(self._clock.now() - started, 3),
             )
+            if self._on_response is not None:
+                self._on_response(method, route, response.status_code)
             if self._limiter is not None:
                 if response.status_code == httpx.codes.TOO_MANY_REQUESTS:
                     self._limiter.on_rate_limited(self._retry_after(response))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Literal
 
 import httpx
@@ -57,6 +57,13 @@ def retry_after(wait: float, style: Literal["seconds", "http-date"], wall_now: f
     if style == "seconds":
         return str(max(1, math.ceil(wait)))
     return formatdate(math.ceil(wall_now + wait), usegmt=True)
+
+
+def announced_seconds(value: str, wall_now: float) -> float:
+    """How long a ``Retry-After`` value made by :func:`retry_after` at ``wall_now`` asks for."""
+    if value.isdigit():
+        return float(value)
+    return parsedate_to_datetime(value).timestamp() - wall_now
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner.emulator.faults import ConnectionDropped, retry_after
+from runner.emulator.faults import ConnectionDropped, announced_seconds, retry_after
 
 if TYPE_CHECKING:
     from runner.emulator.emulator import Emulator
@@ -94,10 +94,15 @@ class Gate:
         given = Headers(scope=scope).get("x-api-key", "")
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             return error_response(401, "missing or invalid API key (x-api-key header)")
+        now = self._emulator.time.now()
+        self._emulator.counters.record_arrival(now)
         wait = self._emulator.take_token()
         if wait > 0:
-            self._emulator.counters.record_rate_limited()
-            value = retry_after(wait, settings.retry_after_format, time.time())
+            wall = time.time()
+            value = retry_after(wait, settings.retry_after_format, wall)
+            self._emulator.counters.record_rate_limited(
+                now=now, retry_after_seconds=announced_seconds(value, wall)
+            )
             return error_response(429, "rate limit exceeded", headers={"Retry-After": value})
         return None
 

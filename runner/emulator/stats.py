@@ -22,13 +22,22 @@ class Stats:
         self._files: Counter[str] = Counter()
         self._rate_limited = 0
         self._faults: Counter[str] = Counter()
+        self._retry_after_until = float("-inf")
+        self._early_after_429 = 0
 
     def record_request(self, route: str, status: int | str) -> None:
         """``route`` is "<METHOD> <route template>"; ``status`` a code or "dropped"."""
         self._requests[route][str(status)] += 1
 
-    def record_rate_limited(self) -> None:
+    def record_rate_limited(self, *, now: float, retry_after_seconds: float) -> None:
+        """A 429 told the client to wait ``retry_after_seconds`` from ``now`` (emulator time)."""
         self._rate_limited += 1
+        self._retry_after_until = max(self._retry_after_until, now + retry_after_seconds)
+
+    def record_arrival(self, now: float) -> None:
+        """An authenticated API request arrived; count it if a ``Retry-After`` still forbids it."""
+        if now < self._retry_after_until:
+            self._early_after_429 += 1
 
     def record_fault(self, kind: str) -> None:
         self._faults[kind] += 1
@@ -46,6 +55,7 @@ class Stats:
             "calls_total": self._calls_total,
             "calls_by_reference": dict(self._calls_by_reference),
             "rate_limited": self._rate_limited,
+            "requests_before_retry_after": self._early_after_429,
             "files_by_content_sha256": dict(self._files),
             "faults": {kind: self._faults[kind] for kind in FAULT_KINDS},
             "calls_by_status": {status: by_status[status] for status in CALL_STATUSES},

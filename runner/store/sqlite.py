@@ -67,7 +67,9 @@ async def open_sqlite_store(path: Path) -> AsyncIterator[SqliteStore]:
         await store.migrate()
         yield store
     finally:
-        await store.close()
+        # closed even when the runner is cancelled, or its thread outlives the event loop
+        with anyio.CancelScope(shield=True):
+            await store.close()
 
 
 class SqliteStore:
@@ -90,12 +92,13 @@ class SqliteStore:
         return rows[0][0] if rows else None
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._writer, self._transaction_unlocked() as db:
+    async def _transaction(self, label: str) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; ``label`` names it for the crash points."""
+        async with self._writer, self._transaction_unlocked(label) as db:
             yield db
 
     @asynccontextmanager
-    async def _transaction_unlocked(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction_unlocked(self, label: str) -> AsyncIterator[aiosqlite.Connection]:
         try:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -103,14 +106,14 @@ class SqliteStore:
             except BaseException:
                 await self._db.execute("ROLLBACK")
                 raise
-            faults.point("store.before_commit")
+            faults.point("store.before_commit", label)
             await self._db.execute("COMMIT")
-            faults.point("store.after_commit")
+            faults.point("store.after_commit", label)
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: {exc}") from exc
 
     async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        async with self._transaction() as db:
+        async with self._transaction(name) as db:
             await db.executemany(QUERIES[name], list(rows))
 
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
@@ -139,7 +142,7 @@ class SqliteStore:
                 f"({SCHEMA_VERSION}); upgrade bem-runner"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            async with self._transaction() as db:
+            async with self._transaction(f"schema_{target}") as db:
                 for statement in MIGRATIONS[target].split(";\n"):
                     if statement.strip():
                         await db.execute(statement)
@@ -168,7 +171,7 @@ class SqliteStore:
     async def add_files(
         self, files: list[NewFile], *, now: float, batch_limits: BatchLimits
     ) -> None:
-        async with self._transaction() as db:
+        async with self._transaction("add_files") as db:
             for new in files:
                 await self._add_file(db, new, now, batch_limits)
 
@@ -271,13 +274,13 @@ class SqliteStore:
 
     async def supersede_file(self, file: FileRow) -> None:
         """The file changed after it was queued: drop it from its group; it will be taken anew."""
-        async with self._transaction() as db:
+        async with self._transaction("supersede_file") as db:
             await db.execute(QUERIES["supersede_file"], {"id": file.id})
             if file.group_id is not None:
                 await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})
 
     async def reject_queued_file(self, file: FileRow, reason: str) -> None:
-        async with self._transaction() as db:
+        async with self._transaction("reject_file") as db:
             await db.execute(QUERIES["reject_file"], {"id": file.id, "reason": reason})
             if file.group_id is not None:
                 await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})

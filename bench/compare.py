@@ -1,0 +1,227 @@
+"""bem-runner side by side with the scripts users write instead, on one emulator.
+
+    python bench/compare.py --files 300 --rate 50 --latency 1-3
+
+Starts the emulator (a subprocess) with a rate limit and a latency range, creates the input
+files once and runs each client, one after another, on a fresh copy of them:
+
+- ``bem-runner``: ``python -m runner drain`` with ``limits.requests_per_second`` = the rate;
+- ``async``: ``bench/baselines/async_gather.py`` (AsyncBem, gather + semaphore, 1 s polls);
+- ``sequential``: ``bench/baselines/sequential.py`` (Bem, one file at a time, 1 s polls), on the
+  first ``--sequential-files`` inputs only (it is slow by construction); its wall time for all
+  files is then extrapolated and marked ``~``.
+
+Prints one table; ``--json`` also writes every figure to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import harness
+
+WORKFLOW = "invoices"
+CLIENTS = ("bem-runner", "async", "sequential")
+
+
+@dataclass
+class Row:
+    client: str
+    files: int
+    wall_seconds: float
+    extrapolated: bool
+    rate_fraction: float
+    best_10s_fraction: float
+    rate_limited: int
+    rate_limited_after_10s: int
+    submits_per_file: float
+    polls_per_file: float
+    cpu_seconds: float
+    cpu_ms_per_file: float
+    startup_cpu_seconds: float
+    net_cpu_ms_per_file: float
+    peak_rss_mb: float
+    delivered: int
+    errors: int
+    duplicates: int
+    never_sent: int
+    exit_code: int
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=50.0, help="emulator rate limit, req/s")
+    parser.add_argument("--burst", type=int, default=10, help="emulator token bucket size")
+    parser.add_argument(
+        "--runner-rate",
+        type=float,
+        default=None,
+        help="bem-runner's limits.requests_per_second (default: --rate); set it above --rate "
+        "to see how the runner recovers from 429s",
+    )
+    parser.add_argument("--latency", default="1-3", help="seconds a call takes: MIN-MAX")
+    parser.add_argument("--concurrency", type=int, default=50, help="async script's semaphore")
+    parser.add_argument(
+        "--sequential-files",
+        type=int,
+        default=60,
+        help="files the sequential script processes (0: all)",
+    )
+    parser.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated subset")
+    parser.add_argument(
+        "--emulator-arg",
+        action="append",
+        default=[],
+        help="extra emulator flag, e.g. --emulator-arg=--accept-then-500-rate=0.02",
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="per client, seconds")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    clients = [c for c in args.clients.split(",") if c]
+    unknown = set(clients) - set(CLIENTS)
+    if unknown:
+        print(f"unknown client(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bem-bench-") as tmp:
+        root = args.workdir or Path(tmp)
+        rows = run_all(args, clients, root)
+    print(render(rows, args))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0 if all(r.exit_code == 0 and r.never_sent == 0 for r in rows) else 1
+
+
+def run_all(args: argparse.Namespace, clients: list[str], root: Path) -> list[Row]:
+    source = root / "source" / WORKFLOW
+    digests = harness.make_inputs(source, args.files)
+    rows = []
+    with harness.emulator(
+        rate=args.rate, burst=args.burst, latency=args.latency, extra=args.emulator_arg
+    ) as emu:
+        for client in clients:
+            rows.append(run_client(client, args, emu, root, digests))
+            print(f"  {client}: {rows[-1].wall_seconds:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def run_client(
+    client: str, args: argparse.Namespace, emu: harness.Emulator, root: Path, digests: list[str]
+) -> Row:
+    base = root / client
+    harness.copy_inputs(root / "source", base / "inbox")
+    env = harness.bench_env(emu.base_url)
+    files = len(digests)
+    if client == "sequential" and 0 < args.sequential_files < files:
+        files = args.sequential_files
+    argv = client_argv(client, args, base, files)
+    startup = harness.run_measured([*argv, "--help"], env=env, logs=base / "logs-startup")
+    emu.reset_stats()
+    with harness.StatsSampler(emu) as sampler:
+        measured = harness.run_measured(argv, env=env, timeout=args.timeout, logs=base / "logs")
+    stats = emu.stats()
+    requests = harness.api_requests(stats)
+    duplicates, never_sent = harness.duplicate_calls(stats, digests[:files])
+    delivered, errors = harness.count_outputs(base / "outbox")
+    wall = measured.wall_seconds
+    return Row(
+        client=client,
+        files=files,
+        wall_seconds=wall * len(digests) / files,
+        extrapolated=files < len(digests),
+        rate_fraction=(requests["total"] - int(stats["rate_limited"])) / wall / args.rate,
+        best_10s_fraction=sampler.best_window_rate(10.0) / args.rate,
+        rate_limited=int(stats["rate_limited"]),
+        rate_limited_after_10s=sampler.rate_limited_after(10.0),
+        submits_per_file=requests["submit"] / files,
+        polls_per_file=requests["poll"] / files,
+        cpu_seconds=measured.cpu_seconds,
+        cpu_ms_per_file=measured.cpu_seconds * 1000 / files,
+        startup_cpu_seconds=startup.cpu_seconds,
+        net_cpu_ms_per_file=(measured.cpu_seconds - startup.cpu_seconds) * 1000 / files,
+        peak_rss_mb=measured.peak_rss_mb,
+        delivered=delivered,
+        errors=errors,
+        duplicates=duplicates,
+        never_sent=never_sent,
+        exit_code=measured.exit_code,
+    )
+
+
+def client_argv(client: str, args: argparse.Namespace, base: Path, files: int) -> list[str]:
+    if client == "bem-runner":
+        rate = args.runner_rate or args.rate
+        config = harness.runner_config(base / "bem-runner.toml", rate=rate, burst=args.burst)
+        return harness.drain_argv(config, base)
+    script = harness.REPO / "bench" / "baselines"
+    common = ["--input-dir", str(base / "inbox" / WORKFLOW), "--workflow", WORKFLOW]
+    common += ["--output-dir", str(base / "outbox")]
+    if client == "async":
+        return [harness.PYTHON, str(script / "async_gather.py"), *common,
+                "--concurrency", str(args.concurrency)]  # fmt: skip
+    return [harness.PYTHON, str(script / "sequential.py"), *common, "--limit", str(files)]
+
+
+def render(rows: list[Row], args: argparse.Namespace) -> str:
+    reference = next((r for r in rows if r.client == "bem-runner"), None)
+    header = (
+        f"{args.files} files, rate limit {args.rate:g} req/s (burst {args.burst}), "
+        f"latency {args.latency} s, async concurrency {args.concurrency}"
+    )
+    if args.runner_rate:
+        header += f", bem-runner configured for {args.runner_rate:g} req/s"
+    columns = [
+        "client", "wall s", "ok req/s÷R", "best 10s÷R", "429s", "429s>10s", "submit/file",
+        "poll/file", "CPU s/1k files", "net of startup", "peak RSS MB", "delivered", "errors",
+        "duplicates",
+    ]  # fmt: skip
+    table = [columns]
+    for row in rows:
+        wall = f"{'~' if row.extrapolated else ''}{row.wall_seconds:.1f}"
+        if reference is not None and row is not reference:
+            wall += f" ({row.wall_seconds / reference.wall_seconds:.1f}×)"
+        cpu = f"{row.cpu_ms_per_file:.1f}"
+        if reference is not None and row is not reference:
+            cpu += f" ({row.cpu_ms_per_file / reference.cpu_ms_per_file:.1f}×)"
+        table.append(
+            [
+                row.client,
+                wall,
+                f"{row.rate_fraction:.2f}",
+                f"{row.best_10s_fraction:.2f}",
+                str(row.rate_limited),
+                str(row.rate_limited_after_10s),
+                f"{row.submits_per_file:.2f}",
+                f"{row.polls_per_file:.2f}",
+                cpu,
+                f"{row.net_cpu_ms_per_file:.1f}",
+                f"{row.peak_rss_mb:.0f}",
+                f"{row.delivered}/{row.files}",
+                str(row.errors),
+                str(row.duplicates),
+            ]
+        )
+    return header + "\n\n" + markdown_table(table)
+
+
+def markdown_table(table: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+             for line in table]  # fmt: skip
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

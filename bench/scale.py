@@ -1,0 +1,172 @@
+"""How bem-runner's cost grows: many small files, a huge inbox scan, one very large file.
+
+    python bench/scale.py --files 1000 10000 100000   # drains at a high rate limit
+    python bench/scale.py --scan 100000               # runner.watch.scan_inbox over N files
+    python bench/scale.py --big-mb 500                # one file, streamed as multipart
+
+Every drain is ``python -m runner drain`` in its own process against the emulator (another
+process); wall time, CPU and peak RSS are those of the drain process alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import harness
+from compare import markdown_table
+
+WORKFLOW = "invoices"
+SCAN_SNIPPET = """
+import json, sys, time
+from pathlib import Path
+from runner.watch import scan_inbox
+inbox = Path(sys.argv[1])
+timings = []
+for _ in range(3):
+    started = time.perf_counter()
+    report = scan_inbox(inbox)
+    timings.append(time.perf_counter() - started)
+print(json.dumps({"entries": len(report.entries), "seconds": timings}))
+"""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, nargs="*", default=[], help="drain sizes")
+    parser.add_argument("--rate", type=float, default=1000.0, help="rate limit for the drains")
+    parser.add_argument("--burst", type=int, default=100)
+    parser.add_argument("--latency", default="0.05-0.2")
+    parser.add_argument(
+        "--rescan-seconds",
+        type=float,
+        default=1.0,
+        help="inbox.rescan_seconds of the drains (the deliverer also idles this long after a "
+        "full batch of 200 when nothing nudges it; 60 is the default)",
+    )
+    parser.add_argument("--scan", type=int, default=0, help="files in the scanned inbox")
+    parser.add_argument("--big-mb", type=int, default=0, help="size of the one large file")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bem-scale-") as tmp:
+        root = args.workdir or Path(tmp)
+        ok = True
+        if args.files:
+            ok &= drains(args, root / "drains")
+        if args.scan:
+            ok &= scan(args.scan, root / "scan")
+        if args.big_mb:
+            ok &= big_file(args, root / "big")
+    return 0 if ok else 1
+
+
+def drain(
+    args: argparse.Namespace, base: Path, emu: harness.Emulator, **sections: dict[str, object]
+) -> tuple[harness.Measured, dict[str, object]]:
+    config = harness.runner_config(
+        base / "bem-runner.toml", rate=args.rate, burst=args.burst, **sections
+    )
+    emu.reset_stats()
+    env = harness.bench_env(emu.base_url)
+    measured = harness.run_measured(
+        harness.drain_argv(config, base), env=env, timeout=args.timeout, logs=base / "logs"
+    )
+    return measured, emu.stats()
+
+
+def drains(args: argparse.Namespace, root: Path) -> bool:
+    table = [["files", "wall s", "files/s", "CPU s", "CPU ms/file", "peak RSS MB",
+              "requests/file", "delivered", "duplicates"]]  # fmt: skip
+    ok = True
+    with harness.emulator(rate=args.rate, burst=args.burst, latency=args.latency) as emu:
+        for count in args.files:
+            base = root / str(count)
+            digests = harness.make_inputs(base / "inbox" / WORKFLOW, count)
+            measured, stats = drain(args, base, emu, inbox={"rescan_seconds": args.rescan_seconds})
+            delivered, errors = harness.count_outputs(base / "outbox")
+            duplicates, _ = harness.duplicate_calls(stats, digests)
+            requests = harness.api_requests(stats)
+            ok &= measured.exit_code == 0 and delivered == count and duplicates == 0
+            table.append(
+                [
+                    str(count),
+                    f"{measured.wall_seconds:.1f}",
+                    f"{count / measured.wall_seconds:.0f}",
+                    f"{measured.cpu_seconds:.1f}",
+                    f"{measured.cpu_seconds * 1000 / count:.2f}",
+                    f"{measured.peak_rss_mb:.0f}",
+                    f"{requests['total'] / count:.2f}",
+                    f"{delivered}/{count}" + (f" ({errors} errors)" if errors else ""),
+                    str(duplicates),
+                ]
+            )
+            print(f"  {count} files: {measured.wall_seconds:.1f} s", file=sys.stderr, flush=True)
+    print(
+        f"drains: rate limit {args.rate:g} req/s (burst {args.burst}), latency {args.latency} s, "
+        f"inbox.rescan_seconds {args.rescan_seconds:g}\n"
+    )
+    print(markdown_table(table) + "\n", flush=True)
+    return ok
+
+
+def scan(count: int, root: Path) -> bool:
+    inbox = root / "inbox"
+    harness.make_inputs(inbox / WORKFLOW, count, size=100)
+    measured = harness.run_measured(
+        [harness.PYTHON, "-c", SCAN_SNIPPET, str(inbox)],
+        env=harness.bench_env("http://unused"),
+        logs=root / "logs",
+    )
+    if measured.exit_code != 0:
+        print(measured.stderr, file=sys.stderr)
+        return False
+    result = json.loads(measured.stdout)
+    timings = ", ".join(f"{s:.2f}" for s in result["seconds"])
+    print(
+        f"scan_inbox over {result['entries']} files: {timings} s (three passes); "
+        f"peak RSS of the scanning process {measured.peak_rss_mb:.0f} MB\n",
+        flush=True,
+    )
+    return bool(result["entries"] == count)
+
+
+def big_file(args: argparse.Namespace, root: Path) -> bool:
+    size = args.big_mb * 1_000_000
+    folder = root / "inbox" / WORKFLOW
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    with (folder / "scan.pdf").open("wb") as fh:
+        written = 0
+        while written < size:
+            piece = chunk[: size - written]
+            fh.write(piece)
+            written += len(piece)
+    with harness.emulator(rate=args.rate, burst=args.burst, latency="0.1-0.2") as emu:
+        measured, stats = drain(
+            args,
+            root,
+            emu,
+            api={"multipart_min_bytes": 1_000_000, "timeout_seconds": 600.0},
+            inbox={"max_file_bytes": size + 1},
+        )
+    delivered, errors = harness.count_outputs(root / "outbox")
+    print(
+        f"one {args.big_mb} MB file (multipart, streamed): wall {measured.wall_seconds:.1f} s, "
+        f"CPU {measured.cpu_seconds:.1f} s, peak RSS {measured.peak_rss_mb:.0f} MB, "
+        f"delivered {delivered}, errors {errors}, calls {stats['calls_total']}\n",
+        flush=True,
+    )
+    return measured.exit_code == 0 and delivered == 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""The daemon's life as systemd sees it: a real ``python -m runner run`` process, real signals,
+a real notify socket, and an emulator served by the test whose slow answers wait for the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import Process
+
+from runner.emulator import Emulator, EmulatorSettings, serve_emulator
+from tests.notify_socket import NotifyListener, notify_listener
+from tests.pipeline import API_KEY, outbox_documents
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = """
+[paths]
+inbox = "{root}/inbox"
+outbox = "{root}/outbox"
+archive = "{root}/archive"
+state = "{root}/state.db"
+
+[api]
+visibility_window = "1s"
+
+[inbox]
+settle_seconds = 0
+on_done = "keep"
+rescan_seconds = 0.2
+
+[poll]
+initial_seconds = 0.05
+max_seconds = 0.2
+
+[limits]
+requests_per_second = {rps}
+"""
+
+ROUTE = """
+[[route]]
+glob = "new/**"
+workflow = "routed-wf"
+"""
+
+
+def write_config(root: Path, *, rps: float, extra: str = "") -> Path:
+    path = root / "bem-runner.toml"
+    path.write_text(CONFIG.format(root=root, rps=rps) + extra)
+    return path
+
+
+def put(root: Path, rel: str, content: bytes = b"hello") -> None:
+    path = root / "inbox" / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+def emulator_with(**settings: Any) -> Emulator:
+    """Calls finish at once; slow requests wait until the test advances emulator time."""
+    return Emulator(EmulatorSettings(latency_min=0, latency_max=0, **settings))
+
+
+@asynccontextmanager
+async def daemon(
+    root: Path, base_url: str, listener: NotifyListener, *command: str
+) -> AsyncIterator[Process]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEM_", "NOTIFY_"))}
+    env.update(BEM_API_KEY=API_KEY, BEM_BASE_URL=base_url, NOTIFY_SOCKET=listener.address)
+    args = [sys.executable, "-m", "runner", "--config", str(root / "bem-runner.toml"), *command]
+    async with await anyio.open_process(args, env=env) as process:
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                process.kill()
+
+
+async def finish(process: Process) -> tuple[int, list[dict[str, Any]]]:
+    """Wait for the exit; the log lines it wrote (JSON: stderr is not a terminal)."""
+    assert process.stderr is not None
+    raw = b""
+    async for chunk in process.stderr:
+        raw += chunk
+    code = await process.wait()
+    lines = [json.loads(line) for line in raw.decode().splitlines() if line.startswith("{")]
+    return code, lines
+
+
+def group_states(root: Path) -> list[tuple[str, str | None]]:
+    with sqlite3.connect(root / "state.db") as db:
+        return list(db.execute("SELECT state, call_id FROM groups ORDER BY id"))
+
+
+async def test_sigterm_lets_the_request_in_flight_finish_and_exits_zero(tmp_path: Path) -> None:
+    write_config(tmp_path, rps=20)
+    put(tmp_path, "wf/a.txt")
+    emulator = emulator_with(slow_rate=1.0, slow_seconds=10_000)
+    with notify_listener() as listener, anyio.fail_after(60):
+        async with (
+            serve_emulator(emulator) as base_url,
+            daemon(tmp_path, base_url, listener, "run") as process,
+        ):
+            assert "READY" in await listener.receive()
+            await emulator.wait_blocked(1)  # the POST is at bem, unanswered
+            process.send_signal(signal.SIGTERM)
+            await listener.until("STOPPING", "1")
+            emulator.advance(10_000)  # bem answers the POST while the runner is stopping
+            code, logs = await finish(process)
+    assert code == 0
+    [(state, call_id)] = group_states(tmp_path)
+    assert state == "polling"  # the answer was kept: the call is known, not "unknown"
+    assert call_id is not None
+    stopped = [line for line in logs if line["event"] == "runner stopped"]
+    assert stopped[0]["exit_code"] == 0
+
+
+async def test_sighup_reloads_limits_and_routes_without_dropping_work(tmp_path: Path) -> None:
+    config = write_config(tmp_path, rps=5)
+    put(tmp_path, "wf/before.txt")
+    emulator = emulator_with()
+    with notify_listener() as listener, anyio.fail_after(60):
+        async with (
+            serve_emulator(emulator) as base_url,
+            daemon(tmp_path, base_url, listener, "run") as process,
+        ):
+            assert "READY" in await listener.receive()
+            config.write_text(config.read_text().replace("= 5", "= 50") + ROUTE)
+            process.send_signal(signal.SIGHUP)
+            reloading = await listener.until("RELOADING", "1")
+            assert int(reloading["MONOTONIC_USEC"]) > 0
+            ready = await listener.until("READY", "1")
+            assert ready["STATUS"] == "configuration reloaded"
+            put(tmp_path, "new/after.txt")
+            while "2 results" not in (await listener.until("STATUS"))["STATUS"]:
+                pass
+            process.send_signal(signal.SIGTERM)
+            code, logs = await finish(process)
+    assert code == 0
+    documents = outbox_documents(tmp_path / "outbox")
+    assert documents["wf/before.txt"][1]["workflow"] == "wf"
+    assert documents["new/after.txt"][1]["workflow"] == "routed-wf"  # the new route
+    [reloaded] = [line for line in logs if line["event"] == "configuration reloaded"]
+    assert reloaded["requests_per_second"] == 50
+    assert reloaded["routes"] == 1
+
+
+async def test_second_sigint_exits_at_once_and_loses_nothing(tmp_path: Path) -> None:
+    write_config(tmp_path, rps=20)
+    put(tmp_path, "wf/a.txt")
+    emulator = emulator_with(slow_rate=1.0, slow_seconds=10_000)
+    with notify_listener() as listener, anyio.fail_after(60):
+        async with serve_emulator(emulator) as base_url:
+            async with daemon(tmp_path, base_url, listener, "run") as process:
+                assert "READY" in await listener.receive()
+                await emulator.wait_blocked(1)
+                process.send_signal(signal.SIGINT)
+                await listener.until("STOPPING", "1")
+                process.send_signal(signal.SIGINT)  # bem has not answered; do not wait for it
+                code, _ = await finish(process)
+            assert code == 0
+            assert group_states(tmp_path) == [("unknown", None)]  # recorded, resolved later
+
+            emulator.advance(10_000)
+            emulator.update(slow_rate=0.0)
+            async with daemon(tmp_path, base_url, listener, "drain") as process:
+                code, _ = await finish(process)
+    assert code == 0
+    documents = outbox_documents(tmp_path / "outbox")
+    assert list(documents) == ["wf/a.txt"]
+    assert documents["wf/a.txt"][0] == "result"
+    assert len(emulator.calls) == 1  # resolved by reference, never submitted twice
