@@ -288,9 +288,7 @@ class Submitter:
                 )
                 await self._submitted(group, call.call_id, call.status, call)
             elif decision == "wait":
-                await ctx.store.mark_unknown(
-                    [group.id], not_before=now + self._recheck_seconds()
-                )
+                await ctx.store.mark_unknown([group.id], not_before=now + self._recheck_seconds())
             else:
                 log.info(
                     "call was never created; sending again", callReferenceID=group.call_reference_id

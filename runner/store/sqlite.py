@@ -59,7 +59,9 @@ async def open_sqlite_store(path: Path) -> AsyncIterator[SqliteStore]:
     """Open (creating and migrating as needed) the state database at ``path``."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        connection = await aiosqlite.connect(path, isolation_level=None)
+        # shielded: a connection cancelled half-way would leave its thread running
+        with anyio.CancelScope(shield=True):
+            connection = await aiosqlite.connect(path, isolation_level=None)
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"{path}: cannot open state database: {exc}") from exc
     store = SqliteStore(connection, path)
@@ -94,23 +96,23 @@ class SqliteStore:
     @asynccontextmanager
     async def _transaction(self, label: str) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction; ``label`` names it for the crash points."""
-        async with self._writer, self._transaction_unlocked(label) as db:
-            yield db
-
-    @asynccontextmanager
-    async def _transaction_unlocked(self, label: str) -> AsyncIterator[aiosqlite.Connection]:
-        try:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            faults.point("store.before_commit", label)
-            await self._db.execute("COMMIT")
-            faults.point("store.after_commit", label)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self._path}: {exc}") from exc
+        async with self._writer:
+            # Once begun, a transaction runs to its commit or rollback: a BEGIN or statement
+            # cancelled half-way would still run in aiosqlite's thread and leave the shared
+            # connection inside a transaction nobody owns.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self._db
+                    except BaseException:
+                        await self._db.execute("ROLLBACK")
+                        raise
+                    faults.point("store.before_commit", label)
+                    await self._db.execute("COMMIT")
+                    faults.point("store.after_commit", label)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{self._path}: {exc}") from exc
 
     async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
         async with self._transaction(name) as db:
