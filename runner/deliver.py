@@ -9,12 +9,11 @@ point is mended by delivering again.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import structlog
 
 from runner import faults
 from runner.context import Context
-from runner.store.base import FileRow, GroupRow, KnownFile
+from runner.store.base import Delivery, FileRow, GroupRow, KnownFile
 
 log = structlog.get_logger("runner.deliver")
 
@@ -41,6 +40,7 @@ class Document:
     outcome: str  # "result" | "error"
     body: dict[str, Any]
     reason: str | None
+    path: Path | None = None  # where it was written
 
 
 def documents_for_group(group: GroupRow, files: Sequence[FileRow]) -> list[Document]:
@@ -139,20 +139,38 @@ def outbox_paths(outbox: Path, rel: str) -> tuple[Path, Path]:
     return outbox / (rel + RESULT_SUFFIX), outbox / (rel + ERROR_SUFFIX)
 
 
-def write_document(outbox: Path, document: Document) -> Path:
+def write_document(outbox: Path, document: Document, *, sync_directory: bool = True) -> Path:
     result_path, error_path = outbox_paths(outbox, document.file.rel)
     target, other = (
         (result_path, error_path) if document.outcome == "result" else (error_path, result_path)
     )
     data = json.dumps(document.body, indent=2, ensure_ascii=False, sort_keys=False).encode() + b"\n"
-    write_atomic(target, data)
+    write_atomic(target, data, sync_directory=sync_directory)
     _unlink(temporary_path(other))
     _unlink(other)
     return target
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file, fsync, rename, fsync of the directory.
+def write_documents(outbox: Path, documents: Sequence[Document]) -> list[Path | OSError]:
+    """Write many documents, then fsync each directory once; per document, its path or error.
+
+    A document counts as written only once its directory is synced, so a failing directory
+    fsync fails every document in that directory.
+    """
+    results: list[Path | OSError] = []
+    for document in documents:
+        try:
+            results.append(write_document(outbox, document, sync_directory=False))
+        except OSError as exc:
+            results.append(exc)
+    faults.point("deliver.before_dir_fsync")
+    failed = _sync_directories({r.parent for r in results if isinstance(r, Path)})
+    faults.point("deliver.after_dir_fsync")
+    return [failed.get(r.parent, r) if isinstance(r, Path) else r for r in results]
+
+
+def write_atomic(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
+    """Temporary file, fsync, rename, fsync of the directory (unless the caller does it).
 
     The temporary's name depends only on the target, so a process killed before the rename
     leaves a temporary that the next delivery of the same document overwrites and renames.
@@ -173,9 +191,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         _unlink(temporary)
         raise
     faults.point("deliver.after_rename")
-    faults.point("deliver.before_dir_fsync")
-    fsync_directory(path.parent)
-    faults.point("deliver.after_dir_fsync")
+    if sync_directory:
+        fsync_directory(path.parent)
 
 
 def temporary_path(path: Path) -> Path:
@@ -190,6 +207,17 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _sync_directories(directories: set[Path]) -> dict[Path, OSError]:
+    """fsync each directory; the ones that failed, with their error."""
+    failed: dict[Path, OSError] = {}
+    for directory in sorted(directories):
+        try:
+            fsync_directory(directory)
+        except OSError as exc:
+            failed[directory] = exc
+    return failed
+
+
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -198,28 +226,59 @@ def _unlink(path: Path) -> None:
     fsync_directory(path.parent)
 
 
+def finish_inputs(
+    inbox: Path, archive: Path, files: Sequence[FileRow], on_done: str
+) -> list[OSError | None]:
+    """Archive, delete or keep delivered inputs, then fsync the directories touched once each.
+
+    Per file, None when it is finished or the error that stopped it. Safe to repeat after a crash.
+    """
+    results: list[OSError | None] = []
+    touched: list[set[Path]] = []
+    for file in files:
+        try:
+            touched.append(
+                finish_input(inbox, archive, file.rel, on_done, taken=(file.size, file.mtime_ns))
+            )
+            results.append(None)
+        except OSError as exc:
+            touched.append(set())
+            results.append(exc)
+    faults.point("archive.before_fsync")
+    failed = _sync_directories(set().union(*touched))
+    faults.point("archive.after_fsync")
+    return [
+        next((failed[d] for d in dirs if d in failed), result)
+        for result, dirs in zip(results, touched, strict=True)
+    ]
+
+
 def finish_input(
     inbox: Path, archive: Path, rel: str, on_done: str, *, taken: tuple[int, int] | None = None
-) -> None:
-    """Archive, delete or keep a delivered input; safe to repeat after a crash.
+) -> set[Path]:
+    """Archive, delete or keep one delivered input; return the directories to fsync.
 
     ``taken`` is the (size, mtime_ns) the file had when it was taken: a file that was replaced
     since is new work and is left in the inbox, never archived or deleted unseen.
     """
     source = inbox / rel
     if on_done == "keep":
-        return
+        return set()
     if taken is not None and _replaced(source, taken):
         log.info("input replaced after it was taken; leaving the new one in the inbox", file=rel)
-        return
+        return set()
     if on_done == "delete":
-        _unlink(source)
-        return
+        try:
+            source.unlink()
+        except FileNotFoundError:
+            return set()
+        return {source.parent}
     target = archive / rel
     if not source.exists() and not source.is_symlink():
         if target.exists():
             os.chmod(target, FILE_MODE)  # the chmod after the rename may not have happened
-        return  # already archived by an earlier attempt
+            return {target.parent, source.parent}  # the syncs after it may not have either
+        return set()  # already archived by an earlier attempt
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     faults.point("archive.before_rename")
     try:
@@ -233,10 +292,7 @@ def finish_input(
         source.unlink()
     faults.point("archive.after_rename")
     os.chmod(target, FILE_MODE)
-    faults.point("archive.before_fsync")
-    fsync_directory(target.parent)
-    fsync_directory(source.parent)
-    faults.point("archive.after_fsync")
+    return {target.parent, source.parent}
 
 
 def _replaced(source: Path, taken: tuple[int, int]) -> bool:
@@ -264,73 +320,88 @@ class Deliverer:
             await ctx.nudges.deliver.wait(wait)
 
     async def deliver_due(self) -> float:
-        """Deliver whatever is ready; return the idle wait (short after an outbox failure)."""
+        """Deliver whatever is ready, a page at a time; return the idle wait."""
         ctx = self._ctx
-        healthy = True
-        delivered = await ctx.store.delivered_files(limit=BATCH)
-        for file in delivered:
-            healthy &= await self._finish(file)
-        rejected = await ctx.store.rejected_files(limit=BATCH)
-        for file in rejected:
-            healthy &= await self._deliver(rejection_document(file))
-        terminal = await ctx.store.terminal_groups(limit=BATCH)
+        store = ctx.store
+        # files delivered before a crash but not yet archived
+        delivered = await store.delivered_files(limit=BATCH)
+        rejected = await store.rejected_files(limit=BATCH)
+        terminal = await store.terminal_groups(limit=BATCH)
+        documents = [rejection_document(file) for file in rejected]
+        files_by_group = await store.files_of_groups([g.id for g in terminal])
         for group in terminal:
-            files = await ctx.store.group_files(group.id)
-            pending = [f for f in files if f.state == "queued"]
-            for document in documents_for_group(group, files):
-                if document.file.state == "queued":
-                    healthy &= await self._deliver(document)
-            if healthy or not pending:
-                await ctx.store.finish_group(group.id)
+            documents += [
+                d
+                for d in documents_for_group(group, files_by_group[group.id])
+                if d.file.state == "queued"
+            ]
+        written = await self._write(documents)
+        # a group whose files all have their documents now is done (the query checks)
+        await store.mark_delivered(
+            [Delivery(d.file.id, d.outcome, d.reason) for d in written],
+            finished_groups=[g.id for g in terminal],
+            now=ctx.clock.wall(),
+        )
+        for document in written:
+            ctx.tally[document.outcome] += 1
+            self._log_delivered(document)
+        finished = await self._finish([*delivered, *(d.file for d in written)])
+        await store.mark_done([f.id for f in finished], now=ctx.clock.wall())
+        for file in finished:
+            ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, "done")
         ctx.nudges.supervisor.set()
-        if not healthy:
+        if len(written) < len(documents) or len(finished) < len(delivered) + len(written):
             return RETRY_SECONDS
         if BATCH in (len(delivered), len(rejected), len(terminal)):
             return 0.0  # a full page: there may be more right away
         return ctx.config.inbox.rescan_seconds
 
-    async def _deliver(self, document: Document) -> bool:
-        ctx = self._ctx
-        file = document.file
-        try:
-            path = await anyio.to_thread.run_sync(write_document, ctx.config.paths.outbox, document)
-        except OSError as exc:
-            log.error("cannot write to the outbox; will retry", file=file.rel, error=str(exc))
-            return False
-        await ctx.store.mark_delivered(
-            file.id, outcome=document.outcome, reason=document.reason, now=ctx.clock.wall()
-        )
-        ctx.tally[document.outcome] += 1
+    async def _write(self, documents: list[Document]) -> list[Document]:
+        """Write the documents; those that could not be written are logged and tried later."""
+        if not documents:
+            return []
+        outbox = self._ctx.config.paths.outbox
+        results = await anyio.to_thread.run_sync(write_documents, outbox, documents)
+        written = []
+        for document, result in zip(documents, results, strict=True):
+            if isinstance(result, OSError):
+                log.error(
+                    "cannot write to the outbox; will retry",
+                    file=document.file.rel,
+                    error=str(result),
+                )
+            else:
+                written.append(replace(document, path=result))
+        return written
+
+    def _log_delivered(self, document: Document) -> None:
         log.info(
             "file delivered",
-            file=file.rel,
+            file=document.file.rel,
             outcome=document.outcome,
-            outbox=str(path),
+            outbox=str(document.path),
             callID=document.body.get("callID"),
             callReferenceID=document.body.get("callReferenceID"),
             reason=document.reason,
         )
-        return await self._finish(file)
 
-    async def _finish(self, file: FileRow) -> bool:
+    async def _finish(self, files: list[FileRow]) -> list[FileRow]:
+        """Archive, delete or keep the inputs; those that failed are logged and tried later."""
+        if not files:
+            return []
         ctx = self._ctx
         paths = ctx.config.paths
-        try:
-            await anyio.to_thread.run_sync(
-                functools.partial(
-                    finish_input,
-                    paths.inbox,
-                    paths.archive,
-                    file.rel,
-                    ctx.config.inbox.on_done,
-                    taken=(file.size, file.mtime_ns),
+        results = await anyio.to_thread.run_sync(
+            finish_inputs, paths.inbox, paths.archive, files, ctx.config.inbox.on_done
+        )
+        finished = []
+        for file, error in zip(files, results, strict=True):
+            if error is None:
+                finished.append(file)
+            else:
+                log.error(
+                    "cannot archive or delete the input; will retry",
+                    file=file.rel,
+                    error=str(error),
                 )
-            )
-        except OSError as exc:
-            log.error(
-                "cannot archive or delete the input; will retry", file=file.rel, error=str(exc)
-            )
-            return False
-        await ctx.store.mark_done(file.id, now=ctx.clock.wall())
-        ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, "done")
-        return True
+        return finished

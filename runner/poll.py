@@ -8,6 +8,8 @@ A call older than ``poll.give_up_after`` ends as "timed out".
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import anyio
 import structlog
 
@@ -16,11 +18,26 @@ from runner.api.models import Call
 from runner.context import Context
 from runner.errors import ApiError, AuthError, NotFoundError, TransientError
 from runner.policy import poll_delay
-from runner.store.base import GroupRow
+from runner.store.base import Finished, GroupRow, NextPoll
 
 log = structlog.get_logger("runner.poll")
 
 AUTH_RETRY_SECONDS = 60.0
+
+
+@dataclass
+class PollPage:
+    """What one page of polls found: calls that ended, and when to look at the others again."""
+
+    groups: list[GroupRow] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
+    next_polls: list[NextPoll] = field(default_factory=list)
+
+    def ended(
+        self, group: GroupRow, status: str, result_json: str | None, reason: str | None
+    ) -> None:
+        self.groups.append(group)
+        self.finished.append(Finished(group.id, status, result_json, reason))
 
 
 class Poller:
@@ -62,46 +79,55 @@ class Poller:
         calls = await ctx.client.list_calls(call_ids=[g.call_id or "" for g in due], limit=len(due))
         faults.point("poll.after_receive")
         by_id = {call.call_id: call for call in calls}
-        reschedule: list[tuple[int, float, str | None]] = []
+        page = PollPage()
         for group in due:
             call = by_id.get(group.call_id or "")
             if call is None and self._listing_should_show(group):
-                call = await self._get_one(group)
-            if call is not None and call.is_terminal:
-                await self._finished(group, call)
-            elif not await self._gave_up(group, call.status if call else group.status):
-                reschedule.append(self._next_poll(group, call.status if call else group.status))
-        await ctx.store.reschedule_polls(reschedule)
+                call = await self._get_one(group, page)
+                if call is None:
+                    continue
+            self._follow(page, group, call.status if call else group.status, call)
+        await self._record(page)
 
     async def _poll_v2(self, due: list[GroupRow]) -> None:
         ctx = self._ctx
-        reschedule: list[tuple[int, float, str | None]] = []
+        page = PollPage()
         for group in due:
             try:
                 faults.point("poll.before_send")
                 v2 = await ctx.client.get_call_v2(group.call_id or "")
                 faults.point("poll.after_receive")
             except NotFoundError:
-                await self._lost(group)
+                page.ended(group, *self._lost(group))
                 continue
-            if v2.is_terminal:
-                await self._finished(group, await ctx.client.get_call(v2.call_id))
-            elif not await self._gave_up(group, v2.status):
-                reschedule.append(self._next_poll(group, v2.status))
-        await ctx.store.reschedule_polls(reschedule)
+            call = await ctx.client.get_call(v2.call_id) if v2.is_terminal else None
+            self._follow(page, group, v2.status, call)
+        await self._record(page)
+
+    def _follow(
+        self, page: PollPage, group: GroupRow, status: str | None, call: Call | None
+    ) -> None:
+        """A terminal call ends; one followed too long gives up; the others poll again later."""
+        if call is not None and call.is_terminal:
+            result = call.model_dump_json(by_alias=True, exclude_unset=True)
+            page.ended(group, call.status or "failed", result, None)
+        elif (reason := self._gave_up(group, status)) is not None:
+            page.ended(group, "failed", None, reason)
+        else:
+            page.next_polls.append(self._next_poll(group, status))
 
     def _listing_should_show(self, group: GroupRow) -> bool:
         submitted = group.submitted_at or group.sent_at or 0.0
         return self._ctx.clock.wall() - submitted >= self._ctx.config.api.visibility_window
 
-    async def _get_one(self, group: GroupRow) -> Call | None:
+    async def _get_one(self, group: GroupRow, page: PollPage) -> Call | None:
         try:
             return await self._ctx.client.get_call(group.call_id or "")
         except NotFoundError:
-            await self._lost(group)
+            page.ended(group, *self._lost(group))
             return None
 
-    def _next_poll(self, group: GroupRow, status: str | None) -> tuple[int, float, str | None]:
+    def _next_poll(self, group: GroupRow, status: str | None) -> NextPoll:
         poll = self._ctx.config.poll
         delay = poll_delay(
             group.attempts + 1,
@@ -109,50 +135,41 @@ class Poller:
             maximum=poll.max_seconds,
             rng=self._ctx.rng,
         )
-        return group.id, self._ctx.clock.wall() + delay, status
+        return NextPoll(group.id, self._ctx.clock.wall() + delay, status)
 
-    async def _gave_up(self, group: GroupRow, status: str | None) -> bool:
+    def _gave_up(self, group: GroupRow, status: str | None) -> str | None:
+        """Why a call followed longer than ``poll.give_up_after`` ends; None while it may go on."""
         ctx = self._ctx
         age = ctx.clock.wall() - (group.submitted_at or group.opened_at)
         if age < ctx.config.poll.give_up_after:
-            return False
-        reason = (
+            return None
+        return (
             f"timed out: call {group.call_id} still {status or 'unfinished'} after "
             f"{age:.0f} s (poll.give_up_after)"
         )
-        await self._terminal(group, "failed", None, reason)
-        return True
 
-    async def _lost(self, group: GroupRow) -> None:
-        await self._terminal(group, "failed", None, f"bem no longer knows call {group.call_id}")
+    @staticmethod
+    def _lost(group: GroupRow) -> tuple[str, None, str]:
+        return "failed", None, f"bem no longer knows call {group.call_id}"
 
-    async def _finished(self, group: GroupRow, call: Call) -> None:
-        await self._terminal(
-            group,
-            call.status or "failed",
-            call.model_dump_json(by_alias=True, exclude_unset=True),
-            None,
-        )
-
-    async def _terminal(
-        self, group: GroupRow, status: str, result_json: str | None, reason: str | None
-    ) -> None:
+    async def _record(self, page: PollPage) -> None:
+        """One transaction for the page, then a log line per call that ended."""
         ctx = self._ctx
         now = ctx.clock.wall()
-        await ctx.store.mark_terminal(
-            group.id, status=status, result_json=result_json, error_reason=reason, now=now
-        )
-        if ctx.on_call_finished is not None and group.submitted_at is not None:
-            ctx.on_call_finished(now - group.submitted_at)
-        log.info(
-            "call finished",
-            callID=group.call_id,
-            callReferenceID=group.call_reference_id,
-            status=status,
-            reason=reason,
-        )
-        ctx.nudges.deliver.set()
-        ctx.nudges.submit.set()
+        await ctx.store.record_polls(page.finished, page.next_polls, now=now)
+        for group, finished in zip(page.groups, page.finished, strict=True):
+            if ctx.on_call_finished is not None and group.submitted_at is not None:
+                ctx.on_call_finished(now - group.submitted_at)
+            log.info(
+                "call finished",
+                callID=group.call_id,
+                callReferenceID=group.call_reference_id,
+                status=finished.status,
+                reason=finished.error_reason,
+            )
+        if page.finished:
+            ctx.nudges.deliver.set()
+            ctx.nudges.submit.set()
 
     async def _failed(self, due: list[GroupRow], exc: ApiError) -> None:
         ctx = self._ctx
@@ -167,5 +184,5 @@ class Poller:
         delay = max(ctx.config.poll.initial_seconds, 1.0)
         if isinstance(exc, AuthError):
             delay = AUTH_RETRY_SECONDS  # one 401 a minute, not one a second
-        await ctx.store.reschedule_polls([(g.id, now + delay, g.status) for g in due])
+        await ctx.store.reschedule_polls([NextPoll(g.id, now + delay, g.status) for g in due])
         await anyio.lowlevel.checkpoint()

@@ -8,7 +8,6 @@ visibility window has passed without it showing up.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from runner.errors import (
     TransientError,
 )
 from runner.policy import retry_delay, unknown_outcome_resolution
-from runner.store.base import FileRow, GroupRow
+from runner.store.base import FileRow, Finished, GroupRow
 
 log = structlog.get_logger("runner.submit")
 
@@ -75,13 +74,15 @@ class Submitter:
         if room <= 0:
             return 1.0
         groups = await ctx.store.ready_groups(now=now, limit=room)
-        if ctx.config.api.version == "v2":
-            size = ctx.config.api.v2_calls_per_request
-            for start in range(0, len(groups), size):
-                await self._start(tg, groups[start : start + size])
-        else:
-            for group in groups:
-                await self._start(tg, [group])
+        sendable = await self._preflight(groups)
+        if sendable:
+            await ctx.store.mark_sending([g.id for g, _ in sendable], now=ctx.clock.wall())
+            faults.point("submit.after_commit")
+        size = ctx.config.api.v2_calls_per_request if ctx.config.api.version == "v2" else 1
+        for start in range(0, len(sendable), size):
+            batch = sendable[start : start + size]
+            self._in_flight += 1
+            tg.start_soon(self._send, batch, name=f"submit-{batch[0][0].call_reference_id}")
         next_due = await ctx.store.next_due()
         if len(groups) == room:
             return 0.05
@@ -89,40 +90,37 @@ class Submitter:
             return ctx.config.inbox.rescan_seconds
         return max(next_due - ctx.clock.wall(), 0.05)
 
-    async def _start(self, tg: anyio.abc.TaskGroup, groups: list[GroupRow]) -> None:
-        sendable = [g for g in [await self._preflight(group) for group in groups] if g is not None]
-        if not sendable:
-            return
-        await self._ctx.store.mark_sending([g.id for g, _ in sendable], now=self._ctx.clock.wall())
-        faults.point("submit.after_commit")
-        self._in_flight += 1
-        tg.start_soon(self._send, sendable, name=f"submit-{sendable[0][0].call_reference_id}")
-
-    async def _preflight(self, group: GroupRow) -> tuple[GroupRow, list[FileRow]] | None:
-        """Drop files that vanished or changed since they were queued."""
+    async def _preflight(self, groups: list[GroupRow]) -> list[tuple[GroupRow, list[FileRow]]]:
+        """Drop files that vanished or changed since they were queued, and groups left empty."""
         ctx = self._ctx
-        keep: list[FileRow] = []
-        for file in await ctx.store.group_files(group.id):
-            try:
-                st = (ctx.config.paths.inbox / file.rel).lstat()
-            except OSError as exc:
-                await ctx.store.reject_queued_file(
-                    file, f"the file vanished from the inbox before it was sent ({exc.strerror})"
-                )
-                log.warning("file vanished", file=file.rel, callReferenceID=group.call_reference_id)
-                ctx.nudges.deliver.set()
-                continue
-            if (st.st_size, st.st_mtime_ns) != (file.size, file.mtime_ns):
-                await ctx.store.supersede_file(file)
-                ctx.known.pop(file.rel, None)
-                ctx.nudges.intake.set()
-                log.info("file changed after it was queued; taking it again", file=file.rel)
-                continue
-            keep.append(file)
-        if not keep:
-            await ctx.store.drop_empty_group(group.id)
-            return None
-        return group, keep
+        files_by_group = await ctx.store.files_of_groups([g.id for g in groups])
+        sendable = []
+        for group in groups:
+            keep = [f for f in files_by_group[group.id] if await self._unchanged(group, f)]
+            if keep:
+                sendable.append((group, keep))
+            else:
+                await ctx.store.drop_empty_group(group.id)
+        return sendable
+
+    async def _unchanged(self, group: GroupRow, file: FileRow) -> bool:
+        ctx = self._ctx
+        try:
+            st = (ctx.config.paths.inbox / file.rel).lstat()
+        except OSError as exc:
+            await ctx.store.reject_queued_file(
+                file, f"the file vanished from the inbox before it was sent ({exc.strerror})"
+            )
+            log.warning("file vanished", file=file.rel, callReferenceID=group.call_reference_id)
+            ctx.nudges.deliver.set()
+            return False
+        if (st.st_size, st.st_mtime_ns) != (file.size, file.mtime_ns):
+            await ctx.store.supersede_file(file)
+            ctx.known.pop(file.rel, None)
+            ctx.nudges.intake.set()
+            log.info("file changed after it was queued; taking it again", file=file.rel)
+            return False
+        return True
 
     async def _send(self, batch: list[tuple[GroupRow, list[FileRow]]]) -> None:
         try:
@@ -233,10 +231,9 @@ class Submitter:
             ctx.nudges.supervisor.set()
         elif isinstance(exc, PermanentError):
             reason = f"bem rejected the call: {exc.message}"
-            for group in groups:
-                await ctx.store.mark_terminal(
-                    group.id, status="failed", result_json=None, error_reason=reason, now=now
-                )
+            await ctx.store.mark_terminal(
+                [Finished(g.id, "failed", None, reason) for g in groups], now=now
+            )
             log.warning("call rejected", callReferenceIDs=refs, reason=reason)
             ctx.nudges.deliver.set()
         else:
@@ -321,4 +318,3 @@ def _uploads(inbox: Path, group: GroupRow, files: list[FileRow]) -> list[UploadF
 
 
 __all__ = ["Submitter"]
-_ = os

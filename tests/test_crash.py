@@ -42,7 +42,6 @@ STORE_COMMITS = (
     "mark_terminal",
     "mark_delivered",
     "mark_done",
-    "mark_group_done",
 )
 """The store's commits on the way of every file (``store.{before,after}_commit.<name>``)."""
 
@@ -71,12 +70,16 @@ def faulty_emulator(seed: int) -> Emulator:
 
 
 def quick_emulator(seed: int) -> Emulator:
-    """Calls finish soon and new ones are listed after a short lag; the crash is the fault."""
+    """Calls finish soon and new ones are listed after a short lag; the crash is the fault.
+
+    A call takes longer than the first poll comes (``poll.initial_seconds`` is 0.05), so every
+    run reschedules a poll as well as finishing calls.
+    """
     return Emulator(
         EmulatorSettings(
             api_key=API_KEY,
-            latency_min=0.02,
-            latency_max=0.1,
+            latency_min=0.15,
+            latency_max=0.3,
             list_visibility_lag=0.1,
             seed=seed,
         )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -10,9 +11,11 @@ from runner.deliver import (
     Document,
     documents_for_group,
     finish_input,
+    finish_inputs,
     rejection_document,
     write_atomic,
     write_document,
+    write_documents,
 )
 from runner.store.base import FileRow, GroupRow
 
@@ -138,3 +141,40 @@ def test_finish_input_is_idempotent(tmp_path: Path, on_done: str) -> None:
     assert (archive / "wf/a.txt").exists() is (on_done == "archive")
     if on_done == "archive":
         assert (archive / "wf/a.txt").read_bytes() == b"abc"
+
+
+def test_a_page_of_documents_fails_only_where_the_outbox_is_broken(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "blocked").write_text("a file where a folder should be")
+    good = [file_row(1, "wf/a.txt", None), file_row(2, "wf/sub/b.txt", None)]
+    bad = file_row(3, "blocked/c.txt", None)
+    documents = [rejection_document(f) for f in (good[0], bad, good[1])]
+    first, failed, second = write_documents(outbox, documents)
+    assert first == outbox / "wf/a.txt.error.json"
+    assert second == outbox / "wf/sub/b.txt.error.json"
+    assert isinstance(failed, FileExistsError)
+    assert json.loads(first.read_text())["file"] == "wf/a.txt"
+    assert sorted(p.name for p in (outbox / "wf").rglob("*")) == [
+        "a.txt.error.json",
+        "b.txt.error.json",
+        "sub",
+    ]
+
+
+def test_a_page_of_inputs_is_finished_file_by_file(tmp_path: Path) -> None:
+    inbox, archive = tmp_path / "inbox", tmp_path / "archive"
+    (inbox / "wf").mkdir(parents=True)
+    (archive / "wf").mkdir(parents=True)
+    (archive / "wf/blocked.txt").mkdir()  # the archive has a folder where the file should go
+    files = []
+    for n, rel in enumerate(["wf/a.txt", "wf/blocked.txt"]):
+        (inbox / rel).write_bytes(b"abc")
+        taken = (inbox / rel).stat().st_mtime_ns
+        files.append(dataclasses.replace(file_row(n, rel, None), mtime_ns=taken))
+    ok, failed = finish_inputs(inbox, archive, files, "archive")
+    assert ok is None
+    assert isinstance(failed, OSError)
+    assert (archive / "wf/a.txt").read_bytes() == b"abc"
+    assert sorted(p.name for p in (inbox / "wf").iterdir()) == ["blocked.txt"]
+    assert finish_inputs(inbox, archive, files[:1], "archive") == [None]  # again, after a crash

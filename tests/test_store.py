@@ -7,7 +7,7 @@ import pytest
 
 from runner.errors import StoreError
 from runner.route import Destination
-from runner.store.base import NewFile
+from runner.store.base import Delivery, Finished, NewFile, NextPoll
 from runner.store.sqlite import SCHEMA_VERSION, open_sqlite_store
 
 pytestmark = pytest.mark.anyio
@@ -163,21 +163,46 @@ async def test_full_life_of_a_group(tmp_path: Path) -> None:
         await store.mark_submitted(group.id, call_id="c1", status="pending", now=3.0, next_poll=4.0)
         assert await store.due_polls(now=3.5, limit=10) == []
         (due,) = await store.due_polls(now=4.0, limit=10)
-        await store.reschedule_polls([(due.id, 10.0, "running")])
+        await store.reschedule_polls([NextPoll(due.id, 10.0, "running")])
         assert (await store.group(group.id)).attempts == 1
-        await store.mark_terminal(
-            group.id, status="completed", result_json="{}", error_reason=None, now=11.0
-        )
+        await store.mark_terminal([Finished(group.id, "completed", "{}", None)], now=11.0)
         (terminal,) = await store.terminal_groups(limit=10)
-        (file,) = await store.group_files(terminal.id)
-        await store.finish_group(group.id)
+        files = await store.files_of_groups([terminal.id])
+        (file,) = files[terminal.id]
+        await store.mark_delivered([], finished_groups=[group.id], now=11.5)
         assert (await store.group(group.id)).state == "terminal"  # its file is not delivered yet
-        await store.mark_delivered(file.id, outcome="result", reason=None, now=12.0)
-        await store.mark_done(file.id, now=13.0)
-        await store.finish_group(group.id)
+        await store.mark_delivered(
+            [Delivery(file.id, "result", None)], finished_groups=[group.id], now=12.0
+        )
+        await store.mark_done([file.id], now=13.0)
         assert (await store.group(group.id)).state == "done"
         assert await store.unfinished_work() == 0
         counts = await store.counts()
         assert counts.files == {"done:result": 1}
         known = await store.known_files()
         assert known["wf/a.txt"].state == "done"
+
+
+async def test_one_poll_page_is_one_transaction(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.add_files(
+            [new_file("wf/a.txt"), new_file("wf/b.txt")], now=1.0, batch_limits={}
+        )
+        a, b = await store.ready_groups(now=1.0, limit=10)
+        await store.mark_sending([a.id, b.id], now=2.0)
+        for group, call_id in ((a, "ca"), (b, "cb")):
+            await store.mark_submitted(
+                group.id, call_id=call_id, status="pending", now=3.0, next_poll=4.0
+            )
+        await store.record_polls(
+            [Finished(a.id, "failed", None, "timed out")],
+            [NextPoll(b.id, 9.0, "running")],
+            now=5.0,
+        )
+        ended, followed = await store.group(a.id), await store.group(b.id)
+        assert (ended.state, ended.error_reason) == ("terminal", "timed out")
+        assert ended.finished_at == 5.0
+        assert (followed.state, followed.not_before, followed.status) == ("polling", 9.0, "running")
+        files = await store.files_of_groups([a.id, b.id])
+        assert [f.rel for f in files[a.id]] == ["wf/a.txt"]
+        assert [f.rel for f in files[b.id]] == ["wf/b.txt"]

@@ -101,6 +101,11 @@ SELECT * FROM groups WHERE id = :id;
 -- name: group_files
 SELECT * FROM files WHERE group_id = :group_id AND state <> 'retried' ORDER BY id;
 
+-- name: files_of_groups
+SELECT * FROM files
+WHERE group_id IN (SELECT value FROM json_each(:group_ids)) AND state <> 'retried'
+ORDER BY group_id, id;
+
 -- name: mark_sending
 UPDATE groups SET state = 'sending', sent_at = :now, attempts = attempts + 1 WHERE id = :id;
 

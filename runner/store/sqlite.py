@@ -6,9 +6,10 @@ roll back behind an outbox rename that already happened, hence ``synchronous=FUL
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from importlib import resources
@@ -23,10 +24,13 @@ from runner.errors import StoreError
 from runner.store.base import (
     BatchLimits,
     Counts,
+    Delivery,
     FileRow,
+    Finished,
     GroupRow,
     KnownFile,
     NewFile,
+    NextPoll,
 )
 
 SCHEMA_VERSION = 1
@@ -274,6 +278,15 @@ class SqliteStore:
     async def group_files(self, group_id: int) -> list[FileRow]:
         return await self._rows(FileRow, "group_files", {"group_id": group_id})
 
+    async def files_of_groups(self, group_ids: Sequence[int]) -> dict[int, list[FileRow]]:
+        """The files of many groups with one query, by group."""
+        by_group: dict[int, list[FileRow]] = {gid: [] for gid in group_ids}
+        rows = await self._rows(FileRow, "files_of_groups", {"group_ids": json.dumps(group_ids)})
+        for row in rows:
+            assert row.group_id is not None
+            by_group[row.group_id].append(row)
+        return by_group
+
     async def supersede_file(self, file: FileRow) -> None:
         """The file changed after it was queued: drop it from its group; it will be taken anew."""
         async with self._transaction("supersede_file") as db:
@@ -319,38 +332,40 @@ class SqliteStore:
             "mark_unknown", ({"id": gid, "not_before": not_before} for gid in group_ids)
         )
 
-    async def mark_terminal(
-        self,
-        group_id: int,
-        *,
-        status: str,
-        result_json: str | None,
-        error_reason: str | None,
-        now: float,
+    async def mark_terminal(self, finished: Sequence[Finished], *, now: float) -> None:
+        await self.record_polls(finished, [], now=now)
+
+    async def record_polls(
+        self, finished: Sequence[Finished], next_polls: Sequence[NextPoll], *, now: float
     ) -> None:
-        await self._write(
-            "mark_terminal",
-            [
-                {
-                    "id": group_id,
-                    "status": status,
-                    "result_json": result_json,
-                    "error_reason": error_reason,
-                    "now": now,
-                }
-            ],
-        )
+        """Calls that ended and the next poll of the others, in one transaction."""
+        if not finished:
+            await self.reschedule_polls(next_polls)
+            return
+        async with self._transaction("mark_terminal") as db:
+            await db.executemany(
+                QUERIES["mark_terminal"],
+                [
+                    {
+                        "id": f.group_id,
+                        "status": f.status,
+                        "result_json": f.result_json,
+                        "error_reason": f.error_reason,
+                        "now": now,
+                    }
+                    for f in finished
+                ],
+            )
+            await db.executemany(QUERIES["reschedule_poll"], _next_poll_rows(next_polls))
 
     # -- poll -------------------------------------------------------------------------------
 
     async def due_polls(self, *, now: float, limit: int) -> list[GroupRow]:
         return await self._rows(GroupRow, "due_polls", {"now": now, "limit": limit})
 
-    async def reschedule_polls(self, updates: list[tuple[int, float, str | None]]) -> None:
-        await self._write(
-            "reschedule_poll",
-            ({"id": gid, "not_before": when, "status": status} for gid, when, status in updates),
-        )
+    async def reschedule_polls(self, next_polls: Sequence[NextPoll]) -> None:
+        if next_polls:
+            await self._write("reschedule_poll", _next_poll_rows(next_polls))
 
     async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]:
         return await self._rows(GroupRow, "due_unknown", {"now": now, "limit": limit})
@@ -371,18 +386,22 @@ class SqliteStore:
         return await self._rows(FileRow, "delivered_files", {"limit": limit})
 
     async def mark_delivered(
-        self, file_id: int, *, outcome: str, reason: str | None, now: float
+        self, deliveries: Sequence[Delivery], *, finished_groups: Sequence[int], now: float
     ) -> None:
-        await self._write(
-            "mark_delivered",
-            [{"id": file_id, "outcome": outcome, "reason": reason, "now": now}],
-        )
+        """Files whose documents are written; groups with no file left to deliver are done."""
+        async with self._transaction("mark_delivered") as db:
+            await db.executemany(
+                QUERIES["mark_delivered"],
+                [
+                    {"id": d.file_id, "outcome": d.outcome, "reason": d.reason, "now": now}
+                    for d in deliveries
+                ],
+            )
+            await db.executemany(QUERIES["mark_group_done"], [{"id": g} for g in finished_groups])
 
-    async def mark_done(self, file_id: int, *, now: float) -> None:
-        await self._write("mark_done", [{"id": file_id, "now": now}])
-
-    async def finish_group(self, group_id: int) -> None:
-        await self._write("mark_group_done", [{"id": group_id}])
+    async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
+        if file_ids:
+            await self._write("mark_done", ({"id": fid, "now": now} for fid in file_ids))
 
     # -- reports ----------------------------------------------------------------------------
 
@@ -411,3 +430,7 @@ class SqliteStore:
 
     async def mark_retried(self, file_ids: list[int]) -> None:
         await self._write("supersede_file", ({"id": fid} for fid in file_ids))
+
+
+def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
+    return [{"id": n.group_id, "not_before": n.not_before, "status": n.status} for n in next_polls]
