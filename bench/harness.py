@@ -234,7 +234,14 @@ def bench_env(base_url: str) -> dict[str, str]:
     return env
 
 
-def runner_config(path: Path, *, rate: float, burst: int, **sections: Mapping[str, object]) -> Path:
+def runner_config(
+    path: Path,
+    *,
+    rate: float,
+    burst: int,
+    routes: Sequence[Mapping[str, object]] = (),
+    **sections: Mapping[str, object],
+) -> Path:
     """A TOML config for ``bem-runner drain`` with the given limits (and any other settings)."""
     tables: dict[str, dict[str, object]] = {
         "limits": {"requests_per_second": rate, "burst": burst},
@@ -246,6 +253,9 @@ def runner_config(path: Path, *, rate: float, burst: int, **sections: Mapping[st
     for name, values in tables.items():
         lines.append(f"[{name}]")
         lines.extend(f"{key} = {_toml(value)}" for key, value in values.items())
+    for route in routes:
+        lines.append("[[route]]")
+        lines.extend(f"{key} = {_toml(value)}" for key, value in route.items())
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -1,6 +1,7 @@
 """How bem-runner's cost grows: many small files, a huge inbox scan, one very large file.
 
     python bench/scale.py --files 1000 10000 100000   # drains at a high rate limit
+    python bench/scale.py --files 10000 --batch 20    # the same, 20 files per call ("window")
     python bench/scale.py --scan 100000               # runner.watch.scan_inbox over N files
     python bench/scale.py --big-mb 500                # one file, streamed as multipart
 
@@ -48,6 +49,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="inbox.rescan_seconds of the drains (the deliverer also idles this long after a "
         "full batch of 200 when nothing nudges it; 60 is the default)",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="route the drains' files through a 'window' group of this many files per call "
+        "(0: one call per file, the default routing)",
+    )
     parser.add_argument("--scan", type=int, default=0, help="files in the scanned inbox")
     parser.add_argument("--big-mb", type=int, default=0, help="size of the one large file")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -72,8 +80,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def drain(
     args: argparse.Namespace, base: Path, emu: harness.Emulator, **sections: dict[str, object]
 ) -> tuple[harness.Measured, dict[str, object]]:
+    routes = []
+    if args.batch:
+        routes.append(
+            {
+                "glob": f"{WORKFLOW}/**",
+                "workflow": WORKFLOW,
+                "group": "window",
+                "batch_max_files": args.batch,
+                "batch_window_seconds": 1.0,
+            }
+        )
     config = harness.runner_config(
-        base / "bem-runner.toml", rate=args.rate, burst=args.burst, **sections
+        base / "bem-runner.toml", rate=args.rate, burst=args.burst, routes=routes, **sections
     )
     emu.reset_stats()
     env = harness.bench_env(emu.base_url)
@@ -112,7 +131,8 @@ def drains(args: argparse.Namespace, root: Path) -> bool:
             print(f"  {count} files: {measured.wall_seconds:.1f} s", file=sys.stderr, flush=True)
     print(
         f"drains: rate limit {args.rate:g} req/s (burst {args.burst}), latency {args.latency} s, "
-        f"inbox.rescan_seconds {args.rescan_seconds:g}\n"
+        f"inbox.rescan_seconds {args.rescan_seconds:g}, "
+        + (f"{args.batch} files per call\n" if args.batch else "one call per file\n")
     )
     print(markdown_table(table) + "\n", flush=True)
     return ok

@@ -56,10 +56,15 @@ class Poller:
         limit = ctx.config.poll.calls_per_request
         while not ctx.stopping.is_set():
             now = ctx.clock.wall()
+            next_due = await ctx.store.next_poll_due()
+            if next_due is None:
+                return ctx.config.poll.max_seconds
+            if next_due > now:
+                return max(next_due - now, 0.05)
             # calls due soon ride along with the ones due now: one request instead of many
             due = await ctx.store.due_polls(now=now + ctx.config.poll.initial_seconds, limit=limit)
-            if not due or due[0].not_before > now:
-                break
+            if not due:
+                return 0.05
             try:
                 if ctx.config.api.version == "v2":
                     await self._poll_v2(due)
@@ -68,10 +73,7 @@ class Poller:
             except ApiError as exc:
                 await self._failed(due, exc)
                 return 1.0
-        next_due = await ctx.store.next_due()
-        if next_due is None:
-            return ctx.config.poll.max_seconds
-        return max(next_due - ctx.clock.wall(), 0.05)
+        return 0.0
 
     async def _poll_v3(self, due: list[GroupRow]) -> None:
         ctx = self._ctx

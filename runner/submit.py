@@ -83,7 +83,7 @@ class Submitter:
             batch = sendable[start : start + size]
             self._in_flight += 1
             tg.start_soon(self._send, batch, name=f"submit-{batch[0][0].call_reference_id}")
-        next_due = await ctx.store.next_due()
+        next_due = await ctx.store.next_submit_due()
         if len(groups) == room:
             return 0.05
         if next_due is None:
@@ -133,7 +133,9 @@ class Submitter:
                     await self._send_v3(group, files)
         finally:
             self._in_flight -= 1
-            self._ctx.nudges.submit.set()
+            # refill in pages, not one query round per finished POST (a failure nudges itself)
+            if self._in_flight <= self._ctx.config.limits.max_concurrency:
+                self._ctx.nudges.submit.set()
 
     async def _send_v3(self, group: GroupRow, files: list[FileRow]) -> None:
         ctx = self._ctx
@@ -207,6 +209,7 @@ class Submitter:
 
     async def _failed(self, groups: list[GroupRow], exc: ApiError) -> None:
         ctx = self._ctx
+        ctx.nudges.submit.set()
         now = ctx.clock.wall()
         ids = [g.id for g in groups]
         refs = [g.call_reference_id for g in groups]

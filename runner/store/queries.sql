@@ -128,8 +128,11 @@ WHERE id = :id;
 -- name: due_polls
 SELECT * FROM groups WHERE state = 'polling' AND not_before <= :now ORDER BY not_before LIMIT :limit;
 
--- name: next_due
-SELECT min(not_before) FROM groups WHERE state IN ('ready', 'polling', 'unknown');
+-- name: next_poll_due
+SELECT min(not_before) FROM groups WHERE state = 'polling';
+
+-- name: next_submit_due
+SELECT min(not_before) FROM groups WHERE state IN ('ready', 'unknown');
 
 -- name: reschedule_poll
 UPDATE groups SET not_before = :not_before, attempts = attempts + 1, status = :status WHERE id = :id;

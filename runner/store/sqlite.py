@@ -370,8 +370,13 @@ class SqliteStore:
     async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]:
         return await self._rows(GroupRow, "due_unknown", {"now": now, "limit": limit})
 
-    async def next_due(self) -> float | None:
-        value = await self._scalar("next_due")
+    async def next_poll_due(self) -> float | None:
+        value = await self._scalar("next_poll_due")
+        return float(value) if value is not None else None
+
+    async def next_submit_due(self) -> float | None:
+        """When the next ready or unknown group is due (an unknown one is listed, not sent)."""
+        value = await self._scalar("next_submit_due")
         return float(value) if value is not None else None
 
     # -- deliver ----------------------------------------------------------------------------
