@@ -347,8 +347,12 @@ class Deliverer:
             self._log_delivered(document)
         finished = await self._finish([*delivered, *(d.file for d in written)])
         await store.mark_done([f.id for f in finished], now=ctx.clock.wall())
+        keep = ctx.config.inbox.on_done == "keep"
         for file in finished:
-            ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, "done")
+            if keep:  # so that a kept file is not taken again while it stays unchanged
+                ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, "done")
+            else:  # gone from the inbox: whatever comes under its name is new work
+                ctx.known.pop(file.rel, None)
         ctx.nudges.supervisor.set()
         if len(written) < len(documents) or len(finished) < len(delivered) + len(written):
             return RETRY_SECONDS

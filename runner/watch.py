@@ -253,7 +253,10 @@ class Intake:
     async def run(self) -> None:
         ctx = self._ctx
         ctx.config.paths.inbox.mkdir(parents=True, exist_ok=True)
-        ctx.known.update(await ctx.store.known_files())
+        keep = ctx.config.inbox.on_done == "keep"
+        known = await ctx.store.known_files()
+        # a finished file counts only while inputs are kept (see is_new)
+        ctx.known.update((rel, k) for rel, k in known.items() if keep or k.state != "done")
         async with anyio.create_task_group() as tg:
             if self._events is not None and not ctx.draining:
                 tg.start_soon(self._follow_events, name="intake-events")

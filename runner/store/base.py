@@ -87,7 +87,7 @@ class NewFile:
     reason: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownFile:
     size: int
     mtime_ns: int
