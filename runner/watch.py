@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -27,6 +28,8 @@ from runner.store.base import KnownFile, NewFile
 log = structlog.get_logger("runner.watch")
 
 HASH_CHUNK = 1 << 20
+TAKE_PAGE = 1000
+"""Settled files examined and stored per transaction."""
 
 
 @dataclass(frozen=True)
@@ -245,10 +248,12 @@ class Intake:
         self._events = events
         self._settler = Settler(ctx.config.inbox.settle_seconds)
         self._dirty: set[str] = set()
+        self._untaken: Counter[str] = Counter()
         self._reported: set[str] = set()
 
     def has_pending_under(self, folder: str) -> bool:
-        return self._settler.has_pending_under(folder)
+        """Whether files under ``folder`` are still settling or not yet taken."""
+        return self._untaken[folder.rstrip("/")] > 0 or self._settler.has_pending_under(folder)
 
     async def run(self) -> None:
         ctx = self._ctx
@@ -308,9 +313,24 @@ class Intake:
         settled = self._settler.observe(report.entries, now=ctx.clock.wall(), complete=full)
         keep = ctx.config.inbox.on_done == "keep"
         fresh = [entry for entry in settled if is_new(entry, ctx.known, keep=keep)]
-        if not fresh:
-            return 0
-        new_files = await anyio.to_thread.run_sync(self._examine_all, fresh)
+        taken = 0
+        # A page at a time: a huge inbox starts flowing early and is never all in memory at
+        # once. Folders with files still to come stay open meanwhile (has_pending_under).
+        self._untaken = Counter(folder for entry in fresh for folder in _folders(entry.rel))
+        try:
+            for start in range(0, len(fresh), TAKE_PAGE):
+                if ctx.stopping.is_set():
+                    break  # the rest is taken on the next start
+                page = fresh[start : start + TAKE_PAGE]
+                taken += await self._take_page(page)
+                self._untaken.subtract(folder for entry in page for folder in _folders(entry.rel))
+        finally:
+            self._untaken.clear()
+        return taken
+
+    async def _take_page(self, entries: list[Entry]) -> int:
+        ctx = self._ctx
+        new_files = await anyio.to_thread.run_sync(self._examine_all, entries)
         await ctx.store.add_files(
             new_files, now=ctx.clock.wall(), batch_limits=self._batch_limits()
         )
@@ -380,3 +400,9 @@ def scan_paths(inbox: Path, rels: Iterable[str]) -> ScanReport:
     # a new folder and a file inside it may both be named: each file once
     report.entries = list({entry.rel: entry for entry in report.entries}.values())
     return report
+
+
+def _folders(rel: str) -> list[str]:
+    """The folders a relative path lies in, outermost first: ``a/b/c.txt`` → ``a``, ``a/b``."""
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]

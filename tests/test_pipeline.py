@@ -105,6 +105,27 @@ async def test_batch_folder_is_one_call_split_per_item(tmp_path: Path) -> None:
     assert outcome.exit_code == ExitCode.FILE_ERRORS
 
 
+async def test_a_folder_taken_over_several_pages_is_still_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("runner.watch.TAKE_PAGE", 2)
+    emulator = fast_emulator()
+    config = make_config(tmp_path)
+    rels = write_files(
+        config.paths.inbox,
+        [(f"invoices/march/{n}.txt", f"item {n}".encode()) for n in range(7)]
+        + [("invoices/march/.ready", b"")],
+    )
+
+    outcome = await drain(config, emulator)
+
+    documents = outbox_documents(config.paths.outbox)
+    assert sorted(documents) == sorted(r for r in rels if not r.endswith(".ready"))
+    assert len({doc["callID"] for _, doc in documents.values()}) == 1
+    assert emulator.stats()["calls_total"] == 1
+    assert outcome.exit_code == ExitCode.OK
+
+
 async def test_bad_input_gets_an_error_document_and_is_never_sent(tmp_path: Path) -> None:
     emulator = fast_emulator()
     config = make_config(tmp_path, inbox={"max_file_bytes": 100})
