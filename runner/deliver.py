@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ class Document:
     outcome: str  # "result" | "error"
     body: dict[str, Any]
     reason: str | None
-    path: Path | None = None  # where it was written
 
 
 def documents_for_group(group: GroupRow, files: Sequence[FileRow]) -> list[Document]:
@@ -338,14 +337,14 @@ class Deliverer:
         written = await self._write(documents)
         # a group whose files all have their documents now is done (the query checks)
         await store.mark_delivered(
-            [Delivery(d.file.id, d.outcome, d.reason) for d in written],
+            [Delivery(d.file.id, d.outcome, d.reason) for d, _ in written],
             finished_groups=[g.id for g in terminal],
             now=ctx.clock.wall(),
         )
-        for document in written:
+        for document, path in written:
             ctx.tally[document.outcome] += 1
-            self._log_delivered(document)
-        finished = await self._finish([*delivered, *(d.file for d in written)])
+            self._log_delivered(document, path)
+        finished = await self._finish([*delivered, *(d.file for d, _ in written)])
         await store.mark_done([f.id for f in finished], now=ctx.clock.wall())
         keep = ctx.config.inbox.on_done == "keep"
         for file in finished:
@@ -360,7 +359,7 @@ class Deliverer:
             return 0.0  # a full page: there may be more right away
         return ctx.config.inbox.rescan_seconds
 
-    async def _write(self, documents: list[Document]) -> list[Document]:
+    async def _write(self, documents: list[Document]) -> list[tuple[Document, Path]]:
         """Write the documents; those that could not be written are logged and tried later."""
         if not documents:
             return []
@@ -375,15 +374,15 @@ class Deliverer:
                     error=str(result),
                 )
             else:
-                written.append(replace(document, path=result))
+                written.append((document, result))
         return written
 
-    def _log_delivered(self, document: Document) -> None:
+    def _log_delivered(self, document: Document, path: Path) -> None:
         log.info(
             "file delivered",
             file=document.file.rel,
             outcome=document.outcome,
-            outbox=str(document.path),
+            outbox=str(path),
             callID=document.body.get("callID"),
             callReferenceID=document.body.get("callReferenceID"),
             reason=document.reason,

@@ -98,9 +98,6 @@ SELECT * FROM groups WHERE state = 'ready' AND not_before <= :now ORDER BY not_b
 -- name: group_by_id
 SELECT * FROM groups WHERE id = :id;
 
--- name: group_files
-SELECT * FROM files WHERE group_id = :group_id AND state <> 'retried' ORDER BY id;
-
 -- name: files_of_groups
 SELECT * FROM files
 WHERE group_id IN (SELECT value FROM json_each(:group_ids)) AND state <> 'retried'

@@ -275,9 +275,6 @@ class SqliteStore:
             raise StoreError(f"{self._path}: no group {group_id}")
         return rows[0]
 
-    async def group_files(self, group_id: int) -> list[FileRow]:
-        return await self._rows(FileRow, "group_files", {"group_id": group_id})
-
     async def files_of_groups(self, group_ids: Sequence[int]) -> dict[int, list[FileRow]]:
         """The files of many groups with one query, by group."""
         by_group: dict[int, list[FileRow]] = {gid: [] for gid in group_ids}
