@@ -67,6 +67,36 @@ def pipeline_options(command: Any) -> Any:
     return path_options(command)
 
 
+def _set_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["config_path"] = value
+
+
+def _set_log_level(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        configure_logging(value)
+
+
+def global_options(command: Any) -> Any:
+    """``--config`` and ``--log-level`` after the subcommand too (they win over the ones before)."""
+    command = click.option(
+        "--config",
+        type=click.Path(path_type=Path),
+        default=None,
+        expose_value=False,
+        callback=_set_config,
+        help="TOML config file (as the global --config).",
+    )(command)
+    return click.option(
+        "--log-level",
+        type=click.Choice(LEVELS),
+        default=None,
+        expose_value=False,
+        callback=_set_log_level,
+        help="Log level (as the global --log-level).",
+    )(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
@@ -108,6 +138,7 @@ def _overrides(paths: Mapping[str, Path | None], **more: Any) -> dict[str, Any]:
 
 @cli.command()
 @pipeline_options
+@global_options
 @click.option(
     "--metrics-addr",
     default=None,
@@ -146,6 +177,7 @@ def run(
 
 @cli.command()
 @pipeline_options
+@global_options
 @click.option(
     "--progress/--no-progress",
     default=None,
@@ -164,7 +196,8 @@ def drain(
     """Take what is in the inbox now, wait until every file is delivered, then exit.
 
     Exit codes: 0 all completed, 1 some file ended in an error, 2 usage or config error,
-    3 bem rejected the API key or cannot be reached (state kept, nothing lost).
+    3 bem rejected the API key or cannot be reached (state kept, nothing lost),
+    4 interrupted by a signal before everything was delivered (state kept; run again).
     """
     config = _config(
         ctx, _overrides(paths, **{"inbox.on_done": on_done, "inbox.settle_seconds": settle_seconds})
@@ -260,6 +293,7 @@ async def _api_target(use_emulator: bool) -> AsyncIterator[Retarget]:
 
 @cli.command()
 @path_options
+@global_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--metrics-addr",
@@ -275,7 +309,7 @@ def status(
     config = _config(ctx, _overrides(paths, **{"service.metrics_addr": metrics_addr}))
 
     async def main() -> dict[str, Any]:
-        async with open_sqlite_store(config.paths.state) as store:
+        async with open_sqlite_store(config.paths.state, read_only=True) as store:
             return await collect_status(store)
 
     report = _run(main)
@@ -294,6 +328,7 @@ def status(
 
 @cli.command()
 @path_options
+@global_options
 @click.pass_context
 def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     """Requeue every file that ended in an error."""
@@ -309,7 +344,7 @@ def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     click.echo(f"requeued {len(requeued)} file(s)")
 
 
-cli.add_command(emulator_command, "emulator")
+cli.add_command(global_options(emulator_command), "emulator")
 
 
 def main() -> None:

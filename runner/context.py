@@ -16,8 +16,7 @@ import anyio
 from runner.api.client import BemClient
 from runner.clock import Clock
 from runner.config import Config
-from runner.store.base import KnownFile
-from runner.store.sqlite import SqliteStore
+from runner.store.base import KnownFile, Store
 
 
 class Nudge:
@@ -71,7 +70,7 @@ class Health:
 @dataclass
 class Context:
     config: Config
-    store: SqliteStore
+    store: Store
     client: BemClient
     clock: Clock
     draining: bool

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import TypedDict
 
 import anyio
@@ -53,6 +54,8 @@ class ExitCode(IntEnum):
     FILE_ERRORS = 1
     USAGE = 2
     API_UNAVAILABLE = 3
+    INTERRUPTED = 4
+    """A drain stopped by a signal before everything was delivered; the state is kept."""
 
 
 @dataclass
@@ -111,6 +114,7 @@ class Runner:
         self.reload_requested = False
         self._exit_code = ExitCode.OK
         self._reason: str | None = None
+        self._drained = False
         self._limiter: RateLimiter | None = None
         self._extended_at: float | None = None
 
@@ -150,10 +154,13 @@ class Runner:
             return await self.shutdown(ctx)
 
     async def startup(self, ctx: Context) -> None:
-        for path in (ctx.config.paths.inbox, ctx.config.paths.outbox):
-            path.mkdir(parents=True, exist_ok=True)
+        paths = ctx.config.paths
+        for key, path in (("paths.inbox", paths.inbox), ("paths.outbox", paths.outbox)):
+            make_directory(key, path)
         await ctx.store.recover()
         counts = await ctx.store.counts()
+        if self.progress is not None:
+            await self.progress(counts)  # what the store held before this run: the baseline
         self.notifier.ready(self._status(counts))
         log.info(
             "runner started",
@@ -314,6 +321,7 @@ class Runner:
         ):
             self._stop(ExitCode.API_UNAVAILABLE, f"bem cannot be reached: {health.last_error}")
         elif ctx.intake_done.is_set() and await ctx.store.unfinished_work() == 0:
+            self._drained = True
             self.should_exit = True
 
     def _stop(self, code: ExitCode, reason: str) -> None:
@@ -344,7 +352,10 @@ class Runner:
         with anyio.CancelScope(shield=True):
             counts = await ctx.store.counts()
         code = self._exit_code
-        if code == ExitCode.OK and self.options.drain and ctx.tally["error"]:
+        if code == ExitCode.OK and self.options.drain and not self._drained:
+            code = ExitCode.INTERRUPTED
+            self._reason = "interrupted before everything was delivered; state kept, run again"
+        elif code == ExitCode.OK and self.options.drain and ctx.tally["error"]:
             code = ExitCode.FILE_ERRORS
         log.info(
             "runner stopped",
@@ -354,6 +365,18 @@ class Runner:
             open_calls=counts.open_calls,
         )
         return Outcome(code, counts, dict(ctx.tally), self._reason)
+
+
+def make_directory(key: str, path: Path) -> None:
+    """Create a configured folder; one that cannot be a folder is a :class:`ConfigError`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise ConfigError(f"{key}: {path} exists and is not a folder") from exc
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot create {path}: {exc.strerror}") from exc
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} exists and is not a folder")
 
 
 class _Limits(TypedDict):

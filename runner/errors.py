@@ -6,6 +6,7 @@ errors (httpx, sqlite3, OS) are mapped at the boundary that meets them, ``raise 
     RunnerError
     ├── ConfigError                 bad config file, flag or environment; exit code 2
     ├── StoreError                  the state database cannot be opened or is not ours
+    │   └── StateInUseError         another process owns the state
     └── ApiError                    anything that went wrong talking to bem
         ├── AuthError               401/403: the key is rejected; a loud stop, not a failed file
         ├── PermanentError          400/404/409/422: asking again will not help
@@ -37,6 +38,10 @@ class ConfigError(RunnerError):
 
 class StoreError(RunnerError):
     """The state database cannot be used."""
+
+
+class StateInUseError(StoreError):
+    """The state is in use by another bem-runner process."""
 
 
 class ApiError(RunnerError):

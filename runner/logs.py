@@ -12,20 +12,46 @@ from typing import Any, TextIO
 
 import structlog
 
+from runner.names import shown
+
 LEVELS = ("debug", "info", "warning", "error")
+
+
+def show_names(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Every string in a log line as valid Unicode: a file name that is not UTF-8 is shown
+    with its odd bytes as ``\\xNN`` (:func:`runner.names.shown`), never a lone surrogate."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = shown(value)
+    return event
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is at the moment of writing: while the drain's progress line is
+    shown, rich stands in for it and prints each log line above the line, not through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def configure_logging(
     level: str = "info", *, json_lines: bool | None = None, stream: TextIO | None = None
 ) -> None:
     """Log to ``stream`` (stderr): JSON unless it is a terminal or ``json_lines`` says so."""
-    stream = stream if stream is not None else sys.stderr
-    terminal = stream.isatty()
+    out: Any = stream if stream is not None else _Stderr()
+    terminal = out.isatty()
     if json_lines is None:
         json_lines = not terminal
     renderer: Any
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        show_names,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -37,6 +63,6 @@ def configure_logging(
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )

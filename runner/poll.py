@@ -40,9 +40,38 @@ class PollPage:
         self.finished.append(Finished(group.id, status, result_json, reason))
 
 
+def foreign_call_reason(
+    group: GroupRow, call: Call, item_references: frozenset[str]
+) -> str | None:
+    """Why ``call`` cannot be this group's call, or None when it is.
+
+    The call must carry the ``callReferenceID`` journalled for the group (a server that lost its
+    state may hand the same call ID to another call), and in a batch every event that names a
+    ``referenceID`` must name the call or one of the items that were sent.
+    """
+    if call.call_reference_id != group.call_reference_id:
+        return (
+            f"bem returned call {call.call_id} with callReferenceID "
+            f"{call.call_reference_id!r}, but this file was sent as {group.call_reference_id!r}"
+        )
+    if not group.batch:
+        return None
+    allowed = item_references | {group.call_reference_id}
+    named = {e.reference_id for e in call.outputs} | {e.reference_id for e in call.errors}
+    for reference in sorted(r for r in named if r):
+        if reference not in allowed:
+            return (
+                f"bem returned call {call.call_id} with an event for item "
+                f"{reference!r}, which this call never sent"
+            )
+    return None
+
+
 class Poller:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
+        self._item_references: dict[int, frozenset[str]] = {}
+        """The itemReferenceIDs each polled batch group sent, for :func:`foreign_call_reason`."""
 
     async def run(self) -> None:
         ctx = self._ctx
@@ -65,6 +94,7 @@ class Poller:
             due = await ctx.store.due_polls(now=now + ctx.config.poll.initial_seconds, limit=limit)
             if not due:
                 return 0.05
+            await self._load_item_references(due)
             try:
                 if ctx.config.api.version == "v2":
                     await self._poll_v2(due)
@@ -74,6 +104,14 @@ class Poller:
                 await self._failed(due, exc)
                 return 1.0
         return 0.0
+
+    async def _load_item_references(self, due: list[GroupRow]) -> None:
+        batches = [g.id for g in due if g.batch]
+        files = await self._ctx.store.files_of_groups(batches) if batches else {}
+        self._item_references = {
+            gid: frozenset(f.item_reference_id for f in rows if f.item_reference_id)
+            for gid, rows in files.items()
+        }
 
     async def _poll_v3(self, due: list[GroupRow]) -> None:
         ctx = self._ctx
@@ -109,8 +147,21 @@ class Poller:
     def _follow(
         self, page: PollPage, group: GroupRow, status: str | None, call: Call | None
     ) -> None:
-        """A terminal call ends; one followed too long gives up; the others poll again later."""
-        if call is not None and call.is_terminal:
+        """A terminal call ends; one followed too long gives up; the others poll again later.
+
+        A call that is not the one this group sent (see :func:`foreign_call_reason`) is never
+        trusted: the group ends with that reason and its files get error documents.
+        """
+        item_references = self._item_references.get(group.id, frozenset())
+        if call is not None and (reason := foreign_call_reason(group, call, item_references)):
+            log.error(
+                "bem answered with another call's data; not trusted",
+                callID=group.call_id,
+                callReferenceID=group.call_reference_id,
+                reason=reason,
+            )
+            page.ended(group, "failed", None, reason)
+        elif call is not None and call.is_terminal:
             result = call.model_dump_json(by_alias=True, exclude_unset=True)
             page.ended(group, call.status or "failed", result, None)
         elif (reason := self._gave_up(group, status)) is not None:

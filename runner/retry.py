@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from runner.config import Config
 from runner.deliver import fsync_directory
-from runner.store.sqlite import SqliteStore
+from runner.store.base import FileRow, Store
+from runner.watch import Entry, examine
 
 
-async def requeue_failed(
-    store: SqliteStore, config: Config
-) -> tuple[list[str], list[tuple[str, str]]]:
+async def requeue_failed(store: Store, config: Config) -> tuple[list[str], list[tuple[str, str]]]:
     """Bring each failed input back into the inbox and retire its old row.
 
     The error document stays until the new attempt delivers its own, so a crash in between
-    loses nothing. Returns (requeued paths, [(path, why it cannot be retried)]).
+    loses nothing. A file that was refused before it was ever sent (unsupported, empty, too
+    large, no route) is requeued only if it would now be taken — the file or the configuration
+    changed. Returns (requeued paths, [(path, why it cannot be retried)]).
     """
     requeued: list[str] = []
     impossible: list[tuple[str, str]] = []
     retired: list[int] = []
     for file in await store.failed_files():
-        why = _restore(config, file.rel)
+        why = _restore(config, file)
         if why is None:
             requeued.append(file.rel)
             retired.append(file.id)
@@ -32,19 +32,36 @@ async def requeue_failed(
     return requeued, impossible
 
 
-def _restore(config: Config, rel: str) -> str | None:
-    source = config.paths.inbox / rel
+def _restore(config: Config, file: FileRow) -> str | None:
+    paths = config.paths
+    source = paths.inbox / file.rel
     if not source.exists():
-        archived = config.paths.archive / rel
+        archived = paths.archive / file.rel
         if not archived.exists():
-            return "the input is gone (inbox.on_done = delete, or it was removed)"
+            return (
+                f"the input is gone: not in the inbox ({source}) nor in the archive "
+                f"({archived}); inbox.on_done = {config.inbox.on_done!r}"
+            )
         source.parent.mkdir(parents=True, exist_ok=True)
         os.replace(archived, source)
         fsync_directory(source.parent)
+    if file.group_id is None and (why := _still_refused(config, file)) is not None:
+        return f"it would be refused again: {why}"
     # a new mtime makes the watcher see new work even where inputs are kept
     os.utime(source)
     return None
 
 
+def _still_refused(config: Config, file: FileRow) -> str | None:
+    """Why a file refused at intake would be refused again as it is now, if it would."""
+    st = (config.paths.inbox / file.rel).lstat()
+    examined = examine(
+        config.paths.inbox,
+        Entry(file.rel, st.st_size, st.st_mtime_ns),
+        routes=config.routes,
+        max_file_bytes=config.inbox.max_file_bytes,
+    )
+    return examined.reason if examined is not None else "the input vanished"
+
+
 __all__ = ["requeue_failed"]
-_ = Path

@@ -18,6 +18,8 @@ from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import Literal, get_args
 
+from runner.names import shown
+
 INPUT_TYPES: Mapping[str, str] = MappingProxyType(
     {
         "csv": "csv",
@@ -89,7 +91,8 @@ class Destination:
     ``group_key`` names the call the file belongs to: the file's own path (mode "file"), the
     folder that becomes one batch (mode "folder"), or ``window:<route index>`` (mode "window").
     ``item_reference_id`` names the file inside that call: its name (mode "file"), its path
-    inside the folder (mode "folder"), or its path in the inbox (mode "window").
+    inside the folder (mode "folder"), or its path in the inbox (mode "window") — as
+    :func:`runner.names.shown`, since bem takes only valid Unicode.
     """
 
     workflow: str
@@ -144,8 +147,8 @@ def _default_destination(rel: PurePosixPath) -> Destination | None:
     if len(parts) < 2:
         return None
     if len(parts) == 2:
-        return Destination(parts[0], "file", rel.as_posix(), rel.name)
-    return Destination(parts[0], "folder", "/".join(parts[:2]), "/".join(parts[2:]))
+        return Destination(parts[0], "file", rel.as_posix(), shown(rel.name))
+    return Destination(parts[0], "folder", "/".join(parts[:2]), shown("/".join(parts[2:])))
 
 
 def _routed_destination(
@@ -153,15 +156,18 @@ def _routed_destination(
 ) -> Destination:
     parts = rel.parts
     if route.group == "window":
-        return Destination(route.workflow, "window", f"window:{index}", rel.as_posix())
+        return Destination(route.workflow, "window", f"window:{index}", shown(rel.as_posix()))
     # The batch folder is the first directory below the glob's literal prefix; a file directly
     # in the prefix folder has no batch folder and is sent on its own.
     group_depth = literal_prefix + 1
     if route.group == "folder" and len(parts) > group_depth:
         return Destination(
-            route.workflow, "folder", "/".join(parts[:group_depth]), "/".join(parts[group_depth:])
+            route.workflow,
+            "folder",
+            "/".join(parts[:group_depth]),
+            shown("/".join(parts[group_depth:])),
         )
-    return Destination(route.workflow, "file", rel.as_posix(), rel.name)
+    return Destination(route.workflow, "file", rel.as_posix(), shown(rel.name))
 
 
 # -- glob compiler ---------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from runner.store.sqlite import SqliteStore
+from runner.store.base import Store
 
 
-async def collect_status(store: SqliteStore) -> dict[str, Any]:
+async def collect_status(store: Store) -> dict[str, Any]:
     counts = await store.counts()
     errors = await store.recent_errors(limit=10)
     return {

@@ -10,6 +10,7 @@ sooner; a periodic full rescan is the safety net.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from collections import Counter
@@ -20,8 +21,10 @@ from pathlib import Path, PurePosixPath
 import anyio
 import structlog
 import watchfiles
+from watchfiles._rust_notify import WatchfilesRustInternalError
 
 from runner.context import Context
+from runner.deliver import outbox_paths
 from runner.route import INPUT_TYPES, Route, input_type_for, is_ignored, route_file
 from runner.store.base import KnownFile, NewFile
 
@@ -233,11 +236,40 @@ EventSource = Callable[[Path, anyio.Event], AsyncIterator[set[str]]]
 """Yields sets of changed paths below the inbox until the event is set."""
 
 
+EVENTS_LOST_PAUSE = 1.0
+"""After watchfiles fails on a name it cannot decode, watch again after this many seconds."""
+
+
 async def watchfiles_events(inbox: Path, stop: anyio.Event) -> AsyncIterator[set[str]]:
-    async for changes in watchfiles.awatch(
-        inbox, stop_event=stop, recursive=True, debounce=200, step=50, ignore_permission_denied=True
-    ):
-        yield {path for _, path in changes}
+    """File events from watchfiles; when they are lost, the inbox itself is reported changed.
+
+    watchfiles cannot decode a name that is not UTF-8 and stops with an error; the events of
+    that moment are lost, so the inbox is reported (a full rescan, which reads names as bytes)
+    and watching starts again.
+    """
+    while not stop.is_set():
+        lost = False
+        try:
+            async for changes in watchfiles.awatch(
+                inbox,
+                stop_event=stop,
+                recursive=True,
+                debounce=200,
+                step=50,
+                ignore_permission_denied=True,
+            ):
+                yield {path for _, path in changes}
+            return
+        except* WatchfilesRustInternalError as group:
+            lost = True
+            log.warning(
+                "file events lost; rescanning the inbox",
+                error=str(group.exceptions[0])[:200],
+            )
+        if lost:
+            yield {str(inbox)}
+            with anyio.move_on_after(EVENTS_LOST_PAUSE):
+                await stop.wait()
 
 
 class Intake:
@@ -248,6 +280,7 @@ class Intake:
         self._events = events
         self._settler = Settler(ctx.config.inbox.settle_seconds)
         self._dirty: set[str] = set()
+        self._rescan_now = False
         self._untaken: Counter[str] = Counter()
         self._reported: set[str] = set()
 
@@ -274,9 +307,13 @@ class Intake:
         async for paths in self._events(inbox, self._ctx.stopping):
             for path in paths:
                 try:
-                    self._dirty.add(Path(path).relative_to(inbox).as_posix())
+                    rel = Path(path).relative_to(inbox).as_posix()
                 except ValueError:
                     continue
+                if rel == ".":
+                    self._rescan_now = True
+                else:
+                    self._dirty.add(rel)
             self._ctx.nudges.intake.set()
 
     async def _loop(self) -> None:
@@ -284,8 +321,9 @@ class Intake:
         rescan_every = ctx.config.inbox.rescan_seconds
         next_full = ctx.clock.now()
         while not ctx.stopping.is_set():
-            full = ctx.draining or ctx.clock.now() >= next_full
+            full = ctx.draining or self._rescan_now or ctx.clock.now() >= next_full
             if full:
+                self._rescan_now = False
                 next_full = ctx.clock.now() + rescan_every
             await self.take(full=full)
             if ctx.draining and not self._settler.pending:
@@ -331,6 +369,8 @@ class Intake:
     async def _take_page(self, entries: list[Entry]) -> int:
         ctx = self._ctx
         new_files = await anyio.to_thread.run_sync(self._examine_all, entries)
+        if ctx.config.inbox.on_done == "keep":
+            new_files = await anyio.to_thread.run_sync(self._skip_delivered, new_files)
         await ctx.store.add_files(
             new_files, now=ctx.clock.wall(), batch_limits=self._batch_limits()
         )
@@ -348,6 +388,23 @@ class Intake:
         for nudge in (ctx.nudges.group, ctx.nudges.submit, ctx.nudges.deliver):
             nudge.set()
         return len(new_files)
+
+    def _skip_delivered(self, new_files: list[NewFile]) -> list[NewFile]:
+        """Kept inputs the store has no record of, whose document already records the same
+        content, are not sent again (the state was deleted or replaced): warned, and skipped."""
+        outbox = self._ctx.config.paths.outbox
+        fresh = []
+        for new in new_files:
+            if new.rel not in self._ctx.known and _has_document_for(outbox, new):
+                self._ctx.known[new.rel] = KnownFile(new.size, new.mtime_ns, "done")
+                log.warning(
+                    "input already has a document with the same content but the state has no "
+                    "record of it (was the state deleted?); not sending it again",
+                    file=new.rel,
+                )
+            else:
+                fresh.append(new)
+        return fresh
 
     def _examine_all(self, entries: list[Entry]) -> list[NewFile]:
         config = self._ctx.config
@@ -374,6 +431,20 @@ class Intake:
             if rel not in self._reported:
                 self._reported.add(rel)
                 log.warning("file skipped", file=rel, reason=why)
+
+
+def _has_document_for(outbox: Path, new: NewFile) -> bool:
+    """Whether the outbox holds a document (result or error) recording this file's content."""
+    if new.sha256 is None:
+        return False
+    for path in outbox_paths(outbox, new.rel):
+        try:
+            document = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(document, dict) and document.get("sha256") == new.sha256:
+            return True
+    return False
 
 
 def scan_paths(inbox: Path, rels: Iterable[str]) -> ScanReport:

@@ -127,3 +127,34 @@ def test_unreachable_bem_exits_3(tmp_path: Path) -> None:
     assert done.returncode == 3, done.stderr
     assert "cannot be reached" in done.stdout
     assert (tmp_path / "inbox/wf/a.txt").exists()
+
+
+def test_status_of_a_state_that_does_not_exist_is_an_error_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "mistyped" / "state.db"
+    done = bem_runner("status", "--state", str(state))
+    assert done.returncode == 2
+    assert f"{state}: no state database here" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "mistyped").exists()
+
+
+def test_global_options_are_taken_after_the_subcommand_too(tmp_path: Path) -> None:
+    config = tmp_path / "bem-runner.toml"
+    config.write_text(f'[paths]\nstate = "{tmp_path / "elsewhere.db"}"\n')
+    before = bem_runner("--config", str(config), "status")
+    after = bem_runner("status", "--config", str(config), "--log-level", "debug")
+    for done in (before, after):
+        assert done.returncode == 2
+        assert f"{tmp_path / 'elsewhere.db'}: no state database here" in done.stderr
+    assert "No such option" not in after.stderr
+
+
+def test_an_outbox_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    put(tmp_path, "wf/a.txt", b"hello")
+    (tmp_path / "outbox").write_text("not a folder")
+    done = bem_runner("drain", "--emulator", "--settle-seconds", "0", *paths(tmp_path))
+    assert done.returncode == 2
+    assert f"paths.outbox: {tmp_path / 'outbox'} exists and is not a folder" in done.stderr
+    assert "Traceback" not in done.stderr

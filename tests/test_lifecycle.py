@@ -179,3 +179,61 @@ async def test_second_sigint_exits_at_once_and_loses_nothing(tmp_path: Path) -> 
     assert list(documents) == ["wf/a.txt"]
     assert documents["wf/a.txt"][0] == "result"
     assert len(emulator.calls) == 1  # resolved by reference, never submitted twice
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_drain_stopped_by_a_signal_exits_4_and_the_next_one_finishes(
+    tmp_path: Path, signum: int
+) -> None:
+    write_config(tmp_path, rps=20)
+    for name in ("a", "b", "c"):
+        put(tmp_path, f"wf/{name}.txt", name.encode())
+    emulator = emulator_with(slow_rate=1.0, slow_seconds=10_000)
+    with notify_listener() as listener, anyio.fail_after(60):
+        async with serve_emulator(emulator) as base_url:
+            async with daemon(tmp_path, base_url, listener, "drain") as process:
+                assert "READY" in await listener.receive()
+                await emulator.wait_blocked(1)
+                process.send_signal(signum)
+                await listener.until("STOPPING", "1")
+                emulator.advance(10_000)
+                code, logs = await finish(process)
+            assert code == 4
+            [stopped] = [line for line in logs if line["event"] == "runner stopped"]
+            assert stopped["exit_code"] == 4
+            assert len(outbox_documents(tmp_path / "outbox")) < 3
+
+            emulator.update(slow_rate=0.0)
+            async with daemon(tmp_path, base_url, listener, "drain") as process:
+                code, _ = await finish(process)
+    assert code == 0
+    assert sorted(outbox_documents(tmp_path / "outbox")) == ["wf/a.txt", "wf/b.txt", "wf/c.txt"]
+    assert len(emulator.calls) == 3
+
+
+async def test_one_state_has_one_owner_and_a_killed_owner_leaves_no_lock(tmp_path: Path) -> None:
+    write_config(tmp_path, rps=20)
+    put(tmp_path, "wf/a.txt")
+    emulator = emulator_with()
+    with notify_listener() as listener, anyio.fail_after(60):
+        async with serve_emulator(emulator) as base_url:
+            async with daemon(tmp_path, base_url, listener, "run") as owner:
+                assert "READY" in await listener.receive()
+                for command in ("drain", "run", "retry"):
+                    async with daemon(tmp_path, base_url, listener, command) as second:
+                        assert second.stderr is not None
+                        message = b"".join([chunk async for chunk in second.stderr]).decode()
+                        assert await second.wait() == 2
+                    assert f"state {tmp_path / 'state.db'} is in use by pid {owner.pid}" in message
+                async with daemon(tmp_path, base_url, listener, "status", "--json") as status:
+                    assert status.stdout is not None
+                    report = json.loads(b"".join([chunk async for chunk in status.stdout]))
+                    assert await status.wait() == 0  # status reads without taking the state
+                assert "files" in report
+                owner.kill()
+                await owner.wait()
+            put(tmp_path, "wf/b.txt")
+            async with daemon(tmp_path, base_url, listener, "drain") as process:
+                code, _ = await finish(process)
+    assert code == 0  # the SIGKILLed owner's lock died with it
+    assert sorted(outbox_documents(tmp_path / "outbox")) == ["wf/a.txt", "wf/b.txt"]

@@ -53,6 +53,13 @@ CREATE INDEX files_by_group ON files (group_id);
 CREATE INDEX files_by_state ON files (state);
 INSERT INTO meta (key, value) VALUES ('schema_version', '1');
 
+-- name: schema_2
+-- File names are bytes: ``files.rel`` and ``groups.group_key`` hold the exact bytes of the
+-- path (a BLOB), whatever the file system allowed, so any name is kept losslessly.
+UPDATE files SET rel = CAST(rel AS BLOB);
+UPDATE groups SET group_key = CAST(group_key AS BLOB);
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
+
 -- name: schema_version
 SELECT value FROM meta WHERE key = 'schema_version';
 

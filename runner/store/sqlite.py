@@ -6,11 +6,14 @@ roll back behind an outbox rename that already happened, hence ``synchronous=FUL
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import fields
 from importlib import resources
 from pathlib import Path
@@ -20,7 +23,8 @@ import aiosqlite
 import anyio
 
 from runner import faults
-from runner.errors import StoreError
+from runner.errors import StateInUseError, StoreError
+from runner.names import from_raw, raw
 from runner.store.base import (
     BatchLimits,
     Counts,
@@ -33,7 +37,7 @@ from runner.store.base import (
     NextPoll,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 Row = TypeVar("Row", GroupRow, FileRow)
 
 
@@ -51,7 +55,9 @@ def _load_queries() -> dict[str, str]:
 
 
 QUERIES = _load_queries()
-MIGRATIONS: dict[int, str] = {1: QUERIES["schema_1"]}
+MIGRATIONS: dict[int, str] = {1: QUERIES["schema_1"], 2: QUERIES["schema_2"]}
+_NAME_COLUMNS = ("rel", "group_key")
+"""Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
 
 
 def new_call_reference_id() -> str:
@@ -59,23 +65,69 @@ def new_call_reference_id() -> str:
 
 
 @asynccontextmanager
-async def open_sqlite_store(path: Path) -> AsyncIterator[SqliteStore]:
-    """Open (creating and migrating as needed) the state database at ``path``."""
+async def open_sqlite_store(path: Path, *, read_only: bool = False) -> AsyncIterator[SqliteStore]:
+    """Open the state database at ``path``.
+
+    A writer (the default) creates and migrates the database as needed and owns it while it is
+    open (:func:`state_owner`): a second process is refused at once. ``read_only`` (``status``)
+    reads a database that must already exist, without taking it and without creating anything.
+    """
+    with ExitStack() as owner:
+        if not read_only:
+            owner.enter_context(state_owner(path))
+        store = SqliteStore(await _connect(path, read_only=read_only), path)
+        try:
+            await (store.check_readable() if read_only else store.migrate())
+            yield store
+        finally:
+            # closed even when the runner is cancelled, or its thread outlives the event loop
+            with anyio.CancelScope(shield=True):
+                await store.close()
+
+
+async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
+    if read_only and not path.is_file():  # noqa: ASYNC240 (one stat, at startup)
+        raise StoreError(f"{path}: no state database here (check --state / paths.state)")
+    if read_only:
+        target, uri = f"file:{urllib.parse.quote(os.fsencode(path))}?mode=ro", True
+    else:
+        target, uri = str(path), False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
         # shielded: a connection cancelled half-way would leave its thread running
         with anyio.CancelScope(shield=True):
-            connection = await aiosqlite.connect(path, isolation_level=None)
+            connection = await aiosqlite.connect(target, isolation_level=None, uri=uri)
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"{path}: cannot open state database: {exc}") from exc
-    store = SqliteStore(connection, path)
+    return connection
+
+
+@contextmanager
+def state_owner(path: Path) -> Iterator[None]:
+    """Own the state at ``path`` for as long as the block runs; refuse if another process does.
+
+    The lock is an ``flock`` on ``<state>.lock``: the kernel drops it when its holder exits,
+    however it exits, so a SIGKILL leaves no stale lock. The file holds the owner's pid, for the
+    message a second process gets.
+    """
+    lock_path = path.with_name(path.name + ".lock")
     try:
-        await store.migrate()
-        yield store
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot lock the state: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise StateInUseError(f"state {path} is in use by pid {holder}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
     finally:
-        # closed even when the runner is cancelled, or its thread outlives the event loop
-        with anyio.CancelScope(shield=True):
-            await store.close()
+        os.close(fd)
 
 
 class SqliteStore:
@@ -125,7 +177,7 @@ class SqliteStore:
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
         names = [f.name for f in fields(cls)]
         rows = await self._fetch(name, params)
-        return [cls(**{key: row[key] for key in names}) for row in rows]
+        return [cls(**{key: _column(key, row[key]) for key in names}) for row in rows]
 
     async def migrate(self) -> None:
         self._db.row_factory = sqlite3.Row
@@ -153,6 +205,22 @@ class SqliteStore:
                     if statement.strip():
                         await db.execute(statement)
 
+    async def check_readable(self) -> None:
+        """A read-only open: the database must be a bem-runner state this version can read."""
+        self._db.row_factory = sqlite3.Row
+        try:
+            has_meta = await self._scalar_raw(QUERIES["has_meta_table"])
+            version = int(await self._scalar("schema_version") or 0) if has_meta else None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self._path}: not a bem-runner state database: {exc}") from exc
+        if version is None:
+            raise StoreError(f"{self._path}: not a bem-runner state database")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self._path}: schema version {version} is newer than this bem-runner "
+                f"({SCHEMA_VERSION}); upgrade bem-runner"
+            )
+
     async def _scalar_raw(self, sql: str) -> Any:
         async with self._db.execute(sql) as cursor:
             row = await cursor.fetchone()
@@ -172,7 +240,10 @@ class SqliteStore:
 
     async def known_files(self) -> dict[str, KnownFile]:
         rows = await self._fetch("known_files")
-        return {row["rel"]: KnownFile(row["size"], row["mtime_ns"], row["state"]) for row in rows}
+        return {
+            from_raw(row["rel"]): KnownFile(row["size"], row["mtime_ns"], row["state"])
+            for row in rows
+        }
 
     async def add_files(
         self, files: list[NewFile], *, now: float, batch_limits: BatchLimits
@@ -191,7 +262,7 @@ class SqliteStore:
         await db.execute(
             QUERIES["insert_file"],
             {
-                "rel": new.rel,
+                "rel": raw(new.rel),
                 "size": new.size,
                 "mtime_ns": new.mtime_ns,
                 "sha256": new.sha256,
@@ -219,7 +290,7 @@ class SqliteStore:
             )
             return group_id
         async with db.execute(
-            QUERIES["open_group_by_key"], {"group_key": destination.group_key}
+            QUERIES["open_group_by_key"], {"group_key": raw(destination.group_key)}
         ) as c:
             row = await c.fetchone()
         if row is not None and destination.group_key in batch_limits:
@@ -248,7 +319,7 @@ class SqliteStore:
                 "call_reference_id": new_call_reference_id(),
                 "workflow": workflow,
                 "mode": mode,
-                "group_key": key,
+                "group_key": raw(key),
                 "state": state,
                 "now": now,
             },
@@ -423,7 +494,7 @@ class SqliteStore:
 
     async def recent_errors(self, *, limit: int) -> list[tuple[str, str | None, float | None]]:
         return [
-            (r["rel"], r["reason"], r["done_at"])
+            (from_raw(r["rel"]), r["reason"], r["done_at"])
             for r in await self._fetch("recent_errors", {"limit": limit})
         ]
 
@@ -432,6 +503,10 @@ class SqliteStore:
 
     async def mark_retried(self, file_ids: list[int]) -> None:
         await self._write("supersede_file", ({"id": fid} for fid in file_ids))
+
+
+def _column(key: str, value: Any) -> Any:
+    return from_raw(value) if key in _NAME_COLUMNS and isinstance(value, bytes) else value
 
 
 def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
