@@ -267,6 +267,9 @@ class Submitter:
             log.warning("cannot list calls to resolve unknown outcomes", error=exc.message)
             if isinstance(exc, AuthError):
                 ctx.health.auth_error = exc.message
+            elif isinstance(exc, TransientError) and exc.status_code is None:
+                ctx.health.unreachable(now, exc.message)
+            ctx.nudges.supervisor.set()
             await ctx.store.mark_unknown(
                 [g.id for g in groups], not_before=now + self._recheck_seconds()
             )

@@ -4,12 +4,22 @@ import os
 import socket
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from runner.store.base import KnownFile
-from runner.watch import Entry, Settler, examine, hash_file, is_new, scan_inbox, scan_paths
+from runner.watch import (
+    Entry,
+    Settler,
+    examine,
+    hash_file,
+    is_new,
+    scan_inbox,
+    scan_paths,
+    watchfiles_events,
+)
 
 
 def touch(path: Path, content: bytes = b"x", mtime: float | None = None) -> None:
@@ -122,3 +132,35 @@ def test_a_partial_scan_names_each_file_once(tmp_path: Path) -> None:
     touch(tmp_path / "wf/new-folder/a.txt")
     report = scan_paths(tmp_path, ["wf/new-folder", "wf/new-folder/a.txt", "wf"])
     assert [e.rel for e in report.entries] == ["wf/new-folder/a.txt"]
+
+
+async def keep_touching(path: Path, seen: anyio.Event) -> None:
+    """Events exist only while watching: touch ``path`` until an event for it is seen."""
+    while not seen.is_set():
+        await anyio.Path(path).write_bytes(b"touched")
+        with anyio.move_on_after(0.1):
+            await seen.wait()
+
+
+@pytest.mark.anyio
+async def test_file_events_survive_a_name_watchfiles_cannot_decode(tmp_path: Path) -> None:
+    """watchfiles stops on a name that is not UTF-8; the events say "rescan" and go on."""
+    (tmp_path / "wf").mkdir()
+    bad = Path(os.fsdecode(os.fsencode(tmp_path / "wf") + b"/\xff\xfebad.txt"))
+    stop = anyio.Event()
+    watching, rescan, after = anyio.Event(), anyio.Event(), anyio.Event()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_touching, tmp_path / "wf" / "sentinel.txt", watching)
+            async for paths in watchfiles_events(tmp_path, stop):
+                if not watching.is_set():
+                    watching.set()
+                    await anyio.Path(bad).write_bytes(b"x")
+                elif str(tmp_path) in paths and not rescan.is_set():
+                    rescan.set()  # events were lost: the inbox is to be rescanned
+                    tg.start_soon(keep_touching, tmp_path / "wf" / "good.txt", after)
+                elif rescan.is_set() and any(p.endswith("good.txt") for p in paths):
+                    after.set()  # and events flow again
+                    stop.set()
+    assert rescan.is_set()
+    assert after.is_set()
