@@ -30,6 +30,11 @@ class Clock(Protocol):
         """Seconds since the epoch, for timestamps and HTTP dates."""
         ...
 
+    async def wait(self, event: anyio.Event, seconds: float) -> bool:
+        """Until ``event`` is set or ``seconds`` of this clock's time have passed; whether the
+        event is set. Zero or less only yields once."""
+        ...
+
 
 class SystemClock:
     """The real clock: ``time.monotonic``, ``anyio.sleep`` and ``time.time``."""
@@ -42,6 +47,12 @@ class SystemClock:
 
     def wall(self) -> float:
         return time.time()
+
+    async def wait(self, event: anyio.Event, seconds: float) -> bool:
+        if not event.is_set():
+            with anyio.move_on_after(max(0.0, seconds)):
+                await event.wait()
+        return event.is_set()
 
 
 @dataclass(order=True)
@@ -89,6 +100,21 @@ class FakeClock:
                 self._heap.remove(sleeper)
                 heapq.heapify(self._heap)
                 self._notify()
+
+    async def wait(self, event: anyio.Event, seconds: float) -> bool:
+        if event.is_set():
+            await anyio.lowlevel.checkpoint()
+            return True
+        async with anyio.create_task_group() as tg:
+
+            async def ring() -> None:
+                await self.sleep(seconds)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(ring)
+            await event.wait()
+            tg.cancel_scope.cancel()
+        return event.is_set()
 
     @property
     def sleepers(self) -> int:

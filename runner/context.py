@@ -18,32 +18,41 @@ from runner.clock import Clock
 from runner.config import Config
 from runner.store.base import KnownFile, Store
 
+MAX_IDLE_SECONDS = 3600.0
+"""The longest idle wait: a stage looks again at least this often, whatever it was told."""
+
 
 class Nudge:
     """A wake-up for one stage: every idle wait is "new work OR interval OR stop"."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
         self._event = anyio.Event()
 
     def set(self) -> None:
         self._event.set()
 
     async def wait(self, at_most: float) -> None:
-        """Until :meth:`set` is called or ``at_most`` seconds have passed."""
+        """Until :meth:`set` is called or ``at_most`` seconds of the clock's time have passed."""
         if not self._event.is_set() and at_most > 0:
-            with anyio.move_on_after(min(at_most, 3600.0) if math.isfinite(at_most) else 3600.0):
-                await self._event.wait()
+            idle = min(at_most, MAX_IDLE_SECONDS) if math.isfinite(at_most) else MAX_IDLE_SECONDS
+            await self._clock.wait(self._event, idle)
         self._event = anyio.Event()
 
 
 @dataclass
 class Nudges:
-    intake: Nudge = field(default_factory=Nudge)
-    group: Nudge = field(default_factory=Nudge)
-    submit: Nudge = field(default_factory=Nudge)
-    poll: Nudge = field(default_factory=Nudge)
-    deliver: Nudge = field(default_factory=Nudge)
-    supervisor: Nudge = field(default_factory=Nudge)
+    intake: Nudge
+    group: Nudge
+    submit: Nudge
+    poll: Nudge
+    deliver: Nudge
+    supervisor: Nudge
+
+    @classmethod
+    def on(cls, clock: Clock) -> Nudges:
+        """One wake-up per stage, each waiting on ``clock``."""
+        return cls(*(Nudge(clock) for _ in range(6)))
 
     def all(self) -> tuple[Nudge, ...]:
         return (self.intake, self.group, self.submit, self.poll, self.deliver, self.supervisor)
@@ -74,7 +83,7 @@ class Context:
     client: BemClient
     clock: Clock
     draining: bool
-    nudges: Nudges = field(default_factory=Nudges)
+    nudges: Nudges = field(init=False)
     health: Health = field(default_factory=Health)
     stopping: anyio.Event = field(default_factory=anyio.Event)
     """Set on shutdown: stop intake and new submissions, finish what is in flight."""
@@ -87,6 +96,9 @@ class Context:
     """Documents delivered by this process, by outcome ("result" / "error")."""
     on_call_finished: Callable[[float], None] | None = None
     """Told the submit-to-result seconds of every call that reaches its end (metrics)."""
+
+    def __post_init__(self) -> None:
+        self.nudges = Nudges.on(self.clock)
 
     def stop(self) -> None:
         self.stopping.set()

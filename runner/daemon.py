@@ -74,6 +74,8 @@ Reload = Callable[[], Config]
 
 EXTEND_EVERY = 5.0
 """While finishing takes longer than expected, ask systemd for more time this often."""
+STOP_CHECK_EVERY = 0.2
+"""While stopping, how often a second SIGINT (``force_exit``) is noticed."""
 STOP_MARGIN = 10.0
 """Seconds beyond the graceful timeout that persisting and closing may take."""
 
@@ -217,11 +219,12 @@ class Runner:
         graceful = self.options.graceful_timeout
         deadline = self.clock.now() + graceful
         self.notifier.stopping(status="stopping: finishing in-flight requests")
-        with anyio.move_on_after(graceful):
-            while not all_stopped.is_set() and not self.force_exit:
-                with anyio.move_on_after(0.2):
-                    await all_stopped.wait()
-                self._extend_stop(deadline)
+        while not all_stopped.is_set() and not self.force_exit:
+            left = deadline - self.clock.now()
+            if left <= 0:
+                return
+            await self.clock.wait(all_stopped, min(left, STOP_CHECK_EVERY))
+            self._extend_stop(deadline)
 
     def _extend_stop(self, deadline: float) -> None:
         """Finishing takes a while: ask systemd to wait for the rest of the graceful timeout."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from runner.config import Config
 from runner.deliver import fsync_directory
@@ -35,28 +36,29 @@ async def requeue_failed(store: Store, config: Config) -> tuple[list[str], list[
 def _restore(config: Config, file: FileRow) -> str | None:
     paths = config.paths
     source = paths.inbox / file.rel
-    if not source.exists():
-        archived = paths.archive / file.rel
-        if not archived.exists():
-            return (
-                f"the input is gone: not in the inbox ({source}) nor in the archive "
-                f"({archived}); inbox.on_done = {config.inbox.on_done!r}"
-            )
+    archived = paths.archive / file.rel
+    where = paths.inbox if source.exists() else paths.archive if archived.exists() else None
+    if where is None:
+        return (
+            f"the input is gone: not in the inbox ({source}) nor in the archive "
+            f"({archived}); inbox.on_done = {config.inbox.on_done!r}"
+        )
+    if file.group_id is None and (why := _still_refused(config, where, file)) is not None:
+        return f"it would be refused again: {why}"
+    if where == paths.archive:
         source.parent.mkdir(parents=True, exist_ok=True)
         os.replace(archived, source)
         fsync_directory(source.parent)
-    if file.group_id is None and (why := _still_refused(config, file)) is not None:
-        return f"it would be refused again: {why}"
     # a new mtime makes the watcher see new work even where inputs are kept
     os.utime(source)
     return None
 
 
-def _still_refused(config: Config, file: FileRow) -> str | None:
+def _still_refused(config: Config, root: Path, file: FileRow) -> str | None:
     """Why a file refused at intake would be refused again as it is now, if it would."""
-    st = (config.paths.inbox / file.rel).lstat()
+    st = (root / file.rel).lstat()
     examined = examine(
-        config.paths.inbox,
+        root,
         Entry(file.rel, st.st_size, st.st_mtime_ns),
         routes=config.routes,
         max_file_bytes=config.inbox.max_file_bytes,

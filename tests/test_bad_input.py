@@ -61,7 +61,7 @@ def file_states(state: Path) -> dict[str, str]:
     connection = sqlite3.connect(state)
     try:
         rows = connection.execute("SELECT rel, state FROM files WHERE state <> 'retried'")
-        return dict(rows.fetchall())
+        return {os.fsdecode(rel): state for rel, state in rows.fetchall()}  # rel is bytes
     finally:
         connection.close()
 

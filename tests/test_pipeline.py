@@ -270,8 +270,11 @@ async def test_status_and_retry(tmp_path: Path) -> None:
         assert report["open_calls"] == 0
         assert {e["file"] for e in report["recent_errors"]} == {"wf/a.txt", "wf/b.txt", "wf/c.exe"}
         requeued, impossible = await requeue_failed(store, config)
-    assert sorted(requeued) == ["wf/a.txt", "wf/b.txt", "wf/c.exe"]
-    assert impossible == []
+    assert sorted(requeued) == ["wf/a.txt", "wf/b.txt"]
+    # refused before it was sent, and would be refused again as it is: not requeued
+    [(rel, why)] = impossible
+    assert rel == "wf/c.exe"
+    assert why.startswith("it would be refused again: unsupported file type '.exe'")
     assert (config.paths.inbox / "wf/a.txt").read_bytes() == b"one"
 
     emulator.update(failure_rate=0.0)
@@ -283,10 +286,10 @@ async def test_status_and_retry(tmp_path: Path) -> None:
         "wf/b.txt": "result",
         "wf/c.exe": "error",
     }
-    assert second.delivered == {"result": 2, "error": 1}
+    assert second.delivered == {"result": 2}
     async with open_sqlite_store(config.paths.state) as store:
         report = await collect_status(store)
-    assert report["files"] == {"done:result": 2, "done:error": 1, "retried": 3}
+    assert report["files"] == {"done:result": 2, "done:error": 1, "retried": 2}
 
 
 async def test_window_route_batches_loose_files(tmp_path: Path) -> None:
