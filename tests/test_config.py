@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from runner.config import load_config
+from runner.config import (
+    ApiConfig,
+    InboxConfig,
+    LimitsConfig,
+    PollConfig,
+    ServiceConfig,
+    load_config,
+)
 from runner.errors import ConfigError
+from runner.policy import parse_duration
 from runner.route import Route
 
 
@@ -327,3 +338,54 @@ def test_the_archive_may_overlap_only_when_it_is_not_used(tmp_path: Path) -> Non
         load_config(None, environ={}, overrides={**overrides, "inbox.on_done": on_done})
     with pytest.raises(ConfigError, match=r"paths\.archive"):
         load_config(None, environ={}, overrides={**overrides, "inbox.on_done": "archive"})
+
+
+def test_every_numeric_bound_is_documented_in_the_example_config() -> None:
+    """Each number setting's accepted range is written beside it in config/bem-runner.toml."""
+    documented = _documented_ranges(Path(__file__).parent.parent / "config" / "bem-runner.toml")
+    models: dict[str, type[BaseModel]] = {
+        "api": ApiConfig,
+        "limits": LimitsConfig,
+        "inbox": InboxConfig,
+        "poll": PollConfig,
+        "service": ServiceConfig,
+        "route": Route,
+    }
+    expected = {
+        f"{section}.{name}": bounds
+        for section, model in models.items()
+        for name, field in model.model_fields.items()
+        if (bounds := _bounds(field.metadata)) is not None
+    }
+    assert documented.pop("service.metrics_addr") == ("[", 0, 65535)  # the port
+    assert documented == expected
+
+
+def _bounds(metadata: list[Any]) -> tuple[str, float, float] | None:
+    """A field's range as written in the example: ("[" or "(", low, high); None if unbounded."""
+    highs = [item.le for item in metadata if getattr(item, "le", None) is not None]
+    if not highs:
+        return None
+    lows = [(item.ge, "[") for item in metadata if getattr(item, "ge", None) is not None]
+    lows += [(item.gt, "(") for item in metadata if getattr(item, "gt", None) is not None]
+    low, closed = max(lows, key=lambda bound: (bound[0], bound[1] == "("))  # gt beats an equal ge
+    return closed, float(low), float(min(highs))
+
+
+def _documented_ranges(path: Path) -> dict[str, tuple[str, float, float]]:
+    ranges: dict[str, tuple[str, float, float]] = {}
+    section = key = ""
+    bound = re.compile(r"([\[(])([\d_.]+[a-z]?), ([\d_.]+[a-z]?)\]\s*$")
+    for line in path.read_text().splitlines():
+        if match := re.match(r"#? ?\[+(\w+)\]+", line):
+            section = match.group(1)
+        elif match := re.match(r"#? ?(\w+) = ", line):
+            key = f"{section}.{match.group(1)}"
+        if (found := bound.search(line)) and key:
+            closed, low, high = found.groups()
+            ranges[key] = (closed, _number(low), _number(high))
+    return ranges
+
+
+def _number(text: str) -> float:
+    return parse_duration(text.replace("_", ""))
