@@ -312,8 +312,25 @@ def load_config(
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from exc
+    problem = wrong_kind_of_path(config.paths)
+    if problem is not None:
+        raise ConfigError(f"invalid configuration:\n  {problem}")
     api_key = resolve_secret(API_KEY, environ=environ, file=config.api.api_key_file)
     return config.model_copy(update={"api_key": api_key})
+
+
+def wrong_kind_of_path(paths: PathsConfig) -> str | None:
+    """Why a configured path that already exists cannot be used as what it is configured as.
+
+    Nothing is created here: a path that does not exist yet is fine (it is made when needed).
+    """
+    for key in ("inbox", "outbox", "archive"):
+        folder: Path = getattr(paths, key)
+        if folder.exists() and not folder.is_dir():
+            return f"paths.{key} ({folder}) exists and is not a folder"
+    if paths.state.is_dir():
+        return f"paths.state ({paths.state}) is a folder; it must name the state database file"
+    return None
 
 
 # -- reading and reporting --------------------------------------------------------------------

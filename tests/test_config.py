@@ -389,3 +389,13 @@ def _documented_ranges(path: Path) -> dict[str, tuple[str, float, float]]:
 
 def _number(text: str) -> float:
     return parse_duration(text.replace("_", ""))
+
+
+def test_an_existing_path_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    for key in ("inbox", "outbox", "archive"):
+        with pytest.raises(ConfigError, match=rf"paths\.{key} .* is not a folder"):
+            load_config(None, environ={}, overrides={f"paths.{key}": tmp_path / "file"})
+    with pytest.raises(ConfigError, match=r"paths\.state .* is a folder"):
+        load_config(None, environ={}, overrides={"paths.state": tmp_path / "folder"})

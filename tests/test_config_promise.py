@@ -259,7 +259,8 @@ def seconds_between(low: float, high: float) -> st.SearchStrategy[float]:
 
 
 def duration_up_to(high: float) -> st.SearchStrategy[object]:
-    return seconds_between(0, high) | st.sampled_from(["30s", "1h30m", "10ms", "0"])
+    spelled = [text for text in ("30s", "1h30m", "10ms", "0") if parse_duration(text) <= high]
+    return seconds_between(0, high) | st.sampled_from(spelled)
 
 
 def ordered_poll(pair: tuple[float, float]) -> dict[str, float]:
