@@ -2,16 +2,28 @@
 
 The environment is read here and only here (``load_config``): ``BEM_API_KEY``, ``BEM_BASE_URL``,
 ``BEM_RUNNER_CONFIG`` and systemd's ``CREDENTIALS_DIRECTORY``.
+
+The promise: a configuration that loads can run. Numbers are strict (no booleans, no strings
+except for durations), finite and bounded; every path is resolved once, here (``~`` expanded,
+made absolute against the current directory, symlinks resolved), and the inbox, outbox and
+archive may not overlap; secrets are checked for what an HTTP header can carry. Anything else is
+a :class:`ConfigError` naming the key, never another exception.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
+from itertools import combinations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import httpx
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -22,109 +34,225 @@ from pydantic import (
     model_validator,
 )
 
+from runner.credentials import SecretSource, resolve_secret
 from runner.errors import ConfigError
 from runner.policy import parse_duration
 from runner.route import Route
 
 DEFAULT_BASE_URL = "https://api.bem.ai"
 DEFAULT_ROOT = Path("/var/lib/bem-runner")
+API_KEY = SecretSource(
+    what="API key", env_var="BEM_API_KEY", file_key="api.api_key_file", credential="api-key"
+)
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+MAX_CONFIG_BYTES = 1_000_000
+MAX_DURATION_SECONDS = 365 * 86_400.0
+"""No duration setting may be longer than a year; each setting has its own, lower bound too."""
+HOUR = 3_600.0
+DAY = 86_400.0
+MAX_BYTES = 10_000_000_000
+"""Largest file or batch size, in bytes (10 GB)."""
+
+
+def _duration(value: object) -> float:
+    try:
+        return parse_duration(value)  # type: ignore[arg-type]  # it checks the type itself
+    except OverflowError as exc:  # an integer too large for a float
+        raise ValueError(
+            f"a duration must be a number of seconds below {MAX_DURATION_SECONDS:.0f}"
+        ) from exc
+
+
+Duration = Annotated[
+    float, BeforeValidator(_duration), Field(ge=0, le=MAX_DURATION_SECONDS, allow_inf_nan=False)
+]
+"""Seconds: a number or a string such as ``"30s"``, ``"90m"``, ``"1h30m"``."""
+
+
+def _seconds(default: float, *, le: float, gt: float | None = None, ge: float | None = None) -> Any:
+    """A plain number of seconds (an int or a float, never a bool or a string), finite."""
+    return Field(default=default, gt=gt, ge=ge, le=le, strict=True, allow_inf_nan=False)
+
+
+def _count(default: int, *, ge: int, le: int) -> Any:
+    """A whole number (never a bool, a float or a string)."""
+    return Field(default=default, ge=ge, le=le, strict=True)
+
+
+def _non_empty_path(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("a path cannot be empty")
+    return value
+
+
+def _resolved(path: Path) -> Path:
+    """``~`` expanded, absolute against the current directory, symlinks resolved."""
+    try:
+        return path.expanduser().resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # no home directory for ~user; a symlink loop
+        raise ValueError(f"cannot resolve {str(path)!r}: {exc}") from exc
+
+
+ResolvedPath = Annotated[Path, BeforeValidator(_non_empty_path), AfterValidator(_resolved)]
+
+
+# -- checks, as pure functions ----------------------------------------------------------------
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be bem's base URL; None if it can. Never repeats credentials."""
+    if not url or any(not 0x21 <= ord(char) <= 0x7E for char in url):
+        return "must be a URL of visible ASCII characters, e.g. https://api.bem.ai"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "must start with http:// or https://"
+    if "@" in parts.netloc:
+        return "must not carry credentials (user:password@); the key comes from BEM_API_KEY"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "has port 0"
+    if "?" in url or "#" in url:
+        return "must not have a query (?...) or a fragment (#...)"
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"is not a valid URL ({exc})"
+    return None
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+
+
+def host_port_problem(address: str) -> str | None:
+    """Why ``address`` is not ``host:port``, ``[v6]:port`` or ``:port``; None if it is."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65_535:
+        return "the port must be a number from 0 to 65535"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return "the host in brackets must be an IPv6 address"
+        return None
+    if host and not _HOST_NAME.fullmatch(host):
+        return "the host must be a name or an IP address (an IPv6 address in brackets)"
+    return None
+
+
+def overlapping_paths(paths: PathsConfig, *, archive_used: bool) -> str | None:
+    """Why the configured folders cannot work together; None if they can.
+
+    Folders the runner writes into must not be, or be inside, the folder it reads from (it would
+    take its own documents as input), nor inside each other. The state database must not be in
+    the inbox either.
+    """
+    folders = [("paths.inbox", paths.inbox), ("paths.outbox", paths.outbox)]
+    if archive_used:
+        folders.append(("paths.archive", paths.archive))
+    for (key_a, a), (key_b, b) in combinations(folders, 2):
+        if a == b:
+            return f"{key_a} and {key_b} are the same folder ({a}); they must be separate"
+        if a.is_relative_to(b) or b.is_relative_to(a):
+            (inner_key, inner), (outer_key, outer) = sorted(
+                ((key_a, a), (key_b, b)), key=lambda item: -len(item[1].parts)
+            )
+            return (
+                f"{inner_key} ({inner}) is inside {outer_key} ({outer}); "
+                "they must be separate folders"
+            )
+    state, inbox = paths.state, paths.inbox
+    if state.is_relative_to(inbox):
+        return f"paths.state ({state}) is inside paths.inbox ({inbox}); keep it out of the inbox"
+    for key, folder in folders[1:]:
+        if state == folder:
+            return f"paths.state ({state}) is the folder {key}; it must be a file of its own"
+    return None
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ApiConfig(Section):
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str = Field(default=DEFAULT_BASE_URL, strict=True)
     version: Literal["v3", "v2"] = "v3"
-    api_key_file: Path | None = None
-    timeout_seconds: float = Field(default=60.0, gt=0)
-    multipart_min_bytes: int = Field(default=10_000_000, ge=0)
+    api_key_file: ResolvedPath | None = None
+    timeout_seconds: float = _seconds(60.0, gt=0, le=HOUR)
+    multipart_min_bytes: int = _count(10_000_000, ge=0, le=MAX_BYTES)
     """Files at least this large are sent as multipart/form-data streamed from disk (v3 only)."""
-    v2_calls_per_request: int = Field(default=10, ge=1, le=100)
-    visibility_window: Duration = 30.0
+    v2_calls_per_request: int = _count(10, ge=1, le=100)
+    visibility_window: Duration = Field(default=30.0, le=DAY)
     """How long a new call may be missing from ``GET /v3/calls`` before "not found" counts."""
-    unreachable_timeout: Duration = 60.0
+    unreachable_timeout: Duration = Field(default=60.0, le=7 * DAY)
     """A drain stops (exit 3, state kept) when bem has been unreachable this long."""
 
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+        problem = base_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value.rstrip("/")
 
 
 class LimitsConfig(Section):
-    requests_per_second: float = Field(default=10.0, gt=0)
-    burst: int = Field(default=10, ge=1)
-    max_concurrency: int = Field(default=16, ge=1)
-    max_open_calls: int = Field(default=5000, ge=1)
+    requests_per_second: float = _seconds(10.0, ge=0.01, le=10_000)
+    burst: int = _count(10, ge=1, le=10_000)
+    max_concurrency: int = _count(16, ge=1, le=1_024)
+    max_open_calls: int = _count(5000, ge=1, le=1_000_000)
 
 
 class PathsConfig(Section):
-    inbox: Path = DEFAULT_ROOT / "inbox"
-    outbox: Path = DEFAULT_ROOT / "outbox"
-    archive: Path = DEFAULT_ROOT / "archive"
-    state: Path = DEFAULT_ROOT / "state.db"
+    inbox: ResolvedPath = DEFAULT_ROOT / "inbox"
+    outbox: ResolvedPath = DEFAULT_ROOT / "outbox"
+    archive: ResolvedPath = DEFAULT_ROOT / "archive"
+    state: ResolvedPath = DEFAULT_ROOT / "state.db"
 
 
 class InboxConfig(Section):
-    settle_seconds: float = Field(default=2.0, ge=0)
+    settle_seconds: float = _seconds(2.0, ge=0, le=HOUR)
     on_done: Literal["archive", "delete", "keep"] = "archive"
-    max_file_bytes: int = Field(default=100_000_000, ge=1)
-    rescan_seconds: float = Field(default=60.0, gt=0)
+    max_file_bytes: int = _count(100_000_000, ge=1, le=MAX_BYTES)
+    rescan_seconds: float = _seconds(60.0, ge=0.01, le=DAY)
     """Full rescan of the inbox as a safety net beside file-system events."""
 
 
 class PollConfig(Section):
-    initial_seconds: float = Field(default=1.0, gt=0)
-    max_seconds: float = Field(default=30.0, gt=0)
-    give_up_after: Duration = 86_400.0
-    calls_per_request: int = Field(default=50, ge=1, le=100)
+    initial_seconds: float = _seconds(1.0, ge=0.001, le=HOUR)
+    max_seconds: float = _seconds(30.0, ge=0.001, le=HOUR)
+    give_up_after: Duration = Field(default=86_400.0, gt=0, le=90 * DAY)
+    calls_per_request: int = _count(50, ge=1, le=100)
 
     @model_validator(mode="after")
     def _ordered(self) -> PollConfig:
         if self.max_seconds < self.initial_seconds:
-            raise ValueError("max_seconds must be >= initial_seconds")
+            raise ValueError("poll.max_seconds must be >= poll.initial_seconds")
         return self
 
 
-class RouteConfig(Section):
-    glob: str = Field(min_length=1)
-    workflow: str = Field(min_length=1)
-    group: Literal["file", "folder", "window"] = "file"
-    batch_max_files: int = Field(default=50, ge=1)
-    batch_max_bytes: int = Field(default=50_000_000, ge=1)
-    batch_window_seconds: float = Field(default=10.0, ge=0)
-
-    def to_route(self) -> Route:
-        return Route(
-            glob=self.glob,
-            workflow=self.workflow,
-            group=self.group,
-            batch_max_files=self.batch_max_files,
-            batch_max_bytes=self.batch_max_bytes,
-            batch_window_seconds=self.batch_window_seconds,
-        )
+RouteConfig = Route
+"""A ``[[route]]`` table is validated by the route model itself: one set of rules."""
 
 
 class ServiceConfig(Section):
-    graceful_timeout: Duration = 30.0
+    graceful_timeout: Duration = Field(default=30.0, le=HOUR)
     """On SIGTERM, how long in-flight requests may take to finish; keep it under the unit's
     ``TimeoutStopSec=`` (systemd is asked for more time when finishing takes longer)."""
-    metrics_addr: str | None = None
+    metrics_addr: str | None = Field(default=None, strict=True)
     """``host:port`` for Prometheus metrics of ``run``; ``status`` reads them from there too."""
 
     @field_validator("metrics_addr")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None:
-            _, sep, port = value.rpartition(":")
-            if not sep or not port.isdigit() or int(port) > 65535:
-                raise ValueError("expected host:port, e.g. 127.0.0.1:9464")
+            problem = host_port_problem(value)
+            if problem is not None:
+                raise ValueError(f"{problem}; expected host:port, e.g. 127.0.0.1:9464")
         return value
 
 
@@ -134,14 +262,22 @@ class Config(Section):
     paths: PathsConfig = PathsConfig()
     inbox: InboxConfig = InboxConfig()
     poll: PollConfig = PollConfig()
-    route: tuple[RouteConfig, ...] = ()
+    route: tuple[Route, ...] = ()
     service: ServiceConfig = ServiceConfig()
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Resolved from the environment or a file by :func:`load_config`, never from the TOML."""
 
     @property
     def routes(self) -> tuple[Route, ...]:
-        return tuple(r.to_route() for r in self.route)
+        """The routes, validated and built once, at load."""
+        return self.route
+
+    @model_validator(mode="after")
+    def _separate_folders(self) -> Config:
+        problem = overlapping_paths(self.paths, archive_used=self.inbox.on_done == "archive")
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
 
 def load_config(
@@ -154,64 +290,137 @@ def load_config(
 
     ``overrides`` are ``section.key`` → value pairs from command-line flags (``None`` values are
     ignored); they win over the file, ``BEM_BASE_URL`` wins over ``api.base_url`` in the file.
+    Relative paths, in the file as in flags, are relative to the current directory.
     """
+    source = str(path) if path is not None else None
     if path is None and environ.get("BEM_RUNNER_CONFIG"):
         path = Path(environ["BEM_RUNNER_CONFIG"])
-    raw = _read_toml(path) if path is not None else {}
+        source = f"{path} (BEM_RUNNER_CONFIG)"
+    raw = _read_toml(path, source or str(path)) if path is not None else {}
     if "api_key" in raw:
-        raise ConfigError(f"{path}: api_key is not a setting; use BEM_API_KEY or api.api_key_file")
-    if environ.get("BEM_BASE_URL"):
-        raw.setdefault("api", {})["base_url"] = environ["BEM_BASE_URL"]
+        raise ConfigError(
+            f"{source}: api_key is not a setting; use BEM_API_KEY or api.api_key_file"
+        )
+    env_base_url = environ.get("BEM_BASE_URL")
+    if env_base_url:
+        _check_env_base_url(env_base_url)
+        _set(raw, "api.base_url", env_base_url, source)
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            section, key = dotted.split(".", 1)
-            raw.setdefault(section, {})[key] = value
+            _set(raw, dotted, value, source)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from exc
-    return config.model_copy(update={"api_key": _resolve_api_key(config, environ)})
+        raise ConfigError(_describe(exc, source)) from exc
+    problem = wrong_kind_of_path(config.paths)
+    if problem is not None:
+        raise ConfigError(f"invalid configuration:\n  {problem}")
+    api_key = resolve_secret(API_KEY, environ=environ, file=config.api.api_key_file)
+    return config.model_copy(update={"api_key": api_key})
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def wrong_kind_of_path(paths: PathsConfig) -> str | None:
+    """Why a configured path that already exists cannot be used as what it is configured as.
+
+    Nothing is created here: a path that does not exist yet is fine (it is made when needed).
+    """
+    for key in ("inbox", "outbox", "archive"):
+        folder: Path = getattr(paths, key)
+        if folder.exists() and not folder.is_dir():
+            return f"paths.{key} ({folder}) exists and is not a folder"
+    if paths.state.is_dir():
+        return f"paths.state ({paths.state}) is a folder; it must name the state database file"
+    return None
+
+
+# -- reading and reporting --------------------------------------------------------------------
+
+
+def _read_toml(path: Path, source: str) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config file not found") from exc
+        raise ConfigError(f"{source}: config file not found") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{source}: is a directory, not a config file") from exc
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL in the path
+        raise ConfigError(f"{source}: cannot read config file: {exc}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte 0x{data[exc.start]:02X} at offset {exc.start})"
+        ) from exc
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; deep nesting
+        raise ConfigError(f"{source}: not valid TOML: {type(exc).__name__}: {exc}") from exc
 
 
-def _describe(exc: ValidationError, path: Path | None) -> str:
-    where = f"{path}: " if path else ""
-    lines = []
+def _set(raw: dict[str, Any], dotted: str, value: object, source: str | None) -> None:
+    section, key = dotted.split(".", 1)
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        where = f"{source}: " if source else ""
+        raise ConfigError(
+            f"invalid configuration:\n  {where}{section}: must be a table ([{section}])"
+        )
+    table[key] = value
+
+
+def _check_env_base_url(value: str) -> None:
+    problem = base_url_problem(value)
+    if problem is not None:
+        shown = "" if "@" in value else f" (got {_shown(value)})"
+        raise ConfigError(f"invalid configuration:\n  BEM_BASE_URL: {problem}{shown}")
+
+
+def _describe(exc: ValidationError, source: str | None) -> str:
+    where = f"{source}: " if source else ""
+    lines: list[str] = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
+        key = _key(error["loc"])
         if error["type"] == "extra_forbidden":
-            lines.append(f"{where}unknown setting {key!r}")
+            line = f"{where}unknown setting {key!r}"
         else:
-            lines.append(f"{where}{key}: {error['msg']} (got {error.get('input')!r})")
+            message = _TABLE_HINTS.get(error["type"], error["msg"]).removeprefix("Value error, ")
+            if key == "route" and error["type"] == "tuple_type":
+                message = "must be an array of tables: write each route as [[route]]"
+            line = f"{where}{key}: {message}" if key else f"{where}{message}"
+            if key and _may_show(key, error.get("input")):
+                line += f" (got {_shown(error.get('input'))})"
+        if line not in lines:
+            lines.append(line)
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def _resolve_api_key(config: Config, environ: Mapping[str, str]) -> SecretStr | None:
-    """``BEM_API_KEY``, else ``api.api_key_file``, else ``$CREDENTIALS_DIRECTORY/api-key``."""
-    if environ.get("BEM_API_KEY"):
-        return SecretStr(environ["BEM_API_KEY"].strip())
-    candidates = []
-    if config.api.api_key_file is not None:
-        candidates.append(config.api.api_key_file)
-    elif environ.get("CREDENTIALS_DIRECTORY"):
-        candidates.append(Path(environ["CREDENTIALS_DIRECTORY"]) / "api-key")
-    for candidate in candidates:
-        try:
-            key = candidate.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{candidate}: cannot read API key file: {exc.strerror}") from exc
-        if not key:
-            raise ConfigError(f"{candidate}: API key file is empty")
-        return SecretStr(key)
-    return None
+_TABLE_HINTS = {
+    "model_type": "must be a table ([section] in TOML)",
+    "model_attributes_type": "must be a table ([section] in TOML)",
+    "dict_type": "must be a table ([section] in TOML)",
+}
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    """``section.key`` (``route.0.glob``) from a pydantic location, without its type tags."""
+    parts = [str(p) for p in loc if isinstance(p, int) or p.isidentifier()]
+    return ".".join(parts)
+
+
+def _may_show(key: str, value: object) -> bool:
+    """Values are shown to help, except a URL that may carry credentials."""
+    if isinstance(value, dict):
+        return False  # a whole table: the message says what is wrong in it
+    return not (key == "api.base_url" and isinstance(value, str) and "@" in value)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

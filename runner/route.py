@@ -10,13 +10,15 @@ A glob without ``/`` is anchored too: ``*.pdf`` matches files at the top only, `
 from __future__ import annotations
 
 import functools
-import math
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runner.names import shown
 
@@ -51,37 +53,92 @@ INPUT_TYPES: Mapping[str, str] = MappingProxyType(
 """File extension (lowercase, no dot) -> bem ``inputType``."""
 
 _IGNORED_SUFFIXES = (".tmp", ".part", ".crdownload")
+_NOTHING = "(?!)"  # the regex of a character class that matches no character
 
 GroupMode = Literal["file", "folder", "window"]
 GROUP_MODES: frozenset[str] = frozenset(get_args(GroupMode))
 
 
-@dataclass(frozen=True)
-class Route:
-    """One ``[[route]]`` of the config: files matching ``glob`` go to ``workflow``."""
+MAX_BATCH_FILES = 10_000
+MAX_BATCH_BYTES = 10_000_000_000
+MAX_BATCH_WINDOW_SECONDS = 86_400.0
+
+
+class Route(BaseModel):
+    """One ``[[route]]`` of the config: files matching ``glob`` go to ``workflow``.
+
+    The one definition of a valid route: the config validates its ``[[route]]`` tables with this
+    model, so a route that loads can be used as it is. Numbers are strict (no booleans, no
+    strings) and bounded; a glob must be able to match a file the runner takes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     glob: str
     workflow: str
     group: GroupMode = "file"
-    batch_max_files: int = 50
-    batch_max_bytes: int = 50_000_000
-    batch_window_seconds: float = 10.0
+    batch_max_files: int = Field(default=50, ge=1, le=MAX_BATCH_FILES)
+    batch_max_bytes: int = Field(default=50_000_000, ge=1, le=MAX_BATCH_BYTES)
+    batch_window_seconds: float = Field(
+        default=10.0, gt=0, le=MAX_BATCH_WINDOW_SECONDS, allow_inf_nan=False
+    )
 
-    def __post_init__(self) -> None:
-        _compile_glob(self.glob)  # rejects an empty glob
-        if not self.workflow.strip():
-            raise ValueError(f"route {self.glob!r}: the workflow name cannot be empty")
-        if self.group not in GROUP_MODES:
-            raise ValueError(
-                f"route {self.glob!r}: group must be one of {sorted(GROUP_MODES)}, "
-                f"not {self.group!r}"
+    @field_validator("glob")
+    @classmethod
+    def _matchable(cls, glob: str) -> str:
+        problem = glob_problem(glob)
+        if problem is not None:
+            raise ValueError(problem)
+        return glob
+
+    @field_validator("workflow")
+    @classmethod
+    def _usable_name(cls, workflow: str) -> str:
+        problem = workflow_name_problem(workflow)
+        if problem is not None:
+            raise ValueError(problem)
+        return workflow
+
+
+def workflow_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a workflow name in ``/v3/workflows/{name}/call``; None if it can."""
+    if not name.strip():
+        return "the workflow name cannot be empty"
+    if name in (".", ".."):
+        return f"the workflow name cannot be {name!r} (it would change the request's path)"
+    if "/" in name:
+        return "the workflow name cannot contain '/'"
+    for position, char in enumerate(name):
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            return (
+                f"the workflow name contains a control character (U+{ord(char):04X}) "
+                f"at position {position}"
             )
-        if self.batch_max_files < 1:
-            raise ValueError(f"route {self.glob!r}: batch_max_files must be at least 1")
-        if self.batch_max_bytes < 1:
-            raise ValueError(f"route {self.glob!r}: batch_max_bytes must be at least 1")
-        if not (self.batch_window_seconds > 0 and math.isfinite(self.batch_window_seconds)):
-            raise ValueError(f"route {self.glob!r}: batch_window_seconds must be positive")
+    return None
+
+
+def glob_problem(glob: str) -> str | None:
+    """Why a route glob can never match a file the runner takes; None if it can."""
+    if "\x00" in glob:
+        return "a route glob cannot contain NUL: no file name does"
+    try:
+        components = _glob_components(glob)
+        pattern, _ = _compile_glob(glob)
+    except ValueError as exc:
+        return str(exc)
+    for component in components:
+        if component == "**":
+            continue
+        literal = _literal_text(component)
+        if literal in (".", "..") and _translate_component(component)[1]:
+            return f"a route glob cannot have a {literal!r} component: no inbox path has one"
+        if literal.startswith("."):
+            return f"route glob component {component!r} matches only hidden files, never taken"
+        if component.lower().endswith(_IGNORED_SUFFIXES):
+            return f"route glob component {component!r} matches only files that are never taken"
+    if _NOTHING in pattern.pattern:
+        return f"route glob {glob!r} has a character class that matches nothing"
+    return None
 
 
 @dataclass(frozen=True)
@@ -241,6 +298,18 @@ def _translate_component(component: str) -> tuple[str, bool]:
     return "".join(out), literal
 
 
+def _literal_text(component: str) -> str:
+    """The characters a component starts with for certain: up to its first wildcard, unescaped."""
+    out: list[str] = []
+    i = 0
+    while i < len(component) and component[i] not in "*?[":
+        if component[i] == "\\" and i + 1 < len(component):
+            i += 1
+        out.append(component[i])
+        i += 1
+    return "".join(out)
+
+
 def _class_end(component: str, start: int) -> int | None:
     """Index of the ``]`` closing a class whose body starts at ``start``, if there is one."""
     j = start
@@ -269,4 +338,4 @@ def _translate_class(body: str) -> str:
             k += 1
     if negated:
         return "[^/" + "".join(items) + "]"
-    return "[" + "".join(items) + "]" if items else "(?!)"
+    return "[" + "".join(items) + "]" if items else _NOTHING

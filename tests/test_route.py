@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import PurePosixPath
@@ -10,15 +9,18 @@ import pytest
 from bem.types.input_type import InputType
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from runner.route import (
     INPUT_TYPES,
     Destination,
     Route,
     glob_matches,
+    glob_problem,
     input_type_for,
     is_ignored,
     route_file,
+    workflow_name_problem,
 )
 
 P = PurePosixPath
@@ -252,7 +254,7 @@ def test_route_defaults() -> None:
     route = Route(glob="invoices/**", workflow="invoice-extract")
     assert (route.group, route.batch_max_files, route.batch_max_bytes) == ("file", 50, 50_000_000)
     assert route.batch_window_seconds == 10.0
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         route.workflow = "other"  # type: ignore[misc]
 
 
@@ -262,17 +264,75 @@ def test_route_defaults() -> None:
         ({"glob": ""}, "cannot be empty"),
         ({"workflow": ""}, "workflow name cannot be empty"),
         ({"workflow": "  "}, "workflow name cannot be empty"),
-        ({"group": "batch"}, "group must be one of"),
+        ({"group": "batch"}, "group"),
         ({"batch_max_files": 0}, "batch_max_files"),
         ({"batch_max_bytes": 0}, "batch_max_bytes"),
         ({"batch_window_seconds": 0.0}, "batch_window_seconds"),
         ({"batch_window_seconds": float("nan")}, "batch_window_seconds"),
+        ({"batch_window_seconds": float("inf")}, "batch_window_seconds"),
+        ({"batch_window_seconds": 1e300}, "batch_window_seconds"),
+        ({"batch_max_files": True}, "batch_max_files"),
+        ({"batch_max_files": "5"}, "batch_max_files"),
+        ({"batch_max_files": 10**20}, "batch_max_files"),
+        ({"batch_max_bytes": 2.5}, "batch_max_bytes"),
+        ({"batch_window_seconds": "10s"}, "batch_window_seconds"),
+        ({"batch_window_seconds": False}, "batch_window_seconds"),
+        ({"glob": "/"}, "cannot be empty"),
+        ({"glob": "//"}, "cannot be empty"),
+        ({"glob": "./a"}, "'.' component"),
+        ({"glob": "a/../b"}, "'..' component"),
+        ({"glob": ".git/**"}, "hidden"),
+        ({"glob": "**/.*"}, "hidden"),
+        ({"glob": "a/*.part"}, "never taken"),
+        ({"glob": "a/[z-a]"}, "matches nothing"),
+        ({"glob": "a\x00b"}, "NUL"),
+        ({"glob": 5}, "glob"),
+        ({"workflow": "."}, "cannot be '.'"),
+        ({"workflow": ".."}, "cannot be '..'"),
+        ({"workflow": "a/b"}, "cannot contain '/'"),
+        ({"workflow": "a\nb"}, "control character \\(U\\+000A\\)"),
+        ({"workflow": "a\x7fb"}, "control character \\(U\\+007F\\)"),
+        ({"workflow": 3}, "workflow"),
+        ({"colour": "red"}, "colour"),
     ],
 )
 def test_route_rejects_bad_values(kwargs: dict[str, Any], message: str) -> None:
     values: dict[str, Any] = {"glob": "a/**", "workflow": "wf", **kwargs}
     with pytest.raises(ValueError, match=message):
         Route(**values)
+
+
+@given(st.characters(codec="utf-8", categories=["Cc"]), st.text(max_size=5), st.text(max_size=5))
+def test_no_control_character_in_a_workflow_name(char: str, before: str, after: str) -> None:
+    problem = workflow_name_problem(before + char + after)
+    assert problem is not None
+
+
+@given(st.text(min_size=1, max_size=30))
+def test_a_glob_that_validates_matches_some_file_the_runner_takes(glob: str) -> None:
+    """The class behind ``glob = "/"``: a glob that passes validation compiles, and some path
+    it matches is one the runner would take (not hidden, not a download in progress)."""
+    if glob_problem(glob) is not None:
+        with pytest.raises(ValidationError):
+            Route(glob=glob, workflow="wf")
+        return
+    route = Route(glob=glob, workflow="wf")
+    sample = _a_path_matching(route.glob)
+    if sample is not None:  # no sample for classes and escapes; the pattern still compiles
+        assert not is_ignored(P(sample)), sample
+        assert route_file(P(sample), [route]) is not None
+
+
+def _a_path_matching(glob: str) -> str | None:
+    """A path the glob matches, built by filling its wildcards; None if it has classes."""
+    if any(char in glob for char in "[\\"):
+        return None
+    parts = [p for p in glob.lstrip("/").split("/") if p]
+    if glob.endswith("/"):
+        parts.append("f")
+    filled = ["f" if p == "**" else p.replace("*", "x").replace("?", "y") for p in parts]
+    path = "/".join(filled)
+    return path if glob_matches(glob, path) else None
 
 
 # -- default routing --------------------------------------------------------------------------
