@@ -156,5 +156,5 @@ def test_an_outbox_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "outbox").write_text("not a folder")
     done = bem_runner("drain", "--emulator", "--settle-seconds", "0", *paths(tmp_path))
     assert done.returncode == 2
-    assert f"paths.outbox: {tmp_path / 'outbox'} exists and is not a folder" in done.stderr
+    assert f"paths.outbox ({tmp_path / 'outbox'}) exists and is not a folder" in done.stderr
     assert "Traceback" not in done.stderr
