@@ -237,3 +237,27 @@ async def test_one_state_has_one_owner_and_a_killed_owner_leaves_no_lock(tmp_pat
                 code, _ = await finish(process)
     assert code == 0  # the SIGKILLed owner's lock died with it
     assert sorted(outbox_documents(tmp_path / "outbox")) == ["wf/a.txt", "wf/b.txt"]
+
+
+async def test_a_relative_inbox_takes_new_files_from_file_events(tmp_path: Path) -> None:
+    """Paths are resolved once at load, so events under a relative inbox are not dropped: a
+    file dropped after start arrives long before the (here 10-minute) rescan."""
+    (tmp_path / "bem-runner.toml").write_text(
+        CONFIG.format(root=".", rps=20).replace("rescan_seconds = 0.2", "rescan_seconds = 600")
+    )
+    emulator = emulator_with()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEM_", "NOTIFY_"))}
+    with notify_listener() as listener, anyio.fail_after(60):
+        env.update(NOTIFY_SOCKET=listener.address, BEM_API_KEY=API_KEY)
+        async with serve_emulator(emulator) as base_url:
+            env["BEM_BASE_URL"] = base_url
+            args = [sys.executable, "-m", "runner", "--config", "bem-runner.toml", "run"]
+            async with await anyio.open_process(args, env=env, cwd=tmp_path) as process:
+                assert "READY" in await listener.receive()
+                put(tmp_path, "wf/late.txt")
+                while "1 results" not in (await listener.until("STATUS"))["STATUS"]:
+                    pass
+                process.send_signal(signal.SIGTERM)
+                code, _ = await finish(process)
+    assert code == 0
+    assert list(outbox_documents(tmp_path / "outbox")) == ["wf/late.txt"]
