@@ -5,13 +5,14 @@ The only place that reads the process environment, handles exit codes and calls 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import click
@@ -21,8 +22,6 @@ from rich.console import Console
 from runner import faults
 from runner.config import Config, load_config
 from runner.daemon import ExitCode, Outcome, Runner, RunnerOptions
-from runner.emulator import Emulator, EmulatorSettings, serve_emulator
-from runner.emulator.cli import emulator_command
 from runner.errors import RunnerError
 from runner.logs import LEVELS, configure_logging
 from runner.metrics import Metrics, fetch_live, render_live, serve_metrics
@@ -97,7 +96,37 @@ def global_options(command: Any) -> Any:
     )(command)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose heavy subcommands are imported only when they run (``--help`` lists them
+    from their short help, without importing them)."""
+
+    lazy: ClassVar[dict[str, tuple[str, str]]] = {
+        "emulator": ("runner.emulator.cli:emulator_command", "Serve the bem-compatible emulator.")
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module_name, _, attribute = self.lazy[cmd_name][0].partition(":")
+            command = getattr(importlib.import_module(module_name), attribute)
+            self.add_command(global_options(command), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.lazy and name not in self.commands:
+                rows.append((name, self.lazy[name][1]))
+            elif (command := self.get_command(ctx, name)) is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -280,6 +309,8 @@ async def _api_target(use_emulator: bool) -> AsyncIterator[Retarget]:
     if not use_emulator:
         yield lambda config: config
         return
+    from runner.emulator import Emulator, EmulatorSettings, serve_emulator  # only when used
+
     settings = EmulatorSettings(latency_min=0.2, latency_max=1.0)
     async with serve_emulator(Emulator(settings)) as base_url:
         click.echo(f"bem emulator at {base_url}", err=True)
@@ -344,7 +375,6 @@ def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     click.echo(f"requeued {len(requeued)} file(s)")
 
 
-cli.add_command(global_options(emulator_command), "emulator")
 
 
 def main() -> None:
