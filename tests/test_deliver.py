@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -9,12 +11,13 @@ import pytest
 
 from runner.deliver import (
     Document,
+    LeftInPlace,
+    Written,
     documents_for_group,
     finish_input,
     finish_inputs,
     rejection_document,
     write_atomic,
-    write_document,
     write_documents,
 )
 from runner.store.base import FileRow, GroupRow
@@ -108,14 +111,20 @@ def test_a_rejected_call_fails_every_file_with_the_reason() -> None:
     assert {d.reason for d in documents} == {"bem rejected the call: bad"}
 
 
+def written_path(outbox: Path, document: Document) -> Path:
+    (outcome,) = write_documents(outbox, [document])
+    assert isinstance(outcome, Written), outcome
+    return outcome.path
+
+
 def test_documents_are_private_atomic_and_exactly_one_per_file(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
     file = FILES[0]
     error = rejection_document(file)
-    write_document(outbox, error)
+    written_path(outbox, error)
     assert (outbox / "wf/f/a.txt.error.json").exists()
     result = Document(file, "result", {"file": file.rel}, None)
-    path = write_document(outbox, result)
+    path = written_path(outbox, result)
     assert path == outbox / "wf/f/a.txt.json"
     assert not (outbox / "wf/f/a.txt.error.json").exists()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -143,23 +152,47 @@ def test_finish_input_is_idempotent(tmp_path: Path, on_done: str) -> None:
         assert (archive / "wf/a.txt").read_bytes() == b"abc"
 
 
-def test_a_page_of_documents_fails_only_where_the_outbox_is_broken(tmp_path: Path) -> None:
+def test_a_file_where_a_folder_should_be_sends_only_that_document_to_the_root(
+    tmp_path: Path,
+) -> None:
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     (outbox / "blocked").write_text("a file where a folder should be")
     good = [file_row(1, "wf/a.txt", None), file_row(2, "wf/sub/b.txt", None)]
     bad = file_row(3, "blocked/c.txt", None)
     documents = [rejection_document(f) for f in (good[0], bad, good[1])]
-    first, failed, second = write_documents(outbox, documents)
-    assert first == outbox / "wf/a.txt.error.json"
-    assert second == outbox / "wf/sub/b.txt.error.json"
-    assert isinstance(failed, FileExistsError)
-    assert json.loads(first.read_text())["file"] == "wf/a.txt"
+    first, moved, second = write_documents(outbox, documents)
+    assert isinstance(first, Written) and first.path == outbox / "wf/a.txt.error.json"
+    assert isinstance(second, Written) and second.path == outbox / "wf/sub/b.txt.error.json"
+    assert isinstance(moved, Written) and moved.path.parent == outbox
+    assert moved.path.name.startswith("c.txt~") and moved.path.name.endswith(".error.json")
+    assert moved.instead_of == outbox / "blocked/c.txt.error.json"
+    assert json.loads(moved.path.read_text())["file"] == "blocked/c.txt"
+    assert json.loads(first.path.read_text())["file"] == "wf/a.txt"
     assert sorted(p.name for p in (outbox / "wf").rglob("*")) == [
         "a.txt.error.json",
         "b.txt.error.json",
         "sub",
     ]
+
+
+def test_a_page_of_documents_fails_only_where_the_disk_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = tmp_path / "outbox"
+    real_replace = os.replace
+
+    def disk_full_for_b(src: str, dst: str, **kwargs: int) -> None:
+        if dst.startswith("b.txt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", disk_full_for_b)
+    documents = [rejection_document(file_row(n, f"wf/{n}", None)) for n in ("a.txt", "b.txt")]
+    written, failed = write_documents(outbox, documents)
+    assert isinstance(written, Written)
+    assert isinstance(failed, OSError) and failed.errno == errno.ENOSPC  # retried later
+    assert sorted(p.name for p in (outbox / "wf").iterdir()) == ["a.txt.error.json"]
 
 
 def test_a_page_of_inputs_is_finished_file_by_file(tmp_path: Path) -> None:
@@ -172,9 +205,10 @@ def test_a_page_of_inputs_is_finished_file_by_file(tmp_path: Path) -> None:
         (inbox / rel).write_bytes(b"abc")
         taken = (inbox / rel).stat().st_mtime_ns
         files.append(dataclasses.replace(file_row(n, rel, None), mtime_ns=taken))
-    ok, failed = finish_inputs(inbox, archive, files, "archive")
+    ok, left = finish_inputs(inbox, archive, files, "archive")
     assert ok is None
-    assert isinstance(failed, OSError)
+    assert isinstance(left, LeftInPlace)  # never archivable: not an error to retry
+    assert "wf/blocked.txt" in left.reason
     assert (archive / "wf/a.txt").read_bytes() == b"abc"
     assert sorted(p.name for p in (inbox / "wf").iterdir()) == ["blocked.txt"]
     assert finish_inputs(inbox, archive, files[:1], "archive") == [None]  # again, after a crash
