@@ -11,9 +11,10 @@ the same on every attempt::
 
 ``<hash>`` is the first 16 hex digits of the SHA-256 of ``rel``'s bytes, so two files never
 share an alternative name; the name is cut at a character boundary so that the whole fits the
-file system's NAME_MAX. The alternative goes in the file's own folder when that folder can hold
-it, else straight under the outbox root. Either way the document's ``"file"`` (and
-``"fileBase64"``) names the input. The natural name is passed over when:
+file system's NAME_MAX (and the whole path under PATH_MAX). The alternative goes in the file's
+own folder when that folder can hold it, else straight under the outbox root. Either way the
+document's ``"file"`` (and ``"fileBase64"``) names the input. The natural name is passed over
+when:
 
 - a component of it is longer than NAME_MAX, or the whole path reaches PATH_MAX;
 - it is the result of a file whose name ends in ``.error`` (``x.error.json`` is the error
@@ -157,13 +158,19 @@ def natural_place(rel: str, kind: Kind) -> Place:
     return Place(tuple(folders), name + SUFFIXES[kind])
 
 
-def alternative_name(rel: str, kind: Kind, name_max: int) -> str | None:
-    """``<name cut>~<hash><suffix>``, or None on a file system whose names are too short."""
+def alternative_name(rel: str, kind: Kind, room: int) -> str | None:
+    """``<name cut>~<hash><suffix>`` in at most ``room`` bytes; None when even that is too long."""
     tail = f"~{short_hash(rel)}{SUFFIXES[kind]}"
-    budget = name_max - size(tail)
+    budget = room - size(tail)
     if budget < 1:
         return None
     return cut(rel.rsplit("/", 1)[-1], budget) + tail
+
+
+def room(root: Path, folders: Sequence[str], limits: Limits) -> int:
+    """The longest name that fits in this folder (NAME_MAX, and the path under PATH_MAX)."""
+    used = size(os.path.abspath(root)) + sum(1 + size(part) for part in folders) + 1
+    return min(limits.name_max, limits.path_max - 1 - used)
 
 
 def claims_natural(rel: str, kind: Kind) -> bool:
@@ -175,9 +182,10 @@ def document_places(root: Path, rel: str, kind: Kind, limits: Limits) -> list[Pl
     """Where a document of this kind may go, best first; each fits the file system."""
     natural = natural_place(rel, kind)
     candidates = [natural] if claims_natural(rel, kind) else []
-    alternative = alternative_name(rel, kind, limits.name_max)
-    if alternative is not None:
-        candidates += [Place(natural.folders, alternative), Place((), alternative)]
+    for folders in (natural.folders, ()):
+        alternative = alternative_name(rel, kind, room(root, folders, limits))
+        if alternative is not None:
+            candidates.append(Place(folders, alternative))
     return [p for p in dict.fromkeys(candidates) if fits(root, p, limits)]
 
 
