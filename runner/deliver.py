@@ -172,7 +172,7 @@ def _document(
             reason += f" ({unmatched_outputs} outputs of the call matched no file)"
     body: dict[str, Any] = {
         **names.name_fields("file", file.rel),
-        "workflow": group.workflow,
+        "workflow": _shown(group.workflow),
         "callID": group.call_id,
         "callReferenceID": group.call_reference_id,
         "itemReferenceID": file.item_reference_id if group.batch else None,
@@ -201,7 +201,7 @@ def _message(event: Any) -> str:
 def rejection_document(file: FileRow) -> Document:
     body = {
         **names.name_fields("file", file.rel),
-        "workflow": file.workflow,
+        "workflow": _shown(file.workflow),
         "status": "rejected",
         "reason": file.reason or "rejected",
         "inputType": file.input_type,
@@ -209,6 +209,10 @@ def rejection_document(file: FileRow) -> Document:
         "seenAt": _iso(file.seen_at),
     }
     return Document(file, "error", body, file.reason)
+
+
+def _shown(name: str | None) -> str | None:
+    return None if name is None else names.shown(name)
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -333,8 +337,8 @@ FinishOutcome = LeftInPlace | OSError | None
 """Per file: None when finished, why it stays in the inbox, or the error to retry after."""
 
 
-class CannotArchive(Exception):
-    """The archive can never hold this input under its name."""
+class CannotFinish(Exception):
+    """The input can never be archived (or deleted) as it is."""
 
 
 def finish_inputs(
@@ -352,7 +356,7 @@ def finish_inputs(
                 finish_input(inbox, archive, file.rel, on_done, taken=(file.size, file.mtime_ns))
             )
             results.append(None)
-        except CannotArchive as exc:
+        except CannotFinish as exc:
             touched.append(set())
             results.append(LeftInPlace(str(exc)))
         except OSError as exc:
@@ -385,23 +389,23 @@ def finish_input(
 
     ``taken`` is the (size, mtime_ns) the file had when it was taken: a file that was replaced
     since is new work and is left in the inbox, never archived or deleted unseen. Raises
-    :class:`CannotArchive` when the archive can never take it.
+    :class:`CannotFinish` when the archive can never take it.
     """
     source = inbox / rel
     if on_done == "keep":
         return set()
-    if taken is not None and _replaced(source, taken):
+    try:
+        replaced = taken is not None and _replaced(source, taken)
+        if on_done == "delete" and not replaced:
+            return _delete(source)
+    except OSError as exc:
+        raise _cannot_finish_or(exc, names.shown(str(source))) from exc
+    if replaced:
         log.info(
             "input replaced after it was taken; leaving the new one in the inbox",
             file=names.shown(rel),
         )
         return set()
-    if on_done == "delete":
-        try:
-            source.unlink()
-        except FileNotFoundError:
-            return set()
-        return {source.parent}
     root_fd = open_root(archive, create=True)  # the archive itself: retried, never one file's
     try:
         return _archive(source, archive, root_fd, rel)
@@ -409,23 +413,31 @@ def finish_input(
         os.close(root_fd)
 
 
+def _delete(source: Path) -> set[Path]:
+    try:
+        source.unlink()
+    except FileNotFoundError:
+        return set()
+    return {source.parent}
+
+
 def _archive(source: Path, archive: Path, root_fd: int, rel: str) -> set[Path]:
     *folders, name = rel.split("/")
     place = Place(tuple(folders), name)
     if not fits(archive, place, Limits.of(root_fd)):
-        raise CannotArchive(f"{shown_place(archive, place)}: too long for the file system")
+        raise CannotFinish(f"{shown_place(archive, place)}: too long for the file system")
     if not os.path.lexists(source):
         return _finish_earlier_archive(archive, root_fd, place, source)
     try:
         fd = open_folder(root_fd, place.folders, create=True)
     except OSError as exc:
-        raise _cannot_archive_or(exc, archive, place) from exc
+        raise _cannot_finish_or(exc, shown_place(archive, place)) from exc
     try:
         faults.point("archive.before_rename")
         try:
             _move(source, fd, name)
         except OSError as exc:
-            raise _cannot_archive_or(exc, archive, place) from exc
+            raise _cannot_finish_or(exc, shown_place(archive, place)) from exc
         faults.point("archive.after_rename")
         _make_private(fd, name)
     finally:
@@ -449,9 +461,10 @@ def _finish_earlier_archive(archive: Path, root_fd: int, place: Place, source: P
     return {place.path(archive).parent, source.parent}  # the syncs may not have happened
 
 
-def _cannot_archive_or(exc: OSError, archive: Path, place: Place) -> Exception:
+def _cannot_finish_or(exc: OSError, where: str) -> Exception:
+    """:class:`CannotFinish` for an error that can never succeed, else the error itself."""
     if is_permanent(exc.errno):
-        return CannotArchive(f"{shown_place(archive, place)}: {exc.strerror}")
+        return CannotFinish(f"{where}: {exc.strerror}")
     return exc
 
 

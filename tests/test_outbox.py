@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -529,3 +530,53 @@ async def test_a_drain_with_names_the_outbox_cannot_hold_ends(tmp_path: Path) ->
     assert not [e for e in logs if e["event"].startswith("cannot write")]  # nothing retried
     moved = {e["file"] for e in logs if e["event"] == "document written under another name"}
     assert {long_text, long_gif, "linked/d.txt"} <= moved
+
+
+def deep_input(inbox: Path, total: int) -> tuple[str, FileRow]:
+    """An input whose path is longer than PATH_MAX (made folder by folder, as a user could)."""
+    folders = deep_folders(inbox, total)
+    inbox.mkdir(parents=True, exist_ok=True)
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            os.mkdir(folder, dir_fd=fd)
+            child = os.open(folder, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        file_fd = os.open("a.txt", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
+        os.write(file_fd, b"abc")
+        os.close(file_fd)
+        st = os.stat("a.txt", dir_fd=fd)
+    finally:
+        os.close(fd)
+    rel = "/".join([*folders, "a.txt"])
+    return rel, dataclasses.replace(file_row(1, rel), mtime_ns=st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("on_done", ["archive", "delete"])
+def test_an_input_whose_path_is_too_long_is_left_once(tmp_path: Path, on_done: str) -> None:
+    inbox = tmp_path / "inbox"
+    _, file = deep_input(inbox, PATH_MAX + 100)
+    (outcome,) = finish_inputs(inbox, tmp_path / "archive", [file], on_done)
+    assert isinstance(outcome, LeftInPlace), outcome
+    assert "too long" in outcome.reason.lower()
+
+
+def test_an_archive_on_another_file_system_gets_a_complete_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tmp_path / "archive"
+    inbox, files = inbox_with(tmp_path, ["wf/a.txt"])
+    real_replace = os.replace
+
+    def across_devices(src: Any, dst: Any, **kwargs: Any) -> None:
+        if "src_dir_fd" not in kwargs:  # from the inbox: another file system
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", across_devices)
+    assert finish_inputs(inbox, archive, files, "archive") == [None]
+    assert (archive / "wf/a.txt").read_bytes() == b"abc"
+    assert (archive / "wf/a.txt").stat().st_mtime_ns == files[0].mtime_ns
+    assert not (inbox / "wf/a.txt").exists()
+    assert sorted(p.name for p in (archive / "wf").iterdir()) == ["a.txt"]
