@@ -580,3 +580,27 @@ def test_an_archive_on_another_file_system_gets_a_complete_copy(
     assert (archive / "wf/a.txt").stat().st_mtime_ns == files[0].mtime_ns
     assert not (inbox / "wf/a.txt").exists()
     assert sorted(p.name for p in (archive / "wf").iterdir()) == ["a.txt"]
+
+
+@pytest.mark.anyio
+async def test_a_drain_ends_when_no_document_or_archive_can_ever_be_written(
+    tmp_path: Path,
+) -> None:
+    emulator = Emulator(EmulatorSettings(latency_min=0.01, latency_max=0.03))
+    deep = tmp_path.joinpath("outbox", *deep_folders(tmp_path, PATH_MAX - 15))
+    config = make_config(tmp_path, paths={"outbox": str(deep)})
+    write_files(config.paths.inbox, [("wf/" + "z" * 200 + ".txt", b"z"), ("wf/b.txt", b"b")])
+    (config.paths.archive / "wf/b.txt").mkdir(parents=True)  # the archive cannot take it
+
+    with capture_logs() as logs, anyio.fail_after(60):
+        outcome = await drain(config, emulator)
+
+    assert outcome.exit_code == ExitCode.FILE_ERRORS
+    failed = [e for e in logs if e["event"] == "no document can be written for this file; it fails"]
+    assert [e["file"] for e in failed] == ["wf/" + "z" * 200 + ".txt"]
+    left = [
+        e for e in logs if e["event"] == "the input can never be archived; it stays in the inbox"
+    ]
+    assert [e["file"] for e in left] == ["wf/b.txt"]
+    assert (config.paths.inbox / "wf/b.txt").read_bytes() == b"b"
+    assert not [e for e in logs if "will retry" in e["event"]]
