@@ -10,11 +10,11 @@ the same on every attempt::
     <name cut to fit>~<hash>.json            <name cut to fit>~<hash>.error.json
 
 ``<hash>`` is the first 16 hex digits of the SHA-256 of ``rel``'s bytes, so two files never
-share an alternative name; the name is cut at a character boundary so that the whole fits the
-file system's NAME_MAX (and the whole path under PATH_MAX). The alternative goes in the file's
-own folder when that folder can hold it, else straight under the outbox root. Either way the
-document's ``"file"`` (and ``"fileBase64"``) names the input. The natural name is passed over
-when:
+share an alternative name. The name is shown as valid UTF-8 (a byte that is not UTF-8 becomes
+``\\xNN``) and cut at a character boundary so that the whole fits the file system's NAME_MAX
+(and the whole path stays under PATH_MAX). The alternative goes in the file's own folder when
+that folder can hold it, else straight under the outbox root. Either way the document's
+``"file"`` (and ``"fileBase64"``) names the input. The natural name is passed over when:
 
 - a component of it is longer than NAME_MAX, or the whole path reaches PATH_MAX;
 - it is the result of a file whose name ends in ``.error`` (``x.error.json`` is the error
@@ -159,12 +159,16 @@ def natural_place(rel: str, kind: Kind) -> Place:
 
 
 def alternative_name(rel: str, kind: Kind, room: int) -> str | None:
-    """``<name cut>~<hash><suffix>`` in at most ``room`` bytes; None when even that is too long."""
+    """``<name cut>~<hash><suffix>`` in at most ``room`` bytes; None when even that is too long.
+
+    Always valid UTF-8 (the name as :func:`names.shown` gives it), so that a file system that
+    refuses other bytes still takes it; the hash keeps the exact bytes apart.
+    """
     tail = f"~{short_hash(rel)}{SUFFIXES[kind]}"
     budget = room - size(tail)
     if budget < 1:
         return None
-    return cut(rel.rsplit("/", 1)[-1], budget) + tail
+    return cut(names.shown(rel.rsplit("/", 1)[-1]), budget) + tail
 
 
 def room(root: Path, folders: Sequence[str], limits: Limits) -> int:

@@ -223,6 +223,15 @@ def test_the_name_says_which_kind_of_document_it_is(rel: str, kind: Kind) -> Non
         assert place.name.endswith(".error.json") is (kind == "error")
 
 
+@given(rels, st.sampled_from(KINDS), st.integers(0, NAME_MAX))
+def test_an_alternative_name_is_always_utf8(rel: str, kind: Kind, room: int) -> None:
+    name = alternative_name(rel, kind, room)
+    if name is not None:
+        assert names.is_exact(name)
+        assert len(names.raw(name)) <= room
+        assert "/" not in name
+
+
 @given(st.text(min_size=1, max_size=300), st.integers(0, 300))
 def test_a_cut_ends_between_characters(text: str, budget: int) -> None:
     text = names.from_raw(text.encode())
