@@ -60,6 +60,8 @@ log = structlog.get_logger("runner.deliver")
 
 RETRY_SECONDS = 5.0
 BATCH = 200
+LEFT_IN_INBOX = "left"
+"""The watcher's state for a finished input that could not be archived or deleted."""
 
 __all__ = [
     "BATCH",
@@ -555,8 +557,10 @@ class Deliverer:
         await store.mark_done([f.id for f in finished], now=ctx.clock.wall())
         keep = ctx.config.inbox.on_done == "keep"
         for file in finished:
-            if keep or file.id in left:  # so that a file still there is not taken again
+            if keep:  # so that a kept file is not taken again while it stays unchanged
                 ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, "done")
+            elif file.id in left:  # still in the inbox, but finished: never taken again
+                ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, LEFT_IN_INBOX)
             else:  # gone from the inbox: whatever comes under its name is new work
                 ctx.known.pop(file.rel, None)
         ctx.nudges.supervisor.set()
