@@ -9,6 +9,7 @@ test_store.py).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -287,14 +288,23 @@ async def test_a_rejected_key_stops_sending_and_fails_no_file(tmp_path: Path) ->
     assert len(outbox_documents(config.paths.outbox)) == 5
 
 
-async def test_an_unwritable_outbox_is_retried_and_loses_nothing(tmp_path: Path) -> None:
+async def test_an_unwritable_outbox_is_retried_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     emulator = fast_emulator()
     config = make_config(tmp_path, inbox={"rescan_seconds": 0.1})
     write_files(config.paths.inbox, [("wf/a.txt", b"alpha"), ("wf/b.exe", b"rejected")])
-    # a file where the outbox's wf/ folder must go: no document can be written there
-    config.paths.outbox.mkdir(parents=True)
-    blocker = config.paths.outbox / "wf"
-    blocker.write_bytes(b"in the way")
+    # a full disk: no document can be written until space is freed (a folder or a file in the
+    # way can never succeed, and goes elsewhere: tests/test_outbox.py)
+    disk_full = True
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        if disk_full and str(dst).endswith(".json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
     runner = daemon(config, emulator)
     with capture_logs() as logs:
         async with anyio.create_task_group() as tg:
@@ -306,11 +316,9 @@ async def test_an_unwritable_outbox_is_retried_and_loses_nothing(tmp_path: Path)
                 )
             )
             assert (config.paths.inbox / "wf/a.txt").exists()  # not archived, not lost
-            blocker.unlink()
+            disk_full = False
             write_files(config.paths.inbox, [("wf/c.txt", b"gamma")])  # new work wakes it
-            await wait_until(
-                lambda: not blocker.is_file() and len(outbox_documents(config.paths.outbox)) == 3
-            )
+            await wait_until(lambda: len(outbox_documents(config.paths.outbox)) == 3)
             runner.should_exit = True
 
     kinds = {rel: kind for rel, (kind, _) in outbox_documents(config.paths.outbox).items()}
