@@ -24,7 +24,7 @@ import watchfiles
 from watchfiles._rust_notify import WatchfilesRustInternalError
 
 from runner.context import Context
-from runner.deliver import outbox_paths
+from runner.deliver import LEFT_IN_INBOX, outbox_paths
 from runner.route import INPUT_TYPES, Route, input_type_for, is_ignored, route_file
 from runner.store.base import KnownFile, NewFile
 
@@ -151,15 +151,17 @@ def is_new(entry: Entry, known: Mapping[str, KnownFile], *, keep: bool) -> bool:
 
     A file with an unfinished row is never taken twice. A finished file that is still in the
     inbox is new when inputs are archived or deleted (it was dropped again), and only when its
-    size or mtime changed when inputs are kept (so unchanged files are never hashed again).
+    size or mtime changed when inputs are kept (so unchanged files are never hashed again) or
+    when it was left in the inbox because the archive could never take it.
     """
     previous = known.get(entry.rel)
     if previous is None or previous.state == "retried":
         return True
-    if previous.state != "done":
+    if previous.state not in ("done", LEFT_IN_INBOX):
         return False
-    if not keep:
+    if not keep and previous.state == "done":
         return True
+    # kept, or left in the inbox because it could not be archived: new only once it changes
     return (previous.size, previous.mtime_ns) != (entry.size, entry.mtime_ns)
 
 

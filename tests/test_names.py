@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from runner import names
 from runner.logs import show_names
-from runner.route import Destination, route_file
+from runner.route import Destination, is_ignored, route_file
 from runner.store.base import NewFile
 from runner.store.sqlite import open_sqlite_store
 
@@ -97,3 +97,58 @@ def test_the_store_keeps_every_name_exactly(leaves: list[bytes]) -> None:
 
 def test_names_need_the_file_system_encoding_to_be_utf8() -> None:
     assert os.fsencode("\udcff") == b"\xff"
+
+
+def _drain_names(root: Path, rels: list[bytes]) -> dict[bytes, dict[str, object]]:
+    """Drain an inbox holding ``rels`` (bytes) on the emulator; input name → its document."""
+    from runner.emulator import Emulator, EmulatorSettings
+    from tests.pipeline import drain, make_config
+
+    config = make_config(root)
+    inbox = os.fsencode(config.paths.inbox)
+    for index, rel in enumerate(rels):
+        path = inbox + b"/" + rel
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b"content %d" % index)
+    emulator = Emulator(EmulatorSettings(latency_min=0, latency_max=0))
+    anyio.run(drain, config, emulator)
+    documents: dict[bytes, dict[str, object]] = {}
+    for directory, _, files in os.walk(os.fsencode(config.paths.outbox)):
+        for name in files:
+            with open(directory + b"/" + name, "rb") as fh:
+                document = json.loads(fh.read().decode("utf-8"))
+            exact = (
+                base64.b64decode(str(document["fileBase64"]))
+                if "fileBase64" in document
+                else str(document["file"]).encode("utf-8")
+            )
+            assert exact not in documents, f"two documents for {exact!r}"
+            documents[exact] = document
+    return documents
+
+
+def test_a_name_that_is_not_utf8_travels_and_blocks_nothing(tmp_path: Path) -> None:
+    good = [b"wf/g%d.txt" % i for i in range(5)]
+    odd = [b"wf/\xff\xfebad.txt", b"wf/\xfe\xfffolder/x\xff.txt", b"wf/\xfe\xfffolder/y.txt"]
+    documents = _drain_names(tmp_path, good + odd)
+    assert sorted(documents) == sorted(good + odd)
+    assert all(document["status"] == "completed" for document in documents.values())
+    bad = documents[b"wf/\xff\xfebad.txt"]
+    assert bad["file"] == "wf/\\xff\\xfebad.txt"
+    assert os.path.exists(os.fsencode(tmp_path / "outbox") + b"/wf/\xff\xfebad.txt.json")
+    batch = documents[b"wf/\xfe\xfffolder/x\xff.txt"]
+    assert batch["itemReferenceID"] == "x\\xff.txt"
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(name_bytes, min_size=1, max_size=5))
+def test_every_name_the_file_system_allows_ends_in_one_document(leaves: list[bytes]) -> None:
+    """Every name but the ones never taken (hidden, ``*.tmp``...): sent or refused, each ends
+    in exactly one document that names it exactly."""
+    rels = sorted(
+        {b"wf/" + leaf for leaf in leaves if not is_ignored(PurePosixPath(names.from_raw(leaf)))}
+    )
+    with tempfile.TemporaryDirectory() as root:
+        documents = _drain_names(Path(root), rels)
+    assert sorted(documents) == rels
