@@ -1,6 +1,8 @@
 """What every stage of the pipeline shares: config, store, client, clock and wake-ups.
 
-The wake-ups only say "look again"; every decision is read back from the store.
+The wake-ups only say "look again"; every decision is read back from the store. State that one
+stage keeps for itself (the watcher's cache of known files, say) belongs to that stage, and the
+others tell it what they did.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import anyio
 from runner.api.client import BemClient
 from runner.clock import Clock
 from runner.config import Config
-from runner.store.base import KnownFile, Store
+from runner.health import ApiHealth
+from runner.store.base import Store
 
+MIN_WAIT = 0.05
+"""The shortest idle wait a stage asks for when it expects news soon: it never spins."""
 MAX_IDLE_SECONDS = 3600.0
 """The longest idle wait: a stage looks again at least this often, whatever it was told."""
 
@@ -42,7 +47,7 @@ class Nudge:
 
 @dataclass
 class Nudges:
-    intake: Nudge
+    watch: Nudge
     group: Nudge
     submit: Nudge
     poll: Nudge
@@ -55,25 +60,7 @@ class Nudges:
         return cls(*(Nudge(clock) for _ in range(6)))
 
     def all(self) -> tuple[Nudge, ...]:
-        return (self.intake, self.group, self.submit, self.poll, self.deliver, self.supervisor)
-
-
-@dataclass
-class Health:
-    """What the API told us about the account as a whole."""
-
-    auth_error: str | None = None
-    unreachable_since: float | None = None
-    last_error: str | None = None
-
-    def reached(self) -> None:
-        self.auth_error = None
-        self.unreachable_since = None
-
-    def unreachable(self, now: float, error: str) -> None:
-        if self.unreachable_since is None:
-            self.unreachable_since = now
-        self.last_error = error
+        return (self.watch, self.group, self.submit, self.poll, self.deliver, self.supervisor)
 
 
 @dataclass
@@ -84,13 +71,11 @@ class Context:
     clock: Clock
     draining: bool
     nudges: Nudges = field(init=False)
-    health: Health = field(default_factory=Health)
+    health: ApiHealth = field(default_factory=ApiHealth)
     stopping: anyio.Event = field(default_factory=anyio.Event)
-    """Set on shutdown: stop intake and new submissions, finish what is in flight."""
-    intake_done: anyio.Event = field(default_factory=anyio.Event)
+    """Set on shutdown: take no new files, send nothing new, finish what is in flight."""
+    inbox_taken: anyio.Event = field(default_factory=anyio.Event)
     """Drain only: everything that was in the inbox has been taken."""
-    known: dict[str, KnownFile] = field(default_factory=dict)
-    """Cache of the store's latest row per inbox path, so rescans never re-hash."""
     rng: random.Random = field(default_factory=random.Random)
     tally: Counter[str] = field(default_factory=Counter)
     """Documents delivered by this process, by outcome ("result" / "error")."""

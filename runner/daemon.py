@@ -40,7 +40,7 @@ from runner.ratelimit import RateLimiter
 from runner.store.base import Counts
 from runner.store.sqlite import open_sqlite_store
 from runner.submit import Submitter
-from runner.watch import EventSource, Intake, watchfiles_events
+from runner.watch import EventSource, Watcher, watchfiles_events
 
 log = structlog.get_logger("runner.daemon")
 
@@ -180,13 +180,13 @@ class Runner:
         return anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     async def main_loop(self, ctx: Context, signals: Signals | None = None) -> None:
-        intake = Intake(ctx, events=self.events)
+        watcher = Watcher(ctx, events=self.events)
         stages: dict[str, Callable[[], Awaitable[None]]] = {
-            "intake": intake.run,
-            "group": Grouper(ctx, unsettled_under=intake.has_pending_under).run,
-            "submit": Submitter(ctx).run,
+            "watch": watcher.run,
+            "group": Grouper(ctx, unsettled_under=watcher.has_pending_under).run,
+            "submit": Submitter(ctx, preflight=watcher.confirm_unchanged).run,
             "poll": Poller(ctx).run,
-            "deliver": Deliverer(ctx).run,
+            "deliver": Deliverer(ctx, on_finished=watcher.file_finished).run,
         }
         running = set(stages)
         all_stopped = anyio.Event()
@@ -205,7 +205,7 @@ class Runner:
             if signals is not None:
                 tg.start_soon(self._watch_signals, ctx, signals, name="signals")
             await self._supervise(ctx)
-            log.info("stopping: intake stopped, finishing in-flight requests")
+            log.info("stopping: no new files taken, finishing in-flight requests")
             ctx.stop()
             await self._finish_in_flight(all_stopped)
             if not all_stopped.is_set():
@@ -320,10 +320,10 @@ class Runner:
             self._stop(ExitCode.API_UNAVAILABLE, f"bem rejected the API key: {health.auth_error}")
         elif (
             health.unreachable_since is not None
-            and ctx.clock.wall() - health.unreachable_since >= ctx.config.api.unreachable_timeout
+            and health.unreachable_for(ctx.clock.wall()) >= ctx.config.api.unreachable_timeout
         ):
             self._stop(ExitCode.API_UNAVAILABLE, f"bem cannot be reached: {health.last_error}")
-        elif ctx.intake_done.is_set() and await ctx.store.unfinished_work() == 0:
+        elif ctx.inbox_taken.is_set() and await ctx.store.unfinished_work() == 0:
             self._drained = True
             self.should_exit = True
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import anyio
 import structlog
@@ -54,7 +54,7 @@ from runner.outbox import (
     write_atomic,
     write_atomic_at,
 )
-from runner.store.base import Delivery, FileRow, GroupRow, KnownFile
+from runner.store.base import Delivery, FileRow, GroupRow
 
 log = structlog.get_logger("runner.deliver")
 
@@ -516,9 +516,16 @@ def _replaced(source: Path, taken: tuple[int, int]) -> bool:
 # The stage
 
 
+class OnFinished(Protocol):
+    """Told of each input that is finished (archived, deleted, kept, or left in the inbox)."""
+
+    def __call__(self, file: FileRow, *, left_in_inbox: bool) -> None: ...
+
+
 class Deliverer:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, on_finished: OnFinished) -> None:
         self._ctx = ctx
+        self._on_finished = on_finished
 
     async def run(self) -> None:
         ctx = self._ctx
@@ -555,14 +562,8 @@ class Deliverer:
             ctx.tally[outcome] += 1
         finished, left = await self._finish([*delivered, *(d.file for d, _, _ in written)])
         await store.mark_done([f.id for f in finished], now=ctx.clock.wall())
-        keep = ctx.config.inbox.on_done == "keep"
         for file in finished:
-            if keep:  # so that a kept file is not taken again while it stays unchanged
-                ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, "done")
-            elif file.id in left:  # still in the inbox, but finished: never taken again
-                ctx.known[file.rel] = KnownFile(file.size, file.mtime_ns, LEFT_IN_INBOX)
-            else:  # gone from the inbox: whatever comes under its name is new work
-                ctx.known.pop(file.rel, None)
+            self._on_finished(file, left_in_inbox=file.id in left)
         ctx.nudges.supervisor.set()
         if len(written) < len(documents) or len(finished) < len(delivered) + len(written):
             return RETRY_SECONDS

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from runner.context import Context
+from runner.context import MIN_WAIT, Context
 from runner.store.base import GroupRow
 
 log = structlog.get_logger("runner.group")
@@ -30,13 +30,13 @@ class GroupFacts:
     window_seconds: float | None
     ready_marker: bool
     unsettled_inside: bool
-    intake_finished: bool
+    inbox_taken: bool
 
 
 def should_close(group: GroupRow, facts: GroupFacts) -> bool:
     if group.state != "open":
         return False
-    if facts.intake_finished:
+    if facts.inbox_taken:
         return True
     if group.mode == "folder":
         if facts.unsettled_inside:
@@ -53,7 +53,7 @@ def next_check(group: GroupRow, facts: GroupFacts) -> float:
     """The latest time by which this open group should be looked at again."""
     if group.mode == "window" and facts.window_seconds is not None:
         return group.opened_at + facts.window_seconds
-    return group.last_added_at + max(facts.settle_seconds, 0.05)
+    return group.last_added_at + max(facts.settle_seconds, MIN_WAIT)
 
 
 class Grouper:
@@ -85,7 +85,7 @@ class Grouper:
                     callReferenceID=group.call_reference_id,
                 )
             else:
-                soonest = min(soonest, max(next_check(group, facts) - now, 0.05))
+                soonest = min(soonest, max(next_check(group, facts) - now, MIN_WAIT))
         if closed:
             ctx.nudges.submit.set()
         return soonest
@@ -103,7 +103,7 @@ class Grouper:
             window_seconds=window_seconds,
             ready_marker=group.mode == "folder" and _exists(folder / READY_MARKER),
             unsettled_inside=group.mode == "folder" and self._unsettled_under(group.group_key),
-            intake_finished=ctx.intake_done.is_set(),
+            inbox_taken=ctx.inbox_taken.is_set(),
         )
 
 

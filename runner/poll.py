@@ -15,14 +15,14 @@ import structlog
 
 from runner import faults
 from runner.api.models import Call
-from runner.context import Context
-from runner.errors import ApiError, AuthError, NotFoundError, TransientError
+from runner.context import MIN_WAIT, Context
+from runner.errors import ApiError, AuthError, NotFoundError
+from runner.health import AUTH_RETRY_SECONDS
 from runner.policy import poll_delay
 from runner.store.base import Finished, GroupRow, NextPoll
 
 log = structlog.get_logger("runner.poll")
 
-AUTH_RETRY_SECONDS = 60.0
 
 
 @dataclass
@@ -89,11 +89,11 @@ class Poller:
             if next_due is None:
                 return ctx.config.poll.max_seconds
             if next_due > now:
-                return max(next_due - now, 0.05)
+                return max(next_due - now, MIN_WAIT)
             # calls due soon ride along with the ones due now: one request instead of many
             due = await ctx.store.due_polls(now=now + ctx.config.poll.initial_seconds, limit=limit)
             if not due:
-                return 0.05
+                return MIN_WAIT
             await self._load_item_references(due)
             try:
                 if ctx.config.api.version == "v2":
@@ -208,6 +208,7 @@ class Poller:
     async def _record(self, page: PollPage) -> None:
         """One transaction for the page, then a log line per call that ended."""
         ctx = self._ctx
+        ctx.health.reached()
         now = ctx.clock.wall()
         await ctx.store.record_polls(page.finished, page.next_polls, now=now)
         for group, finished in zip(page.groups, page.finished, strict=True):
@@ -227,11 +228,7 @@ class Poller:
     async def _failed(self, due: list[GroupRow], exc: ApiError) -> None:
         ctx = self._ctx
         now = ctx.clock.wall()
-        if isinstance(exc, AuthError):
-            ctx.health.auth_error = exc.message
-            ctx.nudges.supervisor.set()
-        elif isinstance(exc, TransientError) and exc.status_code is None:
-            ctx.health.unreachable(now, exc.message)
+        if ctx.health.failed(exc, now=now):
             ctx.nudges.supervisor.set()
         log.warning("poll failed; will retry", error=exc.message, calls=len(due))
         delay = max(ctx.config.poll.initial_seconds, 1.0)

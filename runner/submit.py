@@ -1,22 +1,22 @@
 """The submitter: ready groups become bem calls, each sent at most once.
 
 Before a POST the group is marked ``sending`` in the store (its ``callReferenceID`` was written
-when the group was created). If the POST's outcome is unknown, the group becomes ``unknown`` and
-is resolved by listing calls with its reference ID — adopted if found, resent only after the
-visibility window has passed without it showing up.
+when the group was created). A POST whose outcome is unknown makes the group ``unknown``, which
+:mod:`runner.resolve` settles by listing — never by sending blindly again. What a failure says
+about the account (a rejected key, bem unreachable) is :mod:`runner.health`'s to keep.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
 import structlog
 
 from runner import faults
-from runner.api.models import Call, UploadFile, V2Call, V2CallRequest
-from runner.context import Context
+from runner.api.models import UploadFile, V2Call, V2CallRequest
+from runner.context import MIN_WAIT, Context
 from runner.errors import (
     ApiError,
     AuthError,
@@ -25,19 +25,23 @@ from runner.errors import (
     RateLimitedError,
     TransientError,
 )
-from runner.policy import retry_delay, unknown_outcome_resolution
+from runner.health import AUTH_RETRY_SECONDS
+from runner.policy import retry_delay
+from runner.resolve import Resolver, recheck_seconds, record_call
 from runner.store.base import FileRow, Finished, GroupRow
 
 log = structlog.get_logger("runner.submit")
 
-AUTH_RETRY_SECONDS = 60.0
-UNKNOWN_RECHECK_SECONDS = 2.0
-LIST_REFERENCES_PER_REQUEST = 50
+Sendable = list[tuple[GroupRow, list[FileRow]]]
+Preflight = Callable[[list[GroupRow]], Awaitable[Sendable]]
+"""Given ready groups, the ones still worth sending, with their files (the watcher checks them)."""
 
 
 class Submitter:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, preflight: Preflight) -> None:
         self._ctx = ctx
+        self._preflight = preflight
+        self._resolver = Resolver(ctx)
         self._in_flight = 0
         self._key_accepted = False
         self._next_auth_probe = 0.0
@@ -57,15 +61,13 @@ class Submitter:
     async def submit_due(self, tg: anyio.abc.TaskGroup) -> float:
         """Start POSTs for due groups within the open-call budget; return the idle wait."""
         ctx = self._ctx
-        limits = ctx.config.limits
-        await self.resolve_unknown()
+        await self._resolver.resolve_due()
         now = ctx.clock.wall()
-        room = limits.max_open_calls - await ctx.store.open_call_count()
-        room = min(room, limits.max_concurrency * 2 - self._in_flight)
+        room = self._room(await ctx.store.open_call_count())
         if ctx.health.auth_error is not None:
             # a rejected key is a loud stop, not one 401 per file: one probe now and then
             if ctx.draining or now < self._next_auth_probe:
-                return max(self._next_auth_probe - now, 0.05)
+                return max(self._next_auth_probe - now, MIN_WAIT)
             self._next_auth_probe = now + AUTH_RETRY_SECONDS
             room = min(room, 1 - self._in_flight)
         elif not self._key_accepted:
@@ -78,51 +80,27 @@ class Submitter:
         if sendable:
             await ctx.store.mark_sending([g.id for g, _ in sendable], now=ctx.clock.wall())
             faults.point("submit.after_commit")
-        size = ctx.config.api.v2_calls_per_request if ctx.config.api.version == "v2" else 1
-        for start in range(0, len(sendable), size):
-            batch = sendable[start : start + size]
+        for batch in self._requests(sendable):
             self._in_flight += 1
             tg.start_soon(self._send, batch, name=f"submit-{batch[0][0].call_reference_id}")
-        next_due = await ctx.store.next_submit_due()
         if len(groups) == room:
-            return 0.05
+            return MIN_WAIT
+        next_due = await ctx.store.next_submit_due()
         if next_due is None:
             return ctx.config.inbox.rescan_seconds
-        return max(next_due - ctx.clock.wall(), 0.05)
+        return max(next_due - ctx.clock.wall(), MIN_WAIT)
 
-    async def _preflight(self, groups: list[GroupRow]) -> list[tuple[GroupRow, list[FileRow]]]:
-        """Drop files that vanished or changed since they were queued, and groups left empty."""
-        ctx = self._ctx
-        files_by_group = await ctx.store.files_of_groups([g.id for g in groups])
-        sendable = []
-        for group in groups:
-            keep = [f for f in files_by_group[group.id] if await self._unchanged(group, f)]
-            if keep:
-                sendable.append((group, keep))
-            else:
-                await ctx.store.drop_empty_group(group.id)
-        return sendable
+    def _room(self, open_calls: int) -> int:
+        limits = self._ctx.config.limits
+        return min(limits.max_open_calls - open_calls, limits.max_concurrency * 2 - self._in_flight)
 
-    async def _unchanged(self, group: GroupRow, file: FileRow) -> bool:
-        ctx = self._ctx
-        try:
-            st = (ctx.config.paths.inbox / file.rel).lstat()
-        except OSError as exc:
-            await ctx.store.reject_queued_file(
-                file, f"the file vanished from the inbox before it was sent ({exc.strerror})"
-            )
-            log.warning("file vanished", file=file.rel, callReferenceID=group.call_reference_id)
-            ctx.nudges.deliver.set()
-            return False
-        if (st.st_size, st.st_mtime_ns) != (file.size, file.mtime_ns):
-            await ctx.store.supersede_file(file)
-            ctx.known.pop(file.rel, None)
-            ctx.nudges.intake.set()
-            log.info("file changed after it was queued; taking it again", file=file.rel)
-            return False
-        return True
+    def _requests(self, sendable: Sendable) -> list[Sendable]:
+        """The groups as requests: one per POST in v3, up to ``v2_calls_per_request`` in v2."""
+        api = self._ctx.config.api
+        size = api.v2_calls_per_request if api.version == "v2" else 1
+        return [sendable[start : start + size] for start in range(0, len(sendable), size)]
 
-    async def _send(self, batch: list[tuple[GroupRow, list[FileRow]]]) -> None:
+    async def _send(self, batch: Sendable) -> None:
         try:
             # a POST already sent finishes even during shutdown, so its outcome is recorded
             with anyio.CancelScope(shield=True):
@@ -154,9 +132,10 @@ class Submitter:
         except ApiError as exc:
             await self._failed([group], exc)
             return
-        await self._submitted(group, call.call_id, call.status, call)
+        self._key_accepted = True
+        await record_call(ctx, group, call.call_id, call.status)
 
-    async def _send_v2(self, batch: list[tuple[GroupRow, list[FileRow]]]) -> None:
+    async def _send_v2(self, batch: Sendable) -> None:
         ctx = self._ctx
         requests = [
             V2CallRequest(
@@ -175,39 +154,17 @@ class Submitter:
         except ApiError as exc:
             await self._failed(groups, exc)
             return
+        self._key_accepted = True
         by_reference: dict[str, V2Call] = {c.call_reference_id or "": c for c in calls}
         for group in groups:
             call = by_reference.get(group.call_reference_id)
             if call is None:
                 await ctx.store.mark_unknown([group.id], not_before=ctx.clock.wall())
                 continue
-            await self._submitted(group, call.call_id, call.status, None)
-
-    async def _submitted(
-        self, group: GroupRow, call_id: str, status: str | None, call: Call | None
-    ) -> None:
-        ctx = self._ctx
-        ctx.health.reached()
-        self._key_accepted = True
-        now = ctx.clock.wall()
-        await ctx.store.mark_submitted(
-            group.id,
-            call_id=call_id,
-            status=status,
-            now=now,
-            next_poll=now + ctx.config.poll.initial_seconds,
-        )
-        log.info(
-            "call submitted",
-            callID=call_id,
-            callReferenceID=group.call_reference_id,
-            workflow=group.workflow,
-            group=group.group_key,
-            files=group.file_count,
-        )
-        ctx.nudges.poll.set()
+            await record_call(ctx, group, call.call_id, call.status)
 
     async def _failed(self, groups: list[GroupRow], exc: ApiError) -> None:
+        """What a failed POST means for its groups: resolve, wait, stop, fail or retry."""
         ctx = self._ctx
         ctx.nudges.submit.set()
         now = ctx.clock.wall()
@@ -215,15 +172,16 @@ class Submitter:
         refs = [g.call_reference_id for g in groups]
         if exc.status_code is not None and not isinstance(exc, AuthError):
             self._key_accepted = True  # bem answered, and not about the key
+        if ctx.health.failed(exc, now=now):
+            ctx.nudges.supervisor.set()
         if isinstance(exc, OutcomeUnknownError):
             log.warning("submit outcome unknown", callReferenceIDs=refs, error=exc.message)
-            await ctx.store.mark_unknown(ids, not_before=now + self._recheck_seconds())
+            await ctx.store.mark_unknown(ids, not_before=now + recheck_seconds(ctx))
         elif isinstance(exc, RateLimitedError):
             # the shared limiter already holds every request until Retry-After has passed
             log.info("submit rate limited", callReferenceIDs=refs, retry_after=exc.retry_after)
             await ctx.store.mark_submit_later(ids, not_before=now)
         elif isinstance(exc, AuthError):
-            ctx.health.auth_error = exc.message
             self._next_auth_probe = now + AUTH_RETRY_SECONDS
             log.error(
                 "bem rejected the API key; nothing is sent until it is fixed, probing every "
@@ -231,7 +189,6 @@ class Submitter:
                 error=exc.message,
             )
             await ctx.store.mark_submit_later(ids, not_before=now)
-            ctx.nudges.supervisor.set()
         elif isinstance(exc, PermanentError):
             reason = f"bem rejected the call: {exc.message}"
             await ctx.store.mark_terminal(
@@ -243,73 +200,10 @@ class Submitter:
             attempts = max(g.attempts for g in groups)
             retry_after = exc.retry_after if isinstance(exc, TransientError) else None
             delay = retry_delay(attempts, rng=ctx.rng, retry_after=retry_after)
-            if isinstance(exc, TransientError) and exc.status_code is None:
-                ctx.health.unreachable(now, exc.message)
-                ctx.nudges.supervisor.set()
             log.warning(
                 "submit failed; will retry", callReferenceIDs=refs, error=exc.message, delay=delay
             )
             await ctx.store.mark_submit_later(ids, not_before=now + delay)
-
-    def _recheck_seconds(self) -> float:
-        return min(UNKNOWN_RECHECK_SECONDS, self._ctx.config.api.visibility_window / 2)
-
-    async def resolve_unknown(self) -> None:
-        """Adopt calls that were created after all; resend those that surely were not."""
-        ctx = self._ctx
-        now = ctx.clock.wall()
-        groups = await ctx.store.due_unknown(now=now, limit=LIST_REFERENCES_PER_REQUEST)
-        if not groups:
-            return
-        try:
-            found = await self._find_by_reference([g.call_reference_id for g in groups])
-        except ApiError as exc:
-            log.warning("cannot list calls to resolve unknown outcomes", error=exc.message)
-            if isinstance(exc, AuthError):
-                ctx.health.auth_error = exc.message
-            elif isinstance(exc, TransientError) and exc.status_code is None:
-                ctx.health.unreachable(now, exc.message)
-            ctx.nudges.supervisor.set()
-            await ctx.store.mark_unknown(
-                [g.id for g in groups], not_before=now + self._recheck_seconds()
-            )
-            return
-        window = ctx.config.api.visibility_window
-        for group in groups:
-            call = found.get(group.call_reference_id)
-            decision = unknown_outcome_resolution(
-                now=now,
-                sent_at=group.sent_at or now,
-                visibility_window=window,
-                found=call is not None,
-            )
-            if call is not None:
-                log.info(
-                    "adopted call created by an earlier attempt",
-                    callID=call.call_id,
-                    callReferenceID=group.call_reference_id,
-                )
-                await self._submitted(group, call.call_id, call.status, call)
-            elif decision == "wait":
-                await ctx.store.mark_unknown([group.id], not_before=now + self._recheck_seconds())
-            else:
-                log.info(
-                    "call was never created; sending again", callReferenceID=group.call_reference_id
-                )
-                await ctx.store.mark_submit_later([group.id], not_before=now)
-        ctx.nudges.submit.set()
-
-    async def _find_by_reference(self, references: Sequence[str]) -> dict[str, Call]:
-        found: dict[str, Call] = {}
-        faults.point("submit.before_list")
-        async for call in self._ctx.client.iter_calls(
-            reference_ids=list(references), sort_order="asc"
-        ):
-            # the oldest call with a reference wins, should a duplicate ever exist
-            if call.call_reference_id and call.call_reference_id not in found:
-                found[call.call_reference_id] = call
-        faults.point("submit.after_list")
-        return found
 
 
 def _uploads(inbox: Path, group: GroupRow, files: list[FileRow]) -> list[UploadFile]:
@@ -323,4 +217,4 @@ def _uploads(inbox: Path, group: GroupRow, files: list[FileRow]) -> list[UploadF
     ]
 
 
-__all__ = ["Submitter"]
+__all__ = ["Preflight", "Sendable", "Submitter"]

@@ -23,10 +23,11 @@ import structlog
 import watchfiles
 from watchfiles._rust_notify import WatchfilesRustInternalError
 
-from runner.context import Context
+from runner.context import MIN_WAIT, Context
 from runner.deliver import LEFT_IN_INBOX, outbox_paths
 from runner.route import INPUT_TYPES, Route, input_type_for, is_ignored, route_file
-from runner.store.base import KnownFile, NewFile
+from runner.store.base import FileRow, GroupRow, KnownFile, NewFile
+from runner.submit import Sendable
 
 log = structlog.get_logger("runner.watch")
 
@@ -232,7 +233,7 @@ def hash_file(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The intake stage
+# The watch stage
 
 EventSource = Callable[[Path, anyio.Event], AsyncIterator[set[str]]]
 """Yields sets of changed paths below the inbox until the event is set."""
@@ -274,7 +275,7 @@ async def watchfiles_events(inbox: Path, stop: anyio.Event) -> AsyncIterator[set
                 await stop.wait()
 
 
-class Intake:
+class Watcher:
     """Scans the inbox, settles files and hands new ones to the store, grouped."""
 
     def __init__(self, ctx: Context, *, events: EventSource | None) -> None:
@@ -285,6 +286,51 @@ class Intake:
         self._rescan_now = False
         self._untaken: Counter[str] = Counter()
         self._reported: set[str] = set()
+        self._known: dict[str, KnownFile] = {}
+        """The store's latest row per inbox path, so rescans never re-hash. The watcher's own:
+        other stages tell it what they did (:meth:`file_finished`, :meth:`confirm_unchanged`)."""
+
+    def file_finished(self, file: FileRow, *, left_in_inbox: bool) -> None:
+        """Told by the deliverer: this input was archived, deleted, kept or left in place."""
+        if left_in_inbox:  # still in the inbox, but finished: taken again only once it changes
+            self._known[file.rel] = KnownFile(file.size, file.mtime_ns, LEFT_IN_INBOX)
+        elif self._ctx.config.inbox.on_done == "keep":  # not taken again while unchanged
+            self._known[file.rel] = KnownFile(file.size, file.mtime_ns, "done")
+        else:  # gone from the inbox: whatever comes under its name is new work
+            self._known.pop(file.rel, None)
+
+    async def confirm_unchanged(self, groups: list[GroupRow]) -> Sendable:
+        """Before a POST: drop files that vanished or changed since they were queued (a changed
+        one is taken anew), and groups left empty. The groups worth sending, with their files."""
+        store = self._ctx.store
+        files_by_group = await store.files_of_groups([g.id for g in groups])
+        sendable = []
+        for group in groups:
+            keep = [f for f in files_by_group[group.id] if await self._unchanged(group, f)]
+            if keep:
+                sendable.append((group, keep))
+            else:
+                await store.drop_empty_group(group.id)
+        return sendable
+
+    async def _unchanged(self, group: GroupRow, file: FileRow) -> bool:
+        ctx = self._ctx
+        try:
+            st = await anyio.Path(ctx.config.paths.inbox / file.rel).lstat()
+        except OSError as exc:
+            await ctx.store.reject_queued_file(
+                file, f"the file vanished from the inbox before it was sent ({exc.strerror})"
+            )
+            log.warning("file vanished", file=file.rel, callReferenceID=group.call_reference_id)
+            ctx.nudges.deliver.set()
+            return False
+        if (st.st_size, st.st_mtime_ns) != (file.size, file.mtime_ns):
+            await ctx.store.supersede_file(file)
+            self._known.pop(file.rel, None)
+            ctx.nudges.watch.set()
+            log.info("file changed after it was queued; taking it again", file=file.rel)
+            return False
+        return True
 
     def has_pending_under(self, folder: str) -> bool:
         """Whether files under ``folder`` are still settling or not yet taken."""
@@ -296,10 +342,10 @@ class Intake:
         keep = ctx.config.inbox.on_done == "keep"
         known = await ctx.store.known_files()
         # a finished file counts only while inputs are kept (see is_new)
-        ctx.known.update((rel, k) for rel, k in known.items() if keep or k.state != "done")
+        self._known.update((rel, k) for rel, k in known.items() if keep or k.state != "done")
         async with anyio.create_task_group() as tg:
             if self._events is not None and not ctx.draining:
-                tg.start_soon(self._follow_events, name="intake-events")
+                tg.start_soon(self._follow_events, name="watch-events")
             await self._loop()
             tg.cancel_scope.cancel()
 
@@ -316,7 +362,7 @@ class Intake:
                     self._rescan_now = True
                 else:
                     self._dirty.add(rel)
-            self._ctx.nudges.intake.set()
+            self._ctx.nudges.watch.set()
 
     async def _loop(self) -> None:
         ctx = self._ctx
@@ -329,14 +375,14 @@ class Intake:
                 next_full = ctx.clock.now() + rescan_every
             await self.take(full=full)
             if ctx.draining and not self._settler.pending:
-                ctx.intake_done.set()
+                ctx.inbox_taken.set()
                 ctx.nudges.supervisor.set()
                 return
             timeout = next_full - ctx.clock.now()
             deadline = self._settler.next_deadline()
             if deadline is not None:
-                timeout = min(timeout, max(deadline - ctx.clock.wall(), 0.05))
-            await ctx.nudges.intake.wait(timeout)
+                timeout = min(timeout, max(deadline - ctx.clock.wall(), MIN_WAIT))
+            await ctx.nudges.watch.wait(timeout)
 
     async def take(self, *, full: bool) -> int:
         """One pass: scan, settle, examine, store. Returns how many files were taken."""
@@ -352,7 +398,7 @@ class Intake:
         self._report_skipped(report.skipped)
         settled = self._settler.observe(report.entries, now=ctx.clock.wall(), complete=full)
         keep = ctx.config.inbox.on_done == "keep"
-        fresh = [entry for entry in settled if is_new(entry, ctx.known, keep=keep)]
+        fresh = [entry for entry in settled if is_new(entry, self._known, keep=keep)]
         taken = 0
         # A page at a time: a huge inbox starts flowing early and is never all in memory at
         # once. Folders with files still to come stay open meanwhile (has_pending_under).
@@ -378,7 +424,7 @@ class Intake:
         )
         for new in new_files:
             state = "rejected" if new.reason else "queued"
-            ctx.known[new.rel] = KnownFile(new.size, new.mtime_ns, state)
+            self._known[new.rel] = KnownFile(new.size, new.mtime_ns, state)
             if new.reason:
                 log.warning("file rejected", file=new.rel, reason=new.reason)
             else:
@@ -397,8 +443,8 @@ class Intake:
         outbox = self._ctx.config.paths.outbox
         fresh = []
         for new in new_files:
-            if new.rel not in self._ctx.known and _has_document_for(outbox, new):
-                self._ctx.known[new.rel] = KnownFile(new.size, new.mtime_ns, "done")
+            if new.rel not in self._known and _has_document_for(outbox, new):
+                self._known[new.rel] = KnownFile(new.size, new.mtime_ns, "done")
                 log.warning(
                     "input already has a document with the same content but the state has no "
                     "record of it (was the state deleted?); not sending it again",

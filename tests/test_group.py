@@ -38,7 +38,7 @@ def facts(**changes: object) -> GroupFacts:
         window_seconds=None,
         ready_marker=False,
         unsettled_inside=False,
-        intake_finished=False,
+        inbox_taken=False,
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
@@ -59,7 +59,7 @@ def test_window_closes_when_old_enough() -> None:
 
 
 def test_a_drain_closes_everything_once_intake_is_done() -> None:
-    assert should_close(BASE, facts(intake_finished=True, unsettled_inside=True))
+    assert should_close(BASE, facts(inbox_taken=True, unsettled_inside=True))
 
 
 @given(
@@ -89,7 +89,7 @@ def test_should_close_properties(
         window_seconds=window,
         ready_marker=marker,
         unsettled_inside=unsettled,
-        intake_finished=finished,
+        inbox_taken=finished,
     )
     closes = should_close(group, f)
     if state != "open":

@@ -1,0 +1,115 @@
+"""Unknown outcomes: a POST that may or may not have created its call is never sent blindly again.
+
+The group's ``callReferenceID`` was journalled before the POST. Calls with that reference are
+listed (``GET /v3/calls?referenceIDs=...``): one found is adopted; not finding it proves nothing
+until the listing has had ``api.visibility_window`` to show it, and only then is the group sent
+again (:func:`runner.policy.unknown_outcome_resolution`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from runner import faults
+from runner.api.models import Call
+from runner.context import Context
+from runner.errors import ApiError
+from runner.policy import unknown_outcome_resolution
+from runner.store.base import GroupRow
+
+log = structlog.get_logger("runner.resolve")
+
+UNKNOWN_RECHECK_SECONDS = 2.0
+"""How soon an unresolved group is listed again (at most half the visibility window)."""
+LIST_REFERENCES_PER_REQUEST = 50
+
+
+async def record_call(ctx: Context, group: GroupRow, call_id: str, status: str | None) -> None:
+    """bem has a call for this group (answered by its POST, or found by listing): follow it."""
+    ctx.health.reached()
+    now = ctx.clock.wall()
+    await ctx.store.mark_submitted(
+        group.id,
+        call_id=call_id,
+        status=status,
+        now=now,
+        next_poll=now + ctx.config.poll.initial_seconds,
+    )
+    log.info(
+        "call submitted",
+        callID=call_id,
+        callReferenceID=group.call_reference_id,
+        workflow=group.workflow,
+        group=group.group_key,
+        files=group.file_count,
+    )
+    ctx.nudges.poll.set()
+
+
+def recheck_seconds(ctx: Context) -> float:
+    return min(UNKNOWN_RECHECK_SECONDS, ctx.config.api.visibility_window / 2)
+
+
+class Resolver:
+    """Resolves the groups whose POST outcome is unknown, a page of references at a time."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    async def resolve_due(self) -> None:
+        """Adopt calls that were created after all; resend those that surely were not."""
+        ctx = self._ctx
+        now = ctx.clock.wall()
+        groups = await ctx.store.due_unknown(now=now, limit=LIST_REFERENCES_PER_REQUEST)
+        if not groups:
+            return
+        try:
+            found = await self._find_by_reference([g.call_reference_id for g in groups])
+        except ApiError as exc:
+            log.warning("cannot list calls to resolve unknown outcomes", error=exc.message)
+            if ctx.health.failed(exc, now=now):
+                ctx.nudges.supervisor.set()
+            await ctx.store.mark_unknown(
+                [g.id for g in groups], not_before=now + recheck_seconds(ctx)
+            )
+            return
+        for group in groups:
+            await self._decide(group, found.get(group.call_reference_id), now)
+        ctx.nudges.submit.set()
+
+    async def _decide(self, group: GroupRow, call: Call | None, now: float) -> None:
+        ctx = self._ctx
+        decision = unknown_outcome_resolution(
+            now=now,
+            sent_at=group.sent_at or now,
+            visibility_window=ctx.config.api.visibility_window,
+            found=call is not None,
+        )
+        if call is not None:
+            log.info(
+                "adopted call created by an earlier attempt",
+                callID=call.call_id,
+                callReferenceID=group.call_reference_id,
+            )
+            await record_call(ctx, group, call.call_id, call.status)
+        elif decision == "wait":
+            await ctx.store.mark_unknown([group.id], not_before=now + recheck_seconds(ctx))
+        else:
+            log.info(
+                "call was never created; sending again", callReferenceID=group.call_reference_id
+            )
+            await ctx.store.mark_submit_later([group.id], not_before=now)
+
+    async def _find_by_reference(self, references: Sequence[str]) -> dict[str, Call]:
+        found: dict[str, Call] = {}
+        faults.point("submit.before_list")
+        async for call in self._ctx.client.iter_calls(
+            reference_ids=list(references), sort_order="asc"
+        ):
+            # the oldest call with a reference wins, should a duplicate ever exist
+            if call.call_reference_id and call.call_reference_id not in found:
+                found[call.call_reference_id] = call
+        faults.point("submit.after_list")
+        return found
