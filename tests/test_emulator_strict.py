@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from runner.emulator import Emulator, EmulatorSettings
 from runner.emulator.inputs import INPUT_TYPE_ALIASES, INPUT_TYPES
-from runner.emulator.listing import _ARRAY_PARAMS
+from runner.emulator.listing import ARRAY_PARAMS
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +56,7 @@ async def client(emulator: Emulator) -> AsyncIterator[httpx.AsyncClient]:
 # -- list filters ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", sorted(_ARRAY_PARAMS))
+@pytest.mark.parametrize("key", sorted(ARRAY_PARAMS))
 async def test_a_repeated_array_key_is_400_and_one_comma_joined_key_is_not(
     client: httpx.AsyncClient, key: str
 ) -> None:

@@ -22,7 +22,7 @@ from runner.emulator.state import CALL_STATUSES, CALL_TYPES, CallRecord, CallSto
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 100
 
-_ARRAY_PARAMS = {
+ARRAY_PARAMS = {
     "callIDs": "call_ids",
     "referenceIDs": "reference_ids",
     "workflowIDs": "workflow_ids",
@@ -74,10 +74,10 @@ class ListQuery:
 
 
 def parse_list_query(params: QueryParams) -> ListQuery:
-    unknown = sorted(set(params.keys()) - set(_ARRAY_PARAMS) - _SCALAR_PARAMS)
+    unknown = sorted(set(params.keys()) - set(ARRAY_PARAMS) - _SCALAR_PARAMS)
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
-    arrays = {field: _split(_scalar(params, key)) for key, field in _ARRAY_PARAMS.items()}
+    arrays = {field: _split(_scalar(params, key)) for key, field in ARRAY_PARAMS.items()}
     _check_choices("statuses", arrays["statuses"], CALL_STATUSES)
     _check_choices("callTypes", arrays["call_types"], CALL_TYPES)
     return ListQuery(
