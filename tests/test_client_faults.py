@@ -200,7 +200,6 @@ async def test_unknown_workflow_is_not_found(
         (401, AuthError),
         (403, AuthError),
         (404, NotFoundError),
-        (409, PermanentError),
         (413, PermanentError),
         (422, PermanentError),
     ],

@@ -252,3 +252,45 @@ async def test_serve_emulator_on_a_busy_port_is_an_emulator_error() -> None:
         with pytest.raises(EmulatorError, match=str(port)):
             async with serve_emulator(make_emulator(), port=port):
                 pass
+
+
+# ---------------------------------------------------------------------------------------------
+# knobs for the SDK's retry and response semantics, set over HTTP
+
+
+async def test_answer_knobs_are_set_through_the_settings_route() -> None:
+    emulator = make_emulator()
+    async with await open_client(emulator) as client:
+        created = (await client.post(INVOKE, json=single(), headers=AUTH)).json()["call"]
+        call_path = f"/v3/calls/{created['callID']}"
+
+        async def knobs(**changes: Any) -> None:
+            response = await client.post("/_emulator/settings", json=changes)
+            assert response.status_code == 200, response.text
+
+        await knobs(error_rate=1.0, error_status=409, should_retry_header="false",
+                    fault_retry_after=1.5, retry_after_format="milliseconds")  # fmt: skip
+        conflict = await client.get(call_path, headers=AUTH)
+        assert conflict.status_code == 409
+        assert conflict.headers["x-should-retry"] == "false"
+        assert conflict.headers["retry-after-ms"] == "1500"
+        assert "retry-after" not in conflict.headers
+
+        await knobs(error_rate=0.0, redirect_status=308)
+        moved = await client.get("/v3/calls/a%2Fb", params={"limit": "1"}, headers=AUTH)
+        assert moved.status_code == 308
+        assert moved.headers["location"] == "/moved/v3/calls/a%2Fb?limit=1"
+        followed = await client.get("/moved" + call_path, headers=AUTH)
+        assert followed.json()["call"]["callID"] == created["callID"]
+
+        await knobs(redirect_status=None, null_call=True)
+        assert (await client.get(call_path, headers=AUTH)).json() == {"call": None}
+
+        await knobs(null_call=False, null_events=True)
+        call = (await client.get(call_path, headers=AUTH)).json()["call"]
+        assert (call["outputs"], call["errors"]) == (None, None)
+
+        bad = await client.post("/_emulator/settings", json={"error_status": 200})
+        assert bad.status_code == 400
+        assert emulator.stats()["faults"]["redirected"] == 1
+        assert emulator.stats()["faults"]["error"] == 1

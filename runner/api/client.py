@@ -1,44 +1,42 @@
 """Async client for the bem API: v3 workflow calls, v3 call reads and listings, v2 calls.
 
 One client holds one httpx connection pool. Every failure leaves this module as a
-:mod:`runner.errors` class that says what the caller may do next:
+:mod:`runner.errors` class that says what the caller may do next (see
+:mod:`runner.api.failures` for the whole mapping):
 
 - :class:`TransientError` — nothing happened on bem's side, or a read failed; asking again is
   safe (:class:`RateLimitedError` for a 429, with ``retry_after``).
 - :class:`OutcomeUnknownError` — a POST that creates calls was (perhaps) sent, but its answer
-  was lost or was a 5xx: a call may exist, so look for its ``callReferenceID`` before sending
-  it again.
+  was lost, was a 5xx or a 409, or carried no call: a call may exist, so look for its
+  ``callReferenceID`` before sending it again.
 - :class:`AuthError`, :class:`PermanentError`, :class:`NotFoundError` — asking again will not
   help.
 
-Reads (GETs) are retried here with exponential backoff and full jitter; POSTs never are.
-Every attempt passes through the shared rate limiter when one is given.
+Requests are written as bem's official SDK writes them (:mod:`runner.api.encoding`). Reads
+(GETs) are retried here as the SDK retries them — ``x-should-retry`` first, then 408, 409, 429
+and 5xx — waiting ``retry-after-ms`` / ``Retry-After`` or else :func:`runner.policy.retry_delay`;
+POSTs never are. Redirects are followed on the same origin only (307/308 send the same body
+again), so the API key never goes to another host. Every attempt passes through the shared
+rate limiter when one is given.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import math
-import mimetypes
 import random
-import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, ExitStack
-from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
-from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, Self, TypeVar
 
 import httpx
 import structlog
 from pydantic import BaseModel, ValidationError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from runner import __version__
+from runner.api import encoding, failures
+from runner.api.failures import parse_retry_after
 from runner.api.models import (
     Call,
     CallList,
@@ -52,14 +50,13 @@ from runner.api.models import (
 from runner.clock import Clock, SystemClock
 from runner.errors import (
     ApiError,
-    AuthError,
     ConfigError,
     NotFoundError,
     OutcomeUnknownError,
     PermanentError,
-    RateLimitedError,
     TransientError,
 )
+from runner.policy import retry_delay
 from runner.ratelimit import RateLimiter
 
 __all__ = ["BemClient", "CallStatusFilter", "CallTypeFilter", "SortOrder", "parse_retry_after"]
@@ -69,14 +66,11 @@ CallStatusFilter = Literal["pending", "running", "completed", "failed"]
 CallTypeFilter = Literal["workflow", "direct_function", "adhoc_function"]
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
-_T = TypeVar("_T")
 
-# Read retries: full jitter over an exponentially growing ceiling.
-_BACKOFF_BASE_SECONDS = 0.5
-_BACKOFF_MAX_SECONDS = 30.0
-# A multiple of 3, so base64 of consecutive chunks concatenates to base64 of the whole file.
-_READ_CHUNK_BYTES = 3 * 256 * 1024
-_MESSAGE_MAX_CHARS = 500
+# A read is retried inside the client only while the server asks for at most this long (as the
+# SDK); a longer Retry-After goes back to the caller, which reschedules the work.
+RETRY_AFTER_HONOURED_SECONDS = 60.0
+MAX_REDIRECTS = 10
 
 _log = structlog.get_logger(__name__)
 
@@ -97,11 +91,18 @@ class BemClient:
         rng: random.Random | None = None,
         on_response: Callable[[str, str, int | None], None] | None = None,
     ) -> None:
-        """``on_response(method, route, status)`` hears of each exchange (None: no answer)."""
+        """``on_response(method, route, status)`` hears of each exchange (None: no answer).
+
+        An API key that no HTTP header can carry is a :class:`ConfigError` that never shows it.
+        """
         if read_attempts < 1:
             raise ValueError("read_attempts must be at least 1")
+        problem = encoding.header_value_problem(api_key)
+        if problem is not None:
+            raise ConfigError(f"the API key cannot be sent in the x-api-key header: {problem}")
         self._base_url = base_url
         self._api_key = api_key
+        self._redactor = failures.Redactor(api_key)
         self._limiter = limiter
         self._transport = transport
         self._timeout = timeout
@@ -150,16 +151,17 @@ class BemClient:
         """``POST /v3/workflows/{workflowName}/call``; never retried (see module docstring).
 
         Files are read when the request is built (multipart: opened then, streamed while
-        sending); a file that cannot be read is a :class:`PermanentError` before anything is
-        sent. With ``wait`` a failed call comes back as a 500 that carries the call, which is
-        returned like any other.
+        sending); a file that cannot be read, or a workflow name no URL can address, is a
+        :class:`PermanentError` before anything is sent. ``multipart`` is a preference: a
+        batch whose item references a form cannot carry exactly goes as JSON. With ``wait`` a
+        failed call comes back as a 500 that carries the call, which is returned like any other.
         """
         _check_file_count(files, batch=batch)
-        path = f"/v3/workflows/{_segment(workflow_name)}/call"
+        path = f"/v3/workflows/{encoding.workflow_segment(workflow_name)}/call"
         route = "/v3/workflows/{workflowName}/call"
         with ExitStack() as open_files:
-            with _reading_input_files():
-                if multipart:
+            with encoding.reading_input_files():
+                if multipart and encoding.multipart_can_carry(files, batch=batch):
                     request = self._multipart_request(
                         path,
                         files,
@@ -171,7 +173,7 @@ class BemClient:
                     )
                 else:
                     document: dict[str, object] = {
-                        "input": _input_document(files, batch=batch),
+                        "input": encoding.input_document(files, batch=batch),
                         "callReferenceID": call_reference_id,
                     }
                     if metadata is not None:
@@ -184,13 +186,23 @@ class BemClient:
             failed_call = _call_from_failed_wait(response)
             if failed_call is not None:
                 return failed_call
-        self._raise_for_status(response, route=route, creates=True)
-        return _parse(response, CallResponse, route=route, creates=True).call
+        self._raise_for_status(response, creates=True)
+        call = _parse(response, CallResponse, creates=True).call
+        if call is None:
+            raise OutcomeUnknownError(
+                f"{failures.target(response.request)}: HTTP {response.status_code} without a "
+                f"call{failures.MAYBE_CREATED}",
+                status_code=response.status_code,
+            )
+        return call
 
     async def get_call(self, call_id: str) -> Call:
-        """``GET /v3/calls/{callID}``, retried on transient failures."""
-        path = f"/v3/calls/{_segment(call_id)}"
+        """``GET /v3/calls/{callID}``, retried on transient failures; NotFoundError when bem
+        answers 404 or with ``{"call": null}``."""
+        path = f"/v3/calls/{encoding.call_id_segment(call_id)}"
         found = await self._read(path, route="/v3/calls/{callID}", model=CallResponse)
+        if found.call is None:
+            raise NotFoundError(f"GET {path}: bem answered without a call (call: null)")
         return found.call
 
     async def list_calls(
@@ -209,20 +221,26 @@ class BemClient:
         starting_after: str | None = None,
         ending_before: str | None = None,
     ) -> list[Call]:
-        """One page of ``GET /v3/calls``, retried on transient failures."""
-        params = _list_params(
-            callIDs=call_ids,
-            referenceIDs=reference_ids,
-            referenceIDSubstring=reference_id_substring,
-            workflowIDs=workflow_ids,
-            workflowNames=workflow_names,
-            statuses=statuses,
-            callTypes=call_types,
-            functionNames=function_names,
-            sortOrder=sort_order,
-            limit=limit,
-            startingAfter=starting_after,
-            endingBefore=ending_before,
+        """One page of ``GET /v3/calls``, retried on transient failures.
+
+        List filters go as one key with comma-joined values, as bem's SDK sends them; an
+        empty list is no filter. A value holding a comma cannot be sent: PermanentError.
+        """
+        params = encoding.list_query(
+            {
+                "callIDs": call_ids,
+                "referenceIDs": reference_ids,
+                "referenceIDSubstring": reference_id_substring,
+                "workflowIDs": workflow_ids,
+                "workflowNames": workflow_names,
+                "statuses": statuses,
+                "callTypes": call_types,
+                "functionNames": function_names,
+                "sortOrder": sort_order,
+                "limit": limit,
+                "startingAfter": starting_after,
+                "endingBefore": ending_before,
+            }
         )
         page = await self._read("/v3/calls", route="/v3/calls", model=CallList, params=params)
         return page.calls
@@ -283,21 +301,24 @@ class BemClient:
                 {
                     "workflowName": entry.workflow_name,
                     "callReferenceID": entry.call_reference_id,
-                    "input": _input_document(entry.files, batch=entry.batch),
+                    "input": encoding.input_document(entry.files, batch=entry.batch),
                 }
                 for entry in requests
             ]
         }
-        with _reading_input_files():
+        with encoding.reading_input_files():
             request = self._json_request(route, document)
         response = await self._exchange(request, route=route, kind="submit", creates=True)
-        self._raise_for_status(response, route=route, creates=True)
-        return _parse(response, V2CreateResponse, route=route, creates=True).calls
+        self._raise_for_status(response, creates=True)
+        return _parse(response, V2CreateResponse, creates=True).calls
 
     async def get_call_v2(self, call_id: str) -> V2Call:
-        """``GET /v2/calls/{callID}``, retried on transient failures."""
-        path = f"/v2/calls/{_segment(call_id)}"
+        """``GET /v2/calls/{callID}``, retried on transient failures; NotFoundError for a 404
+        or ``{"call": null}``."""
+        path = f"/v2/calls/{encoding.call_id_segment(call_id)}"
         found = await self._read(path, route="/v2/calls/{callID}", model=V2CallResponse)
+        if found.call is None:
+            raise NotFoundError(f"GET {path}: bem answered without a call (call: null)")
         return found.call
 
     # -- requests ------------------------------------------------------------------------------
@@ -324,16 +345,16 @@ class BemClient:
     def _json_request(
         self, path: str, document: Mapping[str, object], *, params: Mapping[str, str] | None = None
     ) -> httpx.Request:
-        parts = _encode_json(document)
+        body = encoding.encode_json(document)
         return self._pool().build_request(
             "POST",
             path,
             params=params,
-            content=_PartsStream(parts),
+            content=body,
             headers={
                 "content-type": "application/json",
                 # Set explicitly so the parts go out as one sized body, not chunked.
-                "content-length": str(sum(len(part) for part in parts)),
+                "content-length": str(body.length),
             },
         )
 
@@ -362,9 +383,9 @@ class BemClient:
         field = "files" if batch else "file"
         parts: list[tuple[str, tuple[str, IO[bytes], str]]] = []
         for file in files:
-            filename = _item_reference_id(file) if batch else file.path.name
             handle = open_files.enter_context(file.path.open("rb"))
-            parts.append((field, (filename, handle, _content_type(file.path))))
+            filename = encoding.form_filename(file, batch=batch)
+            parts.append((field, (filename, handle, encoding.content_type_for(file.path))))
         return self._pool().build_request("POST", path, data=form, files=parts)
 
     async def _read(
@@ -375,32 +396,39 @@ class BemClient:
         model: type[_ModelT],
         params: httpx.QueryParams | None = None,
     ) -> _ModelT:
-        async def attempt() -> _ModelT:
+        """A GET with the SDK's retry rule: up to ``read_attempts`` tries."""
+        attempt = 0
+        while True:
             request = self._pool().build_request("GET", path, params=params)
+            failure = await self._try_read(request, route=route, model=model)
+            if not isinstance(failure, _Retry):
+                return failure
+            attempt += 1
+            retry_after = failure.error.retry_after
+            if attempt >= self._read_attempts or (
+                retry_after is not None and retry_after > RETRY_AFTER_HONOURED_SECONDS
+            ):
+                raise failure.error
+            await self._clock.sleep(
+                retry_delay(attempt - 1, rng=self._rng, retry_after=retry_after)
+            )
+
+    async def _try_read(
+        self, request: httpx.Request, *, route: str, model: type[_ModelT]
+    ) -> _ModelT | _Retry:
+        try:
             response = await self._exchange(request, route=route, kind="poll", creates=False)
-            self._raise_for_status(response, route=route, creates=False)
-            return _parse(response, model, route=route, creates=False)
-
-        return await self._with_retries(attempt)
-
-    async def _with_retries(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._read_attempts),
-            wait=self._backoff,
-            retry=retry_if_exception_type(TransientError),
-            sleep=self._clock.sleep,
-            reraise=True,
-        )
-        result: _T = await retrying(attempt)
-        return result
-
-    def _backoff(self, state: RetryCallState) -> float:
-        ceiling = min(_BACKOFF_MAX_SECONDS, _BACKOFF_BASE_SECONDS * 2 ** (state.attempt_number - 1))
-        delay = self._rng.uniform(0.0, ceiling)
-        error = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(error, TransientError) and error.retry_after is not None:
-            delay = max(delay, error.retry_after)
-        return delay
+        except TransientError as exc:
+            return _Retry(exc)
+        if not response.is_success:
+            error = self._status_error(response, creates=False)
+            if not failures.should_retry(response):
+                raise error
+            return _Retry(_as_transient(error))
+        try:
+            return _parse(response, model, creates=False)
+        except TransientError as exc:
+            return _Retry(exc)
 
     def _slot(self, kind: str) -> AbstractAsyncContextManager[object]:
         if self._limiter is None:
@@ -410,126 +438,108 @@ class BemClient:
     async def _exchange(
         self, request: httpx.Request, *, route: str, kind: str, creates: bool
     ) -> httpx.Response:
-        """Send one request through the limiter; transport failures become :mod:`runner.errors`."""
-        method = request.method
+        """Send one request through the limiter, following same-origin redirects; transport
+        failures become :mod:`runner.errors`."""
         async with self._slot(kind):
-            started = self._clock.now()
-            try:
-                response = await self._pool().send(request)
-            # OSError: a multipart file that could not be read while its body was streaming.
-            except (httpx.HTTPError, OSError) as exc:
-                _log.debug(
-                    "bem request failed",
-                    method=method,
-                    route=route,
-                    error=type(exc).__name__,
-                    duration=round(self._clock.now() - started, 3),
-                )
-                if self._on_response is not None:
-                    self._on_response(method, route, None)
-                raise _transport_error(exc, method=method, route=route, creates=creates) from exc
+            for _ in range(MAX_REDIRECTS + 1):
+                response = await self._send_once(request, route=route, creates=creates)
+                following = response.next_request
+                if following is None:
+                    self._tell_limiter(response)
+                    return response
+                await response.aread()
+                _check_same_origin(request, following, status=response.status_code)
+                request = following
+        raise PermanentError(
+            f"{failures.target(request)}: more than {MAX_REDIRECTS} redirects; not followed"
+        )
+
+    async def _send_once(
+        self, request: httpx.Request, *, route: str, creates: bool
+    ) -> httpx.Response:
+        method = request.method
+        started = self._clock.now()
+        try:
+            response = await self._pool().send(request)
+        # OSError: a multipart file that could not be read while its body was streaming.
+        except (httpx.HTTPError, OSError) as exc:
             _log.debug(
-                "bem request",
+                "bem request failed",
                 method=method,
                 route=route,
-                status=response.status_code,
+                error=type(exc).__name__,
                 duration=round(self._clock.now() - started, 3),
             )
             if self._on_response is not None:
-                self._on_response(method, route, response.status_code)
-            if self._limiter is not None:
-                if response.status_code == httpx.codes.TOO_MANY_REQUESTS:
-                    self._limiter.on_rate_limited(self._retry_after(response))
-                elif response.is_success:
-                    self._limiter.on_success()
+                self._on_response(method, route, None)
+            error = failures.transport_error(
+                exc, where=failures.target(request), creates=creates, redactor=self._redactor
+            )
+            if failures.text_is_safe(exc):
+                raise error from exc
+            # The cause's text may hold a header value (LocalProtocolError): never chain it.
+            raise error from None
+        _log.debug(
+            "bem request",
+            method=method,
+            route=route,
+            status=response.status_code,
+            duration=round(self._clock.now() - started, 3),
+        )
+        if self._on_response is not None:
+            self._on_response(method, route, response.status_code)
         return response
 
-    def _retry_after(self, response: httpx.Response) -> float | None:
-        return parse_retry_after(response.headers.get("retry-after"), now=self._clock.wall())
-
-    def _raise_for_status(self, response: httpx.Response, *, route: str, creates: bool) -> None:
-        status = response.status_code
-        if response.is_success:
+    def _tell_limiter(self, response: httpx.Response) -> None:
+        if self._limiter is None:
             return
-        what = f"{response.request.method} {route}: HTTP {status}"
-        detail = self._redact(_error_message(response))
-        message = f"{what}: {detail}" if detail else what
-        if status == httpx.codes.TOO_MANY_REQUESTS:
-            raise RateLimitedError(
-                message, status_code=status, retry_after=self._retry_after(response)
-            )
-        if status == httpx.codes.REQUEST_TIMEOUT:
-            raise TransientError(message, status_code=status)
-        if status in (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN):
-            raise AuthError(message, status_code=status)
-        if status == httpx.codes.NOT_FOUND:
-            raise NotFoundError(message, status_code=status)
-        if status >= 500:
-            if creates:
-                raise OutcomeUnknownError(
-                    f"{message}; a call may have been created", status_code=status
-                )
-            raise TransientError(message, status_code=status)
-        raise PermanentError(message, status_code=status)
+        if response.status_code == httpx.codes.TOO_MANY_REQUESTS:
+            self._limiter.on_rate_limited(self._retry_after(response))
+        elif response.is_success:
+            self._limiter.on_success()
 
-    def _redact(self, text: str) -> str:
-        if self._api_key and self._api_key in text:
-            return text.replace(self._api_key, "[redacted]")
-        return text
+    def _retry_after(self, response: httpx.Response) -> float | None:
+        return failures.retry_after_seconds(response.headers, now=self._clock.wall())
+
+    def _raise_for_status(self, response: httpx.Response, *, creates: bool) -> None:
+        if not response.is_success:
+            raise self._status_error(response, creates=creates)
+
+    def _status_error(self, response: httpx.Response, *, creates: bool) -> ApiError:
+        what = f"{failures.target(response.request)}: HTTP {response.status_code}"
+        detail = self._redactor.redact(failures.error_detail(response.content))
+        return failures.status_error(
+            response.status_code,
+            creates=creates,
+            message=f"{what}: {detail}" if detail else what,
+            should_retry=failures.should_retry_header(response.headers),
+            retry_after=self._retry_after(response),
+        )
 
 
-# -- request bodies ----------------------------------------------------------------------------
+class _Retry:
+    """A read attempt that may be tried again, and the error to raise if it is not."""
+
+    def __init__(self, error: TransientError) -> None:
+        self.error = error
 
 
-@dataclass(frozen=True)
-class _FileContent:
-    """Stands for a file's base64 content in a JSON document until the body is encoded."""
-
-    path: Path
-
-
-class _PartsStream(httpx.AsyncByteStream):
-    """A request body sent as the byte strings it was built from, without joining them."""
-
-    def __init__(self, parts: list[bytes]) -> None:
-        self._parts = parts
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for part in self._parts:
-            yield part
+def _as_transient(error: ApiError) -> TransientError:
+    """A retryable answer as the TransientError that is raised should the retries run out."""
+    if isinstance(error, TransientError):
+        return error
+    return TransientError(error.message, status_code=error.status_code)
 
 
-class _BodyWriter:
-    """Collects a body as byte strings: small pieces are merged, large ones kept as they are."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._pending = bytearray()
-
-    def small(self, data: bytes) -> None:
-        self._pending += data
-
-    def large(self, data: bytes) -> None:
-        self._flush()
-        self._parts.append(data)
-
-    def finish(self) -> list[bytes]:
-        self._flush()
-        return self._parts
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._parts.append(bytes(self._pending))
-            self._pending.clear()
-
-
-@contextlib.contextmanager
-def _reading_input_files() -> Iterator[None]:
-    """An input file that cannot be read fails the request before anything is sent."""
-    try:
-        yield
-    except OSError as exc:
-        raise PermanentError(f"cannot read input file: {exc}") from exc
+def _check_same_origin(sent: httpx.Request, following: httpx.Request, *, status: int) -> None:
+    here, there = sent.url, following.url
+    if (here.scheme, here.host, here.port) != (there.scheme, there.host, there.port):
+        raise PermanentError(
+            f"{failures.target(sent)}: HTTP {status} redirects to "
+            f"{there.scheme}://{there.netloc.decode('ascii', 'replace')}, another origin; not "
+            "followed, so the API key goes nowhere else (set api.base_url to where bem is)",
+            status_code=status,
+        )
 
 
 def _check_file_count(files: Sequence[UploadFile], *, batch: bool) -> None:
@@ -539,98 +549,17 @@ def _check_file_count(files: Sequence[UploadFile], *, batch: bool) -> None:
         raise ValueError(f"a singleFile call needs exactly one file, got {len(files)}")
 
 
-def _input_document(files: Sequence[UploadFile], *, batch: bool) -> dict[str, object]:
-    if batch:
-        inputs = [_file_document(file, item_reference=True) for file in files]
-        return {"batchFiles": {"inputs": inputs}}
-    return {"singleFile": _file_document(files[0], item_reference=False)}
-
-
-def _file_document(file: UploadFile, *, item_reference: bool) -> dict[str, object]:
-    document: dict[str, object] = {"inputType": file.input_type}
-    if item_reference:
-        document["itemReferenceID"] = _item_reference_id(file)
-    document["inputContent"] = _FileContent(file.path)
-    return document
-
-
-def _item_reference_id(file: UploadFile) -> str:
-    return file.item_reference_id if file.item_reference_id is not None else file.path.name
-
-
-def _encode_json(document: Mapping[str, object]) -> list[bytes]:
-    """Serialize ``document`` to JSON, reading and base64-encoding its files now."""
-    writer = _BodyWriter()
-    _write_json(document, writer)
-    return writer.finish()
-
-
-def _write_json(value: object, writer: _BodyWriter) -> None:
-    if isinstance(value, _FileContent):
-        writer.small(b'"')
-        with value.path.open("rb") as handle:
-            while chunk := handle.read(_READ_CHUNK_BYTES):
-                writer.large(base64.b64encode(chunk))
-        writer.small(b'"')
-    elif isinstance(value, Mapping):
-        writer.small(b"{")
-        for index, (key, item) in enumerate(value.items()):
-            if index:
-                writer.small(b",")
-            writer.small(_json_bytes(str(key)) + b":")
-            _write_json(item, writer)
-        writer.small(b"}")
-    elif isinstance(value, list):
-        writer.small(b"[")
-        for index, item in enumerate(value):
-            if index:
-                writer.small(b",")
-            _write_json(item, writer)
-        writer.small(b"]")
-    else:
-        writer.small(_json_bytes(value))
-
-
-def _json_bytes(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
-
-
-def _content_type(path: Path) -> str:
-    guessed, _ = mimetypes.guess_type(path.name)
-    return guessed or "application/octet-stream"
-
-
-def _segment(value: str) -> str:
-    return urllib.parse.quote(value, safe="")
-
-
-def _list_params(**filters: Sequence[str] | str | int | None) -> httpx.QueryParams:
-    """Query parameters for ``GET /v3/calls``; a list filter repeats its key."""
-    params: list[tuple[str, str]] = []
-    for name, value in filters.items():
-        if value is None:
-            continue
-        if isinstance(value, str | int):
-            params.append((name, str(value)))
-        else:
-            params.extend((name, item) for item in value)
-    return httpx.QueryParams(tuple(params))
-
-
-# -- responses ---------------------------------------------------------------------------------
-
-
-def _parse(response: httpx.Response, model: type[_ModelT], *, route: str, creates: bool) -> _ModelT:
+def _parse(response: httpx.Response, model: type[_ModelT], *, creates: bool) -> _ModelT:
     try:
         return model.model_validate_json(response.content)
     except ValidationError as exc:
         message = (
-            f"{response.request.method} {route}: HTTP {response.status_code} "
+            f"{failures.target(response.request)}: HTTP {response.status_code} "
             f"with a body that is not a valid {model.__name__}"
         )
         if creates:
             raise OutcomeUnknownError(
-                f"{message}; a call may have been created", status_code=response.status_code
+                message + failures.MAYBE_CREATED, status_code=response.status_code
             ) from exc
         raise TransientError(message, status_code=response.status_code) from exc
 
@@ -641,54 +570,3 @@ def _call_from_failed_wait(response: httpx.Response) -> Call | None:
         return CallResponse.model_validate_json(response.content).call
     except ValidationError:
         return None
-
-
-def _error_message(response: httpx.Response) -> str:
-    """bem's ``error`` message, or the start of whatever else the body holds."""
-    try:
-        body = json.loads(response.content)
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        for key in ("error", "message", "detail"):
-            if isinstance(body.get(key), str) and body[key]:
-                return str(body[key])[:_MESSAGE_MAX_CHARS]
-    return response.content[:_MESSAGE_MAX_CHARS].decode("utf-8", "replace").strip()
-
-
-def _transport_error(
-    exc: httpx.HTTPError | OSError, *, method: str, route: str, creates: bool
-) -> ApiError | ConfigError:
-    what = f"{method} {route}: {type(exc).__name__}"
-    detail = str(exc)
-    message = f"{what}: {detail}" if detail else what
-    if isinstance(exc, httpx.UnsupportedProtocol):
-        return ConfigError(f"bem base URL: {message}")
-    never_sent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
-    if isinstance(exc, never_sent) or not creates:
-        return TransientError(message)
-    return OutcomeUnknownError(f"{message}; a call may have been created")
-
-
-def parse_retry_after(value: str | None, *, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
-
-    ``now`` is the current wall-clock time (Unix seconds) an HTTP date is measured from.
-    Returns ``None`` for a missing or unreadable header; never a negative number.
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - now
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)

@@ -3,18 +3,30 @@
 Every model ignores nothing and rejects nothing it does not know: unknown fields are kept
 (``extra="allow"``) and unknown event types parse as a plain :class:`OutputEvent`, because bem
 adds fields and event types over time and the runner must keep working when it does.
+A list sent as ``null`` (``"outputs": null``) reads as an empty list.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 CallStatus = Literal["pending", "running", "completed", "failed"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed"})
+
+
+_Item = TypeVar("_Item")
+
+
+def _null_as_empty(value: object) -> object:
+    return [] if value is None else value
+
+
+# A list that bem may send as null.
+Items = Annotated[list[_Item], BeforeValidator(_null_as_empty)]
 
 
 class ApiModel(BaseModel):
@@ -45,7 +57,7 @@ class InputFileInfo(ApiModel):
 
 
 class BatchFilesInfo(ApiModel):
-    inputs: list[InputFileInfo] = Field(default_factory=list)
+    inputs: Items[InputFileInfo] = Field(default_factory=list)
 
 
 class CallInputInfo(ApiModel):
@@ -96,8 +108,8 @@ class Call(ApiModel):
     workflow_name: str | None = Field(default=None, alias="workflowName")
     workflow_version_num: int | None = Field(default=None, alias="workflowVersionNum")
     input: CallInputInfo | None = None
-    outputs: list[OutputEvent] = Field(default_factory=list)
-    errors: list[ErrorEvent] = Field(default_factory=list)
+    outputs: Items[OutputEvent] = Field(default_factory=list)
+    errors: Items[ErrorEvent] = Field(default_factory=list)
     url: str | None = None
     trace_url: str | None = Field(default=None, alias="traceUrl")
 
@@ -107,16 +119,16 @@ class Call(ApiModel):
 
 
 class CallResponse(ApiModel):
-    """``{"call": Call, "error"?: str}`` — invoke and get."""
+    """``{"call": Call, "error"?: str}`` — invoke and get; ``call`` may be null."""
 
-    call: Call
+    call: Call | None = None
     error: str | None = None
 
 
 class CallList(ApiModel):
     """``{"calls": [Call, ...]}`` — one page of ``GET /v3/calls``."""
 
-    calls: list[Call] = Field(default_factory=list)
+    calls: Items[Call] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,9 +147,9 @@ class V2FunctionCall(ApiModel):
     type: str | None = None
     reference_id: str | None = Field(default=None, alias="referenceID")
     status: str | None = None
-    activity: list[V2Activity] = Field(default_factory=list)
+    activity: Items[V2Activity] = Field(default_factory=list)
     input_type: str | None = Field(default=None, alias="inputType")
-    inputs: list[InputFileInfo] = Field(default_factory=list)
+    inputs: Items[InputFileInfo] = Field(default_factory=list)
 
 
 class V2Call(ApiModel):
@@ -149,7 +161,7 @@ class V2Call(ApiModel):
     workflow_id: str | None = Field(default=None, alias="workflowID")
     workflow_name: str | None = Field(default=None, alias="workflowName")
     call_reference_id: str | None = Field(default=None, alias="callReferenceID")
-    function_calls: list[V2FunctionCall] = Field(default_factory=list, alias="functionCalls")
+    function_calls: Items[V2FunctionCall] = Field(default_factory=list, alias="functionCalls")
     input: CallInputInfo | None = None
 
     @property
@@ -158,12 +170,12 @@ class V2Call(ApiModel):
 
 
 class V2CallResponse(ApiModel):
-    call: V2Call
+    call: V2Call | None = None
     error: str | None = None
 
 
 class V2CreateResponse(ApiModel):
-    calls: list[V2Call] = Field(default_factory=list)
+    calls: Items[V2Call] = Field(default_factory=list)
     error: str | None = None
 
 

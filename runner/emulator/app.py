@@ -80,7 +80,7 @@ class _Api:
     async def invoke_workflow(self, request: Request) -> Response:
         name = request.path_params["workflowName"]
         reject_unknown(request.query_params, frozenset({"wait"}), "query")
-        wait_text = request.query_params.get("wait")
+        wait_text = _single_query_value(request, "wait")
         if not self._emulator.settings.workflow_exists(name):
             raise NotFound(f"workflow {name!r} not found")
         call_input, form_wait = await _read_call(request)
@@ -106,10 +106,11 @@ class _Api:
 
     async def list_calls(self, request: Request) -> Response:
         records = self._emulator.list_calls(parse_list_query(request.query_params))
-        now, base_url = self._emulator.time.now(), _base_url(request)
-        return JSONResponse({"calls": [render.v3_call(r, now, base_url) for r in records]})
+        return JSONResponse({"calls": [self._v3_call(request, record) for record in records]})
 
     async def create_v2_calls(self, request: Request) -> Response:
+        if _media_type(request) != "application/json":
+            raise InvalidRequest(_unsupported_media_type(request, "application/json"))
         body = parse_json_body(await request.body())
         reject_unknown(body, frozenset({"calls"}), "request body")
         entries = body.get("calls")
@@ -168,9 +169,15 @@ class _Api:
     def _call_response(
         self, request: Request, record: CallRecord, status_code: int, *, error: str | None = None
     ) -> Response:
-        call = render.v3_call(record, self._emulator.time.now(), _base_url(request))
+        call = None if self._emulator.settings.null_call else self._v3_call(request, record)
         body: dict[str, Any] = {"call": call} if error is None else {"call": call, "error": error}
         return JSONResponse(body, status_code=status_code)
+
+    def _v3_call(self, request: Request, record: CallRecord) -> dict[str, Any]:
+        call = render.v3_call(record, self._emulator.time.now(), _base_url(request))
+        if self._emulator.settings.null_events:
+            call |= {"outputs": None, "errors": None}
+        return call
 
 
 class _Control:
@@ -211,16 +218,33 @@ class _Control:
 
 
 async def _read_call(request: Request) -> tuple[CallInput, bool | None]:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = _media_type(request)
     if media_type == "multipart/form-data":
         async with request.form(max_files=MAX_FORM_FILES) as form:
             return await parse_form(form)
-    if media_type not in ("application/json", ""):
+    if media_type != "application/json":
         raise InvalidRequest(
-            f"Content-Type {media_type!r} is not supported; send application/json or "
-            "multipart/form-data"
+            _unsupported_media_type(request, "application/json or multipart/form-data")
         )
     return parse_call_fields(parse_json_body(await request.body())), None
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _unsupported_media_type(request: Request, wanted: str) -> str:
+    given = _media_type(request)
+    if not given:
+        return f"a Content-Type header is required; send {wanted}"
+    return f"Content-Type {given!r} is not supported; send {wanted}"
+
+
+def _single_query_value(request: Request, key: str) -> str | None:
+    values = request.query_params.getlist(key)
+    if len(values) > 1:
+        raise InvalidRequest(f"query parameter {key}: given more than once")
+    return values[0] if values else None
 
 
 def _failure_summary(record: CallRecord) -> str:

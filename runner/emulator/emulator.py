@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,15 +23,22 @@ from runner.emulator.stats import Stats
 
 class Emulator:
     """A bem-compatible API in memory. ``clock`` (default ``time.monotonic``) drives emulator
-    time together with :meth:`advance`; all randomness comes from ``settings.seed``."""
+    time together with :meth:`advance`; all randomness comes from ``settings.seed``, except
+    the part of each call ID that tells this emulator's calls from those of any other run.
+
+    ``instance`` (default: random) is that part: two emulators — a restart with the same seed,
+    say — never hand out the same call ID, as bem never reuses one.
+    """
 
     def __init__(
         self,
         settings: EmulatorSettings | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        instance: str | None = None,
     ) -> None:
         self._settings = settings or EmulatorSettings()
+        self.instance = instance if instance is not None else secrets.token_hex(6)
         self.time = Timekeeper(clock or time.monotonic)
         self.calls = CallStore()
         self.counters = Stats()
@@ -79,7 +87,7 @@ class Emulator:
         settings = self._settings
         seq = len(self.calls) + 1
         record = build_call(
-            call_id=f"call_{seq:08x}{self._ids.getrandbits(48):012x}",
+            call_id=f"call_{self.instance}{seq:08x}{self._ids.getrandbits(32):08x}",
             seq=seq,
             target=target,
             call_input=call_input,

@@ -52,15 +52,24 @@ class TokenBucket:
         return (1 - self._tokens) / self._rate
 
 
-def retry_after(wait: float, style: Literal["seconds", "http-date"], wall_now: float) -> str:
-    """A ``Retry-After`` value never earlier than ``wait`` seconds from ``wall_now``."""
+RetryAfterFormat = Literal["seconds", "http-date", "milliseconds"]
+
+
+def retry_after(wait: float, style: RetryAfterFormat, wall_now: float) -> dict[str, str]:
+    """The header announcing a wait never shorter than ``wait`` seconds from ``wall_now``:
+    ``Retry-After`` (whole seconds or an HTTP date) or ``retry-after-ms``."""
     if style == "seconds":
-        return str(max(1, math.ceil(wait)))
-    return formatdate(math.ceil(wall_now + wait), usegmt=True)
+        return {"Retry-After": str(max(1, math.ceil(wait)))}
+    if style == "milliseconds":
+        return {"retry-after-ms": str(max(1, math.ceil(wait * 1000)))}
+    return {"Retry-After": formatdate(math.ceil(wall_now + wait), usegmt=True)}
 
 
-def announced_seconds(value: str, wall_now: float) -> float:
-    """How long a ``Retry-After`` value made by :func:`retry_after` at ``wall_now`` asks for."""
+def announced_seconds(headers: dict[str, str], wall_now: float) -> float:
+    """How long headers made by :func:`retry_after` at ``wall_now`` ask to wait."""
+    if "retry-after-ms" in headers:
+        return int(headers["retry-after-ms"]) / 1000
+    value = headers["Retry-After"]
     if value.isdigit():
         return float(value)
     return parsedate_to_datetime(value).timestamp() - wall_now
@@ -82,13 +91,15 @@ class FaultDice:
     def __init__(self, seed: int) -> None:
         self._streams = {
             kind: random.Random(f"{seed}:{kind}")
-            for kind in ("error_5xx", "slow", "accept_then_500", "drop")
+            for kind in ("error_5xx", "error", "slow", "accept_then_500", "drop")
         }
 
     def plan(self, settings: EmulatorSettings, *, creates: bool) -> FaultPlan:
         """Roll for one request; ``creates``: the request may create calls (a POST)."""
         if self._roll("error_5xx", settings.error_5xx_rate):
             return FaultPlan(error_status=self._streams["error_5xx"].choice(SERVER_ERROR_STATUSES))
+        if self._roll("error", settings.error_rate):
+            return FaultPlan(error_status=settings.error_status)
         return FaultPlan(
             slow=self._roll("slow", settings.slow_rate),
             accept_then_500=creates

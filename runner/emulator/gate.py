@@ -2,13 +2,20 @@
 
 For each API request (everything outside ``/_emulator/``), in this order:
 
+0. ``redirect_status``: answered with that redirect to the same path and query under
+   ``/moved``; a request under ``/moved`` is served as if the prefix were not there;
 1. a missing or wrong ``x-api-key`` is answered 401;
 2. an empty token bucket is answered 429 with ``Retry-After`` (nothing else happens);
-3. ``error_5xx_rate``: answered 500/502/503 without running the handler;
+3. ``error_5xx_rate``: answered 500/502/503 without running the handler; ``error_rate``:
+   answered ``error_status`` the same way;
 4. otherwise the handler runs and its response is held back, then
    ``accept_then_500_rate`` swaps a successful POST response for a 500 (the work is done),
    ``slow_rate`` delays the response by ``slow_seconds`` of emulator time, and
    ``drop_rate`` sends half of the response and drops the connection (see ``faults``).
+
+Every emulated error answer (2, 3 and ``accept_then_500``) carries ``x-should-retry`` when
+``should_retry_header`` is set; those of 3 and ``accept_then_500`` announce a wait of
+``fault_retry_after`` when it is set, in ``retry_after_format``.
 
 Every request is counted under "<METHOD> <route template>" with the status the client got,
 or "dropped".
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
     from runner.emulator.emulator import Emulator
 
 CONTROL_PREFIX = "/_emulator/"
+MOVED_PREFIX = "/moved"
 UNMATCHED_ROUTE = "<unmatched>"
 
 
@@ -81,6 +89,11 @@ class Gate:
         if scope["type"] != "http" or scope["path"].startswith(CONTROL_PREFIX):
             await self._app(scope, receive, send)
             return
+        moved = _unprefixed(scope)
+        if moved is None and self._emulator.settings.redirect_status is not None:
+            await self._redirect(scope, receive, send)
+            return
+        scope = moved or scope
         route = f"{scope['method']} {self._route_template(scope)}"
         refusal = self._refusal(scope)
         if refusal is not None:
@@ -99,12 +112,41 @@ class Gate:
         wait = self._emulator.take_token()
         if wait > 0:
             wall = time.time()
-            value = retry_after(wait, settings.retry_after_format, wall)
+            headers = retry_after(wait, settings.retry_after_format, wall)
             self._emulator.counters.record_rate_limited(
-                now=now, retry_after_seconds=announced_seconds(value, wall)
+                now=now, retry_after_seconds=announced_seconds(headers, wall)
             )
-            return error_response(429, "rate limit exceeded", headers={"Retry-After": value})
+            return error_response(
+                429, "rate limit exceeded", headers=headers | self._should_retry_headers()
+            )
         return None
+
+    def _should_retry_headers(self) -> dict[str, str]:
+        value = self._emulator.settings.should_retry_header
+        return {} if value is None else {"x-should-retry": value}
+
+    def _fault_headers(self) -> dict[str, str]:
+        settings = self._emulator.settings
+        headers = self._should_retry_headers()
+        if settings.fault_retry_after is not None:
+            headers |= retry_after(
+                settings.fault_retry_after, settings.retry_after_format, time.time()
+            )
+        return headers
+
+    async def _redirect(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status = self._emulator.settings.redirect_status
+        assert status is not None
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        location = MOVED_PREFIX + raw_path.decode("latin-1")
+        if scope.get("query_string"):
+            location += "?" + scope["query_string"].decode("latin-1")
+        self._emulator.counters.record_fault("redirected")
+        self._emulator.counters.record_request(
+            f"{scope['method']} {self._route_template(scope)}", status
+        )
+        response = Response(status_code=status, headers={"location": location})
+        await response(scope, receive, send)
 
     async def _run_with_faults(
         self, scope: Scope, receive: Receive, send: Send, route: str
@@ -112,18 +154,22 @@ class Gate:
         counters = self._emulator.counters
         plan = self._emulator.plan_faults(creates=scope["method"] == "POST")
         if plan.error_status is not None:
-            counters.record_fault("error_5xx")
+            counters.record_fault("error_5xx" if plan.error_status >= 500 else "error")
             counters.record_request(route, plan.error_status)
-            await error_response(plan.error_status, "emulated server error")(scope, receive, send)
+            message = "emulated server error" if plan.error_status >= 500 else "emulated error"
+            answer = error_response(plan.error_status, message, headers=self._fault_headers())
+            await answer(scope, receive, send)
             return
         held = _HeldResponse()
         await self._app(scope, receive, held.collect)
         if plan.accept_then_500 and held.status < 300:
             counters.record_fault("accept_then_500")
             held = _HeldResponse()
-            await error_response(500, "emulated server error after accepting the request")(
-                scope, receive, held.collect
-            )
+            await error_response(
+                500,
+                "emulated server error after accepting the request",
+                headers=self._fault_headers(),
+            )(scope, receive, held.collect)
         counters.record_request(route, "dropped" if plan.drop else held.status)
         if plan.slow:
             counters.record_fault("slow")
@@ -142,3 +188,16 @@ class Gate:
             if match == Match.PARTIAL and partial is None:
                 partial = str(getattr(candidate, "path", UNMATCHED_ROUTE))
         return partial or UNMATCHED_ROUTE
+
+
+def _unprefixed(scope: Scope) -> Scope | None:
+    """The scope of a request under :data:`MOVED_PREFIX` as if it had come without it."""
+    path: str = scope["path"]
+    if not path.startswith(MOVED_PREFIX + "/"):
+        return None
+    raw_path: bytes = scope.get("raw_path") or path.encode()
+    return {
+        **scope,
+        "path": path[len(MOVED_PREFIX) :],
+        "raw_path": raw_path[len(MOVED_PREFIX) :],
+    }

@@ -266,17 +266,17 @@ def _checked_item(
 
 
 def normalize_input_type(value: object, where: str) -> str:
+    """The input type as bem's spec enumerates it: lower case only (``PDF`` is a 400)."""
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"{where}: required, one of {', '.join(sorted(INPUT_TYPES))}")
-    lowered = value.lower()
-    if lowered in INPUT_TYPE_ALIASES:
-        return INPUT_TYPE_ALIASES[lowered]
-    if lowered not in INPUT_TYPES:
+    if value in INPUT_TYPE_ALIASES:
+        return INPUT_TYPE_ALIASES[value]
+    if value not in INPUT_TYPES:
         raise InvalidRequest(
             f"{where}: {value!r} is not a supported input type "
-            f"(one of {', '.join(sorted(INPUT_TYPES))})"
+            f"(one of {', '.join(sorted(INPUT_TYPES))}, in lower case)"
         )
-    return lowered
+    return value
 
 
 def input_type_for_filename(filename: str, where: str) -> str:
@@ -300,10 +300,10 @@ def parse_metadata(value: object, where: str) -> dict[str, Any] | None:
 
 
 def parse_bool(value: str, where: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in {"true", "1"}:
+    """A boolean as the SDK writes one: exactly ``true`` or ``false``."""
+    if value == "true":
         return True
-    if lowered in {"false", "0", ""}:
+    if value == "false":
         return False
     raise InvalidRequest(f"{where}: {value!r} is not a boolean (true or false)")
 

@@ -1,7 +1,8 @@
 """``GET /v3/calls``: query parameters, filters, sort order and cursor pagination.
 
-Array parameters may repeat the key (``statuses=a&statuses=b``) or be comma-separated in one
-value (``statuses=a,b``, which is what the official SDK sends); both are accepted.
+Array parameters are one key with comma-separated values (``statuses=a,b``), as the official
+SDK sends them; a repeated key (``statuses=a&statuses=b``) is a 400, so a client that speaks
+another format fails here instead of against bem. ``limit`` is 1 to 100; more is a 400.
 Cursors are call IDs; a page holds the calls strictly after ``startingAfter`` and/or strictly
 before ``endingBefore`` in the requested order. With only ``endingBefore`` the page is the
 ``limit`` calls closest to the cursor, still in the requested order.
@@ -9,7 +10,7 @@ before ``endingBefore`` in the requested order. With only ``endingBefore`` the p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +22,7 @@ from runner.emulator.state import CALL_STATUSES, CALL_TYPES, CallRecord, CallSto
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 100
 
-_ARRAY_PARAMS = {
+ARRAY_PARAMS = {
     "callIDs": "call_ids",
     "referenceIDs": "reference_ids",
     "workflowIDs": "workflow_ids",
@@ -73,10 +74,10 @@ class ListQuery:
 
 
 def parse_list_query(params: QueryParams) -> ListQuery:
-    unknown = sorted(set(params.keys()) - set(_ARRAY_PARAMS) - _SCALAR_PARAMS)
+    unknown = sorted(set(params.keys()) - set(ARRAY_PARAMS) - _SCALAR_PARAMS)
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}")
-    arrays = {field: _split(params.getlist(key)) for key, field in _ARRAY_PARAMS.items()}
+    arrays = {field: _split(_scalar(params, key)) for key, field in ARRAY_PARAMS.items()}
     _check_choices("statuses", arrays["statuses"], CALL_STATUSES)
     _check_choices("callTypes", arrays["call_types"], CALL_TYPES)
     return ListQuery(
@@ -131,14 +132,17 @@ def _cursor_seq(store: CallStore, call_id: str | None, name: str) -> int | None:
     return record.seq
 
 
-def _split(values: Iterable[str]) -> frozenset[str]:
-    return frozenset(part for value in values for part in value.split(",") if part)
+def _split(value: str | None) -> frozenset[str]:
+    return frozenset(part for part in (value or "").split(",") if part)
 
 
 def _scalar(params: QueryParams, key: str) -> str | None:
     values = params.getlist(key)
     if len(values) > 1:
-        raise InvalidRequest(f"query parameter {key}: given more than once")
+        raise InvalidRequest(
+            f"query parameter {key}: given more than once; send one {key} with "
+            "comma-separated values"
+        )
     return values[0] if values else None
 
 
@@ -159,10 +163,9 @@ def _sort_order(value: str | None) -> Literal["asc", "desc"]:
 def _limit(value: str | None) -> int:
     if value is None:
         return DEFAULT_LIMIT
-    try:
-        limit = int(value)
-    except ValueError as exc:
-        raise InvalidRequest(f"limit: {value!r} is not an integer") from exc
-    if limit < 1:
-        raise InvalidRequest(f"limit: must be at least 1, not {limit}")
-    return min(limit, MAX_LIMIT)
+    if not value.isascii() or not value.isdigit():
+        raise InvalidRequest(f"limit: {value!r} is not a whole number")
+    limit = int(value)
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidRequest(f"limit: must be from 1 to {MAX_LIMIT}, not {limit}")
+    return limit

@@ -11,6 +11,8 @@ from runner.errors import ConfigError
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Seconds = Annotated[float, Field(ge=0.0)]
+ErrorStatus = Annotated[int, Field(ge=400, le=599)]
+RedirectStatus = Literal[301, 302, 303, 307, 308]
 
 
 class EmulatorSettings(BaseModel):
@@ -31,7 +33,21 @@ class EmulatorSettings(BaseModel):
     slow_seconds: Seconds = 5.0
     rate_limit_rps: Annotated[float, Field(gt=0.0)] | None = None
     rate_limit_burst: Annotated[int, Field(ge=1)] = 10
-    retry_after_format: Literal["seconds", "http-date"] = "seconds"
+    # How a wait is announced: Retry-After in seconds or as an HTTP date, or retry-after-ms.
+    retry_after_format: Literal["seconds", "http-date", "milliseconds"] = "seconds"
+    # Answer a share of requests with error_status (without running the handler).
+    error_rate: Probability = 0.0
+    error_status: ErrorStatus = 409
+    # x-should-retry on every emulated error answer (error_5xx, error_rate, 429, accept_then_500).
+    should_retry_header: Literal["true", "false"] | None = None
+    # A wait announced on emulated error answers other than 429 (which always announce one).
+    fault_retry_after: Seconds | None = None
+    # Redirect every API request to the same path under MOVED_PREFIX, which serves it.
+    redirect_status: RedirectStatus | None = None
+    # {"call": null} from GET /v3/calls/{callID} and from the invoke (whose call is created).
+    null_call: bool = False
+    # "outputs": null and "errors": null in every v3 call.
+    null_events: bool = False
     list_visibility_lag: Seconds = 0.0
     wait_timeout: Seconds = 30.0
     seed: int = 0

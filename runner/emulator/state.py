@@ -179,9 +179,10 @@ def build_call(
 
 
 def _item_reference(call_input: CallInput, item: ItemInput, offset: int) -> str:
+    # Exactly what was sent, even an empty string; the offset only when nothing was.
     if call_input.batch:
-        return item.item_reference_id or str(offset)
-    return call_input.call_reference_id or "0"
+        return item.item_reference_id if item.item_reference_id is not None else str(offset)
+    return call_input.call_reference_id if call_input.call_reference_id is not None else "0"
 
 
 class CallStore:

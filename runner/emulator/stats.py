@@ -11,7 +11,7 @@ from typing import Any
 
 from runner.emulator.state import CALL_STATUSES, CallRecord, CallStore
 
-FAULT_KINDS = ("error_5xx", "accept_then_500", "dropped", "slow")
+FAULT_KINDS = ("error_5xx", "error", "accept_then_500", "dropped", "slow", "redirected")
 
 
 class Stats:
