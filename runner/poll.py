@@ -14,6 +14,7 @@ import anyio
 import structlog
 
 from runner import faults
+from runner.api import call_mismatch
 from runner.api.models import Call
 from runner.context import MIN_WAIT, Context
 from runner.errors import ApiError, AuthError, NotFoundError
@@ -40,38 +41,11 @@ class PollPage:
         self.finished.append(Finished(group.id, status, result_json, reason))
 
 
-def foreign_call_reason(
-    group: GroupRow, call: Call, item_references: frozenset[str]
-) -> str | None:
-    """Why ``call`` cannot be this group's call, or None when it is.
-
-    The call must carry the ``callReferenceID`` journalled for the group (a server that lost its
-    state may hand the same call ID to another call), and in a batch every event that names a
-    ``referenceID`` must name the call or one of the items that were sent.
-    """
-    if call.call_reference_id != group.call_reference_id:
-        return (
-            f"bem returned call {call.call_id} with callReferenceID "
-            f"{call.call_reference_id!r}, but this file was sent as {group.call_reference_id!r}"
-        )
-    if not group.batch:
-        return None
-    allowed = item_references | {group.call_reference_id}
-    named = {e.reference_id for e in call.outputs} | {e.reference_id for e in call.errors}
-    for reference in sorted(r for r in named if r):
-        if reference not in allowed:
-            return (
-                f"bem returned call {call.call_id} with an event for item "
-                f"{reference!r}, which this call never sent"
-            )
-    return None
-
-
 class Poller:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         self._item_references: dict[int, frozenset[str]] = {}
-        """The itemReferenceIDs each polled batch group sent, for :func:`foreign_call_reason`."""
+        """The itemReferenceIDs each polled batch group sent, to check what bem answers."""
 
     async def run(self) -> None:
         ctx = self._ctx
@@ -149,11 +123,10 @@ class Poller:
     ) -> None:
         """A terminal call ends; one followed too long gives up; the others poll again later.
 
-        A call that is not the one this group sent (see :func:`foreign_call_reason`) is never
+        A call that is not the one this group sent (:func:`runner.api.call_mismatch`) is never
         trusted: the group ends with that reason and its files get error documents.
         """
-        item_references = self._item_references.get(group.id, frozenset())
-        if call is not None and (reason := foreign_call_reason(group, call, item_references)):
+        if call is not None and (reason := self._mismatch(group, call)):
             log.error(
                 "bem answered with another call's data; not trusted",
                 callID=group.call_id,
@@ -168,6 +141,13 @@ class Poller:
             page.ended(group, "failed", None, reason)
         else:
             page.next_polls.append(self._next_poll(group, status))
+
+    def _mismatch(self, group: GroupRow, call: Call) -> str | None:
+        return call_mismatch(
+            call,
+            call_reference_id=group.call_reference_id,
+            item_reference_ids=self._item_references.get(group.id) if group.batch else None,
+        )
 
     def _listing_should_show(self, group: GroupRow) -> bool:
         submitted = group.submitted_at or group.sent_at or 0.0

@@ -13,38 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from runner.api import call_mismatch
 from runner.api.models import Call
 from runner.daemon import Runner, RunnerOptions
 from runner.emulator import Emulator, EmulatorSettings
-from runner.poll import foreign_call_reason
-from runner.store.base import GroupRow
 from tests.pipeline import make_config, outbox_documents, write_files
 
 pytestmark = pytest.mark.anyio
-
-
-def group(reference: str, *, mode: str = "file") -> GroupRow:
-    return GroupRow(
-        id=1,
-        call_reference_id=reference,
-        workflow="wf",
-        mode=mode,
-        group_key="wf/x",
-        state="polling",
-        opened_at=0,
-        last_added_at=0,
-        file_count=1,
-        byte_count=1,
-        not_before=0,
-        attempts=0,
-        sent_at=0,
-        submitted_at=0,
-        call_id="c1",
-        status="running",
-        result_json=None,
-        error_reason=None,
-        finished_at=None,
-    )
 
 
 references = st.text(min_size=1, max_size=20)
@@ -55,7 +30,7 @@ def test_a_call_is_trusted_only_with_the_reference_it_was_sent_with(
     sent: str, answered: str | None
 ) -> None:
     call = Call.model_validate({"callID": "c1", "callReferenceID": answered, "status": "running"})
-    reason = foreign_call_reason(group(sent), call, frozenset())
+    reason = call_mismatch(call, call_reference_id=sent)
     assert (reason is None) == (answered == sent)
     if reason is not None:
         assert repr(sent) in reason
@@ -69,8 +44,8 @@ def test_batch_events_must_name_items_that_were_sent(
     call = Call.model_validate(
         {"callID": "c1", "callReferenceID": "ref", "status": "completed", "outputs": outputs}
     )
-    reason = foreign_call_reason(group("ref", mode="folder"), call, frozenset(sent_items))
-    assert (reason is None) == (set(event_references) <= (sent_items | {"ref"}))
+    reason = call_mismatch(call, call_reference_id="ref", item_reference_ids=sent_items)
+    assert (reason is None) == (set(event_references) <= sent_items)
 
 
 class ReusedCallIds:
