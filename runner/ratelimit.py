@@ -12,13 +12,16 @@ so float rounding can never let it grant a token the ideal bucket does not have 
 pauses every grant until its ``Retry-After`` has passed, and the limiter then runs just below
 what the account was seen to accept (:class:`RateState`, pure, apart from the waiting below):
 
-- *Evidence.* At a 429 the account's bucket is (nearly) empty, and when our bucket is full we
-  have been idle, so the account's bucket holds at most a burst. From such a moment ``m`` until
-  the next 429, the account accepted ``A`` requests granted after ``m`` in ``T`` seconds, so its
-  rate is at least ``(A - tokens_at_m) / T``: a lower bound, from each of the last few such
-  moments; the best of them is the estimate.
+- *Evidence.* At a 429 the account's bucket is (nearly) empty; when sending resumes after a
+  silence (the end of a pause, or nothing in flight and our bucket full) it holds at most a
+  burst (bem's burst is taken to be no larger than ours). From such a moment ``m`` on, the
+  account accepted ``A`` of the requests granted, the last of them ``T`` seconds after ``m``,
+  so its rate is at least ``(A - tokens_at_m) / T``. The best of these lower bounds over the
+  last few such moments, among those resting on ``MIN_EVIDENCE`` requests or more, is the
+  estimate (one resting on less is mostly noise).
 - *Decrease.* At a 429 the rate drops to ``MARGIN`` times the lower of that estimate and the
-  current rate (halved instead while there is no evidence yet), never below a floor.
+  current rate; with no estimate yet it is halved. Never below ``min_rate_fraction`` of the
+  configured rate.
 - *Slow increase.* While requests wait for tokens and no 429 comes, each success lets the rate
   grow by ``PROBE_GROWTH`` of itself every ``recovery_seconds``: slowly enough that probing
   above the account's rate causes only the odd 429, which starts the next round.
@@ -138,26 +141,26 @@ class RateState:
     def initial(cls, *, configured: float, floor: float) -> RateState:
         return cls(configured=configured, floor=floor, rate=configured)
 
-    def estimate(self) -> tuple[float, bool] | None:
-        """The best lower bound of the account's rate, if one is positive, and whether it rests
-        on enough evidence (``MIN_EVIDENCE``) to act on alone."""
+    def estimate(self) -> float | None:
+        """The best lower bound of the account's rate among those that rest on enough
+        evidence (``MIN_EVIDENCE``); a bound on less is mostly noise."""
         bounds = [
-            (bound, mark.evidence >= MIN_EVIDENCE)
+            bound
             for mark in (*self.overruns, *self.resumptions)
-            if (bound := mark.lower_bound()) is not None and bound > 0
+            if mark.evidence >= MIN_EVIDENCE and (bound := mark.lower_bound()) is not None
         ]
         return max(bounds, default=None)
 
     def after_overrun(self, now: float, *, next_grant: int) -> RateState:
-        """A 429 to a request granted since the last one: settle just below the account's rate."""
+        """A 429 to a request granted since the last one: settle just below the account's rate,
+        or halve the rate while there is too little evidence of it."""
         estimate = self.estimate()
         learnt = self.learnt
-        if estimate is not None and estimate[1]:
-            learnt = min(estimate[0], self.rate)
+        if estimate is not None:
+            learnt = min(estimate, self.rate)
             rate = MARGIN * learnt
-        else:  # too little to go on: halve, unless even the little there is says more
-            weak = min(estimate[0], self.rate) if estimate is not None else 0.0
-            rate = max(self.rate * BLIND_DECREASE, MARGIN * weak)
+        else:
+            rate = self.rate * BLIND_DECREASE
         mark = Mark(now, next_grant, tokens=1.0)
         return replace(
             self,
