@@ -8,13 +8,37 @@ so neither starves the other, and in arrival order within a kind.
 The bucket is kept in exact rational arithmetic, and every wait is rounded up to the next float,
 so float rounding can never let it grant a token the ideal bucket does not have yet.
 
-A 429 pauses every grant until its ``Retry-After`` has passed, empties the bucket (which stays
-empty through the pause) and halves the rate once per pause (down to a floor); successes then
-bring the rate back up linearly over ``recovery_seconds``.
+**Learning the account's rate.** The configured rate may be more than the account allows. A 429
+pauses every grant until its ``Retry-After`` has passed, and the limiter then runs just below
+what the account was seen to accept (:class:`RateState`, pure, apart from the waiting below):
+
+- *Evidence.* At a 429 the account's bucket is (nearly) empty; when sending resumes after a
+  silence (the end of a pause, or nothing in flight and our bucket full) it holds at most a
+  burst (bem's burst is taken to be no larger than ours). From such a moment ``m`` on, the
+  account accepted ``A`` of the requests granted, the last of them ``T`` seconds after ``m``,
+  so its rate is at least ``(A - tokens_at_m) / T``. The best of these lower bounds over the
+  last few such moments, among those resting on ``MIN_EVIDENCE`` requests or more, is the
+  estimate (one resting on less is mostly noise).
+- *Decrease.* At a 429 the rate drops to ``MARGIN`` times the lower of that estimate and the
+  current rate; with no estimate yet it is halved. Never below ``min_rate_fraction`` of the
+  configured rate.
+- *Slow increase.* While requests wait for tokens and no 429 comes, each success lets the rate
+  grow by ``PROBE_GROWTH`` of itself every ``recovery_seconds``: slowly enough that probing
+  above the account's rate causes only the odd 429, which starts the next round.
+- *One overrun, one decision.* Answers to requests that were granted before the 429 that
+  started a pause are the same overrun: they extend the pause as their ``Retry-After`` says
+  but do not cut the rate again. Those requests were in flight when the 429 came, so each is
+  charged a token of the new rate (the bucket goes into debt) and refunded if it, too, comes
+  back 429 — it used none of the account's tokens then.
+
+The bucket stays empty (or in debt) through a pause: bem's bucket refills during it for the
+requests bem saw; ours must not, or the end of every pause would release a whole burst at once.
 
 No background task: the waiters themselves do the work. At most one waiter at a time (the
 "timekeeper") sleeps on the clock until the next token or the end of a pause; the others wait on
 their own event, which is set when they are granted a slot or must take over the timekeeping.
+Which request an answer belongs to is known without the caller saying so: :meth:`slot` records
+the grant it holds in a context variable of the calling task.
 """
 
 from __future__ import annotations
@@ -23,7 +47,8 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import anyio
@@ -33,8 +58,149 @@ from runner.clock import Clock
 DEFAULT_RETRY_AFTER = 5.0
 """Pause after a 429 that came without a usable ``Retry-After``, in seconds."""
 
-_DECREASE_FACTOR = 0.5
+MARGIN = 0.9
+"""After a 429 the rate is set this fraction of the account's estimated rate: just below it."""
+
+BLIND_DECREASE = 0.5
+"""The rate is cut by this factor at a 429 when there is no evidence of the account's rate."""
+
+PROBE_GROWTH = 0.1
+"""While demand waits for tokens, the rate grows by this fraction every ``recovery_seconds``."""
+
+MIN_EVIDENCE = 4
+"""An estimate must rest on at least this many accepted requests beyond the bucket's content."""
+
+MIN_EVIDENCE_SECONDS = 0.05
+"""Shorter spans of observation give no estimate."""
+
+MARKS = 8
+"""How many past 429s, and past resumptions, serve as starting points of an estimate."""
+
+_MAX_PROBE_STEP = 1.0  # seconds: a long quiet gap between successes is not a long probe
 _MIN_SLEEP = 1e-6  # a timekeeper never sleeps for less, so rounding cannot make it spin
+
+
+# -- learning the account's rate (pure) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A moment (``at``) when the account's bucket held at most ``tokens``, and how many
+    requests granted from then on (grant number ``first_grant`` and later) it has accepted."""
+
+    at: float
+    first_grant: int
+    tokens: float
+    accepted: int = 0
+    last_granted_at: float | None = None
+    """When the latest of the accepted requests was granted: the span of the evidence ends
+    there, not at the next 429, as answers to requests sent since may still be on their way."""
+
+    def counted(self, grant: int, granted_at: float) -> Mark:
+        """The account accepted the request with grant number ``grant``, granted then."""
+        if grant < self.first_grant:
+            return self
+        latest = max(granted_at, self.last_granted_at or granted_at)
+        return replace(self, accepted=self.accepted + 1, last_granted_at=latest)
+
+    @property
+    def evidence(self) -> float:
+        """Accepted requests beyond what the account's bucket may have held: what the bound
+        rests on."""
+        return self.accepted - self.tokens
+
+    def lower_bound(self) -> float | None:
+        """The least rate the account can have, given what it accepted since this mark."""
+        if self.last_granted_at is None:
+            return None
+        span = self.last_granted_at - self.at
+        if span < MIN_EVIDENCE_SECONDS:
+            return None
+        return self.evidence / span
+
+
+@dataclass(frozen=True)
+class RateState:
+    """What the limiter has learnt about the account, and the rate it runs at because of it.
+
+    Every method returns a new state; nothing here reads a clock or waits."""
+
+    configured: float
+    floor: float
+    rate: float
+    learnt: float | None = None
+    """The account's rate as estimated at the last 429 with enough evidence."""
+    overruns: tuple[Mark, ...] = ()
+    """The last few 429s: the account's bucket was empty."""
+    resumptions: tuple[Mark, ...] = ()
+    """The last few times sending resumed after a silence: the account's bucket held at most
+    a burst (assuming bem's burst is no larger than ours)."""
+    probed_at: float | None = None
+
+    @classmethod
+    def initial(cls, *, configured: float, floor: float) -> RateState:
+        return cls(configured=configured, floor=floor, rate=configured)
+
+    def estimate(self) -> float | None:
+        """The best lower bound of the account's rate among those that rest on enough
+        evidence (``MIN_EVIDENCE``); a bound on less is mostly noise."""
+        bounds = [
+            bound
+            for mark in (*self.overruns, *self.resumptions)
+            if mark.evidence >= MIN_EVIDENCE and (bound := mark.lower_bound()) is not None
+        ]
+        return max(bounds, default=None)
+
+    def after_overrun(self, now: float, *, next_grant: int) -> RateState:
+        """A 429 to a request granted since the last one: settle just below the account's rate,
+        or halve the rate while there is too little evidence of it."""
+        estimate = self.estimate()
+        learnt = self.learnt
+        if estimate is not None:
+            learnt = min(estimate, self.rate)
+            rate = MARGIN * learnt
+        else:
+            rate = self.rate * BLIND_DECREASE
+        mark = Mark(now, next_grant, tokens=1.0)
+        return replace(
+            self,
+            rate=max(self.floor, rate),
+            learnt=learnt,
+            overruns=(*self.overruns, mark)[-MARKS:],
+            probed_at=None,
+        )
+
+    def after_resumption(self, now: float, *, grant: int, burst: int) -> RateState:
+        """Granted ``grant`` after a silence (our bucket full, or a pause over)."""
+        mark = Mark(now, grant, tokens=float(burst))
+        return replace(self, resumptions=(*self.resumptions, mark)[-MARKS:])
+
+    def after_answer(self, grant: int, *, granted_at: float) -> RateState:
+        """bem took the request with grant number ``grant`` (answered anything but 429)."""
+        return replace(
+            self,
+            overruns=tuple(mark.counted(grant, granted_at) for mark in self.overruns),
+            resumptions=tuple(mark.counted(grant, granted_at) for mark in self.resumptions),
+        )
+
+    def after_success(self, now: float, *, saturated: bool, growth_per_second: float) -> RateState:
+        """A success; ``saturated``: requests are waiting for tokens, so a higher rate would be
+        used. Grows the rate slowly, counting only time spent saturated."""
+        if self.probed_at is None or not saturated or now <= self.probed_at:
+            return replace(self, probed_at=max(now, self.probed_at or now))
+        step = min(now - self.probed_at, _MAX_PROBE_STEP)
+        rate = min(self.configured, self.rate * (1 + growth_per_second * step))
+        return replace(self, rate=max(self.rate, rate), probed_at=now)
+
+    def reconfigured(self, *, configured: float, floor: float) -> RateState:
+        """New configured limits. What was learnt about the account still holds: a rate that
+        was lowered because of it stays as low (unless the new configuration is lower still)."""
+        lowered = self.rate < self.configured
+        rate = min(configured, max(floor, self.rate)) if lowered else configured
+        return replace(self, configured=configured, floor=floor, rate=rate)
+
+
+# -- the bucket ----------------------------------------------------------------------------------
 
 
 class TokenBucket:
@@ -42,7 +208,8 @@ class TokenBucket:
 
     Kept in exact rational arithmetic, so it never holds a token that the ideal bucket would not
     hold, however long it runs. A server-side bucket built from this class with the same limits
-    and read with the same clock never refuses a request the limiter let through.
+    and read with the same clock never refuses a request the limiter let through. It can be in
+    debt (fewer than no tokens): tokens owed for requests already sent.
     """
 
     def __init__(self, *, rate: float, burst: int) -> None:
@@ -59,14 +226,24 @@ class TokenBucket:
         self._tokens -= 1
         return True
 
+    def is_full(self, now: float) -> bool:
+        self._refill(Fraction(now))
+        return self._tokens >= self._burst
+
     def give_back(self) -> None:
         """Return a token that was taken but not used."""
         self._tokens = min(self._burst, self._tokens + 1)
 
-    def empty(self, now: float, *, until: float | None = None) -> None:
-        """No token now, and none accrues before ``until`` (the end of a 429 pause)."""
+    def debt(self, now: float) -> Fraction:
+        """How many tokens are owed (0 unless the bucket is in debt)."""
         self._refill(Fraction(now))
-        self._tokens = Fraction(0)
+        return max(Fraction(0), -self._tokens)
+
+    def empty(self, now: float, *, until: float | None = None, owing: Fraction | int = 0) -> None:
+        """No token now (``owing`` tokens owed), and none accrues before ``until`` (the end of a
+        429 pause)."""
+        self._refill(Fraction(now))
+        self._tokens = -Fraction(max(0, owing))
         if until is not None and self._stamp is not None and Fraction(until) > self._stamp:
             self._stamp = Fraction(until)
 
@@ -97,16 +274,42 @@ class TokenBucket:
             self._stamp = now
 
 
+# -- the limiter ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Grant:
+    """One slot handed out: the request it is for is in flight until the slot is left."""
+
+    owner: RateLimiter
+    number: int
+    granted_at: float
+    epoch: int
+    """How many overruns had begun when it was granted."""
+    owes_token: bool = False
+    """Charged to the bucket at a 429 that came while it was in flight."""
+    rate_limited: bool = False
+
+
+_holding: ContextVar[_Grant | None] = ContextVar("bem_rate_limit_slot", default=None)
+"""The slot the current task holds, so that an answer is matched to the request it is for."""
+
+
 @dataclass(eq=False)
 class _Waiter:
     kind: str
-    granted: bool = False
+    grant: _Grant | None = None
     wake: anyio.Event = field(default_factory=anyio.Event)
 
 
 class RateLimiter:
     """Slots for requests to bem: at most ``max_concurrency`` at once, and no more than the
-    ``rate``/``burst`` token bucket allows; slows down on 429s and recovers on successes."""
+    ``rate``/``burst`` token bucket allows; learns the account's rate from 429s (see the module
+    documentation).
+
+    ``min_rate_fraction``: the rate is never cut below this fraction of the configured rate.
+    ``recovery_seconds``: while requests wait for tokens and none is refused, the rate grows by
+    ``PROBE_GROWTH`` of itself every this many seconds."""
 
     def __init__(
         self,
@@ -115,8 +318,8 @@ class RateLimiter:
         burst: int,
         max_concurrency: int,
         clock: Clock,
-        min_rate_fraction: float = 0.1,
-        recovery_seconds: float = 30.0,
+        min_rate_fraction: float = 0.01,
+        recovery_seconds: float = 10.0,
     ) -> None:
         _check_limits(rate=rate, burst=burst, max_concurrency=max_concurrency)
         if not 0 < min_rate_fraction <= 1:
@@ -124,15 +327,19 @@ class RateLimiter:
         if not (recovery_seconds > 0 and math.isfinite(recovery_seconds)):
             raise ValueError(f"recovery_seconds must be positive, not {recovery_seconds!r}")
         self._clock = clock
-        self._configured_rate = float(rate)
-        self._current_rate = float(rate)
         self._min_rate_fraction = min_rate_fraction
-        self._recovery_seconds = recovery_seconds
+        self._growth_per_second = PROBE_GROWTH / recovery_seconds
+        self._state = RateState.initial(
+            configured=float(rate), floor=float(rate) * min_rate_fraction
+        )
+        self._burst = burst
         self._max_concurrency = max_concurrency
         self._bucket = TokenBucket(rate=rate, burst=burst)
         self._paused_until: float | None = None
-        self._recover_from: float | None = None  # when the rate last moved towards its target
-        self._in_flight = 0
+        self._epoch = 0  # overruns so far
+        self._resuming = False  # the next grant is the first after a pause
+        self._granted = 0  # grants so far: the number of the next one
+        self._held: set[_Grant] = set()
         self._queues: dict[str, deque[_Waiter]] = {}
         self._turns: deque[str] = deque()  # kinds with waiters, next to be served first
         self._timekeeper: _Waiter | None = None
@@ -142,11 +349,16 @@ class RateLimiter:
 
     @property
     def current_rate(self) -> float:
-        return self._current_rate
+        return self._state.rate
+
+    @property
+    def learnt_rate(self) -> float | None:
+        """The account's rate as estimated at the last 429, if one came with evidence."""
+        return self._state.learnt
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._held)
 
     @property
     def waiting(self) -> int:
@@ -162,73 +374,118 @@ class RateLimiter:
 
     @asynccontextmanager
     async def slot(self, kind: str = "default") -> AsyncIterator[None]:
-        """Hold one request slot: a concurrency slot and one token of the rate limit."""
-        await self._acquire(kind)
+        """Hold one request slot: a concurrency slot and one token of the rate limit. A 429 or
+        success reported while holding it is taken to be the answer to this request."""
+        grant = await self._acquire(kind)
+        holding = _holding.set(grant)
+        answered = False
         try:
             yield
+            answered = True
         finally:
-            self._in_flight -= 1
-            self._kick()
+            _holding.reset(holding)
+            self._release(grant, answered=answered)
 
     def on_rate_limited(self, retry_after: float | None) -> None:
-        """bem answered 429: pause, empty the bucket and slow down."""
+        """bem answered 429: pause; if this is a new overrun, settle below the account's rate."""
         now = self._clock.now()
         if retry_after is None or not math.isfinite(retry_after):
             retry_after = DEFAULT_RETRY_AFTER
         until = now + max(0.0, retry_after)
-        # the requests already in flight when the pause began come back 429 too: they are the
-        # same overrun, so the rate is cut once per pause, not once per answer
-        already_paused = self._paused_until is not None and now < self._paused_until
+        grant = self._grant_of_caller()
+        new_overrun = self._is_new_overrun(grant, now)
         if self._paused_until is None or until > self._paused_until:
             self._paused_until = until
-        self._recover_from = self._paused_until
-        if not already_paused:
-            self._set_rate(now, max(self._rate_floor(), self._current_rate * _DECREASE_FACTOR))
-        # bem's bucket refills during the pause for the requests bem saw; ours must not, or the
-        # end of every pause would release a whole burst at once
-        self._bucket.empty(now, until=self._paused_until)
-        self._kick()
-
-    def on_success(self) -> None:
-        """A request went through: creep back towards the configured rate."""
-        if self._current_rate >= self._configured_rate:
-            return
-        now = self._clock.now()
-        since = self._recover_from
-        if since is None or now <= since:  # still paused, or no time has passed since last step
-            self._recover_from = now if since is None else since
-            return
-        step = (self._configured_rate - self._rate_floor()) * (now - since) / self._recovery_seconds
-        self._recover_from = now
-        self._set_rate(now, min(self._configured_rate, self._current_rate + step))
+        if grant is not None:
+            grant.rate_limited = True
+        self._resuming = True
+        if new_overrun:
+            self._epoch += 1
+            self._state = self._state.after_overrun(now, next_grant=self._granted)
+            self._bucket.set_rate(now, self._state.rate)
+            owing: Fraction | int = self._charge_requests_in_flight(besides=grant)
+        else:
+            refund = grant is not None and grant.owes_token
+            if grant is not None:
+                grant.owes_token = False
+            owing = self._bucket.debt(now) - refund
+        # bem's bucket is empty now, so ours is too
+        self._bucket.empty(now, until=self._paused_until, owing=owing)
         self._kick(reschedule=True)
 
+    def on_success(self) -> None:
+        """A request went through: probe slowly upwards while requests wait for tokens."""
+        now = self._clock.now()
+        saturated = self.paused_until is None and self._waiting_for_tokens()
+        before = self._state.rate
+        self._state = self._state.after_success(
+            now, saturated=saturated, growth_per_second=self._growth_per_second
+        )
+        if self._state.rate != before:
+            self._bucket.set_rate(now, self._state.rate)
+            self._kick(reschedule=True)
+
     def reconfigure(self, *, rate: float, burst: int, max_concurrency: int) -> None:
-        """Apply new limits; a rate that is currently reduced stays reduced in proportion."""
+        """Apply new limits; a rate lowered after 429s stays as low (see :class:`RateState`)."""
         _check_limits(rate=rate, burst=burst, max_concurrency=max_concurrency)
         now = self._clock.now()
-        fraction = self._current_rate / self._configured_rate
-        self._configured_rate = float(rate)
-        self._set_rate(now, max(self._rate_floor(), min(rate, rate * fraction)))
+        self._state = self._state.reconfigured(
+            configured=float(rate), floor=float(rate) * self._min_rate_fraction
+        )
+        self._bucket.set_rate(now, self._state.rate)
         self._bucket.set_burst(now, burst)
+        self._burst = burst
         self._max_concurrency = max_concurrency
         self._kick(reschedule=True)
 
+    # -- answers ---------------------------------------------------------------------------------
+
+    def _grant_of_caller(self) -> _Grant | None:
+        grant = _holding.get()
+        return grant if grant is not None and grant.owner is self else None
+
+    def _is_new_overrun(self, grant: _Grant | None, now: float) -> bool:
+        if grant is not None:
+            return grant.epoch == self._epoch  # granted since the last overrun began
+        # an answer to a request we cannot place: new unless a pause is already on
+        return self._paused_until is None or now >= self._paused_until
+
+    def _charge_requests_in_flight(self, *, besides: _Grant | None) -> int:
+        """Requests in flight will reach bem after this 429: each owes a token of the new rate."""
+        charged = 0
+        for grant in self._held:
+            if grant is not besides:
+                grant.owes_token = True
+                charged += 1
+        return charged
+
+    def _waiting_for_tokens(self) -> bool:
+        """Requests wait, and not for a free slot (the caller's own slot is about to be free)."""
+        held = len(self._held) - (self._grant_of_caller() is not None)
+        return bool(self._turns) and held < self._max_concurrency
+
+    def _release(self, grant: _Grant, *, answered: bool) -> None:
+        self._held.discard(grant)
+        if answered and not grant.rate_limited:
+            self._state = self._state.after_answer(grant.number, granted_at=grant.granted_at)
+        self._kick()
+
     # -- waiting ---------------------------------------------------------------------------------
 
-    async def _acquire(self, kind: str) -> None:
+    async def _acquire(self, kind: str) -> _Grant:
         waiter = _Waiter(kind)
         self._enqueue(waiter)
         try:
             while True:
                 self._dispatch()
-                if waiter.granted:
+                if waiter.grant is not None:
                     break
                 await self._wait(waiter)
         except BaseException:
             self._withdraw(waiter)
             raise
         self._kick()  # if this waiter was keeping time, another one must take over
+        return waiter.grant
 
     async def _wait(self, waiter: _Waiter) -> None:
         delay = self._seconds_until_grantable()
@@ -247,7 +504,7 @@ class RateLimiter:
 
     def _seconds_until_grantable(self) -> float | None:
         """How long until a token is due and no pause is on; None if waiting for a free slot."""
-        if self._in_flight >= self._max_concurrency:
+        if len(self._held) >= self._max_concurrency:
             return None
         now = self._clock.now()
         delay = self._bucket.wait_time(now)
@@ -257,8 +514,8 @@ class RateLimiter:
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """A waiter was cancelled: it takes no token and holds no slot."""
-        if waiter.granted:
-            self._in_flight -= 1
+        if waiter.grant is not None:
+            self._held.discard(waiter.grant)
             self._bucket.give_back()
         else:
             queue = self._queues[waiter.kind]
@@ -282,7 +539,10 @@ class RateLimiter:
         now = self._clock.now()
         if self._paused_until is not None and now < self._paused_until:
             return
-        while self._turns and self._in_flight < self._max_concurrency:
+        while self._turns and len(self._held) < self._max_concurrency:
+            # after a silence (a pause, or idle with the bucket refilled) bem's bucket is at most
+            # full: a moment to measure from
+            fresh = self._resuming or (not self._held and self._bucket.is_full(now))
             if not self._bucket.try_take(now):
                 return
             kind = self._turns.popleft()
@@ -292,11 +552,20 @@ class RateLimiter:
                 self._turns.append(kind)
             else:
                 del self._queues[kind]
-            self._in_flight += 1
-            waiter.granted = True
+            waiter.grant = self._grant(now, fresh=fresh)
             waiter.wake.set()
             if waiter is self._timekeeper and self._timer is not None:
                 self._timer.cancel()
+
+    def _grant(self, now: float, *, fresh: bool) -> _Grant:
+        number = self._granted
+        self._granted += 1
+        if fresh:
+            self._resuming = False
+            self._state = self._state.after_resumption(now, grant=number, burst=self._burst)
+        grant = _Grant(self, number, now, self._epoch)
+        self._held.add(grant)
+        return grant
 
     def _kick(self, *, reschedule: bool = False) -> None:
         """Grant what can be granted now and make sure someone keeps time for the rest."""
@@ -307,15 +576,6 @@ class RateLimiter:
             self._queues[self._turns[0]][0].wake.set()
         elif reschedule and self._timer is not None:
             self._timer.cancel()
-
-    # -- rate ------------------------------------------------------------------------------------
-
-    def _rate_floor(self) -> float:
-        return self._configured_rate * self._min_rate_fraction
-
-    def _set_rate(self, now: float, rate: float) -> None:
-        self._current_rate = rate
-        self._bucket.set_rate(now, rate)
 
 
 def _check_limits(*, rate: float, burst: int, max_concurrency: int) -> None:

@@ -452,40 +452,33 @@ def test_each_429_halves_the_rate_down_to_the_floor() -> None:
     assert rates == [8.0, 4.0, 2.0, 1.6, 1.6, 1.6]
 
 
-def test_successes_bring_the_rate_back_linearly_after_the_pause() -> None:
+@pytest.mark.anyio
+async def test_successes_raise_the_rate_slowly_and_only_while_requests_wait_for_tokens() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rate=10.0, burst=1, max_concurrency=1, clock=clock, recovery_seconds=30.0)
+    limiter = RateLimiter(rate=10.0, burst=1, max_concurrency=5, clock=clock, recovery_seconds=10)
     limiter.on_rate_limited(2.0)
-    assert limiter.current_rate == 5.0
+    assert limiter.current_rate == 5.0  # no evidence yet: halved
     clock.advance(1.0)
-    limiter.on_success()  # still paused: no recovery yet
+    limiter.on_success()  # still paused: no probing
+    clock.advance(2.0)
+    limiter.on_success()  # nobody waits: a higher rate would not be used
     assert limiter.current_rate == 5.0
-    clock.advance(1.0 + 10.0)
-    limiter.on_success()  # 10 s after the pause: 10/30 of (10 - 1) regained
-    assert limiter.current_rate == pytest.approx(8.0)
-    limiter.on_success()  # no time passed, no change
-    assert limiter.current_rate == pytest.approx(8.0)
-    clock.advance(5.0)
-    limiter.on_success()
-    assert limiter.current_rate == pytest.approx(9.5)
-    clock.advance(100.0)
-    limiter.on_success()
-    assert limiter.current_rate == 10.0  # never above the configured rate
-
-
-def test_recovery_from_the_floor_takes_about_recovery_seconds() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(rate=10.0, burst=1, max_concurrency=1, clock=clock, recovery_seconds=20.0)
-    for _ in range(10):
-        limiter.on_rate_limited(0.0)
-    assert limiter.current_rate == 1.0
-    for _ in range(199):
-        clock.advance(0.1)
+    async with limiter.slot():  # takes the one token
+        pass
+    waiter = Holder(limiter, clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter.run)
+        await until(lambda: limiter.waiting == 1)
+        clock.advance(0.1)  # the next token is due at 3.2: still waiting
         limiter.on_success()
-    assert limiter.current_rate < 10.0
-    clock.advance(0.1)
-    limiter.on_success()
-    assert limiter.current_rate == pytest.approx(10.0)
+        # 0.1 s of 1 %/s (a tenth every ten seconds), counted from when requests began to wait
+        assert limiter.current_rate == pytest.approx(5.0 * 1.001)
+        clock.advance(0.1)
+        await until(lambda: waiter.granted_at is not None)
+        clock.advance(30.0)
+        limiter.on_success()  # nobody waits any more
+        assert limiter.current_rate == pytest.approx(5.0 * 1.001)
+        waiter.release.set()
 
 
 def test_success_at_full_rate_changes_nothing() -> None:
@@ -497,23 +490,33 @@ def test_success_at_full_rate_changes_nothing() -> None:
 
 
 @pytest.mark.anyio
-async def test_recovery_wakes_the_timekeeper_early() -> None:
+async def test_a_higher_rate_wakes_the_timekeeper_early() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rate=10.0, burst=1, max_concurrency=5, clock=clock, recovery_seconds=1)
+    limiter = RateLimiter(
+        rate=10.0,
+        burst=1,
+        max_concurrency=5,
+        clock=clock,
+        min_rate_fraction=0.1,
+        recovery_seconds=0.01,  # grows by half of itself in 0.05 s: easy to see
+    )
     for _ in range(10):
-        limiter.on_rate_limited(0.0)  # down to 1/s, bucket empty
+        limiter.on_rate_limited(0.0)  # down to the floor of 1/s, bucket empty
+    assert limiter.current_rate == 1.0
     waiter = Holder(limiter, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter.run)
         await until(lambda: clock.sleepers >= 1)
         assert clock.next_deadline == pytest.approx(1.0)
+        limiter.on_success()  # requests wait from now on
         clock.advance(0.05)
-        limiter.on_success()  # back to 1 + 9 * 0.05 = 1.45/s
+        limiter.on_success()  # 1/s * (1 + 10/s * 0.05 s) = 1.5/s
+        assert limiter.current_rate == pytest.approx(1.5)
         # the timekeeper wakes up and sleeps again, until the token now due sooner
         await until(lambda: (clock.next_deadline or 1.0) < 1.0)
         deadline = clock.next_deadline
         assert deadline is not None
-        assert deadline == pytest.approx(0.05 + 0.95 / 1.45)
+        assert deadline == pytest.approx(0.05 + 0.95 / 1.5)
         assert clock.sleepers == 1
         clock.advance_to(deadline)
         await until(lambda: waiter.granted_at is not None)
@@ -540,13 +543,13 @@ async def test_reconfigure_raises_concurrency_and_lets_waiters_in() -> None:
 
 
 @pytest.mark.anyio
-async def test_reconfigure_shrinks_the_bucket_and_keeps_a_reduced_rate_reduced() -> None:
+async def test_reconfigure_shrinks_the_bucket_and_keeps_a_learnt_rate() -> None:
     clock = FakeClock()
     limiter = make(clock, rate=10.0, burst=10)
     limiter.on_rate_limited(0.0)
     assert limiter.current_rate == 5.0
     limiter.reconfigure(rate=20.0, burst=2, max_concurrency=4)
-    assert limiter.current_rate == 10.0  # still half of the configured rate
+    assert limiter.current_rate == 5.0  # the account did not get faster: still 5/s
     clock.advance(60.0)  # refills to the new burst, not the old one
     granted = 0
     async with anyio.create_task_group() as tg:
@@ -558,6 +561,8 @@ async def test_reconfigure_shrinks_the_bucket_and_keeps_a_reduced_rate_reduced()
         granted = 3 - limiter.waiting
         tg.cancel_scope.cancel()
     assert granted == 2
+    limiter.reconfigure(rate=3.0, burst=2, max_concurrency=4)
+    assert limiter.current_rate == 3.0  # a configuration below it wins
 
 
 def test_reconfigure_at_full_rate_moves_to_the_new_rate() -> None:
