@@ -2,7 +2,7 @@
 
     python bench/scale.py --files 1000 10000 100000   # drains at a high rate limit
     python bench/scale.py --files 10000 --batch 20    # the same, 20 files per call ("window")
-    python bench/scale.py --scan 100000               # runner.watch.scan_inbox over N files
+    python bench/scale.py --scan 100000               # runner.scan.scan_inbox over N files
     python bench/scale.py --big-mb 500                # one file, streamed as multipart
 
 Every drain is ``python -m runner drain`` in its own process against the emulator (another
@@ -25,7 +25,7 @@ WORKFLOW = "invoices"
 SCAN_SNIPPET = """
 import json, sys, time
 from pathlib import Path
-from runner.watch import scan_inbox
+from runner.scan import scan_inbox
 inbox = Path(sys.argv[1])
 timings = []
 for _ in range(3):

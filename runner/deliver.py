@@ -14,224 +14,50 @@ input that can never be archived is left where it is and logged once.
 
 from __future__ import annotations
 
-import errno
-import json
-import os
-import shutil
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Protocol
 
 import anyio
 import structlog
 
 from runner import faults, names
+from runner.archive import LeftInPlace, finish_inputs
 from runner.context import Context
+from runner.documents import Document, documents_for_group, encode, rejection_document
 from runner.outbox import (
     ERROR_SUFFIX,
-    FILE_MODE,
     KINDS,
     RESULT_SUFFIX,
     SUFFIXES,
     Folders,
     Kind,
-    Limits,
-    Place,
     claims_natural,
     document_places,
-    fits,
-    fsync_directory,
     is_permanent,
     natural_place,
-    open_folder,
-    open_root,
     remove_places,
-    replace_via_temporary,
     shown_place,
-    write_atomic,
     write_atomic_at,
 )
-from runner.store.base import Delivery, FileRow, GroupRow
+from runner.store.base import Delivery, FileRow
 
 log = structlog.get_logger("runner.deliver")
 
 RETRY_SECONDS = 5.0
 BATCH = 200
-LEFT_IN_INBOX = "left"
-"""The watcher's state for a finished input that could not be archived or deleted."""
 
 __all__ = [
     "BATCH",
     "ERROR_SUFFIX",
     "RESULT_SUFFIX",
     "Deliverer",
-    "Document",
-    "LeftInPlace",
     "Unwritable",
     "Written",
-    "documents_for_group",
-    "finish_input",
-    "finish_inputs",
-    "fsync_directory",
     "outbox_paths",
-    "rejection_document",
-    "write_atomic",
     "write_documents",
 ]
-
-Event = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Document:
-    file: FileRow
-    outcome: Kind
-    body: dict[str, Any]
-    reason: str | None
-
-
-def documents_for_group(group: GroupRow, files: Sequence[FileRow]) -> list[Document]:
-    """Split a finished call into one document per file (see :func:`assign_events`).
-
-    An error of a batch that belongs to no one file is bem's word on the whole call: it goes
-    into every file's document, which makes each of them an error.
-    """
-    call: dict[str, Any] = json.loads(group.result_json) if group.result_json else {}
-    outputs: list[Any] = call.get("outputs") or []
-    errors: list[Any] = call.get("errors") or []
-    if not group.batch:
-        return [_document(group, call, file, outputs, errors, 0) for file in files]
-    references = [file.item_reference_id for file in files]
-    my_outputs, unmatched_outputs = assign_events(outputs, references)
-    my_errors, unmatched_errors = assign_events(errors, references)
-    return [
-        _document(
-            group, call, file, mine, [*their_errors, *unmatched_errors], len(unmatched_outputs)
-        )
-        for file, mine, their_errors in zip(files, my_outputs, my_errors, strict=True)
-    ]
-
-
-def assign_events(
-    events: Sequence[Any], references: Sequence[str | None]
-) -> tuple[list[list[Event]], list[Any]]:
-    """Each batch file's events (by ``referenceID``, else ``itemOffset``), and the unmatched.
-
-    A ``referenceID`` that several files share is settled by ``itemOffset``; a ``referenceID``
-    no file was sent with belongs to no file, whatever its offset.
-    """
-    holders: dict[str, list[int]] = {}
-    for index, reference in enumerate(references):
-        if reference is not None:
-            holders.setdefault(reference, []).append(index)
-    mine: list[list[Event]] = [[] for _ in references]
-    unmatched: list[Any] = []
-    for event in events:
-        owner = _owner(event, holders, len(references))
-        if owner is None:
-            unmatched.append(event)
-        else:
-            mine[owner].append(event)
-    return mine, unmatched
-
-
-def _owner(event: Any, holders: dict[str, list[int]], count: int) -> int | None:
-    if not isinstance(event, dict):
-        return None
-    reference = event.get("referenceID")
-    offset = event.get("itemOffset")
-    at = offset if type(offset) is int and 0 <= offset < count else None
-    if reference in (None, ""):
-        return at
-    owners = holders.get(reference, []) if isinstance(reference, str) else []
-    if len(owners) == 1:
-        return owners[0]
-    return at if at in owners else None
-
-
-def _document(
-    group: GroupRow,
-    call: dict[str, Any],
-    file: FileRow,
-    outputs: list[Any],
-    errors: list[Any],
-    unmatched_outputs: int,
-) -> Document:
-    status = call.get("status") or group.status or "failed"
-    reason = group.error_reason
-    if reason is None and errors:
-        reason = "; ".join(_message(e) for e in errors)
-    if reason is None and not outputs:
-        reason = (
-            f"the call ended {status} with no output for this file"
-            if status == "completed"
-            else f"the call ended {status}"
-        )
-        if unmatched_outputs:
-            reason += f" ({unmatched_outputs} outputs of the call matched no file)"
-    body: dict[str, Any] = {
-        **names.name_fields("file", file.rel),
-        "workflow": _shown(group.workflow),
-        "callID": group.call_id,
-        "callReferenceID": group.call_reference_id,
-        "itemReferenceID": file.item_reference_id if group.batch else None,
-        "status": status,
-        "inputType": file.input_type,
-        "sha256": file.sha256,
-        "sizeBytes": file.size,
-        "createdAt": call.get("createdAt"),
-        "finishedAt": call.get("finishedAt") or _iso(group.finished_at),
-        "submittedAt": _iso(group.submitted_at),
-    }
-    if reason is None:
-        body["outputs"] = outputs
-        return Document(file, "result", body, None)
-    body["reason"] = reason
-    body["errors"] = errors
-    body["outputs"] = outputs
-    return Document(file, "error", body, reason)
-
-
-def _message(event: Any) -> str:
-    message = event.get("message") if isinstance(event, dict) else None
-    return str(message or "bem reported an error")
-
-
-def rejection_document(file: FileRow) -> Document:
-    body = {
-        **names.name_fields("file", file.rel),
-        "workflow": _shown(file.workflow),
-        "status": "rejected",
-        "reason": file.reason or "rejected",
-        "inputType": file.input_type,
-        "sizeBytes": file.size,
-        "seenAt": _iso(file.seen_at),
-    }
-    return Document(file, "error", body, file.reason)
-
-
-def _shown(name: str | None) -> str | None:
-    return None if name is None else names.shown(name)
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
-
-
-def encode(body: dict[str, Any]) -> bytes:
-    """The document as UTF-8 JSON, whatever strings it holds (bem's JSON may carry lone
-    surrogates, written then as ``\\u`` escapes)."""
-    try:
-        return json.dumps(body, indent=2, ensure_ascii=False).encode() + b"\n"
-    except UnicodeEncodeError:
-        return json.dumps(body, indent=2, ensure_ascii=True).encode() + b"\n"
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing documents (blocking; run in a worker thread)
 
@@ -322,194 +148,6 @@ def _why_not_natural(rel: str, kind: Kind) -> str:
     if not claims_natural(rel, kind):
         return f"{name} is the error document of another file"
     return f"{name}: too long for the file system"
-
-
-# ---------------------------------------------------------------------------------------------
-# Finishing inputs (blocking; run in a worker thread)
-
-
-@dataclass(frozen=True)
-class LeftInPlace:
-    """An input that can never be archived: it stays in the inbox, and its file is finished."""
-
-    reason: str
-
-
-FinishOutcome = LeftInPlace | OSError | None
-"""Per file: None when finished, why it stays in the inbox, or the error to retry after."""
-
-
-class CannotFinish(Exception):
-    """The input can never be archived (or deleted) as it is."""
-
-
-def finish_inputs(
-    inbox: Path, archive: Path, files: Sequence[FileRow], on_done: str
-) -> list[FinishOutcome]:
-    """Archive, delete or keep delivered inputs, then fsync the directories touched once each.
-
-    Safe to repeat after a crash.
-    """
-    results: list[FinishOutcome] = []
-    touched: list[set[Path]] = []
-    for file in files:
-        try:
-            touched.append(
-                finish_input(inbox, archive, file.rel, on_done, taken=(file.size, file.mtime_ns))
-            )
-            results.append(None)
-        except CannotFinish as exc:
-            touched.append(set())
-            results.append(LeftInPlace(str(exc)))
-        except OSError as exc:
-            touched.append(set())
-            results.append(exc)
-    faults.point("archive.before_fsync")
-    failed = _sync_directories(set().union(*touched))
-    faults.point("archive.after_fsync")
-    return [
-        next((failed[d] for d in dirs if d in failed), result)
-        for result, dirs in zip(results, touched, strict=True)
-    ]
-
-
-def _sync_directories(directories: set[Path]) -> dict[Path, OSError]:
-    """fsync each directory; the ones that failed, with their error."""
-    failed: dict[Path, OSError] = {}
-    for directory in sorted(directories):
-        try:
-            fsync_directory(directory)
-        except OSError as exc:
-            failed[directory] = exc
-    return failed
-
-
-def finish_input(
-    inbox: Path, archive: Path, rel: str, on_done: str, *, taken: tuple[int, int] | None = None
-) -> set[Path]:
-    """Archive, delete or keep one delivered input; return the directories to fsync.
-
-    ``taken`` is the (size, mtime_ns) the file had when it was taken: a file that was replaced
-    since is new work and is left in the inbox, never archived or deleted unseen. Raises
-    :class:`CannotFinish` when the archive can never take it.
-    """
-    source = inbox / rel
-    if on_done == "keep":
-        return set()
-    try:
-        replaced = taken is not None and _replaced(source, taken)
-        if on_done == "delete" and not replaced:
-            return _delete(source)
-    except OSError as exc:
-        raise _cannot_finish_or(exc, names.shown(str(source))) from exc
-    if replaced:
-        log.info(
-            "input replaced after it was taken; leaving the new one in the inbox",
-            file=names.shown(rel),
-        )
-        return set()
-    root_fd = open_root(archive, create=True)  # the archive itself: retried, never one file's
-    try:
-        return _archive(source, archive, root_fd, rel)
-    finally:
-        os.close(root_fd)
-
-
-def _delete(source: Path) -> set[Path]:
-    try:
-        source.unlink()
-    except FileNotFoundError:
-        return set()
-    return {source.parent}
-
-
-def _archive(source: Path, archive: Path, root_fd: int, rel: str) -> set[Path]:
-    *folders, name = rel.split("/")
-    place = Place(tuple(folders), name)
-    if not fits(archive, place, Limits.of(root_fd)):
-        raise CannotFinish(f"{shown_place(archive, place)}: too long for the file system")
-    if not os.path.lexists(source):
-        return _finish_earlier_archive(archive, root_fd, place, source)
-    try:
-        fd = open_folder(root_fd, place.folders, create=True)
-    except OSError as exc:
-        raise _cannot_finish_or(exc, shown_place(archive, place)) from exc
-    try:
-        faults.point("archive.before_rename")
-        try:
-            _move(source, fd, name)
-        except OSError as exc:
-            raise _cannot_finish_or(exc, shown_place(archive, place)) from exc
-        faults.point("archive.after_rename")
-        _make_private(fd, name)
-    finally:
-        os.close(fd)
-    return {place.path(archive).parent, source.parent}
-
-
-def _finish_earlier_archive(archive: Path, root_fd: int, place: Place, source: Path) -> set[Path]:
-    """The input is gone: if an earlier attempt archived it, finish what that one may not have."""
-    try:
-        fd = open_folder(root_fd, place.folders, create=False)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT or is_permanent(exc.errno):
-            return set()  # not archived here: removed by someone else
-        raise
-    try:
-        if not _make_private(fd, place.name):
-            return set()
-    finally:
-        os.close(fd)
-    return {place.path(archive).parent, source.parent}  # the syncs may not have happened
-
-
-def _cannot_finish_or(exc: OSError, where: str) -> Exception:
-    """:class:`CannotFinish` for an error that can never succeed, else the error itself."""
-    if is_permanent(exc.errno):
-        return CannotFinish(f"{where}: {exc.strerror}")
-    return exc
-
-
-def _move(source: Path, folder_fd: int, name: str) -> None:
-    try:
-        os.replace(source, name, dst_dir_fd=folder_fd)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:  # archive on another file system
-            raise
-        _copy_into(source, folder_fd, name)
-        source.unlink()
-
-
-def _copy_into(source: Path, folder_fd: int, name: str) -> None:
-    st = source.stat()
-
-    def fill(fh: BinaryIO) -> None:
-        with source.open("rb") as src:
-            shutil.copyfileobj(src, fh)
-        fh.flush()
-        os.utime(fh.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
-        os.fsync(fh.fileno())
-
-    replace_via_temporary(folder_fd, name, fill, name_max=Limits.of(folder_fd).name_max)
-
-
-def _make_private(folder_fd: int, name: str) -> bool:
-    """chmod an archived input (never through a link); whether it is there."""
-    try:
-        st = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(name, FILE_MODE, dir_fd=folder_fd)
-    return True
-
-
-def _replaced(source: Path, taken: tuple[int, int]) -> bool:
-    try:
-        st = source.lstat()
-    except FileNotFoundError:
-        return False
-    return (st.st_size, st.st_mtime_ns) != taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,3 +291,4 @@ class Deliverer:
                 left.add(file.id)
             finished.append(file)
         return finished, left
+

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from runner.config import Config
-from runner.deliver import fsync_directory
+from runner.outbox import fsync_directory
+from runner.scan import Entry, examine
 from runner.store.base import FileRow, Store
-from runner.watch import Entry, examine
 
 
 async def requeue_failed(store: Store, config: Config) -> tuple[list[str], list[tuple[str, str]]]:

@@ -24,9 +24,9 @@ import pytest
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
+from runner.archive import finish_input
 from runner.config import Config
 from runner.daemon import ExitCode, Runner, RunnerOptions
-from runner.deliver import finish_input
 from runner.emulator import Emulator, EmulatorSettings
 
 from .pipeline import drain, leftover_temporaries, make_config, outbox_documents, write_files

@@ -12,17 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.deliver import (
-    Document,
-    LeftInPlace,
-    Written,
-    documents_for_group,
-    finish_input,
-    finish_inputs,
-    rejection_document,
-    write_atomic,
-    write_documents,
-)
+from runner.archive import LeftInPlace, finish_input, finish_inputs
+from runner.deliver import Written, write_documents
+from runner.documents import Document, documents_for_group, rejection_document
+from runner.outbox import write_atomic
 from runner.store.base import FileRow, GroupRow
 
 

@@ -26,16 +26,10 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from runner import names
+from runner.archive import LeftInPlace, finish_inputs
 from runner.daemon import ExitCode, Runner, RunnerOptions
-from runner.deliver import (
-    Document,
-    LeftInPlace,
-    Unwritable,
-    Written,
-    finish_inputs,
-    rejection_document,
-    write_documents,
-)
+from runner.deliver import Unwritable, Written, write_documents
+from runner.documents import Document, rejection_document
 from runner.emulator import Emulator, EmulatorSettings
 from runner.outbox import (
     KINDS,

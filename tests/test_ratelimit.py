@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runner.bucket import TokenBucket
 from runner.clock import FakeClock
-from runner.ratelimit import DEFAULT_RETRY_AFTER, RateLimiter, TokenBucket
+from runner.ratelimit import DEFAULT_RETRY_AFTER, RateLimiter
 
 
 async def until(condition: Callable[[], bool], *, turns: int = 1000) -> None:

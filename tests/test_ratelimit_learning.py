@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.api.client import BemClient
+from runner.bucket import MARGIN, PROBE_GROWTH, Mark, RateState, TokenBucket
 from runner.clock import FakeClock
 from runner.emulator import Emulator, EmulatorSettings
 from runner.errors import RateLimitedError
-from runner.ratelimit import MARGIN, PROBE_GROWTH, Mark, RateLimiter, RateState, TokenBucket
+from runner.ratelimit import RateLimiter
 
 from .ratelimit_sim import Account, RetryAfterStyle, Run, Runner, Sent, run
 

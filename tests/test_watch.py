@@ -9,17 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from runner.scan import Entry, Settler, examine, hash_file, is_new, scan_inbox, scan_paths
 from runner.store.base import KnownFile
-from runner.watch import (
-    Entry,
-    Settler,
-    examine,
-    hash_file,
-    is_new,
-    scan_inbox,
-    scan_paths,
-    watchfiles_events,
-)
+from runner.watch import watchfiles_events
 
 
 def touch(path: Path, content: bytes = b"x", mtime: float | None = None) -> None:

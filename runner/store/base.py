@@ -87,6 +87,10 @@ class NewFile:
     reason: str | None = None
 
 
+LEFT_IN_INBOX = "left"
+"""A :class:`KnownFile` state of the watcher's: finished, but could not be archived or deleted."""
+
+
 @dataclass(frozen=True, slots=True)
 class KnownFile:
     size: int

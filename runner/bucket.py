@@ -1,0 +1,237 @@
+"""The pure half of the rate limiter: the account's token bucket and what is learnt of its rate.
+
+No clock and no waiting here: :mod:`runner.ratelimit` feeds these what it observes. See that
+module's docstring for the policy (evidence, decrease, slow increase, one overrun one decision).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+MARGIN = 0.9
+"""After a 429 the rate is set this fraction of the account's estimated rate: just below it."""
+
+BLIND_DECREASE = 0.5
+"""The rate is cut by this factor at a 429 when there is no evidence of the account's rate."""
+
+PROBE_GROWTH = 0.1
+"""While demand waits for tokens, the rate grows by this fraction every ``recovery_seconds``."""
+
+MIN_EVIDENCE = 4
+"""An estimate must rest on at least this many accepted requests beyond the bucket's content."""
+
+MIN_EVIDENCE_SECONDS = 0.05
+"""Shorter spans of observation give no estimate."""
+
+MARKS = 8
+"""How many past 429s, and past resumptions, serve as starting points of an estimate."""
+
+_MAX_PROBE_STEP = 1.0  # seconds: a long quiet gap between successes is not a long probe
+
+
+# -- learning the account's rate (pure) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A moment (``at``) when the account's bucket held at most ``tokens``, and how many
+    requests granted from then on (grant number ``first_grant`` and later) it has accepted."""
+
+    at: float
+    first_grant: int
+    tokens: float
+    accepted: int = 0
+    last_granted_at: float | None = None
+    """When the latest of the accepted requests was granted: the span of the evidence ends
+    there, not at the next 429, as answers to requests sent since may still be on their way."""
+
+    def counted(self, grant: int, granted_at: float) -> Mark:
+        """The account accepted the request with grant number ``grant``, granted then."""
+        if grant < self.first_grant:
+            return self
+        latest = max(granted_at, self.last_granted_at or granted_at)
+        return replace(self, accepted=self.accepted + 1, last_granted_at=latest)
+
+    @property
+    def evidence(self) -> float:
+        """Accepted requests beyond what the account's bucket may have held: what the bound
+        rests on."""
+        return self.accepted - self.tokens
+
+    def lower_bound(self) -> float | None:
+        """The least rate the account can have, given what it accepted since this mark."""
+        if self.last_granted_at is None:
+            return None
+        span = self.last_granted_at - self.at
+        if span < MIN_EVIDENCE_SECONDS:
+            return None
+        return self.evidence / span
+
+
+@dataclass(frozen=True)
+class RateState:
+    """What the limiter has learnt about the account, and the rate it runs at because of it.
+
+    Every method returns a new state; nothing here reads a clock or waits."""
+
+    configured: float
+    floor: float
+    rate: float
+    learnt: float | None = None
+    """The account's rate as estimated at the last 429 with enough evidence."""
+    overruns: tuple[Mark, ...] = ()
+    """The last few 429s: the account's bucket was empty."""
+    resumptions: tuple[Mark, ...] = ()
+    """The last few times sending resumed after a silence: the account's bucket held at most
+    a burst (assuming bem's burst is no larger than ours)."""
+    probed_at: float | None = None
+
+    @classmethod
+    def initial(cls, *, configured: float, floor: float) -> RateState:
+        return cls(configured=configured, floor=floor, rate=configured)
+
+    def estimate(self) -> float | None:
+        """The best lower bound of the account's rate among those that rest on enough
+        evidence (``MIN_EVIDENCE``); a bound on less is mostly noise."""
+        bounds = [
+            bound
+            for mark in (*self.overruns, *self.resumptions)
+            if mark.evidence >= MIN_EVIDENCE and (bound := mark.lower_bound()) is not None
+        ]
+        return max(bounds, default=None)
+
+    def after_overrun(self, now: float, *, next_grant: int) -> RateState:
+        """A 429 to a request granted since the last one: settle just below the account's rate,
+        or halve the rate while there is too little evidence of it."""
+        estimate = self.estimate()
+        learnt = self.learnt
+        if estimate is not None:
+            learnt = min(estimate, self.rate)
+            rate = MARGIN * learnt
+        else:
+            rate = self.rate * BLIND_DECREASE
+        mark = Mark(now, next_grant, tokens=1.0)
+        return replace(
+            self,
+            rate=max(self.floor, rate),
+            learnt=learnt,
+            overruns=(*self.overruns, mark)[-MARKS:],
+            probed_at=None,
+        )
+
+    def after_resumption(self, now: float, *, grant: int, burst: int) -> RateState:
+        """Granted ``grant`` after a silence (our bucket full, or a pause over)."""
+        mark = Mark(now, grant, tokens=float(burst))
+        return replace(self, resumptions=(*self.resumptions, mark)[-MARKS:])
+
+    def after_answer(self, grant: int, *, granted_at: float) -> RateState:
+        """bem took the request with grant number ``grant`` (answered anything but 429)."""
+        return replace(
+            self,
+            overruns=tuple(mark.counted(grant, granted_at) for mark in self.overruns),
+            resumptions=tuple(mark.counted(grant, granted_at) for mark in self.resumptions),
+        )
+
+    def after_success(self, now: float, *, saturated: bool, growth_per_second: float) -> RateState:
+        """A success; ``saturated``: requests are waiting for tokens, so a higher rate would be
+        used. Grows the rate slowly, counting only time spent saturated."""
+        if self.probed_at is None or not saturated or now <= self.probed_at:
+            return replace(self, probed_at=max(now, self.probed_at or now))
+        step = min(now - self.probed_at, _MAX_PROBE_STEP)
+        rate = min(self.configured, self.rate * (1 + growth_per_second * step))
+        return replace(self, rate=max(self.rate, rate), probed_at=now)
+
+    def reconfigured(self, *, configured: float, floor: float) -> RateState:
+        """New configured limits. What was learnt about the account still holds: a rate that
+        was lowered because of it stays as low (unless the new configuration is lower still)."""
+        lowered = self.rate < self.configured
+        rate = min(configured, max(floor, self.rate)) if lowered else configured
+        return replace(self, configured=configured, floor=floor, rate=rate)
+
+
+# -- the bucket ----------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """A token bucket (``burst`` capacity, refilled at ``rate`` per second), full when first used.
+
+    Kept in exact rational arithmetic, so it never holds a token that the ideal bucket would not
+    hold, however long it runs. A server-side bucket built from this class with the same limits
+    and read with the same clock never refuses a request the limiter let through. It can be in
+    debt (fewer than no tokens): tokens owed for requests already sent.
+    """
+
+    def __init__(self, *, rate: float, burst: int) -> None:
+        self._rate = Fraction(rate)
+        self._burst = Fraction(burst)
+        self._tokens = Fraction(burst)
+        self._stamp: Fraction | None = None
+
+    def try_take(self, now: float) -> bool:
+        """Take one token if there is one."""
+        self._refill(Fraction(now))
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def is_full(self, now: float) -> bool:
+        self._refill(Fraction(now))
+        return self._tokens >= self._burst
+
+    def give_back(self) -> None:
+        """Return a token that was taken but not used."""
+        self._tokens = min(self._burst, self._tokens + 1)
+
+    def debt(self, now: float) -> Fraction:
+        """How many tokens are owed (0 unless the bucket is in debt)."""
+        self._refill(Fraction(now))
+        return max(Fraction(0), -self._tokens)
+
+    def empty(self, now: float, *, until: float | None = None, owing: Fraction | int = 0) -> None:
+        """No token now (``owing`` tokens owed), and none accrues before ``until`` (the end of a
+        429 pause)."""
+        self._refill(Fraction(now))
+        self._tokens = -Fraction(max(0, owing))
+        if until is not None and self._stamp is not None and Fraction(until) > self._stamp:
+            self._stamp = Fraction(until)
+
+    def wait_time(self, now: float) -> float:
+        """Seconds until a whole token is there (0 if one is), such that the float ``now + d``
+        is not before the exact moment the token arrives (and, for a clock reading >= 0, at most
+        one float step after it)."""
+        exact_now = Fraction(now)
+        self._refill(exact_now)
+        if self._tokens >= 1:
+            return 0.0
+        start = max(exact_now, self._stamp) if self._stamp is not None else exact_now
+        return float_delay(now, start + (1 - self._tokens) / self._rate)
+
+    def set_rate(self, now: float, rate: float) -> None:
+        self._refill(Fraction(now))
+        self._rate = Fraction(rate)
+
+    def set_burst(self, now: float, burst: int) -> None:
+        self._refill(Fraction(now))
+        self._burst = Fraction(burst)
+        self._tokens = min(self._tokens, self._burst)
+
+    def _refill(self, now: Fraction) -> None:
+        if self._stamp is not None and now > self._stamp:
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        if self._stamp is None or now > self._stamp:
+            self._stamp = now
+
+
+def float_delay(now: float, due: Fraction) -> float:
+    """A delay after which the float ``now + delay`` is not before ``due``, and barely so."""
+    target = float(due)
+    if Fraction(target) < due:
+        target = math.nextafter(target, math.inf)
+    delay = target - now  # exact whenever target and now are close (Sterbenz)
+    while now + delay < target:  # otherwise a step or two of rounding to make up
+        delay = math.nextafter(delay, math.inf)
+    return delay
+
