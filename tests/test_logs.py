@@ -23,7 +23,7 @@ STATE_CHANGES = {
     "call submitted",
     "call finished",
     "file delivered",
-    "stopping: intake stopped, finishing in-flight requests",
+    "stopping: no new files taken, finishing in-flight requests",
     "runner stopped",
 }
 
