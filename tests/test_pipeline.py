@@ -428,3 +428,25 @@ async def test_more_finished_calls_than_one_delivery_page(tmp_path: Path) -> Non
         await drain(config, emulator)
 
     assert len(outbox_documents(config.paths.outbox)) == len(rels)
+
+
+async def test_kept_inputs_are_not_sent_again_after_the_state_is_deleted(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    emulator = fast_emulator()
+    config = make_config(tmp_path, inbox={"on_done": "keep"})
+    write_files(config.paths.inbox, [("wf/a.txt", b"one"), ("wf/b.txt", b"two")])
+    first = await drain(config, emulator)
+    assert first.delivered == {"result": 2}
+    calls = len(emulator.calls)
+
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"state.db{suffix}").unlink(missing_ok=True)
+    (config.paths.inbox / "wf/b.txt").write_bytes(b"two, changed")  # new content: sent again
+    with capture_logs() as logs:
+        second = await drain(config, emulator)
+    assert second.delivered == {"result": 1}
+    assert len(emulator.calls) == calls + 1
+    skipped = [e for e in logs if e["event"].startswith("input already has a document")]
+    assert [e["file"] for e in skipped] == ["wf/a.txt"]
+    assert skipped[0]["log_level"] == "warning"
