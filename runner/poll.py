@@ -15,7 +15,7 @@ import structlog
 
 from runner import faults
 from runner.api import call_mismatch
-from runner.api.models import Call
+from runner.api.models import Call, CallFilter
 from runner.context import MIN_WAIT, Context
 from runner.errors import ApiError, AuthError, NotFoundError
 from runner.health import AUTH_RETRY_SECONDS
@@ -90,7 +90,8 @@ class Poller:
     async def _poll_v3(self, due: list[GroupRow]) -> None:
         ctx = self._ctx
         faults.point("poll.before_send")
-        calls = await ctx.client.list_calls(call_ids=[g.call_id or "" for g in due], limit=len(due))
+        wanted = CallFilter(call_ids=tuple(g.call_id or "" for g in due))
+        calls = await ctx.client.list_calls(wanted, limit=len(due))
         faults.point("poll.after_receive")
         by_id = {call.call_id: call for call in calls}
         page = PollPage()

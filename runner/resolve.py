@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import structlog
 
 from runner import faults
-from runner.api.models import Call
+from runner.api.models import Call, CallFilter
 from runner.context import Context
 from runner.errors import ApiError
 from runner.policy import unknown_outcome_resolution
@@ -105,9 +105,8 @@ class Resolver:
     async def _find_by_reference(self, references: Sequence[str]) -> dict[str, Call]:
         found: dict[str, Call] = {}
         faults.point("submit.before_list")
-        async for call in self._ctx.client.iter_calls(
-            reference_ids=list(references), sort_order="asc"
-        ):
+        wanted = CallFilter(reference_ids=tuple(references), sort_order="asc")
+        async for call in self._ctx.client.iter_calls(wanted):
             # the oldest call with a reference wins, should a duplicate ever exist
             if call.call_reference_id and call.call_reference_id not in found:
                 found[call.call_reference_id] = call

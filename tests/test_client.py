@@ -16,7 +16,7 @@ import httpx
 import pytest
 import structlog
 
-from runner.api import BemClient, UploadFile, V2CallRequest, parse_retry_after
+from runner.api import BemClient, CallFilter, UploadFile, V2CallRequest, parse_retry_after
 from runner.clock import FakeClock
 from runner.emulator import Emulator, EmulatorSettings
 from runner.errors import NotFoundError, PermanentError, RateLimitedError, TransientError
@@ -321,12 +321,15 @@ async def test_iter_calls_walks_every_page_with_the_last_call_as_cursor(
     await make_calls(client, tmp_path, "other", "noise", 3)
 
     ascending = [
-        call.call_id async for call in client.iter_calls(workflow_names=["paged"], limit=3)
+        call.call_id
+        async for call in client.iter_calls(CallFilter(workflow_names=["paged"]), limit=3)
     ]
     listings_for_ascending = sum(requests_to(emulator, "GET /v3/calls").values())
     descending = [
         call.call_id
-        async for call in client.iter_calls(workflow_names=["paged"], sort_order="desc", limit=4)
+        async for call in client.iter_calls(
+            CallFilter(workflow_names=["paged"], sort_order="desc"), limit=4
+        )
     ]
 
     assert ascending == wanted
@@ -341,12 +344,16 @@ async def test_list_calls_filters_and_cursors(
     clock.advance(3.0)
     late = await make_calls(client, tmp_path, "listed", "late", 1)
 
-    after = await client.list_calls(workflow_names=["listed"], starting_after=ids[1], limit=3)
-    before = await client.list_calls(workflow_names=["listed"], ending_before=ids[4], limit=2)
-    by_reference = await client.list_calls(reference_ids=["lst-0", "lst-5"])
-    by_substring = await client.list_calls(reference_id_substring="LATE")
-    pending = await client.list_calls(workflow_names=["listed"], statuses=["pending"])
-    by_id = await client.list_calls(call_ids=[ids[2]])
+    after = await client.list_calls(
+        CallFilter(workflow_names=["listed"]), starting_after=ids[1], limit=3
+    )
+    before = await client.list_calls(
+        CallFilter(workflow_names=["listed"]), ending_before=ids[4], limit=2
+    )
+    by_reference = await client.list_calls(CallFilter(reference_ids=["lst-0", "lst-5"]))
+    by_substring = await client.list_calls(CallFilter(reference_id_substring="LATE"))
+    pending = await client.list_calls(CallFilter(workflow_names=["listed"], statuses=["pending"]))
+    by_id = await client.list_calls(CallFilter(call_ids=[ids[2]]))
 
     assert [call.call_id for call in after] == ids[2:5]
     assert [call.call_id for call in before] == ids[2:4]
@@ -354,7 +361,7 @@ async def test_list_calls_filters_and_cursors(
     assert [call.call_id for call in by_substring] == late
     assert [call.call_id for call in pending] == late
     assert [call.call_id for call in by_id] == [ids[2]]
-    assert await client.list_calls(workflow_names=["nothing-here"]) == []
+    assert await client.list_calls(CallFilter(workflow_names=["nothing-here"])) == []
 
 
 # -- v2 ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import structlog
 
-from runner.api import BemClient, UploadFile, V2CallRequest
+from runner.api import BemClient, CallFilter, UploadFile, V2CallRequest
 from runner.clock import FakeClock
 from runner.emulator import Emulator, EmulatorSettings, serve_emulator
 from runner.errors import (
@@ -352,7 +352,7 @@ async def test_accept_then_500_is_outcome_unknown_and_the_call_can_be_found(
 
     assert requests_to(emulator, INVOKE) == {"500": 2}
     assert requests_to(emulator, "POST /v2/calls") == {"500": 1}
-    found = await client.list_calls(reference_ids=["ghost", "ghost-wait", "ghost-v2"])
+    found = await client.list_calls(CallFilter(reference_ids=["ghost", "ghost-wait", "ghost-v2"]))
     assert sorted(call.call_reference_id or "" for call in found) == [
         "ghost",
         "ghost-v2",
@@ -428,7 +428,7 @@ async def test_a_dropped_connection_over_http_is_outcome_unknown_for_a_post(
         with pytest.raises(TransientError) as on_get:
             await TimeDriver(clock).run(bem.list_calls())
         emulator.update(drop_rate=0.0)
-        found = await bem.list_calls(reference_ids=["dropped"])
+        found = await bem.list_calls(CallFilter(reference_ids=["dropped"]))
 
     assert isinstance(on_post.value.__cause__, httpx.RemoteProtocolError)
     assert isinstance(on_get.value.__cause__, httpx.RemoteProtocolError)
@@ -451,7 +451,7 @@ async def test_a_read_timeout_is_outcome_unknown_for_a_post_and_transient_for_a_
             await bem.list_calls()
         emulator.advance(60.0)  # let the held responses go, so the server can stop at once
         emulator.update(slow_rate=0.0)
-        found = await bem.list_calls(reference_ids=["slow"])
+        found = await bem.list_calls(CallFilter(reference_ids=["slow"]))
 
     assert isinstance(on_post.value.__cause__, httpx.ReadTimeout)
     assert isinstance(on_get.value.__cause__, httpx.ReadTimeout)

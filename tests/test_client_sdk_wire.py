@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner.api import BemClient, UploadFile
+from runner.api import BemClient, CallFilter, UploadFile
 from runner.clock import FakeClock
 from runner.errors import NotFoundError, PermanentError
 
@@ -142,7 +142,17 @@ async def test_list_filters_go_as_the_sdk_sends_them(
         return await sdk.calls.list(**filters)
 
     async def we_list(client: BemClient) -> object:
-        return await client.list_calls(**filters)
+        return await client.list_calls(
+            CallFilter(
+                call_ids=call_ids,
+                reference_ids=reference_ids,
+                statuses=statuses,
+                workflow_names=workflow_names,
+                sort_order="asc",
+            ),
+            limit=limit,
+            starting_after=after,
+        )
 
     ours, sdks = await our_request(we_list), await sdk_request(sdk_lists)
 
@@ -152,7 +162,9 @@ async def test_list_filters_go_as_the_sdk_sends_them(
 
 
 async def test_the_poll_listing_sends_one_callids_key() -> None:
-    ours = await our_request(lambda client: client.list_calls(call_ids=["a", "b"], limit=2))
+    ours = await our_request(
+        lambda client: client.list_calls(CallFilter(call_ids=["a", "b"]), limit=2)
+    )
     assert urllib.parse.parse_qsl(ours.url.query.decode()) == [("callIDs", "a,b"), ("limit", "2")]
 
 
@@ -161,7 +173,7 @@ async def test_an_id_that_a_comma_joined_list_cannot_carry_is_refused_unsent(bad
     capture = Capture()
     async with BemClient(base_url=BASE_URL, api_key=KEY, transport=capture.transport()) as client:
         with pytest.raises(PermanentError, match="comma-joined"):
-            await client.list_calls(reference_ids=["ok", bad])
+            await client.list_calls(CallFilter(reference_ids=["ok", bad]))
     assert capture.requests == []
 
 

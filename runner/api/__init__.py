@@ -6,6 +6,7 @@ from runner.api.encoding import header_value_problem
 from runner.api.models import (
     TERMINAL_STATUSES,
     Call,
+    CallFilter,
     ErrorEvent,
     OutputEvent,
     UploadFile,
@@ -17,6 +18,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "BemClient",
     "Call",
+    "CallFilter",
     "ErrorEvent",
     "OutputEvent",
     "UploadFile",

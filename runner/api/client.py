@@ -28,7 +28,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, ExitStack
 from types import TracebackType
-from typing import IO, Literal, Self, TypeVar
+from typing import IO, Self, TypeVar
 
 import httpx
 import structlog
@@ -39,6 +39,7 @@ from runner.api import encoding, failures
 from runner.api.failures import parse_retry_after
 from runner.api.models import (
     Call,
+    CallFilter,
     CallList,
     CallResponse,
     UploadFile,
@@ -59,11 +60,7 @@ from runner.errors import (
 from runner.policy import retry_delay
 from runner.ratelimit import RateLimiter
 
-__all__ = ["BemClient", "CallStatusFilter", "CallTypeFilter", "SortOrder", "parse_retry_after"]
-
-SortOrder = Literal["asc", "desc"]
-CallStatusFilter = Literal["pending", "running", "completed", "failed"]
-CallTypeFilter = Literal["workflow", "direct_function", "adhoc_function"]
+__all__ = ["BemClient", "parse_retry_after"]
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
@@ -207,16 +204,8 @@ class BemClient:
 
     async def list_calls(
         self,
+        filters: CallFilter | None = None,
         *,
-        call_ids: Sequence[str] | None = None,
-        reference_ids: Sequence[str] | None = None,
-        reference_id_substring: str | None = None,
-        workflow_ids: Sequence[str] | None = None,
-        workflow_names: Sequence[str] | None = None,
-        statuses: Sequence[CallStatusFilter] | None = None,
-        call_types: Sequence[CallTypeFilter] | None = None,
-        function_names: Sequence[str] | None = None,
-        sort_order: SortOrder | None = None,
         limit: int | None = None,
         starting_after: str | None = None,
         ending_before: str | None = None,
@@ -226,38 +215,14 @@ class BemClient:
         List filters go as one key with comma-joined values, as bem's SDK sends them; an
         empty list is no filter. A value holding a comma cannot be sent: PermanentError.
         """
-        params = encoding.list_query(
-            {
-                "callIDs": call_ids,
-                "referenceIDs": reference_ids,
-                "referenceIDSubstring": reference_id_substring,
-                "workflowIDs": workflow_ids,
-                "workflowNames": workflow_names,
-                "statuses": statuses,
-                "callTypes": call_types,
-                "functionNames": function_names,
-                "sortOrder": sort_order,
-                "limit": limit,
-                "startingAfter": starting_after,
-                "endingBefore": ending_before,
-            }
-        )
+        query = (filters or CallFilter()).query()
+        query.update(limit=limit, startingAfter=starting_after, endingBefore=ending_before)
+        params = encoding.list_query(query)
         page = await self._read("/v3/calls", route="/v3/calls", model=CallList, params=params)
         return page.calls
 
     async def iter_calls(
-        self,
-        *,
-        call_ids: Sequence[str] | None = None,
-        reference_ids: Sequence[str] | None = None,
-        reference_id_substring: str | None = None,
-        workflow_ids: Sequence[str] | None = None,
-        workflow_names: Sequence[str] | None = None,
-        statuses: Sequence[CallStatusFilter] | None = None,
-        call_types: Sequence[CallTypeFilter] | None = None,
-        function_names: Sequence[str] | None = None,
-        sort_order: SortOrder | None = None,
-        limit: int | None = None,
+        self, filters: CallFilter | None = None, *, limit: int | None = None
     ) -> AsyncIterator[Call]:
         """Every call matching the filters, page by page (``limit`` is the page size).
 
@@ -265,19 +230,7 @@ class BemClient:
         """
         cursor: str | None = None
         while True:
-            page = await self.list_calls(
-                call_ids=call_ids,
-                reference_ids=reference_ids,
-                reference_id_substring=reference_id_substring,
-                workflow_ids=workflow_ids,
-                workflow_names=workflow_names,
-                statuses=statuses,
-                call_types=call_types,
-                function_names=function_names,
-                sort_order=sort_order,
-                limit=limit,
-                starting_after=cursor,
-            )
+            page = await self.list_calls(filters, limit=limit, starting_after=cursor)
             if not page:
                 return
             for call in page:

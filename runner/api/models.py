@@ -8,6 +8,7 @@ A list sent as ``null`` (``"outputs": null``) reads as an empty list.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -44,6 +45,40 @@ class UploadFile:
     path: Path
     input_type: str
     item_reference_id: str | None = None
+
+
+SortOrder = Literal["asc", "desc"]
+CallStatusFilter = Literal["pending", "running", "completed", "failed"]
+CallTypeFilter = Literal["workflow", "direct_function", "adhoc_function"]
+
+
+@dataclass(frozen=True)
+class CallFilter:
+    """Which calls ``GET /v3/calls`` lists: every filter bem takes, as one value."""
+
+    call_ids: Sequence[str] = ()
+    reference_ids: Sequence[str] = ()
+    reference_id_substring: str | None = None
+    workflow_ids: Sequence[str] = ()
+    workflow_names: Sequence[str] = ()
+    statuses: Sequence[CallStatusFilter] = ()
+    call_types: Sequence[CallTypeFilter] = ()
+    function_names: Sequence[str] = ()
+    sort_order: SortOrder | None = None
+
+    def query(self) -> dict[str, Sequence[str] | str | int | None]:
+        """The query keys bem's API names them by (lists still to be joined)."""
+        return {
+            "callIDs": self.call_ids,
+            "referenceIDs": self.reference_ids,
+            "referenceIDSubstring": self.reference_id_substring,
+            "workflowIDs": self.workflow_ids,
+            "workflowNames": self.workflow_names,
+            "statuses": self.statuses,
+            "callTypes": self.call_types,
+            "functionNames": self.function_names,
+            "sortOrder": self.sort_order,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
