@@ -6,14 +6,13 @@ roll back behind an outbox rename that already happened, hence ``synchronous=FUL
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import fields
 from importlib import resources
 from pathlib import Path
@@ -23,7 +22,7 @@ import aiosqlite
 import anyio
 
 from runner import faults
-from runner.errors import StateInUseError, StoreError
+from runner.errors import StoreError
 from runner.names import from_raw, raw
 from runner.store.base import (
     BatchLimits,
@@ -36,6 +35,7 @@ from runner.store.base import (
     NewFile,
     NextPoll,
 )
+from runner.store.lock import state_owner
 
 SCHEMA_VERSION = 2
 Row = TypeVar("Row", GroupRow, FileRow)
@@ -101,33 +101,6 @@ async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"{path}: cannot open state database: {exc}") from exc
     return connection
-
-
-@contextmanager
-def state_owner(path: Path) -> Iterator[None]:
-    """Own the state at ``path`` for as long as the block runs; refuse if another process does.
-
-    The lock is an ``flock`` on ``<state>.lock``: the kernel drops it when its holder exits,
-    however it exits, so a SIGKILL leaves no stale lock. The file holds the owner's pid, for the
-    message a second process gets.
-    """
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot lock the state: {exc.strerror}") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise StateInUseError(f"state {path} is in use by pid {holder}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 class SqliteStore:
