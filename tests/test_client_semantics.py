@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner import names
-from runner.api import BemClient, UploadFile
+from runner.api import BemClient, CallFilter, UploadFile
 from runner.api import failures as api_failures
 from runner.api.checks import call_mismatch
 from runner.api.encoding import header_value_problem, portable_filename
@@ -230,7 +230,7 @@ async def test_reads_follow_every_redirect(
     emulator.update(redirect_status=status)
 
     found = await client.get_call(created.call_id)
-    listed = await client.list_calls(reference_ids=["r"])
+    listed = await client.list_calls(CallFilter(reference_ids=["r"]))
 
     assert found.call_id == created.call_id
     assert [call.call_id for call in listed] == [created.call_id]
@@ -315,7 +315,7 @@ async def test_call_null_on_a_post_is_outcome_unknown_and_the_call_can_be_found(
     with pytest.raises(OutcomeUnknownError, match="without a call"):
         await client.invoke_workflow("wf", [upload], call_reference_id="ghost", batch=False)
 
-    found = await client.list_calls(reference_ids=["ghost"])
+    found = await client.list_calls(CallFilter(reference_ids=["ghost"]))
     assert [call.call_reference_id for call in found] == ["ghost"]
 
 
@@ -327,7 +327,7 @@ async def test_null_outputs_and_errors_read_as_empty_lists(
     emulator.update(null_events=True)
 
     call = await client.get_call(created.call_id)
-    [listed] = await client.list_calls(call_ids=[created.call_id])
+    [listed] = await client.list_calls(CallFilter(call_ids=[created.call_id]))
 
     assert (call.outputs, call.errors, listed.outputs, listed.errors) == ([], [], [], [])
     assert call.is_terminal
@@ -456,7 +456,7 @@ async def test_an_unreachable_server_is_reported_by_its_url_without_the_query(
         with pytest.raises(TransientError) as on_post:
             await c.invoke_workflow("my-flow", [upload], call_reference_id="r", batch=False)
         with pytest.raises(TransientError) as on_list:
-            await c.list_calls(reference_ids=["secret-reference"])
+            await c.list_calls(CallFilter(reference_ids=["secret-reference"]))
 
     assert str(on_post.value).startswith(f"POST {base_url}/v3/workflows/my-flow/call: ConnectError")
     assert str(on_list.value).startswith(f"GET {base_url}/v3/calls: ConnectError")
