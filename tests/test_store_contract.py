@@ -36,11 +36,15 @@ from runner.store.base import (
     NextPoll,
     Store,
 )
+from runner.store.postgres import PostgresStore, open_postgres_store
 from runner.store.sqlite import SqliteStore, open_sqlite_store
 
 pytestmark = pytest.mark.anyio
+pytest_plugins = ["tests.postgres"]
 
-_sqlite_is_a_store: type[Store] = SqliteStore  # mypy proves the protocol is satisfied
+# mypy proves that each store satisfies the protocol
+_sqlite_is_a_store: type[Store] = SqliteStore
+_postgres_is_a_store: type[Store] = PostgresStore
 
 
 class StoreFactory(Protocol):
@@ -60,12 +64,24 @@ class SqliteFactory:
         return open_sqlite_store(self.path)
 
 
-STORE_KINDS = ["sqlite"]
+@dataclass
+class PostgresFactory:
+    url: str
+    name: str = "postgresql"
+
+    def open(self) -> AbstractAsyncContextManager[Store]:
+        return open_postgres_store(self.url)
+
+
+STORE_KINDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(params=STORE_KINDS)
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    return SqliteFactory(tmp_path / "state.db")
+    """Each test has an empty store of its own: a file, or a database of a shared cluster."""
+    if request.param == "sqlite":
+        return SqliteFactory(tmp_path / "state.db")
+    return PostgresFactory(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -6,19 +6,39 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from runner.errors import StoreError
 from runner.store.base import Store
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "is_postgres_url", "open_store"]
+
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(URL_SCHEMES)
 
 
 @asynccontextmanager
 async def open_store(target: str | Path, *, read_only: bool = False) -> AsyncIterator[Store]:
-    """Open the store at ``target``: the SQLite state database at that path.
+    """Open the store at ``target``: a ``postgresql://`` URL, else a SQLite state file's path.
 
-    Typed as :class:`Store`, so mypy proves every store it can hand out satisfies the protocol.
+    A URL's password may come from the URL, ``PGPASSWORD``, ``PGPASSFILE`` (libpq reads those)
+    or ``$CREDENTIALS_DIRECTORY/store-password``; no message ever shows it. Typed as
+    :class:`Store`, so mypy proves every store this hands out satisfies the protocol.
     """
     # imported here so that importing the protocol never loads an engine
+    if is_postgres_url(target):
+        try:
+            from runner.store.postgres import open_postgres_store
+        except ImportError as exc:
+            raise StoreError(
+                f"a PostgreSQL store needs psycopg ({exc.name} is missing): "
+                "pip install 'bem-runner[postgres]'"
+            ) from None
+        async with open_postgres_store(str(target), read_only=read_only) as pg:
+            yield pg
+        return
     from runner.store.sqlite import open_sqlite_store
 
-    async with open_sqlite_store(Path(target), read_only=read_only) as store:
-        yield store
+    async with open_sqlite_store(Path(target), read_only=read_only) as sqlite:
+        yield sqlite
