@@ -89,7 +89,8 @@ class Cluster:
         )  # fmt: skip
 
     def restart(self) -> None:
-        self.pg_ctl("-m", "fast", "-w", "restart")
+        # the log again: else the new server writes to our pipes and pg_ctl never returns
+        self.pg_ctl("-l", str(self.root / "server.log"), "-m", "fast", "-w", "restart")
 
     def stop(self) -> None:
         self.pg_ctl("-m", "immediate", "-w", "stop")

@@ -19,6 +19,7 @@ from runner.store import open_store
 from runner.store.base import Finished, NewFile
 from runner.store.postgres import (
     OWNER_LOCK,
+    POOL_SIZE,
     SCHEMA_VERSION,
     PostgresStore,
     Target,
@@ -248,3 +249,20 @@ def test_a_malformed_url_is_a_clear_error_without_the_password() -> None:
     with pytest.raises(StoreError, match="not a valid PostgreSQL URL") as caught:
         Target.from_url("postgresql://bem:hunter22@db/x?nosuchoption=1", {})
     assert "hunter22" not in str(caught.value)
+
+
+async def test_the_store_comes_back_after_postgresql_restarts(
+    postgres_cluster: Cluster, postgres_url: str
+) -> None:
+    async with open_postgres_store(postgres_url) as store:
+        await store.add_files([_new_file("wf/a")], now=1.0, batch_limits={})
+        postgres_cluster.restart()
+        failures = 0
+        for _ in range(POOL_SIZE + 1):
+            try:
+                await store.add_files([_new_file(f"wf/b{failures}")], now=2.0, batch_limits={})
+                break
+            except StoreError:  # a pooled connection the restart cut
+                failures += 1
+        assert failures <= POOL_SIZE
+        assert len(await store.known_files()) == 2
