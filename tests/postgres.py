@@ -3,7 +3,8 @@
 The session-scoped fixture :func:`postgres_cluster` starts one cluster on a free loopback port,
 its socket and data in a temporary folder (owned by ``postgres`` and run as that user when the
 tests run as root, since the server refuses to run as root), and removes it all at the end.
-Each test takes a database of its own (:meth:`Cluster.new_database`). Where no server binaries
+Each test takes a schema of its own (:func:`postgres_url`; a store lives in the schema its
+URL's ``search_path`` names). Where no server binaries
 can be found the fixture skips, saying why; CI installs them (``.ci/run``).
 
 Load it with ``pytest_plugins = ["tests.postgres"]``.
@@ -59,9 +60,13 @@ class Cluster:
     def data(self) -> Path:
         return self.root / "data"
 
-    def url(self, database: str = "postgres", *, password: bool = True) -> str:
+    def url(
+        self, database: str = "postgres", *, schema: str | None = None, password: bool = True
+    ) -> str:
+        """A URL to ``database``; with ``schema``, one whose search path is that schema."""
         secret = f":{self.password}" if password else ""
-        return f"postgresql://{SERVER_USER}{secret}@127.0.0.1:{self.port}/{database}"
+        options = f"?options=-csearch_path%3D{schema}" if schema else ""
+        return f"postgresql://{SERVER_USER}{secret}@127.0.0.1:{self.port}/{database}{options}"
 
     def admin(self, sql: str) -> None:
         import psycopg
@@ -69,13 +74,28 @@ class Cluster:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(sql)  # type: ignore[arg-type]
 
+    @property
+    def version(self) -> int:
+        return int(self.bin.parts[-2])
+
     def new_database(self) -> str:
         name = f"t_{secrets.token_hex(6)}"
-        self.admin(f'CREATE DATABASE "{name}"')
+        # a file copy of the tiny template is ~5x faster than logging it block by block
+        strategy = " STRATEGY FILE_COPY" if self.version >= 15 else ""
+        self.admin(f'CREATE DATABASE "{name}"{strategy}')
         return name
 
     def drop_database(self, name: str) -> None:
         self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def new_schema(self) -> str:
+        """An empty schema in the ``postgres`` database: ten times quicker than a database."""
+        name = f"t_{secrets.token_hex(6)}"
+        self.admin(f'CREATE SCHEMA "{name}"')
+        return name
+
+    def drop_schema(self, name: str) -> None:
+        self.admin(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
     def pg_ctl(self, *args: str) -> None:
         command = [str(self.bin / "pg_ctl"), "-D", str(self.data), *args]
@@ -158,8 +178,14 @@ def postgres_cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def postgres_url(postgres_cluster: Cluster) -> Iterator[str]:
-    """A URL (password included) to an empty database of the test's own."""
-    name = postgres_cluster.new_database()
-    yield postgres_cluster.url(name)
-    postgres_cluster.drop_database(name)
+def postgres_schema(postgres_cluster: Cluster) -> Iterator[str]:
+    """An empty schema of the test's own, dropped after it."""
+    name = postgres_cluster.new_schema()
+    yield name
+    postgres_cluster.drop_schema(name)
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: Cluster, postgres_schema: str) -> str:
+    """A URL (password included) to an empty store of the test's own."""
+    return postgres_cluster.url(schema=postgres_schema)

@@ -109,7 +109,7 @@ async def test_an_owner_whose_connection_dies_releases_the_store(postgres_url: s
         _sql(
             postgres_url,
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
-            f" AND objid = ({OWNER_LOCK} & 4294967295)::oid",
+            f" AND classid = {OWNER_LOCK} AND objid = hashtext(current_schema())::oid",
         )
         async with open_postgres_store(postgres_url) as second:
             assert await second.unfinished_work() == 0
@@ -151,21 +151,21 @@ async def test_a_nul_in_a_message_from_bem_does_not_stop_the_store(postgres_url:
 
 
 async def test_the_password_may_come_from_pgpassword(
-    postgres_cluster: Cluster, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    postgres_cluster: Cluster, postgres_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    database = postgres_url.rsplit("/", 1)[1]
     monkeypatch.setenv("PGPASSWORD", postgres_cluster.password)
-    async with open_postgres_store(postgres_cluster.url(database, password=False)) as store:
+    async with open_postgres_store(
+        postgres_cluster.url(schema=postgres_schema, password=False)
+    ) as store:
         assert await store.unfinished_work() == 0
 
 
 async def test_the_password_may_come_from_a_pgpass_file(
     postgres_cluster: Cluster,
-    postgres_url: str,
+    postgres_schema: str,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    database = postgres_url.rsplit("/", 1)[1]
     passfile = tmp_path / "pgpass"
     passfile.write_text(
         f"127.0.0.1:{postgres_cluster.port}:*:postgres:{postgres_cluster.password}\n"
@@ -173,17 +173,18 @@ async def test_the_password_may_come_from_a_pgpass_file(
     passfile.chmod(0o600)
     monkeypatch.delenv("PGPASSWORD", raising=False)
     monkeypatch.setenv("PGPASSFILE", str(passfile))
-    async with open_postgres_store(postgres_cluster.url(database, password=False)) as store:
+    async with open_postgres_store(
+        postgres_cluster.url(schema=postgres_schema, password=False)
+    ) as store:
         assert await store.unfinished_work() == 0
 
 
 async def test_the_password_may_come_from_the_credentials_directory(
-    postgres_cluster: Cluster, postgres_url: str, tmp_path: Path
+    postgres_cluster: Cluster, postgres_schema: str, tmp_path: Path
 ) -> None:
-    database = postgres_url.rsplit("/", 1)[1]
     (tmp_path / "store-password").write_text(postgres_cluster.password + "\n")
     environ = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
-    url = postgres_cluster.url(database, password=False)
+    url = postgres_cluster.url(schema=postgres_schema, password=False)
     async with open_postgres_store(url, environ=environ) as store:
         assert await store.unfinished_work() == 0
 
@@ -191,14 +192,13 @@ async def test_the_password_may_come_from_the_credentials_directory(
 @pytest.mark.parametrize("where", ["url", "PGPASSWORD", "credentials"])
 async def test_a_wrong_password_is_a_clear_error_that_never_shows_it(
     postgres_cluster: Cluster,
-    postgres_url: str,
+    postgres_schema: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     where: str,
 ) -> None:
-    database = postgres_url.rsplit("/", 1)[1]
     wrong = "Wr0ng-s3cret-XYZ"
-    url = postgres_cluster.url(database, password=False)
+    url = postgres_cluster.url(schema=postgres_schema, password=False)
     environ: dict[str, str] = {}
     monkeypatch.delenv("PGPASSWORD", raising=False)
     if where == "url":
@@ -214,7 +214,7 @@ async def test_a_wrong_password_is_a_clear_error_that_never_shows_it(
             pass
     message = str(caught.value)
     assert "password authentication failed" in message
-    assert f"127.0.0.1:{postgres_cluster.port}/{database}" in message
+    assert f"postgresql://postgres@127.0.0.1:{postgres_cluster.port}/postgres" in message
     assert wrong not in message
     assert wrong not in repr(caught.value.__cause__)
     assert caught.value.__suppress_context__
@@ -266,3 +266,18 @@ async def test_the_store_comes_back_after_postgresql_restarts(
                 failures += 1
         assert failures <= POOL_SIZE
         assert len(await store.known_files()) == 2
+
+
+async def test_two_schemas_of_one_database_are_two_stores(
+    postgres_cluster: Cluster, postgres_url: str
+) -> None:
+    other = postgres_cluster.new_schema()
+    try:
+        async with (
+            open_postgres_store(postgres_url) as first,
+            open_postgres_store(postgres_cluster.url(schema=other)) as second,
+        ):
+            await first.add_files([_new_file("wf/a")], now=1.0, batch_limits={})
+            assert await second.known_files() == {}
+    finally:
+        postgres_cluster.drop_schema(other)

@@ -52,9 +52,9 @@ MIGRATIONS: dict[int, str] = {1: QUERIES["schema_1"]}
 PASSWORD_CREDENTIAL = "store-password"
 """The file under ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``) with the password."""
 
-MIGRATION_LOCK = 0x62656D72_00000001
-OWNER_LOCK = 0x62656D72_00000002
-"""Advisory lock keys ("bemr" and a number), one per purpose."""
+MIGRATION_LOCK = 0x62656D01
+OWNER_LOCK = 0x62656D02
+"""The first key of each advisory lock ("bem" and a number); the second names the schema."""
 
 POOL_SIZE = 4
 CONNECT_TIMEOUT_SECONDS = 10
@@ -224,7 +224,7 @@ async def _migrate(conn: Connection, target: Target) -> None:
     try:
         async with conn.transaction():
             # held to the commit: a runner starting meanwhile waits, then finds nothing to do
-            await conn.execute(QUERIES["migration_lock"], {"key": MIGRATION_LOCK})
+            await conn.execute(QUERIES["migration_lock"], {"purpose": MIGRATION_LOCK})
             version = await _schema_version(conn, target)
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in statements(MIGRATIONS[step]):
@@ -249,9 +249,9 @@ async def _check_readable(conn: Connection, target: Target) -> None:
 
 async def _own(conn: Connection, target: Target) -> None:
     try:
-        if await _scalar(conn, "owner_lock", {"key": OWNER_LOCK}):
+        if await _scalar(conn, "owner_lock", {"purpose": OWNER_LOCK}):
             return
-        cursor = await conn.execute(QUERIES["owner_lock_holder"], {"key": OWNER_LOCK})
+        cursor = await conn.execute(QUERIES["owner_lock_holder"], {"purpose": OWNER_LOCK})
         holder = await cursor.fetchone()
     except psycopg.Error as exc:
         raise StoreError(f"{target.shown}: {target.scrub(str(exc))}") from None

@@ -50,17 +50,22 @@ CREATE INDEX files_by_group ON files (group_id);
 CREATE INDEX files_by_state ON files (state);
 INSERT INTO meta (key, value) VALUES ('application', 'bem-runner'), ('schema_version', '1');
 
+-- Advisory locks are per database: each is keyed (purpose, hash of the schema), so stores in
+-- two schemas of one database are two stores.
+
 -- name: migration_lock
-SELECT pg_advisory_xact_lock(%(key)s);
+SELECT pg_advisory_xact_lock(%(purpose)s, hashtext(current_schema()));
 
 -- name: owner_lock
-SELECT pg_try_advisory_lock(%(key)s);
+SELECT pg_try_advisory_lock(%(purpose)s, hashtext(current_schema()));
 
 -- name: owner_lock_holder
 SELECT a.application_name, host(a.client_addr) AS client
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted
-  AND l.classid = (%(key)s >> 32)::oid AND l.objid = (%(key)s & 4294967295)::oid AND l.objsubid = 1
+WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
+        SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %(purpose)s::oid AND l.objid = hashtext(current_schema())::oid
+  AND l.objsubid = 2
 LIMIT 1;
 
 -- name: tables
