@@ -67,13 +67,15 @@ class SqliteFactory:
 @dataclass
 class PostgresFactory:
     url: str
+    runner_id: str | None = None
     name: str = "postgresql"
 
     def open(self) -> AbstractAsyncContextManager[Store]:
-        return open_postgres_store(self.url)
+        return open_postgres_store(self.url, runner_id=self.runner_id)
 
 
-STORE_KINDS = ["sqlite", "postgresql"]
+STORE_KINDS = ["sqlite", "postgresql", "postgresql-shared"]
+"""PostgreSQL owned by one runner, and shared: joined as a runner, with claims and fencing on."""
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -81,7 +83,8 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactor
     """Each test has an empty store of its own: a file, or a database of a shared cluster."""
     if request.param == "sqlite":
         return SqliteFactory(tmp_path / "state.db")
-    return PostgresFactory(request.getfixturevalue("postgres_url"))
+    runner_id = "runner-1" if request.param == "postgresql-shared" else None
+    return PostgresFactory(request.getfixturevalue("postgres_url"), runner_id)
 
 
 @pytest.fixture
@@ -899,6 +902,63 @@ async def test_any_text_round_trips(store: Store, reason: str, status: str, resu
     await store.mark_terminal([Finished(group.id, status, result, reason)], now=5.0)
     ended = await store.group(group.id)
     assert (ended.status, ended.result_json, ended.error_reason) == (status, result, reason)
+
+
+# -- one runner's claims ---------------------------------------------------------------------
+# However many runners share a store, one that claims work sees what the lists show, holds what
+# it claimed (claiming again hands it back), and may write it; SQLite's only runner holds all.
+
+
+async def test_claims_hand_out_what_the_lists_show_in_their_order(store: Store) -> None:
+    groups = [await one_ready(store, f"wf/{n}.txt") for n in range(4)]
+    await store.mark_submit_later([groups[0].id], not_before=2.0)
+    assert await store.claim_ready(now=5.0, limit=3) == await store.ready_groups(now=5.0, limit=3)
+    assert [g.id for g in await store.claim_ready(now=5.0, limit=10)] == [
+        groups[n].id for n in (1, 2, 3, 0)
+    ]
+    await store.mark_sending([groups[0].id, groups[1].id], now=6.0)
+    await store.mark_unknown([groups[1].id, groups[0].id], not_before=7.0)
+    assert [g.id for g in await store.claim_due_unknown(now=7.0, limit=10)] == [
+        groups[0].id,
+        groups[1].id,
+    ]
+    assert await store.claim_due_unknown(now=6.9, limit=10) == []
+    for n, group in enumerate(groups[2:]):
+        await store.mark_sending([group.id], now=8.0)
+        await store.mark_submitted(
+            group.id, call_id=f"c{n}", status=None, now=8.0, next_poll=10.0 - n
+        )
+    assert [g.id for g in await store.claim_due_polls(now=10.0, limit=10)] == [
+        groups[3].id,
+        groups[2].id,
+    ]
+    assert [g.id for g in await store.claim_due_polls(now=9.5, limit=1)] == [groups[3].id]
+    await store.mark_terminal([Finished(groups[2].id, "completed", None, None)], now=11.0)
+    await store.mark_terminal([Finished(groups[3].id, "completed", None, None)], now=10.5)
+    assert [g.id for g in await store.claim_terminal(limit=10)] == [groups[3].id, groups[2].id]
+
+
+async def test_a_claimed_call_lives_its_whole_life_under_its_claim(store: Store) -> None:
+    await one_ready(store, "wf/a.txt")
+    (group,) = await store.claim_ready(now=1.0, limit=10)
+    assert await store.claim_ready(now=1.0, limit=10) == [group]  # held, and handed back
+    await store.mark_sending([group.id], now=2.0)
+    assert [(r.calls_held, r.pid) for r in await store.runners()] == [(1, os.getpid())]
+    await store.heartbeat()
+    await store.mark_submitted(group.id, call_id="c1", status=None, now=3.0, next_poll=4.0)
+    (polled,) = await store.claim_due_polls(now=4.0, limit=10)
+    await store.record_polls([], [NextPoll(polled.id, 5.0, "running")], now=4.0)
+    (polled,) = await store.claim_due_polls(now=5.0, limit=10)
+    await store.mark_terminal([Finished(polled.id, "completed", None, None)], now=6.0)
+    (ended,) = await store.claim_terminal(limit=10)
+    await store.release([ended.id])
+    (ended,) = await store.claim_terminal(limit=10)
+    await deliver_all(store, ended)
+    assert (await store.group(group.id)).state == "done"
+    assert await store.expire_runners() == []
+    (runner,) = await store.runners()
+    assert runner.calls_held == 0
+    assert runner.id
 
 
 # -- crash between any two writes ------------------------------------------------------------

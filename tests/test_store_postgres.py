@@ -37,7 +37,7 @@ pytest_plugins = ["tests.postgres"]
 
 def _sql(url: str, sql: str) -> list[tuple[object, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(sql)  # type: ignore[arg-type]
+        cursor = conn.execute(sql)
         return cursor.fetchall() if cursor.description else []
 
 
@@ -48,13 +48,13 @@ def _new_file(rel: str, *, reason: str | None = None) -> NewFile:
 async def test_runners_starting_together_migrate_once(postgres_url: str) -> None:
     opened: list[int] = []
 
-    async def start() -> None:
-        async with open_postgres_store(postgres_url, exclusive=False) as store:
+    async def start(n: int) -> None:
+        async with open_postgres_store(postgres_url, runner_id=f"runner-{n}") as store:
             opened.append(await store.unfinished_work())
 
     async with anyio.create_task_group() as tg:
-        for _ in range(6):
-            tg.start_soon(start)
+        for n in range(6):
+            tg.start_soon(start, n)
     assert opened == [0] * 6
     assert _sql(postgres_url, "SELECT key, value FROM meta ORDER BY key") == [
         ("application", "bem-runner"),

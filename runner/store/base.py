@@ -127,6 +127,18 @@ class Counts:
     open_calls: int
 
 
+@dataclass(frozen=True)
+class RunnerRow:
+    """A runner sharing the store: who it is, when it last said it was alive, what it holds."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    calls_held: int
+
+
 class Store(Protocol):
     async def recover(self) -> None: ...
     async def known_files(self) -> dict[str, KnownFile]: ...
@@ -171,3 +183,21 @@ class Store(Protocol):
     async def mark_retried(self, file_ids: list[int]) -> None: ...
     async def integrity_check(self) -> str: ...
     async def close(self) -> None: ...
+
+    # -- several runners on one store ------------------------------------------------------
+    # A claim gives one runner a group for one stage; every write to a group checks that the
+    # writer still holds it (or that nobody does) and raises ClaimLostError otherwise, and
+    # every write that moves a group on gives its claim up. A store one process owns (SQLite)
+    # holds every claim: each ``claim_*`` is its list method, and it has one runner.
+    async def claim_ready(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def claim_due_unknown(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def claim_due_polls(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def claim_terminal(self, *, limit: int) -> list[GroupRow]: ...
+    async def release(self, group_ids: Sequence[int]) -> None: ...
+    async def heartbeat(self) -> None:
+        """Renew this runner's lease and its claims' (every ``lease_seconds / 3``)."""
+
+    async def expire_runners(self) -> list[str]:
+        """Runners silent past their lease: gone, their claims free, their ``sending`` unknown."""
+
+    async def runners(self) -> list[RunnerRow]: ...

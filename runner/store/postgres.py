@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -30,7 +31,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from runner import faults
-from runner.errors import StateInUseError, StoreError
+from runner.errors import ClaimLostError, StateInUseError, StoreError
 from runner.names import from_raw, raw
 from runner.store.base import (
     BatchLimits,
@@ -42,13 +43,29 @@ from runner.store.base import (
     KnownFile,
     NewFile,
     NextPoll,
+    RunnerRow,
 )
 from runner.store.named_sql import load_queries, statements
 from runner.store.sqlite import new_call_reference_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 QUERIES = load_queries("postgres_queries.sql")
-MIGRATIONS: dict[int, str] = {1: QUERIES["schema_1"]}
+MIGRATIONS: dict[int, str] = {1: QUERIES["schema_1"], 2: QUERIES["schema_2"]}
+FENCED = frozenset(
+    {
+        "mark_sending",
+        "mark_submitted",
+        "mark_submit_later",
+        "mark_unknown",
+        "mark_terminal",
+        "reschedule_poll",
+        "drop_empty_group",
+        "shrink_group",
+        "mark_delivered",
+    }
+)
+"""Writes that must change every row they name: one that does not was fenced off (or is gone)."""
+DEFAULT_LEASE_SECONDS = 30.0
 PASSWORD_CREDENTIAL = "store-password"
 """The file under ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``) with the password."""
 
@@ -142,13 +159,16 @@ async def open_postgres_store(
     url: str,
     *,
     read_only: bool = False,
-    exclusive: bool = True,
+    runner_id: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
     environ: Mapping[str, str] | None = None,
 ) -> AsyncIterator[PostgresStore]:
     """Open the store at ``url``, migrating it first unless ``read_only``.
 
-    A writer is ``exclusive`` (the default): it owns the database while it is open and a second
-    one is refused with :class:`StateInUseError`.
+    A writer without a ``runner_id`` owns the store while it is open, and a second one is refused
+    with :class:`StateInUseError`. With one, it shares the store: it joins the runners (its
+    claims last ``lease_seconds`` unless renewed by :meth:`PostgresStore.heartbeat`) and leaves
+    when closed.
     """
     target = Target.from_url(url, os.environ if environ is None else environ)
     kwargs = _connect_kwargs(target)
@@ -158,7 +178,7 @@ async def open_postgres_store(
             await _check_readable(owner, target)
         else:
             await _migrate(owner, target)
-            if exclusive:
+            if runner_id is None:
                 await _own(owner, target)
         pool = AsyncConnectionPool(
             target.conninfo,
@@ -172,8 +192,14 @@ async def open_postgres_store(
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT_SECONDS)
         except psycopg.Error as exc:
             raise StoreError(f"{target.shown}: cannot connect: {target.scrub(str(exc))}") from None
+        store = PostgresStore(pool, target, runner_id=runner_id, lease_seconds=lease_seconds)
         try:
-            yield PostgresStore(pool, target)
+            if runner_id is not None and not read_only:
+                await store.join()
+            yield store
+            if runner_id is not None and not read_only:
+                with anyio.CancelScope(shield=True):
+                    await store.leave()
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.close()
@@ -278,9 +304,19 @@ def window_is_full(group: _OpenGroup, size: int, limits: tuple[int, int]) -> boo
 
 
 class PostgresStore:
-    def __init__(self, pool: AsyncConnectionPool, target: Target) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        target: Target,
+        *,
+        runner_id: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    ) -> None:
         self._pool = pool
         self._target = target
+        self._me = runner_id
+        self._lease = lease_seconds
+        self._opened_at = time.time()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -319,11 +355,23 @@ class PostgresStore:
                 raise self._error(label, exc) from None
 
     async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        params = [_clean(row) for row in rows]
-        if not params:
+        rows = list(rows)
+        if not rows:
             return
         async with self._transaction(name) as conn, conn.cursor() as cursor:
-            await cursor.executemany(QUERIES[name], params)
+            await self._many(cursor, name, rows)
+
+    async def _many(
+        self, cursor: psycopg.AsyncCursor[Any], name: str, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Run ``name`` once per row, as this runner; a fenced write refuses the transaction."""
+        params = [_clean({**row, "me": self._me}) for row in rows]
+        await cursor.executemany(QUERIES[name], params)
+        if name in FENCED and cursor.rowcount < len(params):
+            raise ClaimLostError(
+                f"{self._target.shown}: {name}: {len(params) - cursor.rowcount} of "
+                f"{len(params)} groups are held by another runner (or gone); nothing written"
+            )
 
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
         names = [f.name for f in fields(cls)]
@@ -344,7 +392,7 @@ class PostgresStore:
     async def recover(self) -> None:
         """A POST that was in flight when the last process died has an unknown outcome."""
         async with self._transaction("recover_sending") as conn:
-            await conn.execute(QUERIES["recover_sending"])
+            await conn.execute(QUERIES["recover_sending"], {"me": self._me})
 
     async def known_files(self) -> dict[str, KnownFile]:
         rows = await self._fetch("known_files")
@@ -492,20 +540,16 @@ class PostgresStore:
 
     async def supersede_file(self, file: FileRow) -> None:
         """The file changed after it was queued: drop it from its group; it will be taken anew."""
-        async with self._transaction("supersede_file") as conn:
-            await conn.execute(QUERIES["supersede_file"], {"id": file.id})
+        async with self._transaction("supersede_file") as conn, conn.cursor() as cursor:
             if file.group_id is not None:
-                await conn.execute(
-                    QUERIES["shrink_group"], {"id": file.group_id, "size": file.size}
-                )
+                await self._many(cursor, "shrink_group", [{"id": file.group_id, "size": file.size}])
+            await cursor.execute(QUERIES["supersede_file"], {"id": file.id})
 
     async def reject_queued_file(self, file: FileRow, reason: str) -> None:
-        async with self._transaction("reject_file") as conn:
-            await conn.execute(QUERIES["reject_file"], _clean({"id": file.id, "reason": reason}))
+        async with self._transaction("reject_file") as conn, conn.cursor() as cursor:
             if file.group_id is not None:
-                await conn.execute(
-                    QUERIES["shrink_group"], {"id": file.group_id, "size": file.size}
-                )
+                await self._many(cursor, "shrink_group", [{"id": file.group_id, "size": file.size}])
+            await cursor.execute(QUERIES["reject_file"], _clean({"id": file.id, "reason": reason}))
 
     async def drop_empty_group(self, group_id: int) -> None:
         await self._write("drop_empty_group", [{"id": group_id}])
@@ -550,23 +594,22 @@ class PostgresStore:
             await self.reschedule_polls(next_polls)
             return
         async with self._transaction("mark_terminal") as conn, conn.cursor() as cursor:
-            await cursor.executemany(
-                QUERIES["mark_terminal"],
+            await self._many(
+                cursor,
+                "mark_terminal",
                 [
-                    _clean(
-                        {
-                            "id": f.group_id,
-                            "status": f.status,
-                            "result_json": f.result_json,
-                            "error_reason": f.error_reason,
-                            "now": now,
-                        }
-                    )
+                    {
+                        "id": f.group_id,
+                        "status": f.status,
+                        "result_json": f.result_json,
+                        "error_reason": f.error_reason,
+                        "now": now,
+                    }
                     for f in finished
                 ],
             )
             if next_polls:
-                await cursor.executemany(QUERIES["reschedule_poll"], _next_poll_rows(next_polls))
+                await self._many(cursor, "reschedule_poll", _next_poll_rows(next_polls))
 
     # -- poll -------------------------------------------------------------------------------
 
@@ -607,19 +650,16 @@ class PostgresStore:
             return
         async with self._transaction("mark_delivered") as conn, conn.cursor() as cursor:
             if deliveries:
-                await cursor.executemany(
-                    QUERIES["mark_delivered"],
+                await self._many(
+                    cursor,
+                    "mark_delivered",
                     [
-                        _clean(
-                            {"id": d.file_id, "outcome": d.outcome, "reason": d.reason, "now": now}
-                        )
+                        {"id": d.file_id, "outcome": d.outcome, "reason": d.reason, "now": now}
                         for d in deliveries
                     ],
                 )
             if finished_groups:
-                await cursor.executemany(
-                    QUERIES["mark_group_done"], [{"id": g} for g in finished_groups]
-                )
+                await self._many(cursor, "mark_group_done", [{"id": g} for g in finished_groups])
 
     async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
         await self._write("mark_done", ({"id": fid, "now": now} for fid in file_ids))
@@ -652,6 +692,91 @@ class PostgresStore:
 
     async def mark_retried(self, file_ids: list[int]) -> None:
         await self._write("supersede_file", ({"id": fid} for fid in file_ids))
+
+    # -- several runners --------------------------------------------------------------------
+    # Without a runner id this store owns its database, so a claim is the list it replaces.
+
+    async def claim_ready(self, *, now: float, limit: int) -> list[GroupRow]:
+        if self._me is None:
+            return await self.ready_groups(now=now, limit=limit)
+        rows = await self._claim("claim_ready", {"now": now, "limit": limit})
+        return sorted(rows, key=lambda g: (g.not_before, g.id))
+
+    async def claim_due_unknown(self, *, now: float, limit: int) -> list[GroupRow]:
+        if self._me is None:
+            return await self.due_unknown(now=now, limit=limit)
+        rows = await self._claim("claim_due_unknown", {"now": now, "limit": limit})
+        return sorted(rows, key=lambda g: g.id)
+
+    async def claim_due_polls(self, *, now: float, limit: int) -> list[GroupRow]:
+        if self._me is None:
+            return await self.due_polls(now=now, limit=limit)
+        rows = await self._claim("claim_due_polls", {"now": now, "limit": limit})
+        return sorted(rows, key=lambda g: (g.not_before, g.id))
+
+    async def claim_terminal(self, *, limit: int) -> list[GroupRow]:
+        if self._me is None:
+            return await self.terminal_groups(limit=limit)
+        rows = await self._claim("claim_terminal", {"limit": limit})
+        return sorted(rows, key=lambda g: (g.finished_at or 0.0, g.id))
+
+    async def _claim(self, name: str, params: Mapping[str, Any]) -> list[GroupRow]:
+        names = [f.name for f in fields(GroupRow)]
+        async with self._transaction(name) as conn, conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(QUERIES[name], {**params, "me": self._me, "lease": self._lease})
+            rows = await cursor.fetchall()
+        return [GroupRow(**{key: _column(key, row[key]) for key in names}) for row in rows]
+
+    async def release(self, group_ids: Sequence[int]) -> None:
+        if self._me is None or not group_ids:
+            return
+        async with self._transaction("release") as conn:
+            await conn.execute(QUERIES["release"], {"ids": list(group_ids), "me": self._me})
+
+    async def join(self) -> None:
+        params = {"me": self._me, "host": socket.gethostname(), "pid": os.getpid()}
+        async with self._transaction("join_runner") as conn:
+            await conn.execute(QUERIES["join_runner"], {**params, "lease": self._lease})
+
+    async def leave(self) -> None:
+        """Gone for good: claims free, a POST still marked in flight unknown."""
+        async with self._transaction("leave_runner") as conn:
+            await conn.execute(QUERIES["leave_runner"], {"me": self._me})
+
+    async def heartbeat(self) -> None:
+        if self._me is None:
+            return
+        params = {"me": self._me, "lease": self._lease}
+        async with self._transaction("heartbeat") as conn:
+            cursor = await conn.execute(QUERIES["heartbeat"], params)
+            if await cursor.fetchone() is None:
+                raise ClaimLostError(
+                    f"{self._target.shown}: runner {self._me} was declared dead by another "
+                    "runner (silent past its lease); its claims were taken"
+                )
+            await conn.execute(QUERIES["renew_claims"], params)
+
+    async def expire_runners(self) -> list[str]:
+        async with self._transaction("expire_runners") as conn:
+            cursor = await conn.execute(QUERIES["expire_runners"])
+            return [str(row[0]) for row in await cursor.fetchall()]
+
+    async def runners(self) -> list[RunnerRow]:
+        if self._me is None:
+            host, pid = socket.gethostname(), os.getpid()
+            calls = await self.open_call_count()
+            return [RunnerRow(f"{host}-{pid}", host, pid, self._opened_at, time.time(), calls)]
+        return [
+            RunnerRow(
+                str(r["id"]),
+                str(r["host"]),
+                int(r["pid"]),
+                float(r["started_at"]),
+                float(r["heartbeat_at"]),
+                int(r["calls_held"]),
+            )
+            for r in await self._fetch("runners")
+        ]
 
 
 def _column(key: str, value: Any) -> Any:
@@ -697,7 +822,4 @@ def _file_params(new: NewFile, group_id: int | None, now: float) -> dict[str, An
 
 
 def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
-    return [
-        _clean({"id": n.group_id, "not_before": n.not_before, "status": n.status})
-        for n in next_polls
-    ]
+    return [{"id": n.group_id, "not_before": n.not_before, "status": n.status} for n in next_polls]

@@ -50,6 +50,19 @@ CREATE INDEX files_by_group ON files (group_id);
 CREATE INDEX files_by_state ON files (state);
 INSERT INTO meta (key, value) VALUES ('application', 'bem-runner'), ('schema_version', '1');
 
+-- name: schema_2
+-- Several runners on one store: who they are, and which group each one holds, until when.
+CREATE TABLE runners (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    lease_seconds DOUBLE PRECISION NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+ALTER TABLE groups ADD COLUMN claimed_by TEXT, ADD COLUMN lease_until TIMESTAMPTZ;
+CREATE INDEX groups_by_claim ON groups (claimed_by) WHERE claimed_by IS NOT NULL;
+
 -- Advisory locks are per database: each is keyed (purpose, hash of the schema), so stores in
 -- two schemas of one database are two stores.
 
@@ -80,7 +93,10 @@ SELECT value FROM meta WHERE key = 'schema_version';
 SELECT value FROM meta WHERE key = 'application';
 
 -- name: recover_sending
-UPDATE groups SET state = 'unknown', not_before = 0 WHERE state = 'sending';
+-- a POST another live runner has in flight is its own business
+UPDATE groups SET state = 'unknown', not_before = 0, claimed_by = NULL, lease_until = NULL
+WHERE state = 'sending' AND (claimed_by IS NULL OR claimed_by IS NOT DISTINCT FROM %(me)s
+                             OR claimed_by NOT IN (SELECT id FROM runners));
 
 -- name: known_files
 SELECT DISTINCT ON (rel) rel, size, mtime_ns, state FROM files
@@ -126,23 +142,27 @@ SELECT * FROM files WHERE group_id = ANY(%(group_ids)s) AND state <> 'retried'
 ORDER BY group_id, id;
 
 -- name: mark_sending
-UPDATE groups SET state = 'sending', sent_at = %(now)s, attempts = attempts + 1 WHERE id = %(id)s;
+UPDATE groups SET state = 'sending', sent_at = %(now)s, attempts = attempts + 1
+WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_submitted
 UPDATE groups SET state = 'polling', call_id = %(call_id)s, status = %(status)s,
-       submitted_at = coalesce(submitted_at, %(now)s), not_before = %(next_poll)s, attempts = 0
-WHERE id = %(id)s;
+       submitted_at = coalesce(submitted_at, %(now)s), not_before = %(next_poll)s, attempts = 0,
+       claimed_by = NULL, lease_until = NULL
+WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_submit_later
-UPDATE groups SET state = 'ready', not_before = %(not_before)s WHERE id = %(id)s;
+UPDATE groups SET state = 'ready', not_before = %(not_before)s, claimed_by = NULL, lease_until = NULL
+WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_unknown
-UPDATE groups SET state = 'unknown', not_before = %(not_before)s WHERE id = %(id)s;
+UPDATE groups SET state = 'unknown', not_before = %(not_before)s, claimed_by = NULL, lease_until = NULL
+WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_terminal
 UPDATE groups SET state = 'terminal', status = %(status)s, result_json = %(result_json)s,
-       error_reason = %(error_reason)s, finished_at = %(now)s, not_before = 0
-WHERE id = %(id)s;
+       error_reason = %(error_reason)s, finished_at = %(now)s, not_before = 0, claimed_by = NULL, lease_until = NULL
+WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: due_polls
 SELECT * FROM groups WHERE state = 'polling' AND not_before <= %(now)s
@@ -155,8 +175,9 @@ SELECT min(not_before) FROM groups WHERE state = 'polling';
 SELECT min(not_before) FROM groups WHERE state IN ('ready', 'unknown');
 
 -- name: reschedule_poll
-UPDATE groups SET not_before = %(not_before)s, attempts = attempts + 1, status = %(status)s
-WHERE id = %(id)s;
+UPDATE groups SET not_before = %(not_before)s, attempts = attempts + 1, status = %(status)s,
+       claimed_by = NULL, lease_until = NULL
+WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: due_unknown
 SELECT * FROM groups WHERE state = 'unknown' AND not_before <= %(now)s
@@ -179,22 +200,25 @@ UPDATE files SET state = 'rejected', reason = %(reason)s, group_id = NULL WHERE 
 
 -- name: shrink_group
 UPDATE groups SET file_count = file_count - 1, byte_count = byte_count - %(size)s
-WHERE id = %(id)s;
+WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_delivered
 UPDATE files SET state = 'delivered', outcome = %(outcome)s, reason = coalesce(%(reason)s, reason),
        delivered_at = %(now)s
-WHERE id = %(id)s;
+WHERE id = %(id)s AND (group_id IS NULL OR EXISTS (
+    SELECT 1 FROM groups g WHERE g.id = files.group_id
+      AND (g.claimed_by IS NULL OR g.claimed_by = %(me)s)));
 
 -- name: mark_done
 UPDATE files SET state = 'done', done_at = %(now)s WHERE id = %(id)s;
 
 -- name: mark_group_done
-UPDATE groups SET state = 'done' WHERE id = %(id)s AND NOT EXISTS (
+UPDATE groups SET state = 'done', claimed_by = NULL, lease_until = NULL WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s) AND NOT EXISTS (
     SELECT 1 FROM files WHERE group_id = %(id)s AND state IN ('queued', 'rejected'));
 
 -- name: drop_empty_group
-UPDATE groups SET state = 'done', error_reason = 'no files left to send' WHERE id = %(id)s;
+UPDATE groups SET state = 'done', error_reason = 'no files left to send', claimed_by = NULL, lease_until = NULL
+WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: count_files
 SELECT state, outcome, count(*) FROM files GROUP BY state, outcome;
@@ -222,3 +246,79 @@ SELECT count(*) FROM groups g
 WHERE g.state NOT IN ('done')
   AND g.file_count <> (SELECT count(*) FROM files f
                        WHERE f.group_id = g.id AND f.state NOT IN ('retried', 'rejected'));
+
+-- Claims: a group is free when nobody holds it, its holder is this runner, or the lease passed.
+-- The database's clock times every lease, never a host's.
+
+-- name: claim_ready
+UPDATE groups SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
+WHERE id IN (
+    SELECT id FROM groups WHERE state = 'ready' AND not_before <= %(now)s
+      AND (claimed_by IS NULL OR claimed_by = %(me)s OR lease_until < now())
+    ORDER BY not_before, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING *;
+
+-- name: claim_due_unknown
+UPDATE groups SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
+WHERE id IN (
+    SELECT id FROM groups WHERE state = 'unknown' AND not_before <= %(now)s
+      AND (claimed_by IS NULL OR claimed_by = %(me)s OR lease_until < now())
+    ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING *;
+
+-- name: claim_due_polls
+UPDATE groups SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
+WHERE id IN (
+    SELECT id FROM groups WHERE state = 'polling' AND not_before <= %(now)s
+      AND (claimed_by IS NULL OR claimed_by = %(me)s OR lease_until < now())
+    ORDER BY not_before, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING *;
+
+-- name: claim_terminal
+UPDATE groups SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
+WHERE id IN (
+    SELECT id FROM groups WHERE state = 'terminal'
+      AND (claimed_by IS NULL OR claimed_by = %(me)s OR lease_until < now())
+    ORDER BY finished_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING *;
+
+-- name: release
+UPDATE groups SET claimed_by = NULL, lease_until = NULL
+WHERE id = ANY(%(ids)s) AND claimed_by = %(me)s;
+
+-- name: join_runner
+INSERT INTO runners (id, host, pid, lease_seconds) VALUES (%(me)s, %(host)s, %(pid)s, %(lease)s)
+ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+    lease_seconds = excluded.lease_seconds, started_at = now(), heartbeat_at = now();
+
+-- name: leave_runner
+WITH gone AS (DELETE FROM runners WHERE id = %(me)s RETURNING id)
+UPDATE groups SET state = CASE WHEN state = 'sending' THEN 'unknown' ELSE state END,
+       not_before = CASE WHEN state = 'sending' THEN 0 ELSE not_before END,
+       claimed_by = NULL, lease_until = NULL
+WHERE claimed_by IN (SELECT id FROM gone);
+
+-- name: heartbeat
+UPDATE runners SET heartbeat_at = now() WHERE id = %(me)s RETURNING id;
+
+-- name: renew_claims
+UPDATE groups SET lease_until = now() + make_interval(secs => %(lease)s) WHERE claimed_by = %(me)s;
+
+-- name: expire_runners
+WITH dead AS (
+    DELETE FROM runners WHERE heartbeat_at + make_interval(secs => lease_seconds) < now()
+    RETURNING id),
+freed AS (
+    UPDATE groups SET state = CASE WHEN state = 'sending' THEN 'unknown' ELSE state END,
+           not_before = CASE WHEN state = 'sending' THEN 0 ELSE not_before END,
+           claimed_by = NULL, lease_until = NULL
+    WHERE claimed_by IN (SELECT id FROM dead)
+    RETURNING id)
+SELECT id FROM dead ORDER BY id;
+
+-- name: runners
+SELECT r.id, r.host, r.pid, extract(epoch FROM r.started_at)::float8 AS started_at,
+       extract(epoch FROM r.heartbeat_at)::float8 AS heartbeat_at,
+       (SELECT count(*) FROM groups g WHERE g.claimed_by = r.id
+          AND g.state IN ('sending', 'unknown', 'polling')) AS calls_held
+FROM runners r ORDER BY r.id;

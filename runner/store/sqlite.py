@@ -36,6 +36,7 @@ from runner.store.base import (
     NextPoll,
 )
 from runner.store.named_sql import load_queries
+from runner.store.single_owner import SingleOwner
 
 SCHEMA_VERSION = 2
 Row = TypeVar("Row", GroupRow, FileRow)
@@ -117,7 +118,7 @@ def state_owner(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class SqliteStore:
+class SqliteStore(SingleOwner):
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
         self._db = connection
         self._path = path
