@@ -1140,3 +1140,16 @@ async def test_a_reopened_store_sees_everything_committed(store_factory: StoreFa
         before = await snapshot(store, journey)
     async with store_factory.open() as store:
         assert await snapshot(store, journey) == before
+
+
+# -- the rate budget -------------------------------------------------------------------------
+
+
+async def test_a_take_from_the_budget_says_when_to_ask_again_if_it_fell_short(
+    store: Store,
+) -> None:
+    for _ in range(3):
+        tokens = await store.take_tokens(4, rate=1000.0, burst=10)
+        assert 0 <= tokens.granted <= 4
+        assert (tokens.wait_seconds > 0) == (tokens.granted < 4)
+    await store.pause_sending(0.0)

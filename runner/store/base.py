@@ -139,6 +139,15 @@ class RunnerRow:
     calls_held: int
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """What one take from the shared rate budget gave: tokens, and how long until the next."""
+
+    granted: int
+    wait_seconds: float
+    """0 when every token asked for was granted; else until the next one (or the pause's end)."""
+
+
 class Store(Protocol):
     async def recover(self) -> None: ...
     async def known_files(self) -> dict[str, KnownFile]: ...
@@ -201,3 +210,9 @@ class Store(Protocol):
         """Runners silent past their lease: gone, their claims free, their ``sending`` unknown."""
 
     async def runners(self) -> list[RunnerRow]: ...
+
+    # One rate budget for all runners: ``rate`` per second, ``burst`` at most, taken a few
+    # tokens at a time; a 429 pauses everyone and halves the rate they share. A store that one
+    # process owns grants everything: that process's own limiter is the only budget.
+    async def take_tokens(self, want: int, *, rate: float, burst: float) -> Tokens: ...
+    async def pause_sending(self, seconds: float) -> None: ...

@@ -2,9 +2,13 @@
 
 Every statement lives in ``postgres_queries.sql``; these classes only run them, with the same
 meaning as the SQLite store (the store contract suite runs on both). File names are BYTEA.
-Where to connect and the password: :mod:`.postgres_target`; the schema and its owner:
-:mod:`.postgres_setup`; statements, transactions and fencing: :mod:`.postgres_plumbing`;
-taking files into groups: :mod:`.postgres_intake`; claims and runners: :mod:`.postgres_claims`.
+
+- where to connect, and the password: :mod:`.postgres_target`
+- the schema, its migration and its owner: :mod:`.postgres_setup`
+- statements, transactions and fencing: :mod:`.postgres_plumbing`
+- taking files into groups: :mod:`.postgres_intake`
+- claims and runners: :mod:`.postgres_claims`
+- the shared rate budget: :mod:`.postgres_budget`
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from runner.store.base import (
     KnownFile,
     NextPoll,
 )
+from runner.store.postgres_budget import PostgresBudget
 from runner.store.postgres_claims import PostgresClaims
 from runner.store.postgres_intake import PostgresIntake
 from runner.store.postgres_plumbing import DEFAULT_LEASE_SECONDS, QUERIES, _clean
@@ -120,7 +125,7 @@ async def open_postgres_store(
 # -- the store ----------------------------------------------------------------------------------
 
 
-class PostgresStore(PostgresClaims, PostgresIntake):
+class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget):
     async def integrity_check(self) -> str:
         mismatched = int(await self._scalar("integrity_check") or 0)
         if mismatched:

@@ -63,6 +63,20 @@ CREATE TABLE runners (
 ALTER TABLE groups ADD COLUMN claimed_by TEXT, ADD COLUMN lease_until TIMESTAMPTZ;
 CREATE INDEX groups_by_claim ON groups (claimed_by) WHERE claimed_by IS NOT NULL;
 
+-- name: schema_3
+-- One rate budget for every runner: a token bucket timed by the database's clock. ``factor`` is
+-- the learnt fraction of the configured rate (halved by a 429, back to 1 linearly); ``granted``
+-- is what the last take handed out. It starts in 1970, so the first take finds it full.
+CREATE TABLE rate_bucket (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    tokens DOUBLE PRECISION NOT NULL,
+    granted INTEGER NOT NULL DEFAULT 0,
+    factor DOUBLE PRECISION NOT NULL DEFAULT 1,
+    updated_at TIMESTAMPTZ NOT NULL,
+    paused_until TIMESTAMPTZ
+);
+INSERT INTO rate_bucket (id, tokens, updated_at) VALUES (1, 0, 'epoch');
+
 -- Advisory locks are per database: each is keyed (purpose, hash of the schema), so stores in
 -- two schemas of one database are two stores.
 
@@ -322,3 +336,35 @@ SELECT r.id, r.host, r.pid, extract(epoch FROM r.started_at)::float8 AS started_
        (SELECT count(*) FROM groups g WHERE g.claimed_by = r.id
           AND g.state IN ('sending', 'unknown', 'polling')) AS calls_held
 FROM runners r ORDER BY r.id;
+
+-- One rate budget. Every expression reads the row as locked, so runners taking at once queue on
+-- the row and each sees what the one before it left.
+
+-- name: take_tokens
+UPDATE rate_bucket r SET (tokens, granted, factor, updated_at) = (
+    SELECT x.available - g.granted, g.granted,
+           least(1.0, r.factor + x.accrual / %(recovery)s::float8), x.at
+    FROM (
+        SELECT greatest(r.updated_at, now()) AS at,
+               coalesce(r.paused_until > now(), false) AS paused,
+               greatest(0, extract(epoch FROM now() - greatest(r.updated_at,
+                                                         coalesce(r.paused_until, r.updated_at))
+               ))::float8 AS accrual
+    ) t,
+    LATERAL (SELECT t.at, t.paused, t.accrual,
+                    least(%(burst)s::float8,
+                          r.tokens + t.accrual * %(rate)s::float8 * r.factor) AS available) x,
+    LATERAL (SELECT CASE WHEN x.paused THEN 0
+                         ELSE least(%(want)s::int, floor(x.available)::int) END AS granted) g)
+WHERE r.id = 1
+RETURNING r.granted, r.tokens, r.factor,
+          greatest(0, extract(epoch FROM coalesce(r.paused_until, now()) - now()))::float8
+              AS paused_for;
+
+-- name: pause_sending
+UPDATE rate_bucket SET tokens = 0, updated_at = greatest(updated_at, now()),
+       factor = CASE WHEN paused_until > now() THEN factor
+                     ELSE greatest(%(floor)s::float8, factor * 0.5) END,
+       paused_until = greatest(coalesce(paused_until, now()),
+                               now() + make_interval(secs => %(seconds)s::float8))
+WHERE id = 1;

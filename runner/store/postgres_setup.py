@@ -18,8 +18,8 @@ from runner.store.named_sql import statements
 from runner.store.postgres_plumbing import QUERIES, Connection
 from runner.store.postgres_target import Target
 
-SCHEMA_VERSION = 2
-MIGRATIONS: dict[int, str] = {1: QUERIES["schema_1"], 2: QUERIES["schema_2"]}
+SCHEMA_VERSION = 3
+MIGRATIONS: dict[int, str] = {n: QUERIES[f"schema_{n}"] for n in range(1, SCHEMA_VERSION + 1)}
 MIGRATION_LOCK = 0x62656D01
 OWNER_LOCK = 0x62656D02
 """The first key of each advisory lock ("bem" and a number); the second names the schema."""

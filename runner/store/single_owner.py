@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from runner.store.base import GroupRow, RunnerRow
+from runner.store.base import GroupRow, RunnerRow, Tokens
 
 
 class _Lists(Protocol):
@@ -52,3 +52,9 @@ class SingleOwner:
         host, pid = socket.gethostname(), os.getpid()
         calls = await self.open_call_count()
         return [RunnerRow(f"{host}-{pid}", host, pid, _STARTED_AT, time.time(), calls)]
+
+    async def take_tokens(self, want: int, *, rate: float, burst: float) -> Tokens:
+        return Tokens(want, 0.0)
+
+    async def pause_sending(self, seconds: float) -> None:
+        return None
