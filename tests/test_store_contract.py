@@ -1153,3 +1153,11 @@ async def test_a_take_from_the_budget_says_when_to_ask_again_if_it_fell_short(
         assert 0 <= tokens.granted <= 4
         assert (tokens.wait_seconds > 0) == (tokens.granted < 4)
     await store.pause_sending(0.0)
+
+
+async def test_wake_ups_open_and_close_around_writes(store: Store) -> None:
+    async with store.wake_ups():
+        await one_ready(store, "wf/a.txt")
+    async with store.wake_ups():
+        pass
+    assert len(await store.ready_groups(now=1.0, limit=10)) == 1

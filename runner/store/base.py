@@ -16,7 +16,8 @@ document is written) → ``done`` (archived, deleted or kept). ``retried`` rows 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -216,3 +217,9 @@ class Store(Protocol):
     # process owns grants everything: that process's own limiter is the only budget.
     async def take_tokens(self, want: int, *, rate: float, burst: float) -> Tokens: ...
     async def pause_sending(self, seconds: float) -> None: ...
+
+    def wake_ups(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """Listening from entry on: the stages ("submit", "poll", "deliver") to which another
+        runner's committed writes gave work. Lost wake-ups only delay: every stage also looks
+        on its own interval. One process alone is never woken (it nudges itself)."""
+        ...

@@ -9,6 +9,7 @@ meaning as the SQLite store (the store contract suite runs on both). File names 
 - taking files into groups: :mod:`.postgres_intake`
 - claims and runners: :mod:`.postgres_claims`
 - the shared rate budget: :mod:`.postgres_budget`
+- wake-ups between runners: :mod:`.postgres_wake`
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from runner.store.postgres_target import (
     connect_kwargs,
     shown_url,
 )
+from runner.store.postgres_wake import PostgresWake
 
 __all__ = [
     "OWNER_LOCK",
@@ -125,7 +127,7 @@ async def open_postgres_store(
 # -- the store ----------------------------------------------------------------------------------
 
 
-class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget):
+class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake):
     async def integrity_check(self) -> str:
         mismatched = int(await self._scalar("integrity_check") or 0)
         if mismatched:

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 from runner.errors import ClaimLostError
 from runner.store.base import GroupRow, RunnerRow
-from runner.store.postgres_plumbing import QUERIES, PostgresPlumbing, _column
+from runner.store.postgres_plumbing import ALL_STAGES, QUERIES, PostgresPlumbing, _column
 
 
 class PostgresClaims(PostgresPlumbing):
@@ -107,7 +107,10 @@ class PostgresClaims(PostgresPlumbing):
     async def expire_runners(self) -> list[str]:
         async with self._transaction("expire_runners") as conn:
             cursor = await conn.execute(QUERIES["expire_runners"])
-            return [str(row[0]) for row in await cursor.fetchall()]
+            dead = [str(row[0]) for row in await cursor.fetchall()]
+            if dead and self._me is not None:
+                await self._wake(conn, ALL_STAGES)
+        return dead
 
     async def runners(self) -> list[RunnerRow]:
         if self._me is None:

@@ -35,6 +35,20 @@ FENCED = frozenset(
     }
 )
 """Writes that must change every row they name: one that does not was fenced off (or is gone)."""
+ALL_STAGES = ("submit", "poll", "deliver")
+WAKES: dict[str, tuple[str, ...]] = {
+    "add_files": ("submit", "deliver"),
+    "close_group": ("submit",),
+    "recover_sending": ("submit",),
+    "mark_submit_later": ("submit",),
+    "mark_unknown": ("submit",),
+    "mark_submitted": ("poll",),
+    "mark_terminal": ("deliver", "submit"),
+    "reject_file": ("deliver",),
+    "release": ALL_STAGES,
+    "leave_runner": ALL_STAGES,
+}
+"""The stages of other runners that a write (by its label) gives work to; told on commit."""
 DEFAULT_LEASE_SECONDS = 30.0
 _NAME_COLUMNS = ("rel", "group_key")
 Row = TypeVar("Row", GroupRow, FileRow)
@@ -87,10 +101,16 @@ class PostgresPlumbing:
                 async with self._pool.connection() as conn:
                     async with conn.transaction():
                         yield conn
+                        if self._me is not None and label in WAKES:
+                            await self._wake(conn, WAKES[label])
                         faults.point("store.before_commit", label)
                     faults.point("store.after_commit", label)
             except psycopg.Error as exc:
                 raise self._error(label, exc) from None
+
+    async def _wake(self, conn: Connection, stages: Sequence[str]) -> None:
+        """Tell the other runners' ``stages`` to look again, when this transaction commits."""
+        await conn.execute(QUERIES["wake"], {"stages": list(stages), "me": self._me})
 
     async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
         rows = list(rows)

@@ -368,3 +368,13 @@ UPDATE rate_bucket SET tokens = 0, updated_at = greatest(updated_at, now()),
        paused_until = greatest(coalesce(paused_until, now()),
                                now() + make_interval(secs => %(seconds)s::float8))
 WHERE id = 1;
+
+-- Wake-ups: a write that gives other runners work tells them, on commit, on a channel of the
+-- store's schema. The payload is "<stage> <runner id>", so a runner can skip its own.
+
+-- name: wake_channel
+SELECT 'bem_runner_' || left(md5(current_schema()), 16);
+
+-- name: wake
+SELECT pg_notify('bem_runner_' || left(md5(current_schema()), 16), stage || ' ' || %(me)s)
+FROM unnest(%(stages)s::text[]) AS stage;

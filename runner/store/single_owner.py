@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Protocol
+
+import anyio
 
 from runner.store.base import GroupRow, RunnerRow, Tokens
 
@@ -58,3 +61,12 @@ class SingleOwner:
 
     async def pause_sending(self, seconds: float) -> None:
         return None
+
+    @asynccontextmanager
+    async def wake_ups(self) -> AsyncIterator[AsyncIterator[str]]:
+        yield _never()
+
+
+async def _never() -> AsyncIterator[str]:
+    await anyio.sleep_forever()
+    yield ""  # never reached: makes this an async generator
