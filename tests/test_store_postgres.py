@@ -125,6 +125,8 @@ async def test_a_reader_needs_an_existing_store(postgres_url: str) -> None:
 async def test_open_store_picks_the_store_by_its_target(postgres_url: str, tmp_path: Path) -> None:
     async with open_store(postgres_url) as store:
         assert isinstance(store, PostgresStore)
+    async with open_store(postgres_url, runner_id="r1", lease_seconds=5.0) as store:
+        assert [r.id for r in await store.runners()] == ["r1"]
     async with open_store(tmp_path / "state.db") as store:
         assert isinstance(store, SqliteStore)
     async with open_store(str(tmp_path / "other.db")) as store:

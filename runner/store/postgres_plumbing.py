@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from runner import faults
 from runner.errors import ClaimLostError, StoreError
 from runner.names import from_raw
+from runner.store import DEFAULT_LEASE_SECONDS
 from runner.store.base import FileRow, GroupRow
 from runner.store.named_sql import load_queries
 from runner.store.postgres_target import Target
@@ -49,7 +50,6 @@ WAKES: dict[str, tuple[str, ...]] = {
     "leave_runner": ALL_STAGES,
 }
 """The stages of other runners that a write (by its label) gives work to; told on commit."""
-DEFAULT_LEASE_SECONDS = 30.0
 _NAME_COLUMNS = ("rel", "group_key")
 Row = TypeVar("Row", GroupRow, FileRow)
 Connection = psycopg.AsyncConnection[Any]
