@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from runner.errors import StoreError
 from runner.names import from_raw
+from runner.store import DEFAULT_LEASE_SECONDS
 from runner.store.base import (
     Counts,
     Delivery,
@@ -37,7 +38,7 @@ from runner.store.base import (
 from runner.store.postgres_budget import PostgresBudget
 from runner.store.postgres_claims import PostgresClaims
 from runner.store.postgres_intake import PostgresIntake
-from runner.store.postgres_plumbing import DEFAULT_LEASE_SECONDS, QUERIES, _clean
+from runner.store.postgres_plumbing import QUERIES, _clean
 from runner.store.postgres_setup import (
     OWNER_LOCK,
     SCHEMA_VERSION,
