@@ -6,7 +6,8 @@ errors (httpx, sqlite3, OS) are mapped at the boundary that meets them, ``raise 
     RunnerError
     ├── ConfigError                 bad config file, flag or environment; exit code 2
     ├── StoreError                  the state database cannot be opened or is not ours
-    │   └── StateInUseError         another process owns the state
+    │   ├── StateInUseError         another process owns the state
+    │   └── ClaimLostError          this runner no longer holds the work it is writing (fenced)
     └── ApiError                    anything that went wrong talking to bem
         ├── AuthError               401/403: the key is rejected; a loud stop, not a failed file
         ├── PermanentError          400/404/409/422: asking again will not help
@@ -42,6 +43,10 @@ class StoreError(RunnerError):
 
 class StateInUseError(StoreError):
     """The state is in use by another bem-runner process."""
+
+
+class ClaimLostError(StoreError):
+    """This runner's claim was taken by another runner: it must stop touching that work."""
 
 
 class ApiError(RunnerError):

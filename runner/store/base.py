@@ -16,7 +16,8 @@ document is written) → ``done`` (archived, deleted or kept). ``retried`` rows 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -131,6 +132,27 @@ class Counts:
     open_calls: int
 
 
+@dataclass(frozen=True)
+class RunnerRow:
+    """A runner sharing the store: who it is, when it last said it was alive, what it holds."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    calls_held: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What one take from the shared rate budget gave: tokens, and how long until the next."""
+
+    granted: int
+    wait_seconds: float
+    """0 when every token asked for was granted; else until the next one (or the pause's end)."""
+
+
 class Store(Protocol):
     async def recover(self) -> None: ...
     async def known_files(self) -> dict[str, KnownFile]: ...
@@ -175,3 +197,33 @@ class Store(Protocol):
     async def mark_retried(self, file_ids: list[int]) -> None: ...
     async def integrity_check(self) -> str: ...
     async def close(self) -> None: ...
+
+    # -- several runners on one store ------------------------------------------------------
+    # A claim gives one runner a group for one stage; every write to a group checks that the
+    # writer still holds it (or that nobody does) and raises ClaimLostError otherwise, and
+    # every write that moves a group on gives its claim up. A store one process owns (SQLite)
+    # holds every claim: each ``claim_*`` is its list method, and it has one runner.
+    async def claim_ready(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def claim_due_unknown(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def claim_due_polls(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def claim_terminal(self, *, limit: int) -> list[GroupRow]: ...
+    async def release(self, group_ids: Sequence[int]) -> None: ...
+    async def heartbeat(self) -> None:
+        """Renew this runner's lease and its claims' (every ``lease_seconds / 3``)."""
+
+    async def expire_runners(self) -> list[str]:
+        """Runners silent past their lease: gone, their claims free, their ``sending`` unknown."""
+
+    async def runners(self) -> list[RunnerRow]: ...
+
+    # One rate budget for all runners: ``rate`` per second, ``burst`` at most, taken a few
+    # tokens at a time; a 429 pauses everyone and halves the rate they share. A store that one
+    # process owns grants everything: that process's own limiter is the only budget.
+    async def take_tokens(self, want: int, *, rate: float, burst: float) -> Tokens: ...
+    async def pause_sending(self, seconds: float) -> None: ...
+
+    def wake_ups(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """Listening from entry on: the stages ("submit", "poll", "deliver") to which another
+        runner's committed writes gave work. Lost wake-ups only delay: every stage also looks
+        on its own interval. One process alone is never woken (it nudges itself)."""
+        ...

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import fields
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,25 +35,14 @@ from runner.store.base import (
     NextPoll,
 )
 from runner.store.lock import state_owner
+from runner.store.named_sql import load_queries
+from runner.store.single_owner import SingleOwner
 
 SCHEMA_VERSION = 2
 Row = TypeVar("Row", GroupRow, FileRow)
 
 
-def _load_queries() -> dict[str, str]:
-    text = resources.files("runner.store").joinpath("queries.sql").read_text(encoding="utf-8")
-    queries: dict[str, str] = {}
-    name: str | None = None
-    for line in text.splitlines():
-        if line.startswith("-- name: "):
-            name = line.removeprefix("-- name: ").strip()
-            queries[name] = ""
-        elif name is not None and not line.startswith("--"):
-            queries[name] += line + "\n"
-    return {key: value.strip() for key, value in queries.items()}
-
-
-QUERIES = _load_queries()
+QUERIES = load_queries("queries.sql")
 MIGRATIONS: dict[int, str] = {1: QUERIES["schema_1"], 2: QUERIES["schema_2"]}
 _NAME_COLUMNS = ("rel", "group_key")
 """Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
@@ -103,7 +91,7 @@ async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
     return connection
 
 
-class SqliteStore:
+class SqliteStore(SingleOwner):
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
         self._db = connection
         self._path = path

@@ -1,0 +1,325 @@
+"""The PostgreSQL store: psycopg 3 (async) over a small connection pool, under anyio's asyncio.
+
+Every statement lives in ``postgres_queries.sql``; these classes only run them, with the same
+meaning as the SQLite store (the store contract suite runs on both). File names are BYTEA.
+
+- where to connect, and the password: :mod:`.postgres_target`
+- the schema, its migration and its owner: :mod:`.postgres_setup`
+- statements, transactions and fencing: :mod:`.postgres_plumbing`
+- taking files into groups: :mod:`.postgres_intake`
+- claims and runners: :mod:`.postgres_claims`
+- the shared rate budget: :mod:`.postgres_budget`
+- wake-ups between runners: :mod:`.postgres_wake`
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from runner.errors import StoreError
+from runner.names import from_raw
+from runner.store import DEFAULT_LEASE_SECONDS
+from runner.store.base import (
+    Counts,
+    Delivery,
+    FileRow,
+    Finished,
+    GroupRow,
+    KnownFile,
+    NextPoll,
+)
+from runner.store.postgres_budget import PostgresBudget
+from runner.store.postgres_claims import PostgresClaims
+from runner.store.postgres_intake import PostgresIntake
+from runner.store.postgres_plumbing import QUERIES, _clean
+from runner.store.postgres_setup import (
+    OWNER_LOCK,
+    SCHEMA_VERSION,
+    check_readable,
+    connect,
+    migrate,
+    own,
+)
+from runner.store.postgres_target import (
+    CONNECT_TIMEOUT_SECONDS,
+    Target,
+    connect_kwargs,
+    shown_url,
+)
+from runner.store.postgres_wake import PostgresWake
+
+__all__ = [
+    "OWNER_LOCK",
+    "POOL_SIZE",
+    "SCHEMA_VERSION",
+    "PostgresStore",
+    "Target",
+    "open_postgres_store",
+    "shown_url",
+]
+
+POOL_SIZE = 4
+
+
+# -- opening ------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_postgres_store(
+    url: str,
+    *,
+    read_only: bool = False,
+    runner_id: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    environ: Mapping[str, str] | None = None,
+) -> AsyncIterator[PostgresStore]:
+    """Open the store at ``url``, migrating it first unless ``read_only``.
+
+    A writer without a ``runner_id`` owns the store while it is open, and a second one is refused
+    with :class:`StateInUseError`. With one, it shares the store: it joins the runners (its
+    claims last ``lease_seconds`` unless renewed by :meth:`PostgresStore.heartbeat`) and leaves
+    when closed.
+    """
+    target = Target.from_url(url, os.environ if environ is None else environ)
+    kwargs = connect_kwargs(target)
+    owner = await connect(target, kwargs)
+    try:
+        if read_only:
+            await check_readable(owner, target)
+        else:
+            await migrate(owner, target)
+            if runner_id is None:
+                await own(owner, target)
+        pool = AsyncConnectionPool(
+            target.conninfo,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=POOL_SIZE,
+            open=False,
+            name="bem-runner-store",
+        )
+        try:
+            await pool.open(wait=True, timeout=CONNECT_TIMEOUT_SECONDS)
+        except psycopg.Error as exc:
+            raise StoreError(f"{target.shown}: cannot connect: {target.scrub(str(exc))}") from None
+        store = PostgresStore(pool, target, runner_id=runner_id, lease_seconds=lease_seconds)
+        try:
+            if runner_id is not None and not read_only:
+                await store.join()
+            yield store
+            if runner_id is not None and not read_only:
+                with anyio.CancelScope(shield=True):
+                    await store.leave()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await owner.close()
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake):
+    async def integrity_check(self) -> str:
+        mismatched = int(await self._scalar("integrity_check") or 0)
+        if mismatched:
+            return f"{mismatched} calls whose file count does not match their files"
+        return "ok"
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    # -- intake -----------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """A POST that was in flight when the last process died has an unknown outcome."""
+        async with self._transaction("recover_sending") as conn:
+            await conn.execute(QUERIES["recover_sending"], {"me": self._me})
+
+    async def known_files(self) -> dict[str, KnownFile]:
+        rows = await self._fetch("known_files")
+        return {
+            from_raw(row["rel"]): KnownFile(row["size"], row["mtime_ns"], row["state"])
+            for row in rows
+        }
+
+    async def open_groups(self) -> list[GroupRow]:
+        return await self._rows(GroupRow, "open_groups", {})
+
+    async def close_group(self, group_id: int) -> None:
+        await self._write("close_group", [{"id": group_id}])
+
+    # -- submit -----------------------------------------------------------------------------
+
+    async def group(self, group_id: int) -> GroupRow:
+        rows = await self._rows(GroupRow, "group_by_id", {"id": group_id})
+        if not rows:
+            raise StoreError(f"{self._target.shown}: no group {group_id}")
+        return rows[0]
+
+    async def files_of_groups(self, group_ids: Sequence[int]) -> dict[int, list[FileRow]]:
+        """The files of many groups with one query, by group."""
+        by_group: dict[int, list[FileRow]] = {gid: [] for gid in group_ids}
+        if not group_ids:
+            return by_group
+        rows = await self._rows(FileRow, "files_of_groups", {"group_ids": list(group_ids)})
+        for row in rows:
+            assert row.group_id is not None
+            by_group[row.group_id].append(row)
+        return by_group
+
+    async def supersede_file(self, file: FileRow) -> None:
+        """The file changed after it was queued: drop it from its group; it will be taken anew."""
+        async with self._transaction("supersede_file") as conn, conn.cursor() as cursor:
+            if file.group_id is not None:
+                await self._many(cursor, "shrink_group", [{"id": file.group_id, "size": file.size}])
+            await cursor.execute(QUERIES["supersede_file"], {"id": file.id})
+
+    async def reject_queued_file(self, file: FileRow, reason: str) -> None:
+        async with self._transaction("reject_file") as conn, conn.cursor() as cursor:
+            if file.group_id is not None:
+                await self._many(cursor, "shrink_group", [{"id": file.group_id, "size": file.size}])
+            await cursor.execute(QUERIES["reject_file"], _clean({"id": file.id, "reason": reason}))
+
+    async def drop_empty_group(self, group_id: int) -> None:
+        await self._write("drop_empty_group", [{"id": group_id}])
+
+    async def mark_sending(self, group_ids: list[int], *, now: float) -> None:
+        await self._write("mark_sending", ({"id": gid, "now": now} for gid in group_ids))
+
+    async def mark_submitted(
+        self, group_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
+    ) -> None:
+        await self._write(
+            "mark_submitted",
+            [
+                {
+                    "id": group_id,
+                    "call_id": call_id,
+                    "status": status,
+                    "now": now,
+                    "next_poll": next_poll,
+                }
+            ],
+        )
+
+    async def mark_submit_later(self, group_ids: list[int], *, not_before: float) -> None:
+        await self._write(
+            "mark_submit_later", ({"id": gid, "not_before": not_before} for gid in group_ids)
+        )
+
+    async def mark_unknown(self, group_ids: list[int], *, not_before: float) -> None:
+        await self._write(
+            "mark_unknown", ({"id": gid, "not_before": not_before} for gid in group_ids)
+        )
+
+    async def mark_terminal(self, finished: Sequence[Finished], *, now: float) -> None:
+        await self.record_polls(finished, [], now=now)
+
+    async def record_polls(
+        self, finished: Sequence[Finished], next_polls: Sequence[NextPoll], *, now: float
+    ) -> None:
+        """Calls that ended and the next poll of the others, in one transaction."""
+        if not finished:
+            await self.reschedule_polls(next_polls)
+            return
+        async with self._transaction("mark_terminal") as conn, conn.cursor() as cursor:
+            await self._many(
+                cursor,
+                "mark_terminal",
+                [
+                    {
+                        "id": f.group_id,
+                        "status": f.status,
+                        "result_json": f.result_json,
+                        "error_reason": f.error_reason,
+                        "now": now,
+                    }
+                    for f in finished
+                ],
+            )
+            if next_polls:
+                await self._many(cursor, "reschedule_poll", _next_poll_rows(next_polls))
+
+    # -- poll -------------------------------------------------------------------------------
+
+    async def reschedule_polls(self, next_polls: Sequence[NextPoll]) -> None:
+        await self._write("reschedule_poll", _next_poll_rows(next_polls))
+
+    async def next_poll_due(self) -> float | None:
+        value = await self._scalar("next_poll_due")
+        return float(value) if value is not None else None
+
+    async def next_submit_due(self) -> float | None:
+        """When the next ready or unknown group is due (an unknown one is listed, not sent)."""
+        value = await self._scalar("next_submit_due")
+        return float(value) if value is not None else None
+
+    # -- deliver ----------------------------------------------------------------------------
+
+    async def rejected_files(self, *, limit: int) -> list[FileRow]:
+        return await self._rows(FileRow, "rejected_files", {"limit": limit})
+
+    async def delivered_files(self, *, limit: int) -> list[FileRow]:
+        return await self._rows(FileRow, "delivered_files", {"limit": limit})
+
+    async def mark_delivered(
+        self, deliveries: Sequence[Delivery], *, finished_groups: Sequence[int], now: float
+    ) -> None:
+        """Files whose documents are written; groups with no file left to deliver are done."""
+        if not deliveries and not finished_groups:
+            return
+        async with self._transaction("mark_delivered") as conn, conn.cursor() as cursor:
+            if deliveries:
+                await self._many(
+                    cursor,
+                    "mark_delivered",
+                    [
+                        {"id": d.file_id, "outcome": d.outcome, "reason": d.reason, "now": now}
+                        for d in deliveries
+                    ],
+                )
+            if finished_groups:
+                await self._many(cursor, "mark_group_done", [{"id": g} for g in finished_groups])
+
+    async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
+        await self._write("mark_done", ({"id": fid, "now": now} for fid in file_ids))
+
+    # -- reports ----------------------------------------------------------------------------
+
+    async def counts(self) -> Counts:
+        files: dict[str, int] = {}
+        for row in await self._fetch("count_files"):
+            state, outcome, count = row["state"], row["outcome"], int(row["count"])
+            key = f"{state}:{outcome}" if state in ("delivered", "done") and outcome else state
+            files[key] = files.get(key, 0) + count
+        groups = {row["state"]: int(row["count"]) for row in await self._fetch("count_groups")}
+        return Counts(files=files, groups=groups, open_calls=await self.open_call_count())
+
+    async def unfinished_work(self) -> int:
+        return int(await self._scalar("unfinished_work") or 0)
+
+    async def recent_errors(self, *, limit: int) -> list[tuple[str, str | None, float | None]]:
+        return [
+            (from_raw(r["rel"]), r["reason"], r["done_at"])
+            for r in await self._fetch("recent_errors", {"limit": limit})
+        ]
+
+    async def failed_files(self) -> list[FileRow]:
+        return await self._rows(FileRow, "failed_files", {})
+
+    async def mark_retried(self, file_ids: list[int]) -> None:
+        await self._write("supersede_file", ({"id": fid} for fid in file_ids))
+
+
+def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
+    return [{"id": n.group_id, "not_before": n.not_before, "status": n.status} for n in next_polls]

@@ -1,0 +1,149 @@
+"""Running the named statements of ``postgres_queries.sql``: reads, transactions, fencing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import fields
+from typing import Any, TypeVar
+
+import anyio
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from runner import faults
+from runner.errors import ClaimLostError, StoreError
+from runner.names import from_raw
+from runner.store import DEFAULT_LEASE_SECONDS
+from runner.store.base import FileRow, GroupRow
+from runner.store.named_sql import load_queries
+from runner.store.postgres_target import Target
+
+QUERIES = load_queries("postgres_queries.sql")
+FENCED = frozenset(
+    {
+        "mark_sending",
+        "mark_submitted",
+        "mark_submit_later",
+        "mark_unknown",
+        "mark_terminal",
+        "reschedule_poll",
+        "drop_empty_group",
+        "shrink_group",
+        "mark_delivered",
+    }
+)
+"""Writes that must change every row they name: one that does not was fenced off (or is gone)."""
+ALL_STAGES = ("submit", "poll", "deliver")
+WAKES: dict[str, tuple[str, ...]] = {
+    "add_files": ("submit", "deliver"),
+    "close_group": ("submit",),
+    "recover_sending": ("submit",),
+    "mark_submit_later": ("submit",),
+    "mark_unknown": ("submit",),
+    "mark_submitted": ("poll",),
+    "mark_terminal": ("deliver", "submit"),
+    "reject_file": ("deliver",),
+    "release": ALL_STAGES,
+    "leave_runner": ALL_STAGES,
+}
+"""The stages of other runners that a write (by its label) gives work to; told on commit."""
+_NAME_COLUMNS = ("rel", "group_key")
+Row = TypeVar("Row", GroupRow, FileRow)
+Connection = psycopg.AsyncConnection[Any]
+
+
+class PostgresPlumbing:
+    """The pool, this runner's id, and how a statement is run and its error told."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        target: Target,
+        *,
+        runner_id: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    ) -> None:
+        self._pool = pool
+        self._target = target
+        self._me = runner_id
+        self._lease = lease_seconds
+        self._opened_at = time.time()
+
+    def _error(self, label: str, exc: psycopg.Error) -> StoreError:
+        return StoreError(f"{self._target.shown}: {label}: {self._target.scrub(str(exc))}")
+
+    async def _fetch(
+        self, name: str, params: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            async with (
+                self._pool.connection() as conn,
+                conn.cursor(row_factory=dict_row) as cursor,
+            ):
+                await cursor.execute(QUERIES[name], params or {})
+                return await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise self._error(name, exc) from None
+
+    async def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        rows = await self._fetch(name, params)
+        return next(iter(rows[0].values())) if rows else None
+
+    @asynccontextmanager
+    async def _transaction(self, label: str) -> AsyncIterator[Connection]:
+        """One write transaction; ``label`` names it for the crash points."""
+        # Once begun, a transaction runs to its commit or rollback, as in the SQLite store.
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self._pool.connection() as conn:
+                    async with conn.transaction():
+                        yield conn
+                        if self._me is not None and label in WAKES:
+                            await self._wake(conn, WAKES[label])
+                        faults.point("store.before_commit", label)
+                    faults.point("store.after_commit", label)
+            except psycopg.Error as exc:
+                raise self._error(label, exc) from None
+
+    async def _wake(self, conn: Connection, stages: Sequence[str]) -> None:
+        """Tell the other runners' ``stages`` to look again, when this transaction commits."""
+        await conn.execute(QUERIES["wake"], {"stages": list(stages), "me": self._me})
+
+    async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        async with self._transaction(name) as conn, conn.cursor() as cursor:
+            await self._many(cursor, name, rows)
+
+    async def _many(
+        self, cursor: psycopg.AsyncCursor[Any], name: str, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Run ``name`` once per row, as this runner; a fenced write refuses the transaction."""
+        params = [_clean({**row, "me": self._me}) for row in rows]
+        await cursor.executemany(QUERIES[name], params)
+        if name in FENCED and cursor.rowcount < len(params):
+            raise ClaimLostError(
+                f"{self._target.shown}: {name}: {len(params) - cursor.rowcount} of "
+                f"{len(params)} groups are held by another runner (or gone); nothing written"
+            )
+
+    async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
+        names = [f.name for f in fields(cls)]
+        rows = await self._fetch(name, params)
+        return [cls(**{key: _column(key, row[key]) for key in names}) for row in rows]
+
+
+def _column(key: str, value: Any) -> Any:
+    return from_raw(value) if key in _NAME_COLUMNS and isinstance(value, bytes) else value
+
+
+def _clean(params: Mapping[str, Any]) -> dict[str, Any]:
+    """PostgreSQL text cannot hold NUL: one in a message from bem is kept as U+FFFD."""
+    return {
+        key: value.replace("\0", "\ufffd") if isinstance(value, str) else value
+        for key, value in params.items()
+    }

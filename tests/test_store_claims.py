@@ -1,0 +1,191 @@
+"""Several runners on one PostgreSQL store: claims, leases, heartbeats, expiry and fencing.
+
+Time is the database's: a runner "falls silent" or a lease "passes" by moving its timestamps
+back in the database, never by waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import anyio
+import psycopg
+import pytest
+
+from runner.errors import ClaimLostError
+from runner.route import Destination
+from runner.store.base import Finished, NewFile
+from runner.store.postgres import PostgresStore, open_postgres_store
+
+pytestmark = pytest.mark.anyio
+pytest_plugins = ["tests.postgres"]
+
+
+def _sql(url: str, sql: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def _files(count: int, prefix: str = "wf/") -> list[NewFile]:
+    return [
+        NewFile(f"{prefix}{n}", 1, 1, None, "text", Destination("wf", "file", f"{prefix}{n}", "x"))
+        for n in range(count)
+    ]
+
+
+@pytest.fixture
+async def runners(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="a"))
+        b = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="b"))
+        yield a, b
+
+
+def falls_silent(url: str, runner_id: str) -> None:
+    _sql(
+        url, f"UPDATE runners SET heartbeat_at = now() - interval '1 hour' WHERE id = '{runner_id}'"
+    )
+
+
+async def test_runners_claiming_at_once_share_the_work_without_overlap(
+    runners: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = runners
+    await a.add_files(_files(40), now=1.0, batch_limits={})
+    taken: dict[str, list[int]] = {"a": [], "b": []}
+
+    async def drain(name: str, store: PostgresStore) -> None:
+        while page := await store.claim_ready(now=1.0, limit=3):
+            taken[name] += [g.id for g in page]
+            await store.mark_sending([g.id for g in page], now=2.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain, "a", a)
+        tg.start_soon(drain, "b", b)
+    assert not set(taken["a"]) & set(taken["b"])
+    assert len(taken["a"]) + len(taken["b"]) == 40
+    assert await a.open_call_count() == 40
+
+
+async def test_a_held_group_is_not_handed_to_another_runner(
+    runners: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = runners
+    await a.add_files(_files(3), now=1.0, batch_limits={})
+    mine = await a.claim_ready(now=1.0, limit=2)
+    theirs = await b.claim_ready(now=1.0, limit=10)
+    everything = {g.id for g in await a.ready_groups(now=1.0, limit=10)}
+    assert len(mine) == 2
+    assert {g.id for g in theirs} == everything - {g.id for g in mine}
+    # given back, it is anyone's
+    await a.release([g.id for g in mine])
+    assert {g.id for g in await b.claim_ready(now=1.0, limit=10)} == everything
+
+
+async def test_a_write_to_a_group_another_runner_holds_is_refused_whole(
+    runners: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = runners
+    await a.add_files(_files(2), now=1.0, batch_limits={})
+    (held,) = await a.claim_ready(now=1.0, limit=1)
+    (free,) = [g for g in await b.ready_groups(now=1.0, limit=10) if g.id != held.id]
+    with pytest.raises(ClaimLostError, match="held by another runner"):
+        await b.mark_sending([free.id, held.id], now=2.0)
+    assert (await b.group(free.id)).state == "ready"  # nothing of it was written
+    assert (await b.group(held.id)).state == "ready"
+    for write in (
+        b.mark_submit_later([held.id], not_before=5.0),
+        b.mark_unknown([held.id], not_before=5.0),
+        b.mark_terminal([Finished(held.id, "failed", None, "x")], now=5.0),
+        b.drop_empty_group(held.id),
+    ):
+        with pytest.raises(ClaimLostError):
+            await write
+    file = (await b.files_of_groups([held.id]))[held.id][0]
+    with pytest.raises(ClaimLostError):
+        await b.reject_queued_file(file, "vanished")
+    assert (await b.files_of_groups([held.id]))[held.id] == [file]
+    await a.mark_sending([held.id], now=2.0)  # its holder may
+
+
+async def test_moving_a_group_on_gives_its_claim_up(
+    runners: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = runners
+    await a.add_files(_files(1), now=1.0, batch_limits={})
+    (group,) = await a.claim_ready(now=1.0, limit=1)
+    await a.mark_sending([group.id], now=2.0)
+    assert await b.claim_due_polls(now=9.0, limit=10) == []
+    await a.mark_submitted(group.id, call_id="c", status=None, now=3.0, next_poll=4.0)
+    # any runner polls it now, and only one at a time
+    (polled,) = await b.claim_due_polls(now=4.0, limit=10)
+    assert await a.claim_due_polls(now=4.0, limit=10) == []
+    await b.mark_terminal([Finished(polled.id, "completed", None, None)], now=5.0)
+    assert [g.id for g in await a.claim_terminal(limit=10)] == [group.id]
+
+
+async def test_a_silent_runner_loses_its_claims_and_its_sends_become_unknown(
+    postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = runners
+    await a.add_files(_files(2), now=1.0, batch_limits={})
+    sending, waiting = await a.claim_ready(now=1.0, limit=2)
+    await a.mark_sending([sending.id], now=2.0)
+    assert [(r.id, r.calls_held) for r in await b.runners()] == [("a", 1), ("b", 0)]
+    assert await b.expire_runners() == []  # a is alive
+
+    falls_silent(postgres_url, "a")
+    assert await b.expire_runners() == ["a"]
+    lost = await b.group(sending.id)
+    assert (lost.state, lost.not_before) == ("unknown", 0)
+    assert [r.id for r in await b.runners()] == ["b"]
+    # whoever takes it resolves it by listing; the other is free to send
+    assert [g.id for g in await b.claim_due_unknown(now=3.0, limit=10)] == [sending.id]
+    assert [g.id for g in await b.claim_ready(now=3.0, limit=10)] == [waiting.id]
+
+    # the silent runner wakes up: fenced
+    with pytest.raises(ClaimLostError, match="declared dead"):
+        await a.heartbeat()
+    with pytest.raises(ClaimLostError):
+        await a.mark_submitted(sending.id, call_id="late", status=None, now=4.0, next_poll=5.0)
+    assert (await b.group(sending.id)).call_id is None
+
+
+async def test_a_lease_not_renewed_passes_and_a_heartbeat_renews_it(
+    postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = runners
+    await a.add_files(_files(1), now=1.0, batch_limits={})
+    await a.claim_ready(now=1.0, limit=1)
+    _sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
+    await a.heartbeat()
+    assert await b.claim_ready(now=1.0, limit=1) == []
+    _sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
+    (taken,) = await b.claim_ready(now=1.0, limit=1)
+    with pytest.raises(ClaimLostError):
+        await a.mark_sending([taken.id], now=2.0)
+
+
+async def test_a_starting_runner_leaves_another_ones_post_in_flight_alone(
+    postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = runners
+    await a.add_files(_files(2), now=1.0, batch_limits={})
+    held, unheld = await a.ready_groups(now=1.0, limit=2)
+    await a.claim_ready(now=1.0, limit=1)
+    await a.mark_sending([held.id, unheld.id], now=2.0)
+    await b.recover()
+    assert (await b.group(held.id)).state == "sending"  # a is alive and holds it
+    assert (await b.group(unheld.id)).state == "unknown"  # nobody does
+
+
+async def test_a_runner_that_leaves_gives_everything_up(postgres_url: str) -> None:
+    async with open_postgres_store(postgres_url, runner_id="a") as a:
+        await a.add_files(_files(2), now=1.0, batch_limits={})
+        first, _ = await a.claim_ready(now=1.0, limit=2)
+        await a.mark_sending([first.id], now=2.0)
+    async with open_postgres_store(postgres_url, runner_id="b") as b:
+        assert [r.id for r in await b.runners()] == ["b"]
+        assert (await b.group(first.id)).state == "unknown"
+        assert len(await b.claim_ready(now=1.0, limit=10)) == 1

@@ -1,0 +1,1163 @@
+"""The store contract: what every :class:`runner.store.base.Store` promises, whatever its engine.
+
+One suite, run on each store factory. It follows the lives drawn in ``store/base.py`` — a group
+(one bem call) ``open → ready → sending → polling → terminal → done``, with ``unknown`` and the
+way back to ``ready``; a file ``queued | rejected → delivered → done``, ``retried`` as history —
+and checks what the stages read back: orders, pages, counts, names as exact bytes, and what is
+left after a crash between any two writes (every write is closed and reopened from disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runner.errors import StoreError
+from runner.names import from_raw, raw, shown
+from runner.route import Destination
+from runner.store.base import (
+    BatchLimits,
+    Counts,
+    Delivery,
+    FileRow,
+    Finished,
+    GroupRow,
+    KnownFile,
+    NewFile,
+    NextPoll,
+    Store,
+)
+from runner.store.postgres import PostgresStore, open_postgres_store
+from runner.store.sqlite import SqliteStore, open_sqlite_store
+
+pytestmark = pytest.mark.anyio
+pytest_plugins = ["tests.postgres"]
+
+# mypy proves that each store satisfies the protocol
+_sqlite_is_a_store: type[Store] = SqliteStore
+_postgres_is_a_store: type[Store] = PostgresStore
+
+
+class StoreFactory(Protocol):
+    """Opens the same store again and again: each open is a process start."""
+
+    name: str
+
+    def open(self) -> AbstractAsyncContextManager[Store]: ...
+
+
+@dataclass
+class SqliteFactory:
+    path: Path
+    name: str = "sqlite"
+
+    def open(self) -> AbstractAsyncContextManager[Store]:
+        return open_sqlite_store(self.path)
+
+
+@dataclass
+class PostgresFactory:
+    url: str
+    runner_id: str | None = None
+    name: str = "postgresql"
+
+    def open(self) -> AbstractAsyncContextManager[Store]:
+        return open_postgres_store(self.url, runner_id=self.runner_id)
+
+
+STORE_KINDS = ["sqlite", "postgresql", "postgresql-shared"]
+"""PostgreSQL owned by one runner, and shared: joined as a runner, with claims and fencing on."""
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    """Each test has an empty store of its own: a file, or a database of a shared cluster."""
+    if request.param == "sqlite":
+        return SqliteFactory(tmp_path / "state.db")
+    runner_id = "runner-1" if request.param == "postgresql-shared" else None
+    return PostgresFactory(request.getfixturevalue("postgres_url"), runner_id)
+
+
+@pytest.fixture
+async def store(store_factory: StoreFactory) -> AsyncIterator[Store]:
+    async with store_factory.open() as opened:
+        yield opened
+
+
+# -- building blocks -------------------------------------------------------------------------
+
+
+def new_file(
+    rel: str,
+    *,
+    mode: str = "file",
+    key: str | None = None,
+    size: int = 10,
+    mtime_ns: int = 1,
+    reason: str | None = None,
+    routed: bool = True,
+) -> NewFile:
+    workflow = "wf"
+    if key is None:
+        key = rel if mode == "file" else rel.rsplit("/", 1)[0]
+    # bem takes only valid Unicode, so the item reference is the name as shown
+    item = shown(rel.rsplit("/", 1)[-1])
+    destination = Destination(workflow, mode, key, item)  # type: ignore[arg-type]
+    return NewFile(
+        rel=rel,
+        size=size,
+        mtime_ns=mtime_ns,
+        sha256="ab" * 32,
+        input_type="text",
+        destination=destination if routed else None,
+        reason=reason,
+    )
+
+
+def folder_files(folder: str, count: int, *, size: int = 10) -> list[NewFile]:
+    return [new_file(f"{folder}/{n}.txt", mode="folder", size=size) for n in range(count)]
+
+
+def window_files(key: str, count: int, *, sizes: list[int] | None = None) -> list[NewFile]:
+    sizes = sizes or [10] * count
+    return [
+        new_file(f"w/{key}-{n}.txt", mode="window", key=key, size=size)
+        for n, size in enumerate(sizes)
+    ]
+
+
+async def add(
+    store: Store, files: list[NewFile], *, now: float = 1.0, limits: BatchLimits | None = None
+) -> None:
+    await store.add_files(files, now=now, batch_limits=limits or {})
+
+
+async def one_ready(store: Store, rel: str, *, now: float = 1.0) -> GroupRow:
+    """A file-mode file, taken: its group is born ready."""
+    await add(store, [new_file(rel)], now=now)
+    (group,) = [g for g in await store.ready_groups(now=now, limit=1000) if g.group_key == rel]
+    return group
+
+
+async def the_file(store: Store, group_id: int) -> FileRow:
+    (file,) = (await store.files_of_groups([group_id]))[group_id]
+    return file
+
+
+async def to_polling(store: Store, group: GroupRow, *, call_id: str = "c1") -> GroupRow:
+    await store.mark_sending([group.id], now=2.0)
+    await store.mark_submitted(group.id, call_id=call_id, status="pending", now=3.0, next_poll=4.0)
+    return await store.group(group.id)
+
+
+async def to_terminal(store: Store, group: GroupRow, *, status: str = "completed") -> GroupRow:
+    await to_polling(store, group)
+    await store.mark_terminal([Finished(group.id, status, '{"status": "x"}', None)], now=5.0)
+    return await store.group(group.id)
+
+
+async def deliver_all(store: Store, group: GroupRow, *, outcome: str = "result") -> None:
+    files = (await store.files_of_groups([group.id]))[group.id]
+    await store.mark_delivered(
+        [Delivery(f.id, outcome, None) for f in files], finished_groups=[group.id], now=6.0
+    )
+
+
+# -- a group's life --------------------------------------------------------------------------
+
+
+async def test_a_file_mode_file_is_a_ready_group_of_its_own(store: Store) -> None:
+    await add(store, [new_file("wf/a.txt", size=7), new_file("wf/b.txt", size=9)], now=100.0)
+    a, b = await store.ready_groups(now=100.0, limit=10)
+    assert [(g.group_key, g.mode, g.workflow) for g in (a, b)] == [
+        ("wf/a.txt", "file", "wf"),
+        ("wf/b.txt", "file", "wf"),
+    ]
+    assert not a.batch
+    assert (a.file_count, a.byte_count, b.byte_count) == (1, 7, 9)
+    assert (a.opened_at, a.last_added_at, a.not_before, a.attempts) == (100.0, 100.0, 0, 0)
+    assert (a.sent_at, a.submitted_at, a.call_id, a.status, a.finished_at) == (None,) * 5
+    assert a.call_reference_id.startswith("bemr-")
+    assert a.call_reference_id != b.call_reference_id
+    assert await store.open_groups() == []
+    file = await the_file(store, a.id)
+    assert (file.rel, file.state, file.group_id, file.size, file.seen_at) == (
+        "wf/a.txt",
+        "queued",
+        a.id,
+        7,
+        100.0,
+    )
+    assert (file.workflow, file.item_reference_id, file.input_type) == ("wf", "a.txt", "text")
+    assert (file.sha256, file.mtime_ns, file.outcome, file.reason) == ("ab" * 32, 1, None, None)
+
+
+async def test_folder_files_share_one_open_group_until_it_is_closed(store: Store) -> None:
+    await add(store, folder_files("wf/f1", 2), now=1.0)
+    await add(store, [new_file("wf/f1/late.txt", mode="folder", size=5)], now=4.0)
+    (group,) = await store.open_groups()
+    assert (group.state, group.mode, group.group_key, group.batch) == (
+        "open",
+        "folder",
+        "wf/f1",
+        True,
+    )
+    assert (group.file_count, group.byte_count) == (3, 25)
+    assert (group.opened_at, group.last_added_at) == (1.0, 4.0)
+    assert await store.ready_groups(now=10.0, limit=10) == []
+    assert await store.next_submit_due() is None
+
+    await store.close_group(group.id)
+    assert await store.open_groups() == []
+    (ready,) = await store.ready_groups(now=0.0, limit=10)  # due at once
+    assert (ready.id, ready.state, ready.not_before) == (group.id, "ready", 0)
+    assert await store.next_submit_due() == 0
+    # a file arriving after the close starts a new call for the same folder
+    await add(store, [new_file("wf/f1/later.txt", mode="folder")], now=5.0)
+    (again,) = await store.open_groups()
+    assert again.id != group.id
+    assert again.call_reference_id != group.call_reference_id
+    assert again.file_count == 1
+
+
+async def test_closing_a_group_that_is_not_open_changes_nothing(store: Store) -> None:
+    group = await one_ready(store, "wf/a.txt")
+    polling = await to_polling(store, group)
+    await store.close_group(group.id)
+    assert await store.group(group.id) == polling
+
+
+async def test_folder_groups_are_kept_apart_by_key(store: Store) -> None:
+    await add(store, [*folder_files("wf/a", 2), *folder_files("wf/b", 1)])
+    groups = await store.open_groups()
+    assert [(g.group_key, g.file_count) for g in groups] == [("wf/a", 2), ("wf/b", 1)]
+
+
+async def test_the_whole_life_of_a_call(store: Store) -> None:
+    group = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([group.id], now=2.0)
+    sending = await store.group(group.id)
+    assert (sending.state, sending.sent_at, sending.attempts) == ("sending", 2.0, 1)
+    assert await store.ready_groups(now=99.0, limit=10) == []
+    assert await store.open_call_count() == 1
+
+    await store.mark_submitted(group.id, call_id="c1", status="pending", now=3.0, next_poll=4.0)
+    polling = await store.group(group.id)
+    assert (polling.state, polling.call_id, polling.status) == ("polling", "c1", "pending")
+    assert (polling.submitted_at, polling.not_before, polling.attempts) == (3.0, 4.0, 0)
+    assert await store.next_poll_due() == 4.0
+    assert await store.due_polls(now=3.9, limit=10) == []
+    (due,) = await store.due_polls(now=4.0, limit=10)
+    assert due.id == group.id
+
+    await store.reschedule_polls([NextPoll(group.id, 10.0, "running")])
+    rescheduled = await store.group(group.id)
+    assert (rescheduled.not_before, rescheduled.status, rescheduled.attempts) == (
+        10.0,
+        "running",
+        1,
+    )
+    assert await store.next_poll_due() == 10.0
+
+    await store.mark_terminal([Finished(group.id, "completed", '{"a": 1}', None)], now=11.0)
+    terminal = await store.group(group.id)
+    assert (terminal.state, terminal.status, terminal.result_json) == (
+        "terminal",
+        "completed",
+        '{"a": 1}',
+    )
+    assert (terminal.finished_at, terminal.error_reason, terminal.not_before) == (11.0, None, 0)
+    assert await store.open_call_count() == 0
+    assert await store.next_poll_due() is None
+    assert [g.id for g in await store.terminal_groups(limit=10)] == [group.id]
+
+    file = await the_file(store, group.id)
+    await store.mark_delivered([], finished_groups=[group.id], now=11.5)
+    assert (await store.group(group.id)).state == "terminal"  # its file has no document yet
+    await store.mark_delivered(
+        [Delivery(file.id, "result", None)], finished_groups=[group.id], now=12.0
+    )
+    assert (await store.group(group.id)).state == "done"
+    assert await store.terminal_groups(limit=10) == []
+    (delivered,) = await store.delivered_files(limit=10)
+    assert (delivered.state, delivered.outcome, delivered.delivered_at) == (
+        "delivered",
+        "result",
+        12.0,
+    )
+    assert await store.unfinished_work() == 1  # the input is not archived yet
+
+    await store.mark_done([file.id], now=13.0)
+    done = await the_file(store, group.id)
+    assert (done.state, done.done_at) == ("done", 13.0)
+    assert await store.delivered_files(limit=10) == []
+    assert await store.unfinished_work() == 0
+    assert (await store.counts()).files == {"done:result": 1}
+    assert await store.known_files() == {"wf/a.txt": KnownFile(10, 1, "done")}
+
+
+async def test_an_unknown_outcome_is_resolved_by_adoption(store: Store) -> None:
+    group = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([group.id], now=2.0)
+    await store.mark_unknown([group.id], not_before=5.0)
+    unknown = await store.group(group.id)
+    assert (unknown.state, unknown.not_before, unknown.sent_at) == ("unknown", 5.0, 2.0)
+    assert await store.open_call_count() == 1  # it may exist at bem
+    assert await store.ready_groups(now=99.0, limit=10) == []  # never resent blindly
+    assert await store.due_unknown(now=4.9, limit=10) == []
+    assert [g.id for g in await store.due_unknown(now=5.0, limit=10)] == [group.id]
+    assert await store.next_submit_due() == 5.0  # listing is the submitter's work
+
+    await store.mark_submitted(group.id, call_id="found", status="running", now=6.0, next_poll=7.0)
+    adopted = await store.group(group.id)
+    assert (adopted.state, adopted.call_id, adopted.submitted_at) == ("polling", "found", 6.0)
+    assert await store.due_unknown(now=99.0, limit=10) == []
+
+
+async def test_an_unknown_outcome_never_created_goes_back_to_ready(store: Store) -> None:
+    group = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([group.id], now=2.0)
+    await store.mark_unknown([group.id], not_before=3.0)
+    await store.mark_submit_later([group.id], not_before=8.0)
+    ready = await store.group(group.id)
+    assert (ready.state, ready.not_before, ready.attempts) == ("ready", 8.0, 1)
+    assert await store.open_call_count() == 0
+    assert await store.due_unknown(now=99.0, limit=10) == []
+    assert await store.ready_groups(now=7.9, limit=10) == []
+    assert [g.id for g in await store.ready_groups(now=8.0, limit=10)] == [group.id]
+    # sent again: the attempts count on, the reference stays the same
+    await store.mark_sending([group.id], now=9.0)
+    again = await store.group(group.id)
+    assert (again.attempts, again.sent_at) == (2, 9.0)
+    assert again.call_reference_id == group.call_reference_id
+
+
+async def test_a_retried_send_waits_and_counts_its_attempts(store: Store) -> None:
+    group = await one_ready(store, "wf/a.txt")
+    for attempt in (1, 2, 3):
+        await store.mark_sending([group.id], now=float(attempt))
+        await store.mark_submit_later([group.id], not_before=attempt + 10.0)
+        later = await store.group(group.id)
+        assert (later.state, later.attempts, later.not_before) == ("ready", attempt, attempt + 10.0)
+    assert await store.next_submit_due() == 13.0
+    await store.mark_sending([group.id], now=20.0)
+    await store.mark_submitted(group.id, call_id="c", status=None, now=21.0, next_poll=22.0)
+    assert (await store.group(group.id)).attempts == 0  # polls count from zero
+
+
+async def test_submitted_at_is_the_first_submission(store: Store) -> None:
+    group = await to_polling(store, await one_ready(store, "wf/a.txt"))
+    await store.mark_submitted(group.id, call_id="c1", status="running", now=30.0, next_poll=31.0)
+    assert (await store.group(group.id)).submitted_at == 3.0
+
+
+async def test_a_call_bem_rejects_ends_terminal_from_sending(store: Store) -> None:
+    group = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([group.id], now=2.0)
+    await store.mark_terminal([Finished(group.id, "failed", None, "bem rejected it")], now=3.0)
+    terminal = await store.group(group.id)
+    assert (terminal.state, terminal.status, terminal.error_reason, terminal.result_json) == (
+        "terminal",
+        "failed",
+        "bem rejected it",
+        None,
+    )
+    assert (terminal.call_id, terminal.finished_at) == (None, 3.0)
+    assert await store.open_call_count() == 0
+
+
+async def test_a_poll_page_ends_some_calls_and_reschedules_the_others(store: Store) -> None:
+    a = await to_polling(store, await one_ready(store, "wf/a.txt"), call_id="ca")
+    b = await to_polling(store, await one_ready(store, "wf/b.txt"), call_id="cb")
+    await store.record_polls(
+        [Finished(a.id, "failed", None, "timed out")], [NextPoll(b.id, 9.0, "running")], now=5.0
+    )
+    ended, followed = await store.group(a.id), await store.group(b.id)
+    assert (ended.state, ended.error_reason, ended.finished_at) == ("terminal", "timed out", 5.0)
+    assert (followed.state, followed.not_before, followed.status, followed.attempts) == (
+        "polling",
+        9.0,
+        "running",
+        1,
+    )
+    # a page where nothing ended only reschedules
+    await store.record_polls([], [NextPoll(b.id, 12.0, None)], now=10.0)
+    followed = await store.group(b.id)
+    assert (followed.state, followed.not_before, followed.status, followed.attempts) == (
+        "polling",
+        12.0,
+        None,
+        2,
+    )
+
+
+async def test_recover_turns_only_sending_into_unknown_due_at_once(store: Store) -> None:
+    sending = await one_ready(store, "wf/sending.txt")
+    await store.mark_sending([sending.id], now=2.0)
+    ready = await one_ready(store, "wf/ready.txt")
+    await store.mark_submit_later([ready.id], not_before=50.0)
+    polling = await to_polling(store, await one_ready(store, "wf/polling.txt"))
+    unknown = await one_ready(store, "wf/unknown.txt")
+    await store.mark_sending([unknown.id], now=2.0)
+    await store.mark_unknown([unknown.id], not_before=40.0)
+    before = {g.id: await store.group(g.id) for g in (ready, polling, unknown)}
+
+    await store.recover()
+    recovered = await store.group(sending.id)
+    assert (recovered.state, recovered.not_before, recovered.sent_at) == ("unknown", 0, 2.0)
+    assert recovered.call_reference_id == sending.call_reference_id
+    assert {gid: await store.group(gid) for gid in before} == before
+    assert [g.id for g in await store.due_unknown(now=0.0, limit=10)] == [sending.id]
+    await store.recover()  # again: nothing more changes
+    assert await store.group(sending.id) == recovered
+
+
+async def test_drop_empty_group_ends_it_without_a_call(store: Store) -> None:
+    await add(store, folder_files("wf/f", 1))
+    (group,) = await store.open_groups()
+    await store.close_group(group.id)
+    await store.supersede_file(await the_file(store, group.id))
+    await store.drop_empty_group(group.id)
+    dropped = await store.group(group.id)
+    assert (dropped.state, dropped.call_id) == ("done", None)
+    assert dropped.error_reason
+    assert await store.ready_groups(now=99.0, limit=10) == []
+    assert await store.next_submit_due() is None
+    assert await store.files_of_groups([group.id]) == {group.id: []}
+    assert await store.unfinished_work() == 0
+    assert (await store.counts()).groups == {"done": 1}
+
+
+async def test_a_finished_group_with_an_undelivered_file_is_not_done(store: Store) -> None:
+    await add(store, folder_files("wf/f", 2))
+    (group,) = await store.open_groups()
+    await store.close_group(group.id)
+    await to_terminal(store, await store.group(group.id))
+    first, _ = (await store.files_of_groups([group.id]))[group.id]
+    await store.mark_delivered(
+        [Delivery(first.id, "result", None)], finished_groups=[group.id], now=6.0
+    )
+    assert (await store.group(group.id)).state == "terminal"
+    await deliver_all(store, group)
+    assert (await store.group(group.id)).state == "done"
+
+
+# -- a file's life ---------------------------------------------------------------------------
+
+
+async def test_a_rejected_file_waits_for_its_error_document(store: Store) -> None:
+    await add(
+        store,
+        [
+            new_file("wf/empty.txt", reason="empty file"),
+            new_file("x/unrouted.txt", routed=False, reason="no route"),
+        ],
+    )
+    empty, unrouted = await store.rejected_files(limit=10)
+    assert (empty.rel, empty.state, empty.reason, empty.group_id) == (
+        "wf/empty.txt",
+        "rejected",
+        "empty file",
+        None,
+    )
+    assert (empty.workflow, empty.item_reference_id) == ("wf", "empty.txt")
+    assert (unrouted.workflow, unrouted.item_reference_id, unrouted.reason) == (
+        None,
+        None,
+        "no route",
+    )
+    assert await store.ready_groups(now=99.0, limit=10) == []
+    assert await store.open_groups() == []
+    assert (await store.counts()).groups == {}
+    assert await store.unfinished_work() == 2
+    assert (await store.known_files())["wf/empty.txt"].state == "rejected"
+
+    # delivering keeps the reason it was rejected for, unless the delivery gives one
+    await store.mark_delivered(
+        [Delivery(empty.id, "error", None), Delivery(unrouted.id, "error", "no route at all")],
+        finished_groups=[],
+        now=3.0,
+    )
+    assert await store.rejected_files(limit=10) == []
+    empty, unrouted = await store.delivered_files(limit=10)
+    assert (empty.outcome, empty.reason, unrouted.reason) == (
+        "error",
+        "empty file",
+        "no route at all",
+    )
+    await store.mark_done([empty.id, unrouted.id], now=4.0)
+    assert await store.unfinished_work() == 0
+    assert (await store.counts()).files == {"done:error": 2}
+
+
+async def test_a_queued_file_that_vanished_is_rejected_and_leaves_its_group(store: Store) -> None:
+    await add(store, folder_files("wf/f", 3, size=10))
+    (group,) = await store.open_groups()
+    gone = (await store.files_of_groups([group.id]))[group.id][1]
+    await store.reject_queued_file(gone, "the file vanished")
+    shrunk = await store.group(group.id)
+    assert (shrunk.file_count, shrunk.byte_count) == (2, 20)
+    assert gone.id not in {f.id for f in (await store.files_of_groups([group.id]))[group.id]}
+    (rejected,) = await store.rejected_files(limit=10)
+    assert (rejected.id, rejected.reason, rejected.group_id) == (gone.id, "the file vanished", None)
+    # the group can now finish without it
+    await store.close_group(group.id)
+    await to_terminal(store, await store.group(group.id))
+    await deliver_all(store, group)
+    assert (await store.group(group.id)).state == "done"
+
+
+async def test_a_file_changed_after_it_was_queued_is_superseded(store: Store) -> None:
+    await add(store, folder_files("wf/f", 2, size=10))
+    (group,) = await store.open_groups()
+    changed, kept = (await store.files_of_groups([group.id]))[group.id]
+    await store.supersede_file(changed)
+    shrunk = await store.group(group.id)
+    assert (shrunk.file_count, shrunk.byte_count) == (1, 10)
+    assert (await store.files_of_groups([group.id]))[group.id] == [kept]
+    # the path is no longer known, so intake takes it anew; the old row is history
+    assert changed.rel not in await store.known_files()
+    assert (await store.counts()).files == {"queued": 1, "retried": 1}
+    await add(store, [new_file(changed.rel, mode="folder", size=12, mtime_ns=2)], now=2.0)
+    assert (await store.known_files())[changed.rel] == KnownFile(12, 2, "queued")
+    assert await store.unfinished_work() == 3  # the group and two queued files
+
+
+async def test_a_path_has_at_most_one_unfinished_row(store: Store) -> None:
+    await add(store, [new_file("wf/rejected.txt", reason="empty")])
+    group = await one_ready(store, "wf/a.txt")
+
+    async def taking_again_fails(rel: str, state: str) -> None:
+        before = await store.counts()
+        with pytest.raises(StoreError):
+            await add(store, [new_file("wf/other.txt"), new_file(rel)], now=2.0)
+        # the failed batch left nothing behind, not even its first file
+        assert await store.counts() == before
+        assert (await store.known_files())[rel].state == state
+
+    await taking_again_fails("wf/a.txt", "queued")
+    await taking_again_fails("wf/rejected.txt", "rejected")
+    await to_terminal(store, group)
+    await deliver_all(store, group)
+    await taking_again_fails("wf/a.txt", "delivered")
+
+
+async def test_a_finished_path_can_be_taken_again_and_the_latest_row_is_known(
+    store: Store,
+) -> None:
+    group = await to_terminal(store, await one_ready(store, "wf/a.txt"))
+    await deliver_all(store, group)
+    await store.mark_done([(await the_file(store, group.id)).id], now=7.0)
+    await add(store, [new_file("wf/a.txt", size=20, mtime_ns=5)], now=8.0)
+    assert await store.known_files() == {"wf/a.txt": KnownFile(20, 5, "queued")}
+    assert (await store.counts()).files == {"done:result": 1, "queued": 1}
+
+
+async def test_retry_retires_failed_files_so_they_can_come_back(store: Store) -> None:
+    group = await to_terminal(store, await one_ready(store, "wf/bad.txt"), status="failed")
+    await deliver_all(store, group, outcome="error")
+    await add(store, [new_file("wf/rej.txt", reason="empty")], now=2.0)
+    rejected = (await store.rejected_files(limit=10))[0]
+    await store.mark_delivered([Delivery(rejected.id, "error", None)], finished_groups=[], now=3.0)
+    ok = await to_terminal(store, await one_ready(store, "wf/ok.txt"))
+    await deliver_all(store, ok)
+    files = [await the_file(store, group.id), rejected, await the_file(store, ok.id)]
+    await store.mark_done([f.id for f in files], now=9.0)
+
+    failed = await store.failed_files()
+    assert [(f.rel, f.outcome) for f in failed] == [
+        ("wf/bad.txt", "error"),
+        ("wf/rej.txt", "error"),
+    ]
+    assert [rel for rel, _, _ in await store.recent_errors(limit=10)] == [
+        "wf/rej.txt",
+        "wf/bad.txt",
+    ]
+    await store.mark_retried([f.id for f in failed])
+    assert await store.failed_files() == []
+    assert set(await store.known_files()) == {"wf/ok.txt"}
+    assert (await store.counts()).files == {"done:result": 1, "retried": 2}
+    await add(store, [new_file("wf/bad.txt", mtime_ns=9)], now=10.0)
+    assert (await store.known_files())["wf/bad.txt"] == KnownFile(10, 9, "queued")
+
+
+async def test_empty_writes_change_nothing(store: Store) -> None:
+    group = await one_ready(store, "wf/a.txt")
+    before = await store.counts()
+    await store.add_files([], now=2.0, batch_limits={})
+    await store.mark_sending([], now=2.0)
+    await store.mark_submit_later([], not_before=2.0)
+    await store.mark_unknown([], not_before=2.0)
+    await store.mark_terminal([], now=2.0)
+    await store.record_polls([], [], now=2.0)
+    await store.reschedule_polls([])
+    await store.mark_delivered([], finished_groups=[], now=2.0)
+    await store.mark_done([], now=2.0)
+    await store.mark_retried([])
+    assert await store.counts() == before
+    assert await store.group(group.id) == group
+    assert await store.files_of_groups([]) == {}
+
+
+async def test_an_unknown_group_id_is_a_store_error(store: Store) -> None:
+    with pytest.raises(StoreError):
+        await store.group(424242)
+
+
+async def test_a_new_store_is_empty_and_sound(store: Store) -> None:
+    assert await store.counts() == Counts(files={}, groups={}, open_calls=0)
+    assert await store.unfinished_work() == 0
+    assert await store.known_files() == {}
+    assert await store.next_poll_due() is None
+    assert await store.next_submit_due() is None
+    assert await store.integrity_check() == "ok"
+
+
+# -- window batches --------------------------------------------------------------------------
+
+
+async def test_a_window_closes_when_the_next_file_would_pass_max_files(store: Store) -> None:
+    await add(store, window_files("window:0", 5), limits={"window:0": (2, 10**9)})
+    ready = await store.ready_groups(now=1.0, limit=10)
+    assert [g.file_count for g in ready] == [2, 2]
+    (still_open,) = await store.open_groups()
+    assert (still_open.file_count, still_open.group_key) == (1, "window:0")
+    groups = await store.files_of_groups([g.id for g in [*ready, still_open]])
+    assert [[f.rel for f in groups[g.id]] for g in [*ready, still_open]] == [
+        ["w/window:0-0.txt", "w/window:0-1.txt"],
+        ["w/window:0-2.txt", "w/window:0-3.txt"],
+        ["w/window:0-4.txt"],
+    ]
+
+
+async def test_a_window_closes_when_the_next_file_would_pass_max_bytes(store: Store) -> None:
+    limits = {"window:0": (100, 25)}
+    await add(store, window_files("window:0", 5, sizes=[10, 15, 1, 30, 10]), limits=limits)
+    ready = await store.ready_groups(now=1.0, limit=10)
+    (still_open,) = await store.open_groups()
+    # 10+15 fits exactly; 1 starts anew; 30 alone is too big for any group and goes alone
+    assert [(g.file_count, g.byte_count) for g in ready] == [(2, 25), (1, 1), (1, 30)]
+    assert (still_open.file_count, still_open.byte_count) == (1, 10)
+
+
+async def test_window_limits_hold_across_separate_intake_passes(store: Store) -> None:
+    limits = {"window:0": (3, 10**9)}
+    for n in range(7):
+        await add(
+            store,
+            [new_file(f"w/{n}.txt", mode="window", key="window:0")],
+            now=float(n),
+            limits=limits,
+        )
+    ready = await store.ready_groups(now=99.0, limit=10)
+    (still_open,) = await store.open_groups()
+    assert [g.file_count for g in ready] == [3, 3]
+    assert (still_open.file_count, still_open.opened_at) == (1, 6.0)
+    assert [g.opened_at for g in ready] == [0.0, 3.0]
+
+
+async def test_window_limits_apply_per_key_and_only_to_listed_keys(store: Store) -> None:
+    files = [*window_files("window:0", 4), *window_files("window:1", 4), *folder_files("wf/f", 4)]
+    await add(store, files, limits={"window:0": (2, 10**9), "window:1": (3, 10**9)})
+    ready = await store.ready_groups(now=1.0, limit=10)
+    assert sorted((g.group_key, g.file_count) for g in ready) == [("window:0", 2), ("window:1", 3)]
+    still_open = await store.open_groups()
+    assert sorted((g.group_key, g.file_count) for g in still_open) == [
+        ("wf/f", 4),
+        ("window:0", 2),
+        ("window:1", 1),
+    ]
+
+
+# -- orders and pages ------------------------------------------------------------------------
+
+
+async def test_ready_groups_come_by_due_time_then_age_a_page_at_a_time(store: Store) -> None:
+    groups = [await one_ready(store, f"wf/{n}.txt") for n in range(5)]
+    await store.mark_submit_later([groups[0].id], not_before=3.0)
+    await store.mark_submit_later([groups[3].id], not_before=2.0)
+    order = [groups[n].id for n in (1, 2, 4, 3, 0)]
+    assert [g.id for g in await store.ready_groups(now=1.0, limit=10)] == order[:3]
+    seen: list[int] = []
+    while page := await store.ready_groups(now=5.0, limit=2):
+        assert len(page) <= 2
+        seen += [g.id for g in page]
+        await store.mark_sending([g.id for g in page], now=5.0)
+    assert seen == order
+
+
+async def test_due_polls_come_by_due_time_a_page_at_a_time(store: Store) -> None:
+    groups = [await to_polling(store, await one_ready(store, f"wf/{n}.txt")) for n in range(5)]
+    for n, group in enumerate(groups):
+        await store.reschedule_polls([NextPoll(group.id, 10.0 + (n * 3) % 5, None)])
+    due_times = [10.0 + (n * 3) % 5 for n in range(5)]
+    expected = [g.id for _, g in sorted(zip(due_times, groups, strict=True), key=lambda p: p[0])]
+    assert [g.id for g in await store.due_polls(now=11.0, limit=10)] == expected[:2]
+    seen: list[int] = []
+    while page := await store.due_polls(now=20.0, limit=2):
+        assert len(page) <= 2
+        seen += [g.id for g in page]
+        await store.reschedule_polls([NextPoll(g.id, 100.0, None) for g in page])
+    assert seen == expected
+    assert await store.next_poll_due() == 100.0
+
+
+async def test_due_unknown_comes_by_age_a_page_at_a_time(store: Store) -> None:
+    groups = [await one_ready(store, f"wf/{n}.txt") for n in range(5)]
+    await store.mark_sending([g.id for g in groups], now=2.0)
+    await store.mark_unknown([g.id for g in reversed(groups)], not_before=3.0)
+    assert await store.next_submit_due() == 3.0
+    seen: list[int] = []
+    while page := await store.due_unknown(now=3.0, limit=2):
+        assert len(page) <= 2
+        seen += [g.id for g in page]
+        await store.mark_unknown([g.id for g in page], not_before=50.0)
+    assert seen == [g.id for g in groups]
+
+
+async def test_terminal_groups_come_by_finish_time_a_page_at_a_time(store: Store) -> None:
+    groups = [await to_polling(store, await one_ready(store, f"wf/{n}.txt")) for n in range(5)]
+    finish = [7.0, 5.0, 9.0, 5.0, 6.0]
+    for group, at in zip(groups, finish, strict=True):
+        await store.mark_terminal([Finished(group.id, "completed", None, None)], now=at)
+    expected = [groups[n].id for n in (1, 3, 4, 0, 2)]
+    seen: list[int] = []
+    while page := await store.terminal_groups(limit=2):
+        assert len(page) <= 2
+        seen += [g.id for g in page]
+        for group in page:
+            await deliver_all(store, group)
+    assert seen == expected
+
+
+async def test_file_lists_come_by_age_a_page_at_a_time(store: Store) -> None:
+    await add(store, [new_file(f"wf/r{n}.txt", reason=f"bad {n}") for n in range(5)])
+    rejected = await store.rejected_files(limit=10)
+    ids = [f.id for f in rejected]
+    assert ids == sorted(ids)
+    assert [f.rel for f in await store.rejected_files(limit=3)] == [
+        f"wf/r{n}.txt" for n in range(3)
+    ]
+    seen: list[int] = []
+    while page := await store.rejected_files(limit=2):
+        seen += [f.id for f in page]
+        await store.mark_delivered(
+            [Delivery(f.id, "error", None) for f in page], finished_groups=[], now=2.0
+        )
+    assert seen == ids
+    seen = []
+    while page := await store.delivered_files(limit=2):
+        seen += [f.id for f in page]
+        await store.mark_done([f.id for f in page], now=3.0)
+    assert seen == ids
+    errors = await store.recent_errors(limit=3)
+    assert errors == [(f"wf/r{n}.txt", f"bad {n}", 3.0) for n in (4, 3, 2)]
+    assert [f.id for f in await store.failed_files()] == ids
+
+
+async def test_files_of_groups_answers_for_every_group_asked(store: Store) -> None:
+    await add(store, [*folder_files("wf/a", 3), *folder_files("wf/b", 2)])
+    a, b = await store.open_groups()
+    files = await store.files_of_groups([b.id, a.id, 999_999])
+    assert set(files) == {a.id, b.id, 999_999}
+    assert [f.rel for f in files[a.id]] == ["wf/a/0.txt", "wf/a/1.txt", "wf/a/2.txt"]
+    assert [f.rel for f in files[b.id]] == ["wf/b/0.txt", "wf/b/1.txt"]
+    assert files[999_999] == []
+    assert all(f.group_id == a.id for f in files[a.id])
+
+
+# -- counts ----------------------------------------------------------------------------------
+
+
+async def test_counts_open_calls_and_unfinished_work_follow_every_state(store: Store) -> None:
+    await add(store, folder_files("wf/open", 2))  # an open group, 2 queued
+    await one_ready(store, "wf/ready.txt")
+    sending = await one_ready(store, "wf/sending.txt")
+    await store.mark_sending([sending.id], now=2.0)
+    unknown = await one_ready(store, "wf/unknown.txt")
+    await store.mark_sending([unknown.id], now=2.0)
+    await store.mark_unknown([unknown.id], not_before=3.0)
+    await to_polling(store, await one_ready(store, "wf/polling.txt"))
+    await to_terminal(store, await one_ready(store, "wf/terminal.txt"), status="failed")
+    done = await to_terminal(store, await one_ready(store, "wf/done.txt"))
+    await deliver_all(store, done)
+    await store.mark_done([(await the_file(store, done.id)).id], now=7.0)
+    failed = await to_terminal(store, await one_ready(store, "wf/failed.txt"), status="failed")
+    await deliver_all(store, failed, outcome="error")
+    await add(store, [new_file("wf/rejected.txt", reason="empty")])
+
+    counts = await store.counts()
+    assert counts.groups == {
+        "open": 1,
+        "ready": 1,
+        "sending": 1,
+        "unknown": 1,
+        "polling": 1,
+        "terminal": 1,
+        "done": 2,
+    }
+    assert counts.files == {"queued": 7, "rejected": 1, "delivered:error": 1, "done:result": 1}
+    assert counts.open_calls == 3 == await store.open_call_count()
+    # every group not done, and every file not done
+    assert await store.unfinished_work() == 6 + 9
+
+
+# -- names are bytes -------------------------------------------------------------------------
+
+STRANGE_NAMES = [
+    b"caf\xc3\xa9.txt",  # UTF-8, composed
+    b"cafe\xcc\x81.txt",  # UTF-8, decomposed: another name
+    b"caf\xe9.txt",  # Latin-1: not UTF-8
+    b"\xff\xfe.txt",
+    b"\xed\xa0\x80.txt",  # an encoded surrogate: not UTF-8 either
+    b"caf\\xe9.txt",  # how the Latin-1 one is shown: yet another name
+    b"CAF\xc3\x89.txt",  # differs only in case
+    b"tab\tnew\nline\r.txt",
+    b"quote'\"%_*?[].txt",
+    b"\xf0\x9f\x93\x84 emoji.txt",
+    b"x" * 200 + b".txt",
+]
+
+
+async def test_strange_names_come_back_as_the_same_bytes_and_stay_distinct(store: Store) -> None:
+    rels = [from_raw(b"wf/" + name) for name in STRANGE_NAMES]
+    await add(store, [new_file(rel, size=n + 1) for n, rel in enumerate(rels)])
+    known = await store.known_files()
+    assert {raw(rel) for rel in known} == {b"wf/" + name for name in STRANGE_NAMES}
+    assert all(known[rel].size == n + 1 for n, rel in enumerate(rels))
+    ready = await store.ready_groups(now=1.0, limit=100)
+    assert [g.group_key for g in ready] == rels
+    files = await store.files_of_groups([g.id for g in ready])
+    assert [files[g.id][0].rel for g in ready] == rels
+
+
+async def test_strange_folder_names_key_their_groups_exactly(store: Store) -> None:
+    folders = [from_raw(b"wf/" + name) for name in STRANGE_NAMES]
+    await add(store, [f for folder in folders for f in folder_files(folder, 2)])
+    groups = await store.open_groups()
+    assert sorted(raw(g.group_key) for g in groups) == sorted(raw(f) for f in folders)
+    assert all(g.file_count == 2 for g in groups)
+
+
+async def test_a_strange_name_survives_rejection_errors_and_retry(store: Store) -> None:
+    rel = from_raw(b"wf/\xff bad \xc3\xa9")
+    await add(store, [new_file(rel, reason="empty file")])
+    (rejected,) = await store.rejected_files(limit=10)
+    assert rejected.rel == rel
+    await store.mark_delivered([Delivery(rejected.id, "error", None)], finished_groups=[], now=2.0)
+    (delivered,) = await store.delivered_files(limit=10)
+    assert delivered.rel == rel
+    await store.mark_done([rejected.id], now=3.0)
+    assert await store.recent_errors(limit=10) == [(rel, "empty file", 3.0)]
+    assert [f.rel for f in await store.failed_files()] == [rel]
+
+
+_name_part = st.binary(min_size=1, max_size=40).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(folder=_name_part, leaves=st.lists(_name_part, min_size=1, max_size=4, unique=True))
+async def test_any_name_round_trips_exactly(
+    store: Store, folder: bytes, leaves: list[bytes]
+) -> None:
+    # one store for all examples: each example lives under a folder of its own
+    prefix = f"wf/{os.urandom(8).hex()}/{from_raw(folder)}"
+    rels = [f"{prefix}/{from_raw(leaf)}" for leaf in leaves]
+    await add(store, [new_file(rel, mode="folder") for rel in rels])
+    (group,) = [g for g in await store.open_groups() if g.group_key == prefix]
+    assert raw(group.group_key) == raw(prefix)
+    stored = (await store.files_of_groups([group.id]))[group.id]
+    assert [raw(f.rel) for f in stored] == [raw(rel) for rel in rels]
+    known = await store.known_files()
+    assert all(rel in known for rel in rels)
+    await store.close_group(group.id)
+
+
+_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=200)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(reason=_text, status=_text, result=_text)
+async def test_any_text_round_trips(store: Store, reason: str, status: str, result: str) -> None:
+    group = await to_polling(store, await one_ready(store, f"wf/{os.urandom(8).hex()}"))
+    await store.mark_terminal([Finished(group.id, status, result, reason)], now=5.0)
+    ended = await store.group(group.id)
+    assert (ended.status, ended.result_json, ended.error_reason) == (status, result, reason)
+
+
+# -- one runner's claims ---------------------------------------------------------------------
+# However many runners share a store, one that claims work sees what the lists show, holds what
+# it claimed (claiming again hands it back), and may write it; SQLite's only runner holds all.
+
+
+async def test_claims_hand_out_what_the_lists_show_in_their_order(store: Store) -> None:
+    groups = [await one_ready(store, f"wf/{n}.txt") for n in range(4)]
+    await store.mark_submit_later([groups[0].id], not_before=2.0)
+    assert await store.claim_ready(now=5.0, limit=3) == await store.ready_groups(now=5.0, limit=3)
+    assert [g.id for g in await store.claim_ready(now=5.0, limit=10)] == [
+        groups[n].id for n in (1, 2, 3, 0)
+    ]
+    await store.mark_sending([groups[0].id, groups[1].id], now=6.0)
+    await store.mark_unknown([groups[1].id, groups[0].id], not_before=7.0)
+    assert [g.id for g in await store.claim_due_unknown(now=7.0, limit=10)] == [
+        groups[0].id,
+        groups[1].id,
+    ]
+    assert await store.claim_due_unknown(now=6.9, limit=10) == []
+    for n, group in enumerate(groups[2:]):
+        await store.mark_sending([group.id], now=8.0)
+        await store.mark_submitted(
+            group.id, call_id=f"c{n}", status=None, now=8.0, next_poll=10.0 - n
+        )
+    assert [g.id for g in await store.claim_due_polls(now=10.0, limit=10)] == [
+        groups[3].id,
+        groups[2].id,
+    ]
+    assert [g.id for g in await store.claim_due_polls(now=9.5, limit=1)] == [groups[3].id]
+    await store.mark_terminal([Finished(groups[2].id, "completed", None, None)], now=11.0)
+    await store.mark_terminal([Finished(groups[3].id, "completed", None, None)], now=10.5)
+    assert [g.id for g in await store.claim_terminal(limit=10)] == [groups[3].id, groups[2].id]
+
+
+async def test_a_claimed_call_lives_its_whole_life_under_its_claim(store: Store) -> None:
+    await one_ready(store, "wf/a.txt")
+    (group,) = await store.claim_ready(now=1.0, limit=10)
+    assert await store.claim_ready(now=1.0, limit=10) == [group]  # held, and handed back
+    await store.mark_sending([group.id], now=2.0)
+    assert [(r.calls_held, r.pid) for r in await store.runners()] == [(1, os.getpid())]
+    await store.heartbeat()
+    await store.mark_submitted(group.id, call_id="c1", status=None, now=3.0, next_poll=4.0)
+    (polled,) = await store.claim_due_polls(now=4.0, limit=10)
+    await store.record_polls([], [NextPoll(polled.id, 5.0, "running")], now=4.0)
+    (polled,) = await store.claim_due_polls(now=5.0, limit=10)
+    await store.mark_terminal([Finished(polled.id, "completed", None, None)], now=6.0)
+    (ended,) = await store.claim_terminal(limit=10)
+    await store.release([ended.id])
+    (ended,) = await store.claim_terminal(limit=10)
+    await deliver_all(store, ended)
+    assert (await store.group(group.id)).state == "done"
+    assert await store.expire_runners() == []
+    (runner,) = await store.runners()
+    assert runner.calls_held == 0
+    assert runner.id
+
+
+# -- crash between any two writes ------------------------------------------------------------
+
+
+@dataclass
+class Journey:
+    """Ids learnt as the journey goes (what a runner would read back from the store)."""
+
+    ids: dict[str, int] = field(default_factory=dict)
+    files: dict[str, list[int]] = field(default_factory=dict)
+
+
+Step = Callable[[Store, Journey], Awaitable[None]]
+
+
+async def _take(store: Store, j: Journey) -> None:
+    await add(
+        store,
+        [
+            new_file("wf/a.txt"),
+            *folder_files(from_raw(b"wf/b\xff"), 2),
+            new_file("wf/r.txt", reason="empty"),
+        ],
+    )
+    (a,) = await store.ready_groups(now=1.0, limit=10)
+    (b,) = await store.open_groups()
+    j.ids.update(a=a.id, b=b.id)
+    by_group = await store.files_of_groups([a.id, b.id])
+    j.files.update(a=[f.id for f in by_group[a.id]], b=[f.id for f in by_group[b.id]])
+    j.files["r"] = [f.id for f in await store.rejected_files(limit=10)]
+
+
+async def _close(store: Store, j: Journey) -> None:
+    await store.close_group(j.ids["b"])
+
+
+async def _send_both(store: Store, j: Journey) -> None:
+    await store.mark_sending([j.ids["a"], j.ids["b"]], now=2.0)
+
+
+async def _a_submitted(store: Store, j: Journey) -> None:
+    await store.mark_submitted(j.ids["a"], call_id="ca", status="pending", now=3.0, next_poll=4.0)
+
+
+async def _b_unknown(store: Store, j: Journey) -> None:
+    await store.mark_unknown([j.ids["b"]], not_before=3.0)
+
+
+async def _b_never_created(store: Store, j: Journey) -> None:
+    await store.mark_submit_later([j.ids["b"]], not_before=4.0)
+
+
+async def _b_sent_again(store: Store, j: Journey) -> None:
+    await store.mark_sending([j.ids["b"]], now=4.0)
+
+
+async def _b_submitted(store: Store, j: Journey) -> None:
+    await store.mark_submitted(j.ids["b"], call_id="cb", status="pending", now=5.0, next_poll=6.0)
+
+
+async def _poll_page(store: Store, j: Journey) -> None:
+    await store.record_polls(
+        [Finished(j.ids["a"], "completed", '{"outputs": []}', None)],
+        [NextPoll(j.ids["b"], 8.0, "running")],
+        now=6.0,
+    )
+
+
+async def _deliver_a_and_rejected(store: Store, j: Journey) -> None:
+    await store.mark_delivered(
+        [Delivery(j.files["a"][0], "result", None), Delivery(j.files["r"][0], "error", None)],
+        finished_groups=[j.ids["a"]],
+        now=7.0,
+    )
+
+
+async def _archive_a_and_rejected(store: Store, j: Journey) -> None:
+    await store.mark_done([j.files["a"][0], j.files["r"][0]], now=7.5)
+
+
+async def _b_ends(store: Store, j: Journey) -> None:
+    await store.mark_terminal([Finished(j.ids["b"], "failed", None, "timed out")], now=9.0)
+
+
+async def _deliver_b(store: Store, j: Journey) -> None:
+    await store.mark_delivered(
+        [Delivery(fid, "error", None) for fid in j.files["b"]],
+        finished_groups=[j.ids["b"]],
+        now=10.0,
+    )
+
+
+async def _archive_b(store: Store, j: Journey) -> None:
+    await store.mark_done(j.files["b"], now=11.0)
+
+
+JOURNEY: list[Step] = [
+    _take,
+    _close,
+    _send_both,
+    _a_submitted,
+    _b_unknown,
+    _b_never_created,
+    _b_sent_again,
+    _b_submitted,
+    _poll_page,
+    _deliver_a_and_rejected,
+    _archive_a_and_rejected,
+    _b_ends,
+    _deliver_b,
+    _archive_b,
+]
+
+
+async def snapshot(store: Store, j: Journey) -> dict[str, Any]:
+    """Everything the stages can read back about the journey's groups and files."""
+    group_ids = sorted(j.ids.values())
+    return {
+        "groups": [await store.group(gid) for gid in group_ids],
+        "files": await store.files_of_groups(group_ids),
+        "rejected": await store.rejected_files(limit=100),
+        "delivered": await store.delivered_files(limit=100),
+        "failed": await store.failed_files(),
+        "known": await store.known_files(),
+        "counts": await store.counts(),
+        "unfinished": await store.unfinished_work(),
+        "ready": await store.ready_groups(now=100.0, limit=100),
+        "unknown": await store.due_unknown(now=100.0, limit=100),
+        "polls": await store.due_polls(now=100.0, limit=100),
+        "terminal": await store.terminal_groups(limit=100),
+    }
+
+
+def after_recovery(groups: list[GroupRow]) -> list[GroupRow]:
+    """What ``recover`` promises: a POST that may have been in flight is an unknown outcome."""
+    return [
+        dataclasses.replace(g, state="unknown", not_before=0) if g.state == "sending" else g
+        for g in groups
+    ]
+
+
+@pytest.mark.parametrize("crash_after", range(1, len(JOURNEY) + 1))
+async def test_a_crash_between_any_two_writes_keeps_every_write_before_it(
+    store_factory: StoreFactory, crash_after: int
+) -> None:
+    journey = Journey()
+    before: dict[str, Any] = {}
+    for step in JOURNEY[:crash_after]:
+        async with store_factory.open() as store:  # every write is followed by a "crash"
+            await step(store, journey)
+            before = await snapshot(store, journey)
+    async with store_factory.open() as store:
+        await store.recover()
+        recovered = await snapshot(store, journey)
+        assert recovered["groups"] == after_recovery(before["groups"])
+        for key in ("files", "rejected", "delivered", "failed", "known", "terminal", "polls"):
+            assert recovered[key] == before[key], key
+        assert recovered["unfinished"] == before["unfinished"]
+        assert recovered["counts"].files == before["counts"].files
+        sending = [g.id for g in before["groups"] if g.state == "sending"]
+        assert [g.id for g in recovered["unknown"]] == sorted(
+            {g.id for g in before["unknown"]} | set(sending)
+        )
+
+        # and the journey goes on to its end from wherever it stopped
+        for step in JOURNEY[crash_after:]:
+            await step(store, journey)
+        assert await store.unfinished_work() == 0
+        assert await store.open_call_count() == 0
+        assert (await store.counts()).files == {"done:result": 1, "done:error": 3}
+
+
+async def test_a_reopened_store_sees_everything_committed(store_factory: StoreFactory) -> None:
+    journey = Journey()
+    async with store_factory.open() as store:
+        for step in JOURNEY[:9]:
+            await step(store, journey)
+        before = await snapshot(store, journey)
+    async with store_factory.open() as store:
+        assert await snapshot(store, journey) == before
+
+
+# -- the rate budget -------------------------------------------------------------------------
+
+
+async def test_a_take_from_the_budget_says_when_to_ask_again_if_it_fell_short(
+    store: Store,
+) -> None:
+    for _ in range(3):
+        tokens = await store.take_tokens(4, rate=1000.0, burst=10)
+        assert 0 <= tokens.granted <= 4
+        assert (tokens.wait_seconds > 0) == (tokens.granted < 4)
+    await store.pause_sending(0.0)
+
+
+async def test_wake_ups_open_and_close_around_writes(store: Store) -> None:
+    async with store.wake_ups():
+        await one_ready(store, "wf/a.txt")
+    async with store.wake_ups():
+        pass
+    assert len(await store.ready_groups(now=1.0, limit=10)) == 1
