@@ -29,7 +29,7 @@ from runner.notify import Notifier, notify_settings
 from runner.progress import DrainProgress
 from runner.retry import requeue_failed
 from runner.status import collect_status, render_status
-from runner.store.sqlite import open_sqlite_store
+from runner.store import open_store
 
 PATH_FLAGS = ("inbox", "outbox", "archive", "state")
 T = TypeVar("T")
@@ -37,6 +37,14 @@ Retarget = Callable[[Config], Config]
 
 
 def path_options(command: Any) -> Any:
+    command = click.option(
+        "--store",
+        "store_url",
+        default=None,
+        metavar="URL",
+        help="A postgresql:// store shared by several runners (overrides store.url and "
+        "BEM_RUNNER_STORE_URL).",
+    )(command)
     for name in reversed(PATH_FLAGS):
         command = click.option(
             f"--{name}",
@@ -159,8 +167,11 @@ def _load(ctx: click.Context, overrides: Mapping[str, Any]) -> Callable[[], Conf
     return lambda: load_config(path, environ=environ, overrides=overrides)
 
 
-def _overrides(paths: Mapping[str, Path | None], **more: Any) -> dict[str, Any]:
-    overrides: dict[str, Any] = {f"paths.{k}": v for k, v in paths.items()}
+def _overrides(paths: Mapping[str, Any], **more: Any) -> dict[str, Any]:
+    """``--store`` and the path flags as ``section.key`` overrides."""
+    paths = dict(paths)
+    overrides: dict[str, Any] = {"store.url": paths.pop("store_url", None)}
+    overrides.update({f"paths.{k}": v for k, v in paths.items()})
     overrides.update(more)
     return overrides
 
@@ -340,7 +351,7 @@ def status(
     config = _config(ctx, _overrides(paths, **{"service.metrics_addr": metrics_addr}))
 
     async def main() -> dict[str, Any]:
-        async with open_sqlite_store(config.paths.state, read_only=True) as store:
+        async with open_store(config.store_target, read_only=True) as store:
             return await collect_status(store)
 
     report = _run(main)
@@ -366,7 +377,7 @@ def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     config = _config(ctx, _overrides(paths))
 
     async def main() -> tuple[list[str], list[tuple[str, str]]]:
-        async with open_sqlite_store(config.paths.state) as store:
+        async with open_store(config.store_target) as store:
             return await requeue_failed(store, config)
 
     requeued, impossible = _run(main)

@@ -38,6 +38,7 @@ from runner.credentials import SecretSource, resolve_secret
 from runner.errors import ConfigError
 from runner.policy import parse_duration
 from runner.route import Route
+from runner.store import DEFAULT_LEASE_SECONDS, is_postgres_url
 
 DEFAULT_BASE_URL = "https://api.bem.ai"
 DEFAULT_ROOT = Path("/var/lib/bem-runner")
@@ -256,6 +257,38 @@ class ServiceConfig(Section):
         return value
 
 
+class StoreConfig(Section):
+    url: str | None = Field(default=None, strict=True)
+    """A ``postgresql://`` URL shared by several runners; absent: SQLite at ``paths.state``."""
+    lease_seconds: float = Field(default=DEFAULT_LEASE_SECONDS, gt=0, le=HOUR, allow_inf_nan=False)
+    runner_id: str = Field(default="", strict=True, max_length=200)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url_without_password(cls, url: str | None) -> str | None:
+        if url is not None:
+            problem = store_url_problem(url, password_allowed=False)
+            if problem is not None:
+                raise ValueError(problem)
+        return url
+
+
+def store_url_problem(url: str, *, password_allowed: bool) -> str | None:
+    """Why ``url`` cannot name a store, or None. Never quotes the URL (it may hold a password)."""
+    if not is_postgres_url(url):
+        return "must be a postgresql:// URL"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "is not a valid URL"
+    has_password = parts.password is not None or "password" in urllib.parse.parse_qs(parts.query)
+    if has_password and not password_allowed:
+        return (
+            "holds a password: use PGPASSWORD, PGPASSFILE or $CREDENTIALS_DIRECTORY/store-password"
+        )
+    return None
+
+
 class Config(Section):
     api: ApiConfig = ApiConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -264,8 +297,17 @@ class Config(Section):
     poll: PollConfig = PollConfig()
     route: tuple[Route, ...] = ()
     service: ServiceConfig = ServiceConfig()
+    store: StoreConfig = StoreConfig()
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Resolved from the environment or a file by :func:`load_config`, never from the TOML."""
+
+    store_url: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    """``BEM_RUNNER_STORE_URL`` (which may carry a password), else ``store.url``."""
+
+    @property
+    def store_target(self) -> str | Path:
+        """What :func:`runner.store.open_store` opens: the store URL, else the SQLite state."""
+        return self.store_url.get_secret_value() if self.store_url else self.paths.state
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -316,7 +358,14 @@ def load_config(
     if problem is not None:
         raise ConfigError(f"invalid configuration:\n  {problem}")
     api_key = resolve_secret(API_KEY, environ=environ, file=config.api.api_key_file)
-    return config.model_copy(update={"api_key": api_key})
+    env_store_url = environ.get("BEM_RUNNER_STORE_URL")
+    if env_store_url and (problem := store_url_problem(env_store_url, password_allowed=True)):
+        raise ConfigError(f"invalid configuration:\n  BEM_RUNNER_STORE_URL: {problem}")
+    flag_store_url = (overrides or {}).get("store.url")
+    store_url = flag_store_url or env_store_url or config.store.url
+    return config.model_copy(
+        update={"api_key": api_key, "store_url": SecretStr(store_url) if store_url else None}
+    )
 
 
 def wrong_kind_of_path(paths: PathsConfig) -> str | None:
@@ -418,6 +467,8 @@ def _may_show(key: str, value: object) -> bool:
     """Values are shown to help, except a URL that may carry credentials."""
     if isinstance(value, dict):
         return False  # a whole table: the message says what is wrong in it
+    if key == "store.url":
+        return False  # a store URL may carry a password
     return not (key == "api.base_url" and isinstance(value, str) and "@" in value)
 
 

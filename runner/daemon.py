@@ -37,8 +37,8 @@ from runner.metrics import Metrics
 from runner.notify import STATUS_MAX, Notifier, NotifySettings, status_line
 from runner.poll import Poller
 from runner.ratelimit import RateLimiter
+from runner.store import open_store
 from runner.store.base import Counts
-from runner.store.sqlite import open_sqlite_store
 from runner.submit import Submitter
 from runner.watch import EventSource, Watcher, watchfiles_events
 
@@ -128,7 +128,7 @@ class Runner:
         self._limiter = limiter
         metrics = self.metrics
         async with (
-            open_sqlite_store(config.paths.state) as store,
+            open_store(config.store_target) as store,
             BemClient(
                 base_url=config.api.base_url,
                 api_key=config.api_key.get_secret_value(),

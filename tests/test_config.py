@@ -13,6 +13,7 @@ from runner.config import (
     LimitsConfig,
     PollConfig,
     ServiceConfig,
+    StoreConfig,
     load_config,
 )
 from runner.errors import ConfigError
@@ -349,6 +350,7 @@ def test_every_numeric_bound_is_documented_in_the_example_config() -> None:
         "inbox": InboxConfig,
         "poll": PollConfig,
         "service": ServiceConfig,
+        "store": StoreConfig,
         "route": Route,
     }
     expected = {
