@@ -29,13 +29,10 @@ from runner.daemon import ExitCode, Runner, RunnerOptions
 from runner.deliver import finish_input
 from runner.emulator import Emulator, EmulatorSettings
 
+from .conftest import fast_emulator
 from .pipeline import drain, leftover_temporaries, make_config, outbox_documents, write_files
 
 pytestmark = pytest.mark.anyio
-
-
-def fast_emulator(**changes: Any) -> Emulator:
-    return Emulator(EmulatorSettings(latency_min=0.01, latency_max=0.03, **changes))
 
 
 def sha256(data: bytes) -> str:

@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -16,6 +17,8 @@ import pytest
 from runner.api.models import CallList, CallResponse, V2CallResponse, V2CreateResponse
 from runner.emulator import Emulator, EmulatorSettings
 from runner.errors import ConfigError
+
+from .conftest import frozen_emulator
 
 pytestmark = pytest.mark.anyio
 
@@ -45,9 +48,7 @@ def batch(*items: tuple[str, bytes, str], **extra: Any) -> dict[str, Any]:
     return {"input": {"batchFiles": {"inputs": inputs}}, **extra}
 
 
-def make_emulator(**settings: Any) -> Emulator:
-    values: dict[str, Any] = {"api_key": KEY, "latency_min": LATENCY, "latency_max": LATENCY}
-    return Emulator(EmulatorSettings(**(values | settings)), clock=lambda: 1000.0)
+make_emulator = partial(frozen_emulator, frozen_at=1000.0, latency=LATENCY, api_key=KEY)
 
 
 @pytest.fixture
