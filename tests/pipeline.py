@@ -22,6 +22,9 @@ from runner.watch import EventSource
 from .fake_time import UNTIL_REAL_SECONDS, TimeMachine, fake_clock
 
 API_KEY = "emulator-key"
+SUPERVISE_EVERY = 1.0
+"""Fake seconds between the supervisor's looks when nothing nudges it: free on a fake clock, and
+each look costs real time."""
 
 
 def make_config(
@@ -57,7 +60,7 @@ async def drain(config: Config, emulator: Emulator, **options: Any) -> Outcome:
     clock = fake_clock()
     runner = Runner(
         config,
-        RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05, **options),
+        RunnerOptions(drain=True, handle_signals=False, supervise_every=SUPERVISE_EVERY, **options),
         clock=clock,
         transport=httpx.ASGITransport(app=emulator.app),
         events=None,
@@ -98,7 +101,7 @@ async def running(
     machine = TimeMachine(clock, *([emulator] if emulator_follows else []))
     runner = Runner(
         config,
-        RunnerOptions(drain=False, handle_signals=False, supervise_every=0.05, **options),
+        RunnerOptions(drain=False, handle_signals=False, supervise_every=SUPERVISE_EVERY, **options),
         clock=clock,
         transport=httpx.ASGITransport(app=emulator.app),
         events=events,
