@@ -18,8 +18,9 @@ MEMORY_TEMP_ROOT = Path("/dev/shm")
 in memory, every fsync the runner makes for its documents and its database is free. Nothing
 here tests surviving a power cut, which only a real disk could show; a SIGKILL loses nothing
 from memory either."""
+TEMP_ROOT = "PYTEST_DEBUG_TEMPROOT"
 if MEMORY_TEMP_ROOT.is_dir() and os.access(MEMORY_TEMP_ROOT, os.W_OK):
-    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(MEMORY_TEMP_ROOT))
+    os.environ.setdefault(TEMP_ROOT, str(MEMORY_TEMP_ROOT))
 
 FAST_LATENCY = (0.01, 0.05)
 """Seconds a call takes in :func:`fast_emulator`: it finishes after a poll or two."""

@@ -54,10 +54,12 @@ def make_config(
     return config
 
 
-async def drain(config: Config, emulator: Emulator, **options: Any) -> Outcome:
+async def drain(
+    config: Config, emulator: Emulator, *, clock: FakeClock | None = None, **options: Any
+) -> Outcome:
     """A whole drain on a fake clock that moves, with the emulator's time, whenever the runner
     waits: no test waits for real time to pass."""
-    clock = fake_clock()
+    clock = clock or fake_clock()
     runner = Runner(
         config,
         RunnerOptions(drain=True, handle_signals=False, supervise_every=SUPERVISE_EVERY, **options),
@@ -101,7 +103,9 @@ async def running(
     machine = TimeMachine(clock, *([emulator] if emulator_follows else []))
     runner = Runner(
         config,
-        RunnerOptions(drain=False, handle_signals=False, supervise_every=SUPERVISE_EVERY, **options),
+        RunnerOptions(
+            drain=False, handle_signals=False, supervise_every=SUPERVISE_EVERY, **options
+        ),
         clock=clock,
         transport=httpx.ASGITransport(app=emulator.app),
         events=events,
