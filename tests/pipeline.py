@@ -28,7 +28,7 @@ each look costs real time."""
 
 
 def make_config(
-    root: Path, base_url: str = "http://emulator", **sections: dict[str, Any]
+    root: Path, base_url: str = "http://emulator", /, **sections: dict[str, Any]
 ) -> Config:
     raw: dict[str, Any] = {
         "paths.inbox": str(root / "inbox"),
@@ -126,6 +126,17 @@ async def running(
         with anyio.fail_after(UNTIL_REAL_SECONDS):
             await served.wait()
         tg.cancel_scope.cancel()
+
+
+async def drain_on_real_time(config: Config, emulator: Emulator, **options: Any) -> Outcome:
+    """A whole drain on the system clock, for the tests whose point is real time."""
+    runner = Runner(
+        config,
+        RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05, **options),
+        transport=httpx.ASGITransport(app=emulator.app),
+        events=None,
+    )
+    return await runner.serve()
 
 
 def write_files(inbox: Path, files: Iterable[tuple[str, bytes]]) -> list[str]:

@@ -4,7 +4,7 @@ back, all on one :class:`~runner.clock.FakeClock`.
 
 Each request takes a slot of the real :class:`~runner.ratelimit.RateLimiter`, travels to the
 account, is accepted or refused by its bucket at arrival, travels back, and reports the answer to
-the limiter as the API client does (``on_rate_limited(parse_retry_after(...))`` or
+the limiter as the API client does (``on_rate_limited(retry_after_seconds(...))`` or
 ``on_success()``) before leaving the slot. A refused request is sent again, as the client's
 retries do, until accepted.
 """
@@ -17,8 +17,9 @@ from typing import Literal
 
 import anyio
 import anyio.lowlevel
+import httpx
 
-from runner.api.client import parse_retry_after
+from runner.api.failures import retry_after_seconds
 from runner.clock import FakeClock
 from runner.emulator.faults import TokenBucket, retry_after
 from runner.ratelimit import RateLimiter
@@ -109,12 +110,12 @@ async def run(account: Account, runner: Runner, *, requests: int, seed: int = 0)
             await travel()
             wait = bucket.take(clock.now())
             result.sent.append(Sent(clock.now(), refused=wait > 0))
-            header = None
+            headers = httpx.Headers()
             if wait > 0 and account.retry_after != "absent":
-                header = retry_after(wait, account.retry_after, clock.wall())
+                headers.update(retry_after(wait, account.retry_after, clock.wall()))
             await travel()
             if wait > 0:
-                told = parse_retry_after(header, now=clock.wall())
+                told = retry_after_seconds(headers, now=clock.wall())
                 heard.append((clock.now(), clock.now() + (told or 0.0)))
                 limiter.on_rate_limited(told)
                 return False

@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -622,7 +622,7 @@ async def test_an_input_left_in_the_inbox_is_not_sent_again(tmp_path: Path) -> N
     config = make_config(tmp_path, inbox={"rescan_seconds": 0.05})
     (config.paths.archive / "wf/b.txt").mkdir(parents=True)  # the archive cannot take it
     write_files(config.paths.inbox, [("wf/b.txt", b"left behind")])
-    def delivered(logs: list[dict[str, Any]], rel: str) -> bool:
+    def delivered(logs: list[MutableMapping[str, Any]], rel: str) -> bool:
         return any(e["event"] == "file delivered" and e["file"] == rel for e in logs)
 
     with capture_logs() as logs:

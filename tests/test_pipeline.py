@@ -282,19 +282,17 @@ async def test_window_route_batches_loose_files(tmp_path: Path) -> None:
     emulator = fast_emulator()
     config = make_config(
         tmp_path,
-        **{
-            "route": {
-                "list": [
-                    {
-                        "glob": "scans/**",
-                        "workflow": "scan-extract",
-                        "group": "window",
-                        "batch_max_files": 4,
-                        "batch_window_seconds": 60,
-                    },
-                    {"glob": "**", "workflow": "catch-all"},
-                ]
-            }
+        route={
+            "list": [
+                {
+                    "glob": "scans/**",
+                    "workflow": "scan-extract",
+                    "group": "window",
+                    "batch_max_files": 4,
+                    "batch_window_seconds": 60,
+                },
+                {"glob": "**", "workflow": "catch-all"},
+            ]
         },
     )
     write_files(

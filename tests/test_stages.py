@@ -294,8 +294,8 @@ async def test_a_call_followed_past_give_up_after_ends_timed_out(tmp_path: Path)
 
 async def test_v2_polls_each_call_and_reads_its_outputs_once(tmp_path: Path) -> None:
     emulator = frozen_emulator(latency=5)
-    sections = {"api": {"version": "v2"}, "poll": {"initial_seconds": 1, "max_seconds": 2}}
-    async with stage_world(tmp_path, emulator, **sections) as world:
+    poll = {"initial_seconds": 1, "max_seconds": 2}
+    async with stage_world(tmp_path, emulator, api={"version": "v2"}, poll=poll) as world:
         await world.take(("wf/a.txt", b"a"), ("wf/b.txt", b"b"))
         submitter = submitter_of(world)
         await submit_pass(submitter)
