@@ -21,6 +21,7 @@ import anyio.abc
 
 from runner.emulator import Emulator
 
+from .conftest import toml_document
 from .pipeline import leftover_temporaries, outbox_documents
 
 API_KEY = "crash-harness-key"
@@ -81,7 +82,7 @@ class Workspace:
         for name, values in self.settings.items():
             sections.setdefault(name, {}).update(values)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(_toml(sections))
+        self.config_file.write_text(toml_document(sections))
 
     def drop(self, rel: str, content: bytes) -> None:
         """Put a file into the inbox atomically (hidden temporary, then rename)."""
@@ -92,15 +93,6 @@ class Workspace:
         temporary.write_bytes(content)
         os.replace(temporary, path)
         self.written[rel] = content
-
-
-def _toml(sections: dict[str, dict[str, Any]]) -> str:
-    lines: list[str] = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
 
 
 def unique_files(rng: random.Random, start: int, count: int) -> list[tuple[str, bytes]]:

@@ -38,7 +38,7 @@ class NotifyListener:
 
     def pending(self) -> list[dict[str, str]]:
         """Messages already queued, without waiting."""
-        messages = []
+        messages: list[dict[str, str]] = []
         while True:
             try:
                 data = self.sock.recv(4096)

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from pydantic import SecretStr
 
+from runner.clock import FakeClock
 from runner.config import Config, load_config
 from runner.daemon import Outcome, Runner, RunnerOptions
 from runner.emulator import Emulator
+from runner.watch import EventSource
+
+from .fake_time import UNTIL_REAL_SECONDS, TimeMachine, fake_clock
 
 API_KEY = "emulator-key"
+SUPERVISE_EVERY = 1.0
+"""Fake seconds between the supervisor's looks when nothing nudges it: free on a fake clock, and
+each look costs real time."""
 
 
 def make_config(
-    root: Path, base_url: str = "http://emulator", **sections: dict[str, Any]
+    root: Path, base_url: str = "http://emulator", /, **sections: dict[str, Any]
 ) -> Config:
     raw: dict[str, Any] = {
         "paths.inbox": str(root / "inbox"),
@@ -44,12 +54,86 @@ def make_config(
     return config
 
 
-async def drain(config: Config, emulator: Emulator, **options: Any) -> Outcome:
-    transport = httpx.ASGITransport(app=emulator.app)
+async def drain(
+    config: Config, emulator: Emulator, *, clock: FakeClock | None = None, **options: Any
+) -> Outcome:
+    """A whole drain on a fake clock that moves, with the emulator's time, whenever the runner
+    waits: no test waits for real time to pass."""
+    clock = clock or fake_clock()
+    runner = Runner(
+        config,
+        RunnerOptions(drain=True, handle_signals=False, supervise_every=SUPERVISE_EVERY, **options),
+        clock=clock,
+        transport=httpx.ASGITransport(app=emulator.app),
+        events=None,
+    )
+    return await TimeMachine(clock, emulator).run(runner.serve)
+
+
+@dataclass
+class Running:
+    """A runner serving (not draining) on a fake clock, and the machine that moves that clock."""
+
+    runner: Runner
+    machine: TimeMachine
+
+    @property
+    def clock(self) -> FakeClock:
+        return self.machine.clock
+
+    async def until(self, condition: Callable[[], bool], *, within: float = 3600.0) -> None:
+        await self.machine.until(condition, within=within)
+
+
+@asynccontextmanager
+async def running(
+    config: Config,
+    emulator: Emulator,
+    *,
+    events: EventSource | None = None,
+    emulator_follows: bool = True,
+    **options: Any,
+) -> AsyncIterator[Running]:
+    """Serve on a fake clock for the body of the ``async with``, then stop and wait for the end.
+
+    The emulator's time follows the fake clock unless ``emulator_follows`` is false (the test
+    then moves it itself). A wait in the body is ``await running.clock.sleep(...)``, in fake time.
+    """
+    clock = fake_clock()
+    machine = TimeMachine(clock, *([emulator] if emulator_follows else []))
+    runner = Runner(
+        config,
+        RunnerOptions(
+            drain=False, handle_signals=False, supervise_every=SUPERVISE_EVERY, **options
+        ),
+        clock=clock,
+        transport=httpx.ASGITransport(app=emulator.app),
+        events=events,
+    )
+    served = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            await runner.serve()
+        finally:
+            served.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(machine.keep_moving)
+        tg.start_soon(serve)
+        yield Running(runner, machine)
+        runner.should_exit = True
+        with anyio.fail_after(UNTIL_REAL_SECONDS):
+            await served.wait()
+        tg.cancel_scope.cancel()
+
+
+async def drain_on_real_time(config: Config, emulator: Emulator, **options: Any) -> Outcome:
+    """A whole drain on the system clock, for the tests whose point is real time."""
     runner = Runner(
         config,
         RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05, **options),
-        transport=transport,
+        transport=httpx.ASGITransport(app=emulator.app),
         events=None,
     )
     return await runner.serve()

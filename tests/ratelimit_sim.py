@@ -110,12 +110,12 @@ async def run(account: Account, runner: Runner, *, requests: int, seed: int = 0)
             await travel()
             wait = bucket.take(clock.now())
             result.sent.append(Sent(clock.now(), refused=wait > 0))
-            header = None
+            headers = httpx.Headers()
             if wait > 0 and account.retry_after != "absent":
-                header = retry_after(wait, account.retry_after, clock.wall())
+                headers.update(retry_after(wait, account.retry_after, clock.wall()))
             await travel()
             if wait > 0:
-                told = retry_after_seconds(httpx.Headers(header), now=clock.wall())
+                told = retry_after_seconds(headers, now=clock.wall())
                 heard.append((clock.now(), clock.now() + (told or 0.0)))
                 limiter.on_rate_limited(told)
                 return False

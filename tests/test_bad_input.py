@@ -14,48 +14,34 @@ import hashlib
 import os
 import socket
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from runner.archive import finish_input
-from runner.config import Config
-from runner.daemon import ExitCode, Runner, RunnerOptions
+from runner.daemon import ExitCode
 from runner.emulator import Emulator, EmulatorSettings
+from runner.health import AUTH_RETRY_SECONDS
 
-from .pipeline import drain, leftover_temporaries, make_config, outbox_documents, write_files
+from .conftest import fast_emulator
+from .pipeline import (
+    drain,
+    leftover_temporaries,
+    make_config,
+    outbox_documents,
+    running,
+    write_files,
+)
 
 pytestmark = pytest.mark.anyio
 
 
-def fast_emulator(**changes: Any) -> Emulator:
-    return Emulator(EmulatorSettings(latency_min=0.01, latency_max=0.03, **changes))
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Bounded wait for something the runner does on its own schedule."""
-    with anyio.fail_after(30):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.02)
-
-
-def daemon(config: Config, emulator: Emulator, **options: Any) -> Runner:
-    return Runner(
-        config,
-        RunnerOptions(drain=False, handle_signals=False, supervise_every=0.02, **options),
-        transport=httpx.ASGITransport(app=emulator.app),
-        events=None,
-    )
 
 
 def file_states(state: Path) -> dict[str, str]:
@@ -162,22 +148,21 @@ async def test_a_growing_file_is_taken_only_once_it_settles(tmp_path: Path) -> N
     config = make_config(tmp_path, inbox={"settle_seconds": 0.6, "rescan_seconds": 0.1})
     path = config.paths.inbox / "wf/growing.txt"
     path.parent.mkdir(parents=True)
-    runner = daemon(config, emulator)
     final = b""
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(runner.serve)
+    async with running(config, emulator) as run:
         for line in range(12):  # appended far more often than the settle time
             final += f"line {line}\n".encode()
             with path.open("ab") as fh:
                 fh.write(f"line {line}\n".encode())
-            await anyio.sleep(0.1)
-        await wait_until(
+            written_at = int(run.clock.wall() * 1e9)  # written now, in the runner's time
+            os.utime(path, ns=(written_at, written_at))
+            await run.clock.sleep(0.1)
+        await run.until(
             lambda: (
                 (config.paths.outbox / "wf/growing.txt.json").exists()
                 and (config.paths.archive / "wf/growing.txt").exists()
             )
         )
-        runner.should_exit = True
 
     kind, document = outbox_documents(config.paths.outbox)["wf/growing.txt"]
     assert kind == "result"
@@ -199,19 +184,17 @@ async def test_files_deleted_or_replaced_after_they_were_queued(tmp_path: Path) 
         },
     )
     write_files(config.paths.inbox, [("a.txt", b"will vanish"), ("b.txt", b"first version")])
-    runner = daemon(config, emulator)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(runner.serve)
-        await wait_until(
+    async with running(config, emulator) as run:
+        await run.until(
             lambda: (
                 config.paths.state.exists()
                 and file_states(config.paths.state) == {"a.txt": "queued", "b.txt": "queued"}
-            )
+            ),
+            within=0.5,  # the window is still open
         )
         (config.paths.inbox / "a.txt").unlink()
         (config.paths.inbox / "b.txt").write_bytes(b"second, longer version")
-        await wait_until(lambda: len(outbox_documents(config.paths.outbox)) == 2)
-        runner.should_exit = True
+        await run.until(lambda: len(outbox_documents(config.paths.outbox)) == 2)
 
     documents = outbox_documents(config.paths.outbox)
     assert documents["a.txt"][0] == "error"
@@ -227,15 +210,13 @@ async def test_a_file_replaced_while_its_call_runs_is_not_archived_unseen(tmp_pa
     emulator = Emulator(EmulatorSettings(latency_min=5, latency_max=5), clock=lambda: 0.0)
     config = make_config(tmp_path, inbox={"rescan_seconds": 0.1})
     write_files(config.paths.inbox, [("wf/doc.txt", b"version one")])
-    runner = daemon(config, emulator)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(runner.serve)
-        await wait_until(lambda: emulator.stats()["calls_total"] == 1)
+    async with running(config, emulator, emulator_follows=False) as run:
+        await run.until(lambda: emulator.stats()["calls_total"] == 1)
         (config.paths.inbox / "wf/doc.txt").write_bytes(b"version two, replaced")
         emulator.advance(10)  # the first call finishes
-        await wait_until(lambda: emulator.stats()["calls_total"] == 2)
+        await run.until(lambda: emulator.stats()["calls_total"] == 2)
         emulator.advance(10)  # and the second
-        await wait_until(
+        await run.until(
             lambda: (
                 (config.paths.outbox / "wf/doc.txt.json").exists()
                 and outbox_documents(config.paths.outbox)["wf/doc.txt"][1]["sha256"]
@@ -243,7 +224,6 @@ async def test_a_file_replaced_while_its_call_runs_is_not_archived_unseen(tmp_pa
                 and not (config.paths.inbox / "wf/doc.txt").exists()
             )
         )
-        runner.should_exit = True
 
     assert (config.paths.archive / "wf/doc.txt").read_bytes() == b"version two, replaced"
     assert sorted(emulator.stats()["files_by_content_sha256"]) == sorted(
@@ -266,14 +246,12 @@ async def test_a_rejected_key_stops_sending_and_fails_no_file(tmp_path: Path) ->
     emulator = fast_emulator(api_key="the-right-key")
     config = make_config(tmp_path)
     write_files(config.paths.inbox, [(f"wf/{n}.txt", b"doc %d" % n) for n in range(5)])
-    runner = daemon(config, emulator)  # make_config's key is not the emulator's
+    # make_config's key is not the emulator's
     with capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(runner.serve)
-            await wait_until(lambda: any(e["event"].startswith("bem rejected") for e in logs))
-            # a second of opportunity to send more: a rejected key is probed once a minute
-            await anyio.sleep(1.0)
-            runner.should_exit = True
+        async with running(config, emulator) as run:
+            await run.until(lambda: any(e["event"].startswith("bem rejected") for e in logs))
+            # half a minute of opportunity to send more: a rejected key is probed once a minute
+            await run.clock.sleep(AUTH_RETRY_SECONDS / 2)
 
     unauthorized = emulator.stats()["requests"]["POST /v3/workflows/{workflowName}/call"]
     assert unauthorized == {"401": 1}
@@ -305,11 +283,9 @@ async def test_an_unwritable_outbox_is_retried_and_loses_nothing(
         real_replace(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "replace", replace)
-    runner = daemon(config, emulator)
     with capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(runner.serve)
-            await wait_until(
+        async with running(config, emulator) as run:
+            await run.until(
                 lambda: (
                     {e["file"] for e in logs if e["event"].startswith("cannot write")}
                     == {"wf/a.txt", "wf/b.exe"}
@@ -318,8 +294,7 @@ async def test_an_unwritable_outbox_is_retried_and_loses_nothing(
             assert (config.paths.inbox / "wf/a.txt").exists()  # not archived, not lost
             disk_full = False
             write_files(config.paths.inbox, [("wf/c.txt", b"gamma")])  # new work wakes it
-            await wait_until(lambda: len(outbox_documents(config.paths.outbox)) == 3)
-            runner.should_exit = True
+            await run.until(lambda: len(outbox_documents(config.paths.outbox)) == 3)
 
     kinds = {rel: kind for rel, (kind, _) in outbox_documents(config.paths.outbox).items()}
     assert kinds == {"wf/a.txt": "result", "wf/b.exe": "error", "wf/c.txt": "result"}

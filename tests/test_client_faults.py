@@ -44,11 +44,6 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def emulator(clock: FakeClock) -> Emulator:
     settings = EmulatorSettings(api_key=API_KEY, latency_min=3.0, latency_max=3.0)
     return Emulator(settings, clock=clock.now)

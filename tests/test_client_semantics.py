@@ -47,11 +47,6 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def emulator(clock: FakeClock) -> Emulator:
     settings = EmulatorSettings(api_key=KEY, latency_min=2.0, latency_max=2.0)
     return Emulator(settings, clock=clock.now)

@@ -30,6 +30,8 @@ from runner.policy import parse_duration, poll_delay, retry_delay
 from runner.ratelimit import RateLimiter
 from runner.route import route_file, workflow_name_problem
 
+from .conftest import toml_document
+
 SQLITE_MAX = 2**63 - 1
 SAMPLE_FILES = ["a.pdf", "wf/a.pdf", "wf/b/c.txt", "x/y/z/w.csv", "in/scans/s1/p.png"]
 DURATION_KEYS = {
@@ -158,59 +160,6 @@ environments = st.fixed_dictionaries(
         "BEM_BASE_URL": st.one_of(text, plausible_strings),
     },
 )
-
-
-# -- TOML writing ----------------------------------------------------------------------------
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return (
-            "{" + ", ".join(f"{toml_string(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-        )
-    raise TypeError(value)
-
-
-def toml_string(value: str) -> str:
-    out = []
-    for char in value:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04X}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
-
-
-def toml_document(document: Mapping[str, Any]) -> str:
-    lines: list[str] = []
-    tables: list[str] = []
-    for name, value in document.items():
-        if name == "route" and isinstance(value, list) and all(isinstance(v, dict) for v in value):
-            for route in value:
-                tables.append("[[route]]")
-                tables.extend(f"{toml_string(k)} = {toml_value(v)}" for k, v in route.items())
-        elif isinstance(value, dict):
-            tables.append(f"[{name}]")
-            tables.extend(f"{toml_string(k)} = {toml_value(v)}" for k, v in value.items())
-        else:
-            lines.append(f"{name} = {toml_value(value)}")
-    return "\n".join([*lines, *tables]) + "\n"
 
 
 def names_set(document: Mapping[str, Any], environ: Mapping[str, str]) -> set[str]:

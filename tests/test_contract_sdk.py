@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any, get_args
 
 import bem
@@ -23,8 +24,10 @@ from bem.types.error_event import ErrorEvent
 from bem.types.event import TransformEvent
 from pydantic import BaseModel
 
-from runner.emulator import Emulator, EmulatorSettings
+from runner.emulator import Emulator
 from runner.emulator.inputs import INPUT_TYPES
+
+from .conftest import frozen_emulator
 
 pytestmark = pytest.mark.anyio
 
@@ -37,9 +40,7 @@ def b64(content: bytes) -> str:
     return base64.b64encode(content).decode()
 
 
-def make_emulator(**settings: Any) -> Emulator:
-    values: dict[str, Any] = {"api_key": KEY, "latency_min": LATENCY, "latency_max": LATENCY}
-    return Emulator(EmulatorSettings(**(values | settings)), clock=lambda: 0.0)
+make_emulator = partial(frozen_emulator, frozen_at=0.0, latency=LATENCY, api_key=KEY)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def file_row(n: int, rel: str, item: str | None) -> FileRow:
 
 
 def group_row(
-    call: dict[str, object] | None, *, mode: str = "folder", reason: str | None = None
+    call: Mapping[str, object] | None, *, mode: str = "folder", reason: str | None = None
 ) -> GroupRow:
     return GroupRow(
         id=1,
@@ -188,7 +189,10 @@ def test_a_page_of_documents_fails_only_where_the_disk_fails(
         real_replace(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "replace", disk_full_for_b)
-    documents = [rejection_document(file_row(n, f"wf/{n}", None)) for n in ("a.txt", "b.txt")]
+    documents = [
+        rejection_document(file_row(n, f"wf/{name}", None))
+        for n, name in enumerate(("a.txt", "b.txt"))
+    ]
     written, failed = write_documents(outbox, documents)
     assert isinstance(written, Written)
     assert isinstance(failed, OSError)

@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -16,6 +17,8 @@ import pytest
 from runner.api.models import CallList, CallResponse, V2CallResponse, V2CreateResponse
 from runner.emulator import Emulator, EmulatorSettings
 from runner.errors import ConfigError
+
+from .conftest import frozen_emulator
 
 pytestmark = pytest.mark.anyio
 
@@ -45,9 +48,7 @@ def batch(*items: tuple[str, bytes, str], **extra: Any) -> dict[str, Any]:
     return {"input": {"batchFiles": {"inputs": inputs}}, **extra}
 
 
-def make_emulator(**settings: Any) -> Emulator:
-    values: dict[str, Any] = {"api_key": KEY, "latency_min": LATENCY, "latency_max": LATENCY}
-    return Emulator(EmulatorSettings(**(values | settings)), clock=lambda: 1000.0)
+make_emulator = partial(frozen_emulator, frozen_at=1000.0, latency=LATENCY, api_key=KEY)
 
 
 @pytest.fixture
@@ -99,7 +100,9 @@ async def test_call_moves_pending_running_completed_with_emulator_time(
     assert done["status"] == "completed"
     assert done["createdAt"] == created["createdAt"]
     assert done["createdAt"].endswith("Z")
-    created_at = CallResponse.model_validate({"call": done}).call.created_at
+    parsed = CallResponse.model_validate({"call": done}).call
+    assert parsed is not None
+    created_at = parsed.created_at
     assert created_at is not None
     assert done["finishedAt"].endswith("Z")
     [output] = done["outputs"]
@@ -124,6 +127,7 @@ async def test_finished_at_is_created_at_plus_latency(
     created = await invoke(client, single())
     emulator.advance(LATENCY)
     call = CallResponse.model_validate({"call": await get_call(client, created["callID"])}).call
+    assert call is not None
     assert call.created_at is not None
     assert call.finished_at is not None
     elapsed = datetime.fromisoformat(call.finished_at) - datetime.fromisoformat(call.created_at)
@@ -765,6 +769,7 @@ async def test_v2_get_follows_the_call_to_its_end(
     emulator.advance(LATENCY)
     response = await client.get(f"/v2/calls/{call_id}", headers=AUTH)
     done = V2CallResponse.model_validate(response.json()).call
+    assert done is not None
     assert_seed_v2_shape(response.json()["call"])
     assert done.status == "completed"
     assert done.finished_at is not None

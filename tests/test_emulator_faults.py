@@ -8,14 +8,17 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
+from functools import partial
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from runner.emulator import Emulator, EmulatorError, EmulatorSettings, serve_emulator
+from runner.emulator import Emulator, EmulatorError, serve_emulator
 from runner.emulator.faults import ConnectionDropped
+
+from .conftest import frozen_emulator
 
 pytestmark = pytest.mark.anyio
 
@@ -30,9 +33,7 @@ def single(content: bytes = b"%PDF invoice", **extra: Any) -> dict[str, Any]:
     return {"input": {"singleFile": {"inputContent": encoded, "inputType": "pdf"}}, **extra}
 
 
-def make_emulator(**settings: Any) -> Emulator:
-    values: dict[str, Any] = {"api_key": KEY, "latency_min": 1.0, "latency_max": 1.0}
-    return Emulator(EmulatorSettings(**(values | settings)), clock=lambda: 50.0)
+make_emulator = partial(frozen_emulator, frozen_at=50.0, latency=1.0, api_key=KEY)
 
 
 async def open_client(emulator: Emulator) -> httpx.AsyncClient:

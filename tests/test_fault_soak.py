@@ -15,7 +15,13 @@ import pytest
 
 from runner.emulator import Emulator, EmulatorSettings
 
-from .pipeline import drain, leftover_temporaries, make_config, outbox_documents, write_files
+from .pipeline import (
+    drain_on_real_time,
+    leftover_temporaries,
+    make_config,
+    outbox_documents,
+    write_files,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -79,7 +85,7 @@ async def soak(
     async with anyio.create_task_group() as tg:
         tg.start_soon(keep_sampling)
         with anyio.fail_after(120):
-            await drain(config, emulator)
+            await drain_on_real_time(config, emulator)
         tg.cancel_scope.cancel()
 
     documents = outbox_documents(config.paths.outbox)

@@ -194,7 +194,7 @@ async def test_a_drain_stopped_by_a_signal_exits_4_and_the_next_one_finishes(
             async with daemon(tmp_path, base_url, listener, "drain") as process:
                 assert "READY" in await listener.receive()
                 await emulator.wait_blocked(1)
-                process.send_signal(signum)
+                process.send_signal(signal.Signals(signum))
                 await listener.until("STOPPING", "1")
                 emulator.advance(10_000)
                 code, logs = await finish(process)

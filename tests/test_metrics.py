@@ -47,7 +47,7 @@ async def test_a_drain_fills_every_metric(tmp_path: Path) -> None:
 
     requests = {
         (s.labels["method"], s.labels["endpoint"], s.labels["status"]): s.value
-        for s in metrics.requests.collect()[0].samples
+        for s in next(iter(metrics.requests.collect())).samples
         if s.name == "bem_runner_requests_total"
     }
     posts = {k: v for k, v in requests.items() if k[1] == "/v3/workflows/{workflowName}/call"}
@@ -59,7 +59,8 @@ async def test_a_drain_fills_every_metric(tmp_path: Path) -> None:
     assert sample(metrics, "bem_runner_request_rate") > 0
     assert sample(metrics, "bem_runner_open_calls") == 0
     assert sample(metrics, "bem_runner_poll_lag_seconds") >= 0
-    files = {s.labels["state"]: s.value for s in metrics.files.collect()[0].samples if s.value}
+    [files_metric] = metrics.files.collect()
+    files = {s.labels["state"]: s.value for s in files_metric.samples if s.value}
     assert sum(files.values()) == 5  # every file, in the state the last supervisor turn saw
 
 

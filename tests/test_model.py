@@ -10,6 +10,7 @@ wall-clock luck), which still leaves POSTs, polls and deliveries cut off half-wa
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -23,11 +24,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from runner.clock import FakeClock
 from runner.config import Config
 from runner.daemon import Runner, RunnerOptions
 from runner.emulator import Emulator, EmulatorSettings
 
-from .pipeline import drain, leftover_temporaries, make_config, outbox_documents
+from .conftest import TEMP_ROOT
+from .fake_time import TimeMachine, fake_clock
+from .pipeline import SUPERVISE_EVERY, drain, leftover_temporaries, make_config, outbox_documents
 
 FAULT_MODES: dict[str, dict[str, float]] = {
     "calm": {},
@@ -45,33 +49,55 @@ def total_requests(emulator: Emulator) -> int:
     return sum(sum(statuses.values()) for statuses in stats["requests"].values())
 
 
-async def run_until_killed(config: Config, emulator: Emulator, requests: int) -> None:
-    """Run the runner until it has made ``requests`` more requests (or ended), then cancel it."""
+class KillSwitch(httpx.AsyncBaseTransport):
+    """The emulator's transport, which sets ``tripped`` once ``requests`` have been answered."""
+
+    def __init__(self, emulator: Emulator, requests: int) -> None:
+        self._inner = httpx.ASGITransport(app=emulator.app)
+        self._left = requests
+        self.tripped = anyio.Event()
+        if requests <= 0:
+            self.tripped.set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        self._left -= 1
+        if self._left <= 0:
+            self.tripped.set()
+        return response
+
+
+async def run_until_killed(
+    config: Config, emulator: Emulator, clock: FakeClock, requests: int
+) -> None:
+    """Run the runner on ``clock`` until it has made ``requests`` more requests (or ended), then
+    cancel it. Emulator time is the model's to move: it does not follow the clock."""
+    switch = KillSwitch(emulator, requests)
     runner = Runner(
         config,
-        RunnerOptions(drain=True, handle_signals=False, supervise_every=0.02),
-        transport=httpx.ASGITransport(app=emulator.app),
+        RunnerOptions(drain=True, handle_signals=False, supervise_every=SUPERVISE_EVERY),
+        clock=clock,
+        transport=switch,
         events=None,
     )
-    target = total_requests(emulator) + requests
-    ended = anyio.Event()
 
     async def serve() -> None:
         await runner.serve()
-        ended.set()
+        switch.tripped.set()
 
     with anyio.fail_after(RUN_LIMIT_SECONDS):
         async with anyio.create_task_group() as tg:
+            tg.start_soon(TimeMachine(clock).keep_moving)
             tg.start_soon(serve)
-            while not ended.is_set() and total_requests(emulator) < target:  # noqa: ASYNC110
-                await anyio.sleep(0.005)
+            await switch.tripped.wait()
             tg.cancel_scope.cancel()
 
 
 class RunnerModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.root = Path(tempfile.mkdtemp(prefix="bem-model-"))
+        # where tmp_path lives (tests/conftest.py), though hypothesis examples cannot use it
+        self.root = Path(tempfile.mkdtemp(prefix="bem-model-", dir=os.environ.get(TEMP_ROOT)))
         # emulator time stands still unless a step moves it, until the final drain
         self.live_since: float | None = None
         self.emulator = Emulator(
@@ -84,6 +110,8 @@ class RunnerModel(RuleBasedStateMachine):
         )
         self.written: dict[str, bytes] = {}
         self.runs = 0
+        self.clock = fake_clock()
+        """The runner's time, across all its runs."""
 
     def emulator_clock(self) -> float:
         if self.live_since is None:
@@ -108,7 +136,8 @@ class RunnerModel(RuleBasedStateMachine):
     @rule(requests=st.integers(min_value=0, max_value=12))
     def run_then_kill(self, requests: int) -> None:
         self.runs += 1
-        anyio.run(run_until_killed, self.config, self.emulator, requests)
+        self.clock = later_clock(self.clock)
+        anyio.run(run_until_killed, self.config, self.emulator, self.clock, requests)
 
     @rule(mode=st.sampled_from(sorted(FAULT_MODES)))
     def switch_faults(self, mode: str) -> None:
@@ -140,9 +169,11 @@ class RunnerModel(RuleBasedStateMachine):
         self.emulator.update(**NO_FAULTS)
         self.live_since = time.monotonic()
 
+        self.clock = later_clock(self.clock)
+
         async def final() -> Any:
             with anyio.fail_after(10):
-                return await drain(self.config, self.emulator)
+                return await drain(self.config, self.emulator, clock=self.clock)
 
         anyio.run(final)
         documents = outbox_documents(self.config.paths.outbox)
@@ -151,6 +182,12 @@ class RunnerModel(RuleBasedStateMachine):
         stats = self.emulator.stats()
         assert all(n == 1 for n in stats["calls_by_reference"].values())
         assert sorted(stats["files_by_content_sha256"].values()) == [1] * len(self.written)
+
+
+def later_clock(clock: FakeClock) -> FakeClock:
+    """A fake clock that goes on from where ``clock`` stands, for a new event loop (a clock's
+    wake-ups belong to the loop it first ran on)."""
+    return FakeClock(clock.now(), wall_start=clock.wall())
 
 
 def integrity(state: Path) -> str:

@@ -14,12 +14,11 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,7 +26,7 @@ from structlog.testing import capture_logs
 
 from runner import names
 from runner.archive import LeftInPlace, finish_inputs
-from runner.daemon import ExitCode, Runner, RunnerOptions
+from runner.daemon import ExitCode
 from runner.deliver import Unwritable, Written, write_documents
 from runner.documents import Document, rejection_document
 from runner.emulator import Emulator, EmulatorSettings
@@ -45,7 +44,7 @@ from runner.outbox import (
 )
 from runner.store.base import FileRow
 
-from .pipeline import drain, make_config, write_files
+from .pipeline import drain, make_config, running, write_files
 
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -611,37 +610,21 @@ async def test_a_drain_ends_when_no_document_or_archive_can_ever_be_written(
     assert not [e for e in logs if "will retry" in e["event"]]
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Bounded wait for something the runner does on its own schedule."""
-    with anyio.fail_after(30):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.02)
-
-
 @pytest.mark.anyio
 async def test_an_input_left_in_the_inbox_is_not_sent_again(tmp_path: Path) -> None:
     emulator = Emulator(EmulatorSettings(latency_min=0.01, latency_max=0.03))
     config = make_config(tmp_path, inbox={"rescan_seconds": 0.05})
     (config.paths.archive / "wf/b.txt").mkdir(parents=True)  # the archive cannot take it
     write_files(config.paths.inbox, [("wf/b.txt", b"left behind")])
-    runner = Runner(
-        config,
-        RunnerOptions(drain=False, handle_signals=False, supervise_every=0.02),
-        transport=httpx.ASGITransport(app=emulator.app),
-        events=None,
-    )
-
-    def delivered(logs: list[dict[str, Any]], rel: str) -> bool:
+    def delivered(logs: list[MutableMapping[str, Any]], rel: str) -> bool:
         return any(e["event"] == "file delivered" and e["file"] == rel for e in logs)
 
     with capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(runner.serve)
-            await wait_until(lambda: any(e["event"].startswith("the input can") for e in logs))
+        async with running(config, emulator) as run:
+            await run.until(lambda: any(e["event"].startswith("the input can") for e in logs))
             for later in ("wf/c.txt", "wf/d.txt", "wf/e.txt"):  # several rescans go by
                 write_files(config.paths.inbox, [(later, later.encode())])
-                await wait_until(lambda: delivered(logs, later))  # noqa: B023
-            runner.should_exit = True
+                await run.until(lambda: delivered(logs, later))  # noqa: B023
 
     sent = emulator.stats()["files_by_content_sha256"]
     assert sent[hashlib.sha256(b"left behind").hexdigest()] == 1

@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 
-from runner.daemon import ExitCode, Runner, RunnerOptions
+from runner.daemon import ExitCode
 from runner.emulator import Emulator, EmulatorSettings
 from runner.retry import requeue_failed
 from runner.status import collect_status
 from runner.store.sqlite import open_sqlite_store
 
-from .pipeline import drain, leftover_temporaries, make_config, outbox_documents, write_files
+from .conftest import fast_emulator
+from .pipeline import (
+    drain,
+    leftover_temporaries,
+    make_config,
+    outbox_documents,
+    running,
+    write_files,
+)
 
 pytestmark = pytest.mark.anyio
 
 TYPES = ["txt", "pdf", "csv", "json", "png", "eml", "html", "xlsx", "docx", "jpg"]
-
-
-def fast_emulator(**changes: object) -> Emulator:
-    settings = EmulatorSettings(latency_min=0.01, latency_max=0.05, **changes)  # type: ignore[arg-type]
-    return Emulator(settings)
 
 
 def mixed_inbox(inbox: Path, count: int, seed: int = 1) -> tuple[list[str], set[str]]:
@@ -218,30 +220,14 @@ async def test_keep_mode_never_resubmits_unchanged_files(tmp_path: Path) -> None
     assert len(outbox_documents(config.paths.outbox)) == 2
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Bounded wait on the emulator's counters, which offer no event to wait on."""
-    with anyio.fail_after(30):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-
-
 async def test_restart_resumes_without_resubmitting(tmp_path: Path) -> None:
     # calls take "forever" in emulator time until the test moves that time on
     emulator = Emulator(EmulatorSettings(latency_min=1000, latency_max=1000))
     config = make_config(tmp_path)
     rels, _ = mixed_inbox(config.paths.inbox, 50)
     expected_calls = len({rel.rsplit("/", 1)[0] if "/batch-" in rel else rel for rel in rels})
-    runner = Runner(
-        config,
-        RunnerOptions(drain=False, handle_signals=False, supervise_every=0.02),
-        transport=httpx.ASGITransport(app=emulator.app),
-        events=None,
-    )
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(runner.serve)
-        await wait_until(lambda: emulator.stats()["calls_total"] == expected_calls)
-        runner.should_exit = True
+    async with running(config, emulator) as run:
+        await run.until(lambda: emulator.stats()["calls_total"] == expected_calls, within=500)
 
     assert outbox_documents(config.paths.outbox) == {}
     emulator.advance(2000)
@@ -296,19 +282,17 @@ async def test_window_route_batches_loose_files(tmp_path: Path) -> None:
     emulator = fast_emulator()
     config = make_config(
         tmp_path,
-        **{
-            "route": {
-                "list": [
-                    {
-                        "glob": "scans/**",
-                        "workflow": "scan-extract",
-                        "group": "window",
-                        "batch_max_files": 4,
-                        "batch_window_seconds": 60,
-                    },
-                    {"glob": "**", "workflow": "catch-all"},
-                ]
-            }
+        route={
+            "list": [
+                {
+                    "glob": "scans/**",
+                    "workflow": "scan-extract",
+                    "group": "window",
+                    "batch_max_files": 4,
+                    "batch_window_seconds": 60,
+                },
+                {"glob": "**", "workflow": "catch-all"},
+            ]
         },
     )
     write_files(
@@ -404,17 +388,18 @@ async def test_the_daemon_takes_files_as_they_arrive(tmp_path: Path) -> None:
     # the periodic rescan is far away: only file-system events can find the new file in time
     config = make_config(tmp_path, inbox={"rescan_seconds": 3600, "settle_seconds": 0.1})
     config.paths.inbox.mkdir(parents=True)
-    runner = Runner(
-        config,
-        RunnerOptions(drain=False, handle_signals=False, supervise_every=0.02),
-        transport=httpx.ASGITransport(app=emulator.app),
-    )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(runner.serve)
-        await anyio.sleep(0.3)  # let the watcher start before the file appears
+    announce, announced = anyio.create_memory_object_stream[set[str]](1)
+
+    async def events(inbox: Path, stop: anyio.Event) -> AsyncIterator[set[str]]:
+        async with announced:
+            async for paths in announced:
+                yield paths
+
+    async with running(config, emulator, events=events) as run:
+        await run.clock.sleep(10)  # the watcher's first scan is long over
         write_files(config.paths.inbox, [("wf/arrived.txt", b"hello")])
-        await wait_until(lambda: (config.paths.outbox / "wf/arrived.txt.json").exists())
-        runner.should_exit = True
+        await announce.send({str(config.paths.inbox / "wf/arrived.txt")})
+        await run.until(lambda: (config.paths.outbox / "wf/arrived.txt.json").exists(), within=60)
     assert (config.paths.archive / "wf/arrived.txt").exists()
 
 

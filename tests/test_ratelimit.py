@@ -56,6 +56,10 @@ class CountingClock:
         self.reads += 1
         return self.inner.wall()
 
+    async def wait(self, event: anyio.Event, seconds: float) -> bool:
+        self.sleeps += 1
+        return await self.inner.wait(event, seconds)
+
 
 @dataclass
 class Holder:
