@@ -289,8 +289,8 @@ class WebhookConfig(Section):
     secret_file: ResolvedPath | None = None
     previous_secret_file: ResolvedPath | None = None
     overdue_after: Duration = Field(default=60.0, ge=0.1, le=DAY)
-    """While events flow, a call is only polled once it is this much older than it takes calls
-    to produce their events (learned; this is the guess before any event arrived)."""
+    """While events flow, a call without one is polled as usual once it is overdue: older than
+    calls take to produce their events (learned from them), or than this before any arrived."""
     safety_net: Duration = Field(default=300.0, ge=1.0, le=DAY)
     """While events flow, a call that is not yet overdue is still polled this often."""
     max_concurrency: int = _count(16, ge=1, le=1_024)
@@ -346,8 +346,11 @@ def load_config(
     *,
     environ: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
+    webhook_secrets_needed: bool = True,
 ) -> Config:
     """Read, merge and validate the configuration; every problem is a :class:`ConfigError`.
+
+    ``webhook_secrets_needed=False`` (``webhook setup``, which creates the secret) skips them.
 
     ``overrides`` are ``section.key`` → value pairs from command-line flags (``None`` values are
     ignored); they win over the file, ``BEM_BASE_URL`` wins over ``api.base_url`` in the file.
@@ -379,7 +382,7 @@ def load_config(
     if problem is not None:
         raise ConfigError(f"invalid configuration:\n  {problem}")
     api_key = resolve_secret(API_KEY, environ=environ, file=config.api.api_key_file)
-    secrets = webhook_secrets(config.webhook, environ)
+    secrets = webhook_secrets(config.webhook, environ) if webhook_secrets_needed else ()
     return config.model_copy(update={"api_key": api_key, "webhook_secrets": secrets})
 
 
