@@ -13,6 +13,7 @@ from runner.config import (
     LimitsConfig,
     PollConfig,
     ServiceConfig,
+    WebhookConfig,
     load_config,
 )
 from runner.errors import ConfigError
@@ -349,6 +350,7 @@ def test_every_numeric_bound_is_documented_in_the_example_config() -> None:
         "inbox": InboxConfig,
         "poll": PollConfig,
         "service": ServiceConfig,
+        "webhook": WebhookConfig,
         "route": Route,
     }
     expected = {
@@ -358,6 +360,7 @@ def test_every_numeric_bound_is_documented_in_the_example_config() -> None:
         if (bounds := _bounds(field.metadata)) is not None
     }
     assert documented.pop("service.metrics_addr") == ("[", 0, 65535)  # the port
+    assert documented.pop("webhook.listen") == ("[", 0, 65535)
     assert documented == expected
 
 
