@@ -12,8 +12,10 @@ import pytest
 
 from runner.daemon import ExitCode
 from runner.emulator import serve_emulator
+from runner.store.base import Counts
 from tests.pipeline import outbox_documents, write_files
 from tests.webhook_helpers import (
+    PREVIOUS_SECRET,
     SECRET,
     WORKFLOW,
     calls_gets,
@@ -22,6 +24,7 @@ from tests.webhook_helpers import (
     free_port,
     hook_config,
     hook_emulator,
+    runner_for,
     subscribe,
 )
 
@@ -141,3 +144,39 @@ async def test_receiver_unreachable_or_misconfigured_still_delivers_every_file(
     assert code == ExitCode.OK
     assert sorted(documents) == sorted(rel for rel, _ in files)
     assert events == {}  # every delivery refused (401)
+
+
+async def test_rotation_accepts_both_secrets_and_a_secret_changed_mid_drain_costs_only_time(
+    tmp_path: Path,
+) -> None:
+    files = inputs(12)
+    emulator = hook_emulator(latency_min=0.2, latency_max=1.5)
+    emulator.webhooks.secret = PREVIOUS_SECRET  # bem still signs with the old secret
+    port = free_port()
+    rotated_at: int | None = None
+
+    async def rotate_midway(counts: Counts) -> None:
+        nonlocal rotated_at
+        done = sum(n for state, n in counts.files.items() if state.startswith("done"))
+        if rotated_at is None and done >= 4:
+            rotated_at = done
+            emulator.webhooks.secret = "whsec_a-third-secret-the-runner-does-not-know"
+
+    async with serve_emulator(emulator) as base_url:
+        await subscribe(base_url, f"http://127.0.0.1:{port}/bem/webhook")
+        config = hook_config(
+            tmp_path,
+            base_url,
+            port,
+            environ={"BEM_WEBHOOK_PREVIOUS_SECRET": PREVIOUS_SECRET},
+            webhook={"overdue_after": 1},
+        )
+        write_files(config.paths.inbox, files)
+        with anyio.fail_after(DRAIN_TIMEOUT):
+            outcome = await runner_for(config, drain=True, progress=rotate_midway).serve()
+    assert outcome.exit_code == ExitCode.OK
+    assert sorted(outbox_documents(config.paths.outbox)) == sorted(rel for rel, _ in files)
+    events = event_states(config.paths.state)
+    assert rotated_at is not None
+    assert 0 < events.get("matched", 0) < len(files)  # accepted under the previous secret, then
+    # refused under the unknown one: those files were delivered by polling
