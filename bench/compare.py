@@ -11,6 +11,10 @@ files once and runs each client, one after another, on a fresh copy of them:
   first ``--sequential-files`` inputs only (it is slow by construction); its wall time for all
   files is then extrapolated and marked ``~``.
 
+``--webhook`` adds ``bem-runner+webhook`` (the same drain with its webhook receiver, the
+emulator delivering signed events to it; see ``bench/webhooks.py``) and, for both bem-runner
+rows, the time from each call's event to its result document (p50/p95).
+
 Prints one table; ``--json`` also writes every figure to a file.
 """
 
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import harness
+import webhooks
 
 WORKFLOW = "invoices"
 CLIENTS = ("bem-runner", "async", "sequential")
@@ -52,6 +57,8 @@ class Row:
     duplicates: int
     never_sent: int
     exit_code: int
+    result_p50_seconds: float | None = None
+    result_p95_seconds: float | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -76,6 +83,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated subset")
     parser.add_argument(
+        "--webhook",
+        action="store_true",
+        help=f"also run {webhooks.CLIENT} and show time to result from bem's event",
+    )
+    parser.add_argument(
         "--emulator-arg",
         action="append",
         default=[],
@@ -90,7 +102,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     clients = [c for c in args.clients.split(",") if c]
-    unknown = set(clients) - set(CLIENTS)
+    if args.webhook:
+        clients.insert(clients.index("bem-runner") + 1 if "bem-runner" in clients else 0,
+                       webhooks.CLIENT)  # fmt: skip
+    unknown = set(clients) - set(CLIENTS) - {webhooks.CLIENT}
     if unknown:
         print(f"unknown client(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -125,12 +140,18 @@ def run_client(
     files = len(digests)
     if client == "sequential" and 0 < args.sequential_files < files:
         files = args.sequential_files
-    argv = client_argv(client, args, base, files)
+    port = webhooks.free_port() if client == webhooks.CLIENT else None
+    if port is not None:
+        env["BEM_WEBHOOK_SECRET"] = webhooks.subscribe(emu, f"{WORKFLOW}-transform", port)
+    argv = client_argv(client, args, base, files, webhook_port=port)
     startup = harness.run_measured([*argv, "--help"], env=env, logs=base / "logs-startup")
     emu.reset_stats()
     with harness.StatsSampler(emu) as sampler:
         measured = harness.run_measured(argv, env=env, timeout=args.timeout, logs=base / "logs")
     stats = emu.stats()
+    if port is not None:
+        webhooks.unsubscribe(emu)
+    to_result = webhooks.times_to_result(base / "outbox") if args.webhook else []
     requests = harness.api_requests(stats)
     duplicates, never_sent = harness.duplicate_calls(stats, digests[:files])
     delivered, errors = harness.count_outputs(base / "outbox")
@@ -156,13 +177,24 @@ def run_client(
         duplicates=duplicates,
         never_sent=never_sent,
         exit_code=measured.exit_code,
+        result_p50_seconds=webhooks.percentile(to_result, 0.50) if to_result else None,
+        result_p95_seconds=webhooks.percentile(to_result, 0.95) if to_result else None,
     )
 
 
-def client_argv(client: str, args: argparse.Namespace, base: Path, files: int) -> list[str]:
-    if client == "bem-runner":
+def client_argv(
+    client: str, args: argparse.Namespace, base: Path, files: int, webhook_port: int | None = None
+) -> list[str]:
+    if client in ("bem-runner", webhooks.CLIENT):
         rate = args.runner_rate or args.rate
-        config = harness.runner_config(base / "bem-runner.toml", rate=rate, burst=args.burst)
+        path = base / "bem-runner.toml"
+        config = (
+            harness.runner_config(
+                path, rate=rate, burst=args.burst, webhook=webhooks.webhook_section(webhook_port)
+            )
+            if webhook_port
+            else harness.runner_config(path, rate=rate, burst=args.burst)
+        )
         return harness.drain_argv(config, base)
     script = harness.REPO / "bench" / "baselines"
     common = ["--input-dir", str(base / "inbox" / WORKFLOW), "--workflow", WORKFLOW]
@@ -186,6 +218,8 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         "poll/file", "CPU s/1k files", "net of startup", "peak RSS MB", "delivered", "errors",
         "duplicates",
     ]  # fmt: skip
+    if args.webhook:
+        columns += ["result p50 s", "result p95 s"]
     table = [columns]
     for row in rows:
         wall = f"{'~' if row.extrapolated else ''}{row.wall_seconds:.1f}"
@@ -212,7 +246,13 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
                 str(row.duplicates),
             ]
         )
+        if args.webhook:
+            table[-1] += [_seconds(row.result_p50_seconds), _seconds(row.result_p95_seconds)]
     return header + "\n\n" + markdown_table(table)
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def markdown_table(table: list[list[str]]) -> str:

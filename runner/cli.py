@@ -1,4 +1,4 @@
-"""The command line: ``bem-runner run | drain | status | retry | emulator``.
+"""The command line: ``bem-runner run | drain | status | retry | emulator | webhook``.
 
 The only place that reads the process environment, handles exit codes and calls ``sys.exit``.
 """
@@ -109,7 +109,8 @@ class LazyGroup(click.Group):
     from their short help, without importing them)."""
 
     lazy: ClassVar[dict[str, tuple[str, str]]] = {
-        "emulator": ("runner.emulator.cli:emulator_command", "Serve the bem-compatible emulator.")
+        "emulator": ("runner.emulator.cli:emulator_command", "Serve the bem-compatible emulator."),
+        "webhook": ("runner.webhook_setup:webhook_group", "Set up bem's webhooks (setup)."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

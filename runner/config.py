@@ -46,6 +46,19 @@ API_KEY = SecretSource(
     what="API key", env_var="BEM_API_KEY", file_key="api.api_key_file", credential="api-key"
 )
 
+WEBHOOK_SECRET = SecretSource(
+    what="webhook secret",
+    env_var="BEM_WEBHOOK_SECRET",
+    file_key="webhook.secret_file",
+    credential="webhook-secret",
+)
+WEBHOOK_PREVIOUS_SECRET = SecretSource(
+    what="previous webhook secret",
+    env_var="BEM_WEBHOOK_PREVIOUS_SECRET",
+    file_key="webhook.previous_secret_file",
+    credential="webhook-previous-secret",
+)
+
 MAX_CONFIG_BYTES = 1_000_000
 MAX_DURATION_SECONDS = 365 * 86_400.0
 """No duration setting may be longer than a year; each setting has its own, lower bound too."""
@@ -289,6 +302,51 @@ def store_url_problem(url: str, *, password_allowed: bool) -> str | None:
     return None
 
 
+def url_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the receiver's URL path; None if it can."""
+    if not path.startswith("/"):
+        return "must start with /"
+    if len(path) > 256:
+        return "must be at most 256 characters"
+    if any(not 0x21 <= ord(char) <= 0x7E for char in path) or "?" in path or "#" in path:
+        return "must be visible ASCII without a query (?) or a fragment (#)"
+    return None
+
+
+class WebhookConfig(Section):
+    listen: str | None = Field(default=None, strict=True)
+    """``host:port`` of the webhook receiver; None: no receiver, polling only."""
+    path: str = Field(default="/bem/webhook", strict=True)
+    tolerance_seconds: float = _seconds(300.0, gt=0, le=HOUR)
+    """A signature whose timestamp is further than this from now is refused."""
+    secret_file: ResolvedPath | None = None
+    previous_secret_file: ResolvedPath | None = None
+    overdue_after: Duration = Field(default=60.0, ge=0.1, le=DAY)
+    """While events flow, a call without one is polled as usual once it is overdue: older than
+    calls take to produce their events (learned from them), or than this before any arrived."""
+    safety_net: Duration = Field(default=300.0, ge=1.0, le=DAY)
+    """While events flow, a call that is not yet overdue is still polled this often."""
+    max_concurrency: int = _count(16, ge=1, le=1_024)
+    """Events recorded at the same time; more wait (and beyond four times this, 503)."""
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = host_port_problem(value)
+            if problem is not None:
+                raise ValueError(f"{problem}; expected host:port, e.g. 0.0.0.0:8765")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _url_path(cls, value: str) -> str:
+        problem = url_path_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
 class Config(Section):
     api: ApiConfig = ApiConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -298,8 +356,11 @@ class Config(Section):
     route: tuple[Route, ...] = ()
     service: ServiceConfig = ServiceConfig()
     store: StoreConfig = StoreConfig()
+    webhook: WebhookConfig = WebhookConfig()
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Resolved from the environment or a file by :func:`load_config`, never from the TOML."""
+    webhook_secrets: tuple[SecretStr, ...] = Field(default=(), exclude=True, repr=False)
+    """The webhook signing secret, then the previous one while rotating (by :func:`load_config`)."""
 
     store_url: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """``BEM_RUNNER_STORE_URL`` (which may carry a password), else ``store.url``."""
@@ -327,8 +388,11 @@ def load_config(
     *,
     environ: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
+    webhook_secrets_needed: bool = True,
 ) -> Config:
     """Read, merge and validate the configuration; every problem is a :class:`ConfigError`.
+
+    ``webhook_secrets_needed=False`` (``webhook setup``, which creates the secret) skips them.
 
     ``overrides`` are ``section.key`` → value pairs from command-line flags (``None`` values are
     ignored); they win over the file, ``BEM_BASE_URL`` wins over ``api.base_url`` in the file.
@@ -343,6 +407,8 @@ def load_config(
         raise ConfigError(
             f"{source}: api_key is not a setting; use BEM_API_KEY or api.api_key_file"
         )
+    if "webhook_secrets" in raw:
+        raise ConfigError(f"{source}: webhook_secrets is not a setting; use webhook.secret_file")
     env_base_url = environ.get("BEM_BASE_URL")
     if env_base_url:
         _check_env_base_url(env_base_url)
@@ -363,9 +429,29 @@ def load_config(
         raise ConfigError(f"invalid configuration:\n  BEM_RUNNER_STORE_URL: {problem}")
     flag_store_url = (overrides or {}).get("store.url")
     store_url = flag_store_url or env_store_url or config.store.url
+    secrets = webhook_secrets(config.webhook, environ) if webhook_secrets_needed else ()
     return config.model_copy(
-        update={"api_key": api_key, "store_url": SecretStr(store_url) if store_url else None}
+        update={
+            "api_key": api_key,
+            "store_url": SecretStr(store_url) if store_url else None,
+            "webhook_secrets": secrets,
+        }
     )
+
+
+def webhook_secrets(webhook: WebhookConfig, environ: Mapping[str, str]) -> tuple[SecretStr, ...]:
+    """The current secret and, while rotating, the previous one; a receiver needs the first."""
+    current = resolve_secret(WEBHOOK_SECRET, environ=environ, file=webhook.secret_file)
+    previous = resolve_secret(
+        WEBHOOK_PREVIOUS_SECRET, environ=environ, file=webhook.previous_secret_file
+    )
+    if current is None and webhook.listen is not None:
+        raise ConfigError(
+            "invalid configuration:\n  webhook.listen is set but there is no signing secret: "
+            "set BEM_WEBHOOK_SECRET, webhook.secret_file or the credential webhook-secret "
+            "(bem-runner webhook setup creates one)"
+        )
+    return tuple(secret for secret in (current, previous) if secret is not None)
 
 
 def wrong_kind_of_path(paths: PathsConfig) -> str | None:

@@ -20,6 +20,7 @@ from runner.clock import Clock
 from runner.config import Config
 from runner.health import ApiHealth
 from runner.store.base import Store
+from runner.webhook_policy import EventFlow
 
 MIN_WAIT = 0.05
 """The shortest idle wait a stage asks for when it expects news soon: it never spins."""
@@ -81,6 +82,8 @@ class Context:
     """Documents delivered by this process, by outcome ("result" / "error")."""
     on_call_finished: Callable[[float], None] | None = None
     """Told the submit-to-result seconds of every call that reaches its end (metrics)."""
+    webhook_flow: EventFlow | None = None
+    """What the webhook receiver hears, when there is one (:mod:`runner.webhook`)."""
 
     def __post_init__(self) -> None:
         self.nudges = Nudges.on(self.clock)

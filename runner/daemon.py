@@ -41,6 +41,7 @@ from runner.store import open_store
 from runner.store.base import Counts
 from runner.submit import Submitter
 from runner.watch import EventSource, Watcher, watchfiles_events
+from runner.webhook import add_receiver
 
 log = structlog.get_logger("runner.daemon")
 
@@ -188,6 +189,7 @@ class Runner:
             "poll": Poller(ctx).run,
             "deliver": Deliverer(ctx, on_finished=watcher.file_finished).run,
         }
+        add_receiver(ctx, stages)
         running = set(stages)
         all_stopped = anyio.Event()
 

@@ -169,7 +169,11 @@ class Poller:
             maximum=poll.max_seconds,
             rng=self._ctx.rng,
         )
-        return NextPoll(group.id, self._ctx.clock.wall() + delay, status)
+        now = self._ctx.clock.wall()
+        at = now + delay
+        if self._ctx.webhook_flow is not None:  # events flowing: a long safety-net interval
+            at = self._ctx.webhook_flow.poll_at(group, at, now=now)
+        return NextPoll(group.id, at, status, seen_event_at=group.event_at or 0.0)
 
     def _gave_up(self, group: GroupRow, status: str | None) -> str | None:
         """Why a call followed longer than ``poll.give_up_after`` ends; None while it may go on."""

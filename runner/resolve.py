@@ -18,6 +18,7 @@ from runner.context import Context
 from runner.errors import ApiError
 from runner.policy import unknown_outcome_resolution
 from runner.store.base import GroupRow
+from runner.webhook_policy import CONFIRM_WINDOW_SECONDS
 
 log = structlog.get_logger("runner.resolve")
 
@@ -30,13 +31,21 @@ async def record_call(ctx: Context, group: GroupRow, call_id: str, status: str |
     """bem has a call for this group (answered by its POST, or found by listing): follow it."""
     ctx.health.reached()
     now = ctx.clock.wall()
+    next_poll = now + ctx.config.poll.initial_seconds
+    flow = ctx.webhook_flow
+    if flow is not None:
+        next_poll = flow.first_poll_at(next_poll, now=now)
     await ctx.store.mark_submitted(
-        group.id,
-        call_id=call_id,
-        status=status,
-        now=now,
-        next_poll=now + ctx.config.poll.initial_seconds,
+        group.id, call_id=call_id, status=status, now=now, next_poll=next_poll
     )
+    if flow is not None:  # events that came before this answer: confirm the call now
+        await ctx.store.claim_webhook_events(
+            group.id,
+            call_id=call_id,
+            call_reference_id=group.call_reference_id,
+            now=now,
+            confirm_at=now + CONFIRM_WINDOW_SECONDS,
+        )
     log.info(
         "call submitted",
         callID=call_id,

@@ -14,6 +14,7 @@ from runner.config import (
     PollConfig,
     ServiceConfig,
     StoreConfig,
+    WebhookConfig,
     load_config,
 )
 from runner.errors import ConfigError
@@ -351,6 +352,7 @@ def test_every_numeric_bound_is_documented_in_the_example_config() -> None:
         "poll": PollConfig,
         "service": ServiceConfig,
         "store": StoreConfig,
+        "webhook": WebhookConfig,
         "route": Route,
     }
     expected = {
@@ -360,6 +362,7 @@ def test_every_numeric_bound_is_documented_in_the_example_config() -> None:
         if (bounds := _bounds(field.metadata)) is not None
     }
     assert documented.pop("service.metrics_addr") == ("[", 0, 65535)  # the port
+    assert documented.pop("webhook.listen") == ("[", 0, 65535)
     assert documented == expected
 
 

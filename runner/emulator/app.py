@@ -29,6 +29,7 @@ from runner.emulator.inputs import (
 )
 from runner.emulator.listing import parse_list_query
 from runner.emulator.state import CallRecord, Target
+from runner.emulator.subscriptions import subscription_routes
 from runner.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def build_app(emulator: Emulator) -> Starlette:
         Route("/v3/calls/{callID}/trace", api.get_trace, methods=["GET"]),
         Route("/v2/calls", api.create_v2_calls, methods=["POST"]),
         Route("/v2/calls/{callID}", api.get_v2_call, methods=["GET"]),
+        *subscription_routes(emulator),
         Route("/_emulator/stats", control.stats, methods=["GET"]),
         Route("/_emulator/settings", control.settings, methods=["GET", "POST"]),
         Route("/_emulator/advance", control.advance, methods=["POST"]),

@@ -110,6 +110,34 @@ DEFAULT_API_KEY = EmulatorSettings().api_key
     help="Seconds ?wait=true blocks before answering 202.",
 )
 @click.option(
+    "--webhook-drop-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a webhook event is never delivered.",
+)
+@click.option(
+    "--webhook-duplicate-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a webhook event is delivered twice.",
+)
+@click.option(
+    "--webhook-delay",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds between an event and its first delivery.",
+)
+@click.option(
+    "--webhook-reorder-seconds",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Random extra delay up to this, so deliveries overtake each other.",
+)
+@click.option(
     "--seed",
     type=int,
     default=0,

@@ -13,12 +13,14 @@ from starlette.applications import Starlette
 
 from runner.emulator.app import build_app
 from runner.emulator.clock import Timekeeper
+from runner.emulator.deliveries import Dispatcher
 from runner.emulator.faults import FaultDice, FaultPlan, TokenBucket
 from runner.emulator.inputs import CallInput
 from runner.emulator.listing import ListQuery, select_calls
 from runner.emulator.settings import EmulatorSettings
 from runner.emulator.state import CallRecord, CallStore, Target, build_call, decide_failure
 from runner.emulator.stats import Stats
+from runner.emulator.subscriptions import WebhookBook
 
 
 class Emulator:
@@ -42,6 +44,8 @@ class Emulator:
         self.time = Timekeeper(clock or time.monotonic)
         self.calls = CallStore()
         self.counters = Stats()
+        self.webhooks = WebhookBook()
+        self.deliveries = Dispatcher(self)
         self._seed_randomness(self._settings.seed)
         self._bucket: TokenBucket | None = None
         self._app = build_app(self)
@@ -101,6 +105,7 @@ class Emulator:
         )
         self.calls.add(record)
         self.counters.record_call(record)
+        self.deliveries.call_created(record)
         return record
 
     def list_calls(self, query: ListQuery) -> list[CallRecord]:
@@ -137,3 +142,4 @@ class Emulator:
         self._latency = random.Random(f"{seed}:latency")
         self._failures = random.Random(f"{seed}:failures")
         self._dice = FaultDice(seed)
+        self.deliveries.reseed(seed)

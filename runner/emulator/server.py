@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 
 import anyio
 import uvicorn
@@ -28,7 +28,8 @@ async def serve_emulator(
     """Serve ``emulator`` on ``host:port`` (0: a free port) and yield its base URL.
 
     The socket is bound and listening before the URL is yielded, so clients may connect at
-    once. Leaving the block stops the server. Signals are left to the embedding program.
+    once. Webhook deliveries are sent while it serves. Leaving the block stops the server.
+    Signals are left to the embedding program.
     """
     sock = _listen(host, port)
     config = uvicorn.Config(
@@ -46,13 +47,21 @@ async def serve_emulator(
     try:
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(server.serve, [sock])
+            deliveries = anyio.CancelScope()
+            task_group.start_soon(_run_in, deliveries, emulator.deliveries.run)
             try:
                 yield _base_url(host, sock.getsockname()[1])
             finally:
+                deliveries.cancel()
                 server.should_exit = True
     finally:
         uvicorn_logger.removeFilter(drop_filter)
         sock.close()
+
+
+async def _run_in(scope: anyio.CancelScope, work: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await work()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -51,6 +51,15 @@ class EmulatorSettings(BaseModel):
     list_visibility_lag: Seconds = 0.0
     wait_timeout: Seconds = 30.0
     seed: int = 0
+    # Webhook deliveries (runner.emulator.deliveries): an event never delivered, delivered
+    # twice, delayed, or overtaken by later ones; retries of non-2xx answers with backoff.
+    webhook_drop_rate: Probability = 0.0
+    webhook_duplicate_rate: Probability = 0.0
+    webhook_delay: Seconds = 0.0
+    webhook_reorder_seconds: Seconds = 0.0
+    webhook_retry_base: Annotated[float, Field(gt=0.0)] = 0.5
+    webhook_max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    webhook_timeout: Annotated[float, Field(gt=0.0)] = 10.0
 
     @model_validator(mode="after")
     def _latency_range_is_ordered(self) -> Self:

@@ -11,6 +11,7 @@ from typing import Any
 
 from runner.emulator.state import CALL_STATUSES, CallRecord, CallStore
 
+WEBHOOK_KINDS = ("delivered", "retried", "failed", "dropped", "duplicated")
 FAULT_KINDS = ("error_5xx", "error", "accept_then_500", "dropped", "slow", "redirected")
 
 
@@ -24,6 +25,8 @@ class Stats:
         self._faults: Counter[str] = Counter()
         self._retry_after_until = float("-inf")
         self._early_after_429 = 0
+        self._webhooks: Counter[str] = Counter()
+        self._webhook_attempts: Counter[str] = Counter()
 
     def record_request(self, route: str, status: int | str) -> None:
         """``route`` is "<METHOD> <route template>"; ``status`` a code or "dropped"."""
@@ -42,6 +45,14 @@ class Stats:
     def record_fault(self, kind: str) -> None:
         self._faults[kind] += 1
 
+    def record_webhook(self, kind: str) -> None:
+        """A delivery was "delivered", "retried", "failed" (no tries left), "dropped" or
+        "duplicated" (on purpose)."""
+        self._webhooks[kind] += 1
+
+    def record_webhook_attempt(self, status: int | str) -> None:
+        self._webhook_attempts[str(status)] += 1
+
     def record_call(self, record: CallRecord) -> None:
         self._calls_total += 1
         if record.call_reference_id is not None:
@@ -59,4 +70,8 @@ class Stats:
             "files_by_content_sha256": dict(self._files),
             "faults": {kind: self._faults[kind] for kind in FAULT_KINDS},
             "calls_by_status": {status: by_status[status] for status in CALL_STATUSES},
+            "webhooks": {
+                **{kind: self._webhooks[kind] for kind in WEBHOOK_KINDS},
+                "attempts": dict(self._webhook_attempts),
+            },
         }

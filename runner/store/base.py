@@ -50,6 +50,8 @@ class GroupRow:
     result_json: str | None
     error_reason: str | None
     finished_at: float | None
+    event_at: float | None = None
+    """When the latest webhook event for this call was recorded (None: none yet)."""
 
     @property
     def batch(self) -> bool:
@@ -114,6 +116,31 @@ class NextPoll:
     group_id: int
     not_before: float
     status: str | None
+    seen_event_at: float | None = None
+    """The group's ``event_at`` as the poller read it (0.0: none). An event recorded since then
+    keeps its earlier confirmation time; None: ``not_before`` is taken as it is."""
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """A verified webhook event, as much of it as the runner keeps."""
+
+    event_id: str
+    event_type: str
+    call_id: str | None
+    reference_id: str | None
+
+
+@dataclass(frozen=True)
+class EventRecorded:
+    """What recording one event did."""
+
+    duplicate: bool
+    """Its eventID was recorded before: nothing changed."""
+    group_id: int | None
+    """The group whose call it marked for confirmation; None: none (yet, or no longer)."""
+    submitted_at: float | None
+    """When that call was submitted, to learn how long calls take to produce events."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +223,17 @@ class Store(Protocol):
     async def failed_files(self) -> list[FileRow]: ...
     async def mark_retried(self, file_ids: list[int]) -> None: ...
     async def integrity_check(self) -> str: ...
+    # -- webhooks (schema 3) --
+    async def record_webhook_event(
+        self, event: WebhookEvent, *, now: float, confirm_at: float
+    ) -> EventRecorded: ...
+    async def claim_webhook_events(
+        self, group_id: int, *, call_id: str, call_reference_id: str, now: float, confirm_at: float
+    ) -> int: ...
+    async def expire_webhook_events(
+        self, *, received_before: float, purge_before: float
+    ) -> int: ...
+    async def webhook_event_counts(self) -> dict[str, int]: ...
     async def close(self) -> None: ...
 
     # -- several runners on one store ------------------------------------------------------

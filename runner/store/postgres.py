@@ -54,6 +54,7 @@ from runner.store.postgres_target import (
     shown_url,
 )
 from runner.store.postgres_wake import PostgresWake
+from runner.store.postgres_webhooks import PostgresWebhooks
 
 __all__ = [
     "OWNER_LOCK",
@@ -128,7 +129,7 @@ async def open_postgres_store(
 # -- the store ----------------------------------------------------------------------------------
 
 
-class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake):
+class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake, PostgresWebhooks):
     async def integrity_check(self) -> str:
         mismatched = int(await self._scalar("integrity_check") or 0)
         if mismatched:
@@ -322,4 +323,12 @@ class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake
 
 
 def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
-    return [{"id": n.group_id, "not_before": n.not_before, "status": n.status} for n in next_polls]
+    return [
+        {
+            "id": n.group_id,
+            "not_before": n.not_before,
+            "status": n.status,
+            "seen_event_at": n.seen_event_at,
+        }
+        for n in next_polls
+    ]

@@ -189,8 +189,13 @@ SELECT min(not_before) FROM groups WHERE state = 'polling';
 SELECT min(not_before) FROM groups WHERE state IN ('ready', 'unknown');
 
 -- name: reschedule_poll
-UPDATE groups SET not_before = %(not_before)s, attempts = attempts + 1, status = %(status)s,
-       claimed_by = NULL, lease_until = NULL
+-- An event recorded after the poller read the group (seen_event_at) keeps its earlier time.
+UPDATE groups SET
+    not_before = CASE
+        WHEN %(seen_event_at)s::double precision IS NOT NULL
+             AND event_at > %(seen_event_at)s::double precision
+        THEN least(not_before, %(not_before)s) ELSE %(not_before)s END,
+    attempts = attempts + 1, status = %(status)s, claimed_by = NULL, lease_until = NULL
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: due_unknown
@@ -378,3 +383,55 @@ SELECT 'bem_runner_' || left(md5(current_schema()), 16);
 -- name: wake
 SELECT pg_notify('bem_runner_' || left(md5(current_schema()), 16), stage || ' ' || %(me)s)
 FROM unnest(%(stages)s::text[]) AS stage;
+
+-- name: schema_4
+-- Webhook events: each recorded once (by eventID) before it is answered, matched to the call it
+-- marks for confirmation, or kept pending until its call is recorded (or dropped unmatched).
+CREATE TABLE webhook_events (
+    event_id TEXT PRIMARY KEY,
+    event_type TEXT NOT NULL,
+    call_id TEXT,
+    reference_id TEXT,
+    state TEXT NOT NULL,
+    group_id BIGINT REFERENCES groups (id),
+    received_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX webhook_events_by_state ON webhook_events (state, received_at);
+CREATE INDEX webhook_events_pending_call ON webhook_events (call_id) WHERE state = 'pending';
+ALTER TABLE groups ADD COLUMN event_at DOUBLE PRECISION;
+CREATE INDEX groups_by_call_id ON groups (call_id);
+UPDATE meta SET value = '4' WHERE key = 'schema_version';
+
+-- name: insert_webhook_event
+INSERT INTO webhook_events (event_id, event_type, call_id, reference_id, state, received_at)
+VALUES (%(event_id)s, %(event_type)s, %(call_id)s, %(reference_id)s, 'pending', %(now)s)
+ON CONFLICT (event_id) DO NOTHING;
+
+-- name: group_of_call
+-- Locked, so an event and the recording of its call never miss each other.
+SELECT id, state, submitted_at FROM groups WHERE call_id = %(call_id)s
+ORDER BY id DESC LIMIT 1 FOR UPDATE;
+
+-- name: mark_for_confirmation
+UPDATE groups SET event_at = %(now)s, not_before = least(not_before, %(confirm_at)s)
+WHERE id = %(id)s AND state = 'polling';
+
+-- name: match_webhook_event
+UPDATE webhook_events SET state = 'matched', group_id = %(group_id)s
+WHERE event_id = %(event_id)s;
+
+-- name: lock_group
+SELECT id FROM groups WHERE id = %(group_id)s FOR UPDATE;
+
+-- name: claim_webhook_events
+UPDATE webhook_events SET state = 'matched', group_id = %(group_id)s
+WHERE state = 'pending' AND (call_id = %(call_id)s OR reference_id = %(call_reference_id)s);
+
+-- name: expire_webhook_events
+UPDATE webhook_events SET state = 'dropped' WHERE state = 'pending' AND received_at < %(before)s;
+
+-- name: purge_webhook_events
+DELETE FROM webhook_events WHERE state <> 'pending' AND received_at < %(before)s;
+
+-- name: count_webhook_events
+SELECT state, count(*) AS count FROM webhook_events GROUP BY state;

@@ -60,6 +60,24 @@ UPDATE files SET rel = CAST(rel AS BLOB);
 UPDATE groups SET group_key = CAST(group_key AS BLOB);
 UPDATE meta SET value = '2' WHERE key = 'schema_version';
 
+-- name: schema_3
+-- Webhook events: each recorded once (by eventID) before it is answered, matched to the call it
+-- marks for confirmation, or kept pending until its call is recorded (or dropped unmatched).
+CREATE TABLE webhook_events (
+    event_id TEXT PRIMARY KEY,
+    event_type TEXT NOT NULL,
+    call_id TEXT,
+    reference_id TEXT,
+    state TEXT NOT NULL,
+    group_id INTEGER REFERENCES groups (id),
+    received_at REAL NOT NULL
+);
+CREATE INDEX webhook_events_by_state ON webhook_events (state, received_at);
+CREATE INDEX webhook_events_pending_call ON webhook_events (call_id) WHERE state = 'pending';
+ALTER TABLE groups ADD COLUMN event_at REAL;
+CREATE INDEX groups_by_call_id ON groups (call_id);
+UPDATE meta SET value = '3' WHERE key = 'schema_version';
+
 -- name: schema_version
 SELECT value FROM meta WHERE key = 'schema_version';
 
@@ -139,7 +157,13 @@ SELECT min(not_before) FROM groups WHERE state = 'polling';
 SELECT min(not_before) FROM groups WHERE state IN ('ready', 'unknown');
 
 -- name: reschedule_poll
-UPDATE groups SET not_before = :not_before, attempts = attempts + 1, status = :status WHERE id = :id;
+-- An event recorded after the poller read the group (:seen_event_at) keeps its earlier time.
+UPDATE groups SET
+    not_before = CASE
+        WHEN :seen_event_at IS NOT NULL AND event_at > :seen_event_at
+        THEN min(not_before, :not_before) ELSE :not_before END,
+    attempts = attempts + 1, status = :status
+WHERE id = :id;
 
 -- name: due_unknown
 SELECT * FROM groups WHERE state = 'unknown' AND not_before <= :now ORDER BY id LIMIT :limit;
@@ -197,3 +221,31 @@ WHERE outcome = 'error' AND state IN ('delivered', 'done') ORDER BY id DESC LIMI
 
 -- name: failed_files
 SELECT * FROM files WHERE outcome = 'error' AND state = 'done' ORDER BY id;
+
+-- name: insert_webhook_event
+INSERT INTO webhook_events (event_id, event_type, call_id, reference_id, state, received_at)
+VALUES (:event_id, :event_type, :call_id, :reference_id, 'pending', :now)
+ON CONFLICT (event_id) DO NOTHING;
+
+-- name: group_of_call
+SELECT id, state, submitted_at FROM groups WHERE call_id = :call_id ORDER BY id DESC LIMIT 1;
+
+-- name: mark_for_confirmation
+UPDATE groups SET event_at = :now, not_before = min(not_before, :confirm_at)
+WHERE id = :id AND state = 'polling';
+
+-- name: match_webhook_event
+UPDATE webhook_events SET state = 'matched', group_id = :group_id WHERE event_id = :event_id;
+
+-- name: claim_webhook_events
+UPDATE webhook_events SET state = 'matched', group_id = :group_id
+WHERE state = 'pending' AND (call_id = :call_id OR reference_id = :call_reference_id);
+
+-- name: expire_webhook_events
+UPDATE webhook_events SET state = 'dropped' WHERE state = 'pending' AND received_at < :before;
+
+-- name: purge_webhook_events
+DELETE FROM webhook_events WHERE state <> 'pending' AND received_at < :before;
+
+-- name: count_webhook_events
+SELECT state, count(*) FROM webhook_events GROUP BY state;

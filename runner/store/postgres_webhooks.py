@@ -1,0 +1,79 @@
+"""Webhook events in the PostgreSQL store: recorded once, matched to their calls.
+
+The group row is locked while an event is matched or a call claims its pending events, so an
+event arriving while its call is being recorded is never missed by both.
+"""
+
+from __future__ import annotations
+
+from runner.store.base import EventRecorded, WebhookEvent
+from runner.store.postgres_plumbing import QUERIES, PostgresPlumbing
+
+
+class PostgresWebhooks(PostgresPlumbing):
+    async def record_webhook_event(
+        self, event: WebhookEvent, *, now: float, confirm_at: float
+    ) -> EventRecorded:
+        """Record ``event`` once (by eventID); mark its call for confirmation by ``confirm_at``."""
+        nothing = EventRecorded(duplicate=False, group_id=None, submitted_at=None)
+        async with self._transaction("record_webhook_event") as conn:
+            cursor = await conn.execute(
+                QUERIES["insert_webhook_event"],
+                {
+                    "event_id": event.event_id,
+                    "event_type": event.event_type,
+                    "call_id": event.call_id,
+                    "reference_id": event.reference_id,
+                    "now": now,
+                },
+            )
+            if cursor.rowcount == 0:
+                return EventRecorded(duplicate=True, group_id=None, submitted_at=None)
+            if event.call_id is None:
+                return nothing
+            cursor = await conn.execute(QUERIES["group_of_call"], {"call_id": event.call_id})
+            group = await cursor.fetchone()
+            if group is None:
+                return nothing
+            group_id, state, submitted_at = group
+            await conn.execute(
+                QUERIES["match_webhook_event"], {"event_id": event.event_id, "group_id": group_id}
+            )
+            if state != "polling":
+                return nothing
+            await conn.execute(
+                QUERIES["mark_for_confirmation"],
+                {"id": group_id, "now": now, "confirm_at": confirm_at},
+            )
+            return EventRecorded(duplicate=False, group_id=int(group_id), submitted_at=submitted_at)
+
+    async def claim_webhook_events(
+        self, group_id: int, *, call_id: str, call_reference_id: str, now: float, confirm_at: float
+    ) -> int:
+        """Pending events of a call just recorded: marked for confirmation by ``confirm_at``."""
+        async with self._transaction("claim_webhook_events") as conn:
+            await conn.execute(QUERIES["lock_group"], {"group_id": group_id})
+            cursor = await conn.execute(
+                QUERIES["claim_webhook_events"],
+                {"group_id": group_id, "call_id": call_id, "call_reference_id": call_reference_id},
+            )
+            claimed = cursor.rowcount
+            if claimed:
+                await conn.execute(
+                    QUERIES["mark_for_confirmation"],
+                    {"id": group_id, "now": now, "confirm_at": confirm_at},
+                )
+        return max(0, claimed)
+
+    async def expire_webhook_events(self, *, received_before: float, purge_before: float) -> int:
+        async with self._transaction("expire_webhook_events") as conn:
+            cursor = await conn.execute(
+                QUERIES["expire_webhook_events"], {"before": received_before}
+            )
+            dropped = cursor.rowcount
+            await conn.execute(QUERIES["purge_webhook_events"], {"before": purge_before})
+        return max(0, dropped)
+
+    async def webhook_event_counts(self) -> dict[str, int]:
+        rows = await self._fetch("count_webhook_events")
+        return {str(row["state"]): int(row["count"]) for row in rows}
