@@ -16,13 +16,15 @@ from pydantic import SecretStr
 from runner.config import load_config
 from runner.errors import ConfigError
 from runner.route import Destination
+from runner.store import Store, open_store
 from runner.store.base import NewFile, NextPoll, WebhookEvent
-from runner.store.sqlite import SqliteStore, open_sqlite_store
 from runner.webhook import parse_event, parse_signature, sign, verify
 from runner.webhook_policy import EventFlow, expected_event_seconds, relaxed_poll_at
 
 SECRETS = (SecretStr("whsec_one"), SecretStr("whsec_two"))
 NOW = 1_700_000_000
+
+pytest_plugins = ["tests.postgres"]
 
 
 # -- signatures -------------------------------------------------------------------------------
@@ -123,13 +125,19 @@ def test_the_expectation_is_learned_from_recent_calls() -> None:
 # -- the store --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with open_sqlite_store(tmp_path / "state.db") as opened:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """Both stores keep webhook events the same way."""
+    target = (
+        tmp_path / "state.db"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    async with open_store(target) as opened:
         yield opened
 
 
-async def submitted_group(store: SqliteStore, name: str, *, call_id: str | None) -> int:
+async def submitted_group(store: Store, name: str, *, call_id: str | None) -> int:
     destination = Destination(workflow="wf", mode="file", group_key=name, item_reference_id=name)
     await store.add_files(
         [NewFile(name, 1, 1, None, "text", destination)], now=0.0, batch_limits={}
@@ -146,7 +154,7 @@ def hook_event(event_id: str, call_id: str | None, reference: str | None = None)
 
 
 @pytest.mark.anyio
-async def test_an_event_marks_its_call_once(store: SqliteStore) -> None:
+async def test_an_event_marks_its_call_once(store: Store) -> None:
     gid = await submitted_group(store, "a", call_id="call_a")
     first = await store.record_webhook_event(hook_event("e1", "call_a"), now=10, confirm_at=10.2)
     assert (first.duplicate, first.group_id, first.submitted_at) == (False, gid, 2.0)
@@ -159,7 +167,7 @@ async def test_an_event_marks_its_call_once(store: SqliteStore) -> None:
 
 
 @pytest.mark.anyio
-async def test_early_events_are_claimed_when_the_call_is_recorded(store: SqliteStore) -> None:
+async def test_early_events_are_claimed_when_the_call_is_recorded(store: Store) -> None:
     gid = await submitted_group(store, "b", call_id=None)
     group = await store.group(gid)
     early = await store.record_webhook_event(hook_event("e1", "call_b"), now=5, confirm_at=5.2)
@@ -177,7 +185,7 @@ async def test_early_events_are_claimed_when_the_call_is_recorded(store: SqliteS
 
 
 @pytest.mark.anyio
-async def test_unmatched_events_are_dropped_then_forgotten(store: SqliteStore) -> None:
+async def test_unmatched_events_are_dropped_then_forgotten(store: Store) -> None:
     await store.record_webhook_event(hook_event("old", "call_x"), now=10, confirm_at=10)
     await store.record_webhook_event(hook_event("new", "call_y"), now=100, confirm_at=100)
     dropped = await store.expire_webhook_events(received_before=50, purge_before=0)
@@ -188,7 +196,7 @@ async def test_unmatched_events_are_dropped_then_forgotten(store: SqliteStore) -
 
 
 @pytest.mark.anyio
-async def test_an_event_during_a_poll_is_not_postponed_by_it(store: SqliteStore) -> None:
+async def test_an_event_during_a_poll_is_not_postponed_by_it(store: Store) -> None:
     gid = await submitted_group(store, "c", call_id="call_c")
     read = await store.group(gid)  # the poller reads the group, then sends its GET...
     await store.record_webhook_event(hook_event("e", "call_c"), now=30, confirm_at=30.2)
