@@ -120,6 +120,21 @@ async def test_retry_after_as_http_date() -> None:
     assert before + 2.0 <= retry_at.timestamp() <= after + 3.0
 
 
+async def test_a_retry_after_date_moves_with_emulator_time() -> None:
+    """Advancing the emulator moves its calendar too: the date says the same wait as the
+    seconds form, so a runner whose clock moved as far reads it right."""
+    emulator = make_emulator(rate_limit_rps=0.5, rate_limit_burst=1, retry_after_format="http-date")
+    emulator.advance(3600.0)
+    async with await open_client(emulator) as client:
+        await client.get("/v3/calls", headers=AUTH)
+        before = time.time()
+        response = await client.get("/v3/calls", headers=AUTH)
+        after = time.time()
+    assert response.status_code == 429
+    retry_at = parsedate_to_datetime(response.headers["Retry-After"]).timestamp()
+    assert before + 3600.0 + 2.0 <= retry_at <= after + 3600.0 + 3.0
+
+
 async def test_changing_the_rate_limit_at_runtime(
     limited: tuple[Emulator, httpx.AsyncClient],
 ) -> None:

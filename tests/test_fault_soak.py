@@ -15,8 +15,9 @@ import pytest
 
 from runner.emulator import Emulator, EmulatorSettings
 
+from .fake_time import fake_clock
 from .pipeline import (
-    drain_on_real_time,
+    drain,
     leftover_temporaries,
     make_config,
     outbox_documents,
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.anyio
 
 LAG = 2.0
 """Seconds a new call stays invisible to ``GET /v3/calls``."""
+SAMPLE_EVERY = 0.02
+"""Fake seconds between two looks at the emulator's counters."""
 
 
 def hostile_emulator(retry_after_format: Literal["seconds", "http-date"], *, seed: int) -> Emulator:
@@ -76,16 +79,16 @@ async def soak(
         [(f"wf-{n % 3}/doc-{n}.txt", f"soak document {n}".encode()) for n in range(files)],
     )
     samples: list[Sample] = []
+    clock = fake_clock()
 
     async def keep_sampling() -> None:
         while True:
             samples.append(sample(emulator.stats()))
-            await anyio.sleep(0.02)
+            await clock.sleep(SAMPLE_EVERY)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(keep_sampling)
-        with anyio.fail_after(120):
-            await drain_on_real_time(config, emulator)
+        await drain(config, emulator, clock=clock)
         tg.cancel_scope.cancel()
 
     documents = outbox_documents(config.paths.outbox)

@@ -10,6 +10,7 @@ frozen fake clock releases a waiting request by advancing, never by sleeping.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import anyio
@@ -25,6 +26,11 @@ class Timekeeper:
 
     def now(self) -> float:
         return self._clock() + self._offset
+
+    def wall(self) -> float:
+        """Seconds since the epoch, moved by :meth:`advance` too: a ``Retry-After`` date says
+        the same wait as the seconds form, however far a test has moved emulator time."""
+        return time.time() + self._offset
 
     def advance(self, seconds: float) -> None:
         if not math.isfinite(seconds) or seconds < 0:

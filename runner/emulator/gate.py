@@ -24,7 +24,6 @@ or "dropped".
 from __future__ import annotations
 
 import hmac
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -111,7 +110,7 @@ class Gate:
         self._emulator.counters.record_arrival(now)
         wait = self._emulator.take_token()
         if wait > 0:
-            wall = time.time()
+            wall = self._emulator.time.wall()
             headers = retry_after(wait, settings.retry_after_format, wall)
             self._emulator.counters.record_rate_limited(
                 now=now, retry_after_seconds=announced_seconds(headers, wall)
@@ -130,7 +129,7 @@ class Gate:
         headers = self._should_retry_headers()
         if settings.fault_retry_after is not None:
             headers |= retry_after(
-                settings.fault_retry_after, settings.retry_after_format, time.time()
+                settings.fault_retry_after, settings.retry_after_format, self._emulator.time.wall()
             )
         return headers
 
