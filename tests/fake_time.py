@@ -133,10 +133,22 @@ def _all_tasks_wait() -> bool:
 
 
 def _all_threads_wait() -> bool:
-    """Whether every other thread is blocked waiting for work (a queue, lock or condition)."""
+    """Whether every other thread started with :mod:`threading` (anyio's workers, executors)
+    is blocked waiting for work (a queue, lock or condition).
+
+    Threads started beneath :mod:`threading` belong to the test driver and never work for the
+    event loop: pytest-xdist's channel reader sits in a pipe read for the whole session, and
+    counting it as busy would keep the clock from ever moving.
+    """
     me = threading.get_ident()
+    frames = sys._current_frames()
     return all(
-        _waits_for_work(frame) for ident, frame in sys._current_frames().items() if ident != me
+        _waits_for_work(frames[thread.ident])
+        for thread in threading.enumerate()
+        if thread.ident is not None
+        and thread.ident != me
+        and thread.ident in frames
+        and not isinstance(thread, threading._DummyThread)
     )
 
 
