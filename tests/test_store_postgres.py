@@ -26,6 +26,8 @@ from runner.store.postgres import (
     open_postgres_store,
     shown_url,
 )
+from runner.store.postgres_setup import connect, disown, migrate, own
+from runner.store.postgres_target import connect_kwargs
 from runner.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -113,6 +115,24 @@ async def test_an_owner_whose_connection_dies_releases_the_store(postgres_url: s
         )
         async with open_postgres_store(postgres_url) as second:
             assert await second.unfinished_work() == 0
+
+
+async def test_an_owner_gives_the_store_up_before_its_connection_closes(
+    postgres_url: str,
+) -> None:
+    """The server frees a closed connection's lock only when its backend has exited, maybe after
+    a restarted runner's try; the owner unlocks first, so its successor is never refused."""
+    target = Target.from_url(postgres_url, {})
+    kwargs = connect_kwargs(target)
+    owner = await connect(target, kwargs)
+    try:
+        await migrate(owner, target)
+        await own(owner, target)
+        await disown(owner)
+        async with open_postgres_store(postgres_url) as successor:  # the first still connected
+            assert await successor.unfinished_work() == 0
+    finally:
+        await owner.close()
 
 
 async def test_a_reader_needs_an_existing_store(postgres_url: str) -> None:

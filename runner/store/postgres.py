@@ -44,6 +44,7 @@ from runner.store.postgres_setup import (
     SCHEMA_VERSION,
     check_readable,
     connect,
+    disown,
     migrate,
     own,
 )
@@ -91,6 +92,7 @@ async def open_postgres_store(
     target = Target.from_url(url, os.environ if environ is None else environ)
     kwargs = connect_kwargs(target)
     owner = await connect(target, kwargs)
+    owns = False
     try:
         if read_only:
             await check_readable(owner, target)
@@ -98,6 +100,7 @@ async def open_postgres_store(
             await migrate(owner, target)
             if runner_id is None:
                 await own(owner, target)
+                owns = True
         pool = AsyncConnectionPool(
             target.conninfo,
             kwargs=kwargs,
@@ -123,6 +126,8 @@ async def open_postgres_store(
                 await pool.close()
     finally:
         with anyio.CancelScope(shield=True):
+            if owns:
+                await disown(owner)
             await owner.close()
 
 

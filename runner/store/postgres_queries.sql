@@ -86,6 +86,9 @@ SELECT pg_advisory_xact_lock(%(purpose)s, hashtext(current_schema()));
 -- name: owner_lock
 SELECT pg_try_advisory_lock(%(purpose)s, hashtext(current_schema()));
 
+-- name: owner_unlock
+SELECT pg_advisory_unlock(%(purpose)s, hashtext(current_schema()));
+
 -- name: owner_lock_holder
 SELECT a.application_name, host(a.client_addr) AS client
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid

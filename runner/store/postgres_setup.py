@@ -7,6 +7,7 @@ on a connection of its own, dropped by the server when that connection dies.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,3 +101,11 @@ async def own(conn: Connection, target: Target) -> None:
         raise StoreError(f"{target.shown}: {target.scrub(str(exc))}") from None
     who = f"{holder[0] or 'a client'} from {holder[1] or 'a local socket'}" if holder else "unknown"
     raise StateInUseError(f"store {target.shown} is in use by {who}")
+
+
+async def disown(conn: Connection) -> None:
+    """Give the store up before its connection closes. The server drops a closed connection's
+    locks only once its backend has exited, which can come after the next owner's try; a
+    connection already broken has no backend left to hold the lock."""
+    with contextlib.suppress(psycopg.Error):
+        await conn.execute(QUERIES["owner_unlock"], {"purpose": OWNER_LOCK})
