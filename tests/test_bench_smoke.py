@@ -20,7 +20,7 @@ def test_compare_runs_every_client_to_completion(tmp_path: Path) -> None:
         "--rate": "200",
         "--burst": "20",
         "--latency": "0.05-0.1",
-        "--sequential-files": "2",
+        "--sequential-files": "1",
         "--workdir": str(tmp_path / "work"),
         "--json": str(rows_path),
     }
@@ -30,7 +30,7 @@ def test_compare_runs_every_client_to_completion(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     rows = {row["client"]: row for row in json.loads(rows_path.read_text())}
     assert set(rows) == {"bem-runner", "async", "sequential"}
-    assert [rows[c]["files"] for c in ("bem-runner", "async", "sequential")] == [20, 20, 2]
+    assert [rows[c]["files"] for c in ("bem-runner", "async", "sequential")] == [20, 20, 1]
     for row in rows.values():
         assert row["delivered"] == row["files"]
         assert row["errors"] == 0

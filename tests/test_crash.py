@@ -51,8 +51,11 @@ SWEPT_POINTS = (
     *PIPELINE_POINTS,
 )
 UNKNOWN_ONLY_POINTS = ("submit.before_list", "submit.after_list")
-SWEEP_TRIES = 3
 """Passed only while resolving an unknown outcome, i.e. after an earlier crash mid-POST."""
+KILL_AFTER_SECONDS = (0.2, 1.2)
+"""How long a ``run`` lives before its SIGKILL: from inside its startup to after its files'
+calls have finished (they take at most 0.6 s); a longer life mostly kills an idle runner."""
+SWEEP_TRIES = 3
 
 
 def faulty_emulator(seed: int) -> Emulator:
@@ -108,7 +111,7 @@ async def random_kill_soak(root: Path, *, files: int, kills: int, seed: int) -> 
             for rel, content in unique_files(rng, cycle * per_cycle, per_cycle):
                 workspace.drop(rel, content)
             process = await start(workspace, "run")
-            code = await kill_after(process, rng.uniform(0.2, 2.0))
+            code = await kill_after(process, rng.uniform(*KILL_AFTER_SECONDS))
             assert code == KILLED, workspace.log.read_text()[-3000:]
             if workspace.state.exists():
                 assert integrity_check(workspace.state) == "ok"
