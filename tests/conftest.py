@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from runner.api import UploadFile
 from runner.clock import FakeClock
 from runner.emulator import Emulator, EmulatorSettings
 
@@ -36,6 +38,30 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture
+def upload(tmp_path: Path) -> UploadFile:
+    """A small text document to send."""
+    path = tmp_path / "doc.txt"
+    path.write_bytes(b"a document")
+    return UploadFile(path, "text")
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that is bound but not listening: connecting to it is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a server the test is about to start."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def frozen_emulator(*, frozen_at: float = 0.0, latency: float = 0.0, **settings: Any) -> Emulator:
     """An emulator whose time stands at ``frozen_at`` until the test advances it; every call
     takes exactly ``latency`` seconds of that time."""
@@ -51,6 +77,15 @@ def fast_emulator(**settings: Any) -> Emulator:
     low, high = FAST_LATENCY
     values: dict[str, Any] = {"latency_min": low, "latency_max": high}
     return Emulator(EmulatorSettings(**(values | settings)))
+
+
+def run_sql(url: str, sql: str) -> list[tuple[object, ...]]:
+    """``sql`` run on a connection of its own, as another client would; the rows it returns."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(sql)
+        return cursor.fetchall() if cursor.description else []
 
 
 # -- TOML writing ----------------------------------------------------------------------------

@@ -17,14 +17,20 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from .conftest import free_port
+
+if TYPE_CHECKING:
+    from runner.store.postgres import PostgresStore
 
 SERVER_GLOB = "/usr/lib/postgresql/*/bin/initdb"
 SERVER_USER = "postgres"
@@ -39,13 +45,6 @@ def server_bin() -> Path | None:
     """The newest installed server's ``bin`` folder, if any."""
     found = sorted(glob.glob(SERVER_GLOB), key=lambda p: int(Path(p).parts[-3]))
     return Path(found[-1]).parent if found else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -189,3 +188,15 @@ def postgres_schema(postgres_cluster: Cluster) -> Iterator[str]:
 def postgres_url(postgres_cluster: Cluster, postgres_schema: str) -> str:
     """A URL (password included) to an empty store of the test's own."""
     return postgres_cluster.url(schema=postgres_schema)
+
+
+@pytest.fixture
+async def runners(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two runners, ``a`` and ``b``, sharing one store."""
+    from runner.store.postgres import open_postgres_store
+
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="a"))
+        b = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="b"))
+        yield a, b
+

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import anyio
@@ -47,13 +45,6 @@ T = TypeVar("T")
 def emulator(clock: FakeClock) -> Emulator:
     settings = EmulatorSettings(api_key=API_KEY, latency_min=3.0, latency_max=3.0)
     return Emulator(settings, clock=clock.now)
-
-
-@pytest.fixture
-def upload(tmp_path: Path) -> UploadFile:
-    source = tmp_path / "doc.txt"
-    source.write_bytes(b"some document")
-    return UploadFile(source, "text")
 
 
 def make_client(
@@ -131,14 +122,6 @@ def stand_in(status: int, body: bytes, seen: list[httpx.Request]) -> httpx.MockT
         return httpx.Response(status, content=body, headers={"content-type": "application/json"})
 
     return httpx.MockTransport(answer)
-
-
-@pytest.fixture
-def refused_port() -> Iterator[int]:
-    """A loopback port that is bound but not listening: connecting to it is refused."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
 
 
 # -- 4xx -----------------------------------------------------------------------------------------

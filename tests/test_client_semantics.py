@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,13 +79,6 @@ async def client(recording: Recording, clock: FakeClock) -> AsyncIterator[BemCli
         rng=random.Random(3),
     ) as bem_client:
         yield bem_client
-
-
-@pytest.fixture
-def upload(tmp_path: Path) -> UploadFile:
-    path = tmp_path / "doc.txt"
-    path.write_bytes(b"a document")
-    return UploadFile(path, "text")
 
 
 def statuses(emulator: Emulator, route: str) -> dict[str, int]:
@@ -434,13 +426,6 @@ def test_the_redactor_removes_a_key_in_every_form_a_message_shows() -> None:
 
 
 # -- where a request went -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def refused_port() -> Iterator[int]:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
 
 
 async def test_an_unreachable_server_is_reported_by_its_url_without_the_query(

@@ -138,6 +138,7 @@ async def test_random_kills_lose_nothing_and_send_nothing_twice(tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(0)  # minutes by design, scaled from the environment
 async def test_random_kill_soak(tmp_path: Path) -> None:
     files = int(os.environ.get("CRASH_SOAK_FILES", "3000"))
     kills = int(os.environ.get("CRASH_SOAK_KILLS", "300"))
@@ -202,5 +203,6 @@ async def test_every_named_crash_point_on_its_first_hit(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(0)  # minutes by design, scaled from the environment
 async def test_every_named_crash_point_on_its_first_and_second_hit(tmp_path: Path) -> None:
     await sweep_in_two_chains(tmp_path, hits=(1, 2))

@@ -5,37 +5,20 @@ Time passes by moving the bucket's timestamps back in the database, never by wai
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-
 import anyio
-import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.store.postgres import PostgresStore, open_postgres_store
+from runner.store.postgres import PostgresStore
 from runner.store.postgres_budget import MIN_RATE_FACTOR, tokens_taken
+from tests.conftest import run_sql
 
 pytestmark = pytest.mark.anyio
 pytest_plugins = ["tests.postgres"]
 
 SLOW = 1e-6
 """A rate so low that no token accrues while a test runs."""
-
-
-def _sql(url: str, sql: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(sql)
-        return cursor.fetchall() if cursor.description else []
-
-
-@pytest.fixture
-async def runners(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    async with AsyncExitStack() as stack:
-        a = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="a"))
-        b = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="b"))
-        yield a, b
 
 
 async def test_a_new_budget_is_full_and_is_shared(
@@ -73,9 +56,9 @@ async def test_tokens_accrue_by_the_database_clock(
     empty = await b.take_tokens(1, rate=1.0, burst=10)
     assert empty.granted == 0
     assert 0 < empty.wait_seconds <= 1.0
-    _sql(postgres_url, "UPDATE rate_bucket SET updated_at = updated_at - interval '3 seconds'")
+    run_sql(postgres_url, "UPDATE rate_bucket SET updated_at = updated_at - interval '3 seconds'")
     assert (await b.take_tokens(10, rate=1.0, burst=10)).granted == 3
-    _sql(postgres_url, "UPDATE rate_bucket SET updated_at = updated_at - interval '1 hour'")
+    run_sql(postgres_url, "UPDATE rate_bucket SET updated_at = updated_at - interval '1 hour'")
     assert (await a.take_tokens(50, rate=1.0, burst=10)).granted == 10  # never above the burst
 
 
@@ -88,18 +71,18 @@ async def test_a_429_pauses_every_runner_and_halves_their_rate(
     paused = await b.take_tokens(1, rate=10.0, burst=10)
     assert paused.granted == 0
     assert 59.0 < paused.wait_seconds <= 60.0 + 1 / 5.0
-    assert _sql(postgres_url, "SELECT factor, tokens FROM rate_bucket") == [(0.5, 0.0)]
+    assert run_sql(postgres_url, "SELECT factor, tokens FROM rate_bucket") == [(0.5, 0.0)]
     await b.pause_sending(30.0)  # a second 429 inside the pause: the rate is not cut again
-    assert _sql(postgres_url, "SELECT factor FROM rate_bucket") == [(0.5,)]
+    assert run_sql(postgres_url, "SELECT factor FROM rate_bucket") == [(0.5,)]
 
     # the pause over, tokens accrue at the halved rate and the rate comes back
-    _sql(
+    run_sql(
         postgres_url,
         "UPDATE rate_bucket SET paused_until = now() - interval '2 seconds', "
         "updated_at = now() - interval '70 seconds'",
     )
     assert (await a.take_tokens(100, rate=10.0, burst=100)).granted == 10  # 2 s at 5 per second
-    (factor,) = _sql(postgres_url, "SELECT factor FROM rate_bucket")[0]
+    (factor,) = run_sql(postgres_url, "SELECT factor FROM rate_bucket")[0]
     assert isinstance(factor, float)
     assert 0.5 < factor < 1.0
 
@@ -110,8 +93,8 @@ async def test_the_rate_is_never_cut_below_its_floor(
     a, _ = runners
     for _ in range(10):
         await a.pause_sending(1.0)
-        _sql(postgres_url, "UPDATE rate_bucket SET paused_until = now() - interval '1 ms'")
-    (factor,) = _sql(postgres_url, "SELECT factor FROM rate_bucket")[0]
+        run_sql(postgres_url, "UPDATE rate_bucket SET paused_until = now() - interval '1 ms'")
+    (factor,) = run_sql(postgres_url, "SELECT factor FROM rate_bucket")[0]
     assert isinstance(factor, float)
     assert MIN_RATE_FACTOR <= factor < MIN_RATE_FACTOR * 1.01
 

@@ -6,25 +6,17 @@ back in the database, never by waiting.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-
 import anyio
-import psycopg
 import pytest
 
 from runner.errors import ClaimLostError
 from runner.route import Destination
 from runner.store.base import Finished, NewFile
 from runner.store.postgres import PostgresStore, open_postgres_store
+from tests.conftest import run_sql
 
 pytestmark = pytest.mark.anyio
 pytest_plugins = ["tests.postgres"]
-
-
-def _sql(url: str, sql: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql)
 
 
 def _files(count: int, prefix: str = "wf/") -> list[NewFile]:
@@ -34,16 +26,8 @@ def _files(count: int, prefix: str = "wf/") -> list[NewFile]:
     ]
 
 
-@pytest.fixture
-async def runners(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    async with AsyncExitStack() as stack:
-        a = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="a"))
-        b = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="b"))
-        yield a, b
-
-
 def falls_silent(url: str, runner_id: str) -> None:
-    _sql(
+    run_sql(
         url, f"UPDATE runners SET heartbeat_at = now() - interval '1 hour' WHERE id = '{runner_id}'"
     )
 
@@ -158,10 +142,10 @@ async def test_a_lease_not_renewed_passes_and_a_heartbeat_renews_it(
     a, b = runners
     await a.add_files(_files(1), now=1.0, batch_limits={})
     await a.claim_ready(now=1.0, limit=1)
-    _sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
+    run_sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
     await a.heartbeat()
     assert await b.claim_ready(now=1.0, limit=1) == []
-    _sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
+    run_sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
     (taken,) = await b.claim_ready(now=1.0, limit=1)
     with pytest.raises(ClaimLostError):
         await a.mark_sending([taken.id], now=2.0)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-import psycopg
 import pytest
 
 from runner.errors import StateInUseError, StoreError
@@ -29,18 +28,13 @@ from runner.store.postgres import (
 from runner.store.postgres_setup import connect, disown, migrate, own
 from runner.store.postgres_target import connect_kwargs
 from runner.store.sqlite import SqliteStore
+from tests.conftest import run_sql
 
 if TYPE_CHECKING:
     from tests.postgres import Cluster
 
 pytestmark = pytest.mark.anyio
 pytest_plugins = ["tests.postgres"]
-
-
-def _sql(url: str, sql: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(sql)
-        return cursor.fetchall() if cursor.description else []
 
 
 def _new_file(rel: str, *, reason: str | None = None) -> NewFile:
@@ -58,7 +52,7 @@ async def test_runners_starting_together_migrate_once(postgres_url: str) -> None
         for n in range(6):
             tg.start_soon(start, n)
     assert opened == [0] * 6
-    assert _sql(postgres_url, "SELECT key, value FROM meta ORDER BY key") == [
+    assert run_sql(postgres_url, "SELECT key, value FROM meta ORDER BY key") == [
         ("application", "bem-runner"),
         ("schema_version", str(SCHEMA_VERSION)),
     ]
@@ -75,18 +69,18 @@ async def test_reopening_keeps_the_data_and_migrates_nothing(postgres_url: str) 
 async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
     async with open_postgres_store(postgres_url):
         pass
-    _sql(postgres_url, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    run_sql(postgres_url, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(StoreError, match="newer"):
         async with open_postgres_store(postgres_url):
             pass
 
 
 async def test_someone_elses_tables_are_refused(postgres_url: str) -> None:
-    _sql(postgres_url, "CREATE TABLE files (id INTEGER)")
+    run_sql(postgres_url, "CREATE TABLE files (id INTEGER)")
     with pytest.raises(StoreError, match="not a bem-runner store"):
         async with open_postgres_store(postgres_url):
             pass
-    _sql(postgres_url, "CREATE TABLE meta (key TEXT, value TEXT)")
+    run_sql(postgres_url, "CREATE TABLE meta (key TEXT, value TEXT)")
     with pytest.raises(StoreError, match="not ours"):
         async with open_postgres_store(postgres_url):
             pass
@@ -108,7 +102,7 @@ async def test_a_second_writer_is_refused_while_a_reader_is_welcome(postgres_url
 async def test_an_owner_whose_connection_dies_releases_the_store(postgres_url: str) -> None:
     async with open_postgres_store(postgres_url):
         # what the server does when the owner's host dies: its session ends
-        _sql(
+        run_sql(
             postgres_url,
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
             f" AND classid = {OWNER_LOCK} AND objid = hashtext(current_schema())::oid",
@@ -139,7 +133,7 @@ async def test_a_reader_needs_an_existing_store(postgres_url: str) -> None:
     with pytest.raises(StoreError, match="no bem-runner store here"):
         async with open_postgres_store(postgres_url, read_only=True):
             pass
-    assert _sql(postgres_url, "SELECT to_regclass('meta')") == [(None,)]
+    assert run_sql(postgres_url, "SELECT to_regclass('meta')") == [(None,)]
 
 
 async def test_open_store_picks_the_store_by_its_target(postgres_url: str, tmp_path: Path) -> None:
@@ -157,8 +151,8 @@ async def test_names_are_stored_as_their_exact_bytes(postgres_url: str) -> None:
     rel = from_raw(b"wf/caf\xe9 \xff.txt")
     async with open_postgres_store(postgres_url) as store:
         await store.add_files([_new_file(rel)], now=1.0, batch_limits={})
-    assert _sql(postgres_url, "SELECT rel FROM files") == [(b"wf/caf\xe9 \xff.txt",)]
-    assert _sql(postgres_url, "SELECT group_key FROM groups") == [(b"wf/caf\xe9 \xff.txt",)]
+    assert run_sql(postgres_url, "SELECT rel FROM files") == [(b"wf/caf\xe9 \xff.txt",)]
+    assert run_sql(postgres_url, "SELECT group_key FROM groups") == [(b"wf/caf\xe9 \xff.txt",)]
 
 
 async def test_a_nul_in_a_message_from_bem_does_not_stop_the_store(postgres_url: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 
 import anyio
 import psycopg
@@ -23,14 +22,6 @@ NEWS_TIMEOUT_SECONDS = 10.0
 def _file(rel: str, *, mode: str = "file", reason: str | None = None) -> NewFile:
     key = rel if mode == "file" else rel.rsplit("/", 1)[0]
     return NewFile(rel, 1, 1, None, "text", Destination("wf", mode, key, "x"), reason)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def runners(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    async with AsyncExitStack() as stack:
-        a = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="a"))
-        b = await stack.enter_async_context(open_postgres_store(postgres_url, runner_id="b"))
-        yield a, b
 
 
 async def _next(wakes: AsyncIterator[str]) -> str:

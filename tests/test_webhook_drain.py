@@ -13,6 +13,7 @@ import pytest
 from runner.daemon import ExitCode
 from runner.emulator import serve_emulator
 from runner.store.base import Counts
+from tests.conftest import free_port
 from tests.pipeline import outbox_documents, write_files
 from tests.webhook_helpers import (
     PREVIOUS_SECRET,
@@ -21,7 +22,6 @@ from tests.webhook_helpers import (
     calls_gets,
     drain_with_hooks,
     event_states,
-    free_port,
     hook_config,
     hook_emulator,
     runner_for,

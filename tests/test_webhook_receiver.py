@@ -13,11 +13,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from runner.webhook import MAX_BODY_BYTES, sign
+from tests.conftest import free_port
 from tests.webhook_helpers import (
     PREVIOUS_SECRET,
     SECRET,
     event_states,
-    free_port,
     hook_config,
     running,
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,13 +21,6 @@ SECRET = "whsec_current-secret-for-tests"
 PREVIOUS_SECRET = "whsec_previous-secret-for-tests"
 WORKFLOW = "wf"
 FUNCTION = f"{WORKFLOW}-transform"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def hook_config(
