@@ -134,7 +134,7 @@ def _all_tasks_wait() -> bool:
 
 def _all_threads_wait() -> bool:
     """Whether every other thread started with :mod:`threading` (anyio's workers, executors)
-    is blocked waiting for work (a queue, lock or condition).
+    is blocked waiting for work (a queue, lock or condition) and has none queued.
 
     Threads started beneath :mod:`threading` belong to the test driver and never work for the
     event loop: pytest-xdist's channel reader sits in a pipe read for the whole session, and
@@ -143,7 +143,7 @@ def _all_threads_wait() -> bool:
     me = threading.get_ident()
     frames = sys._current_frames()
     return all(
-        _waits_for_work(frames[thread.ident])
+        _blocked(frames[thread.ident]) and not _work_queued_for(thread)
         for thread in threading.enumerate()
         if thread.ident is not None
         and thread.ident != me
@@ -152,16 +152,17 @@ def _all_threads_wait() -> bool:
     )
 
 
-def _waits_for_work(frame: FrameType) -> bool:
-    """Blocked on a queue, lock or condition, with no work queued for it (a thread woken by
-    ``put`` may not have run yet)."""
+def _blocked(frame: FrameType) -> bool:
+    """Whether the thread's innermost Python line is a call that blocks for work. Only the line
+    is read: another thread's ``f_locals`` is not safe to touch while that thread may run."""
     line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
-    if not any(call in line for call in BLOCKING_CALLS):
-        return False
-    caller: FrameType | None = frame
-    while caller is not None:
-        for value in caller.f_locals.values():
-            if isinstance(value, queue.Queue | queue.SimpleQueue) and not value.empty():
-                return False
-        caller = caller.f_back
-    return True
+    return any(call in line for call in BLOCKING_CALLS)
+
+
+def _work_queued_for(thread: threading.Thread) -> bool:
+    """Whether a queue the thread takes its work from holds some (a thread woken by ``put`` may
+    not have run yet). anyio's worker keeps its queue as an attribute; an executor's worker is
+    handed it as an argument."""
+    attributes = vars(thread)
+    held = [*attributes.values(), *attributes.get("_args", ())]
+    return any(isinstance(v, queue.Queue | queue.SimpleQueue) and not v.empty() for v in held)
