@@ -210,7 +210,7 @@ def client_argv(
         sections: dict[str, dict[str, object]] = {"api": {"version": args.api_version}}
         if webhook_port:
             sections["webhook"] = webhooks.webhook_section(webhook_port)
-        config = harness.runner_config(path, rate=rate, burst=args.burst, **sections)
+        config = harness.runner_config(path, rate=rate, burst=args.burst, routes=(), **sections)
         return harness.drain_argv(config, base)
     script = harness.REPO / "bench" / "baselines"
     common = ["--input-dir", str(base / "inbox" / WORKFLOW), "--workflow", WORKFLOW]

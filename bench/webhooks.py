@@ -3,8 +3,9 @@
 The emulator (a subprocess) gets a signing secret and subscriptions to the runner's receiver for
 the transform and error events of the workflow's function; the runner gets the secret in
 ``BEM_WEBHOOK_SECRET`` and ``[webhook] listen`` on a free loopback port. Time to result is, per
-result document, the time it was renamed into place (its ctime) minus the call's ``finishedAt`` — the moment the emulator
-fires the call's events (the emulator and the runner share this machine's clock).
+result document, the time it was renamed into place (its ctime) minus the call's
+``finishedAt`` — the moment the emulator fires the call's events (the emulator and the runner
+share this machine's clock).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 In v3 mode one ``GET /v3/calls?callIDs=...`` answers for many calls at once; when each call is
 polled next is :mod:`runner.schedule`'s (a shared grid, learnt latencies, the rate and request
-budget), relaxed while webhook events flow (:mod:`runner.webhook_policy`). In v2 mode each call is read with ``GET /v2/calls/{id}``
-and, once terminal, its outputs are read once with ``GET /v3/calls/{id}`` (v2 calls carry none).
+budget), relaxed while webhook events flow (:mod:`runner.webhook_policy`). In v2 mode each
+call is read with ``GET /v2/calls/{id}`` and, once terminal, its outputs are read once with
+``GET /v3/calls/{id}`` (v2 calls carry none).
 A call older than ``poll.give_up_after`` ends as "timed out".
 """
 

@@ -124,8 +124,9 @@ def grid_for(outlook: Outlook, *, base: float) -> Grid:
 
     ``base`` is the period while submits are pending (``poll.initial_seconds``). Polls then use
     at most :data:`POLL_SHARE` of the rate and what the new calls earn meanwhile (what a grid
-    point does not need is kept for the tail); in the tail the grid is :data:`TAIL_TICK_SECONDS`, as fast as the rate
-    allows, and the credits left are spread evenly until the open calls are due to be done.
+    point does not need is kept for the tail); in the tail the grid is
+    :data:`TAIL_TICK_SECONDS`, as fast as the rate allows, and the credits left are spread
+    evenly until the open calls are due to be done.
     With no credit left, one request every ``base`` seconds: open calls are never abandoned.
     """
     if outlook.credits < 1:
