@@ -11,9 +11,13 @@ files once and runs each client, one after another, on a fresh copy of them:
   first ``--sequential-files`` inputs only (it is slow by construction); its wall time for all
   files is then extrapolated and marked ``~``.
 
+Time to result (p50/p95/max) is, per result document, its write time minus the call's
+``finishedAt`` as the emulator reports it (``bench/webhooks.py``); *wall÷bound* divides the wall
+time by the drain's physical bound: files ÷ rate for the POSTs, plus the longest call.
+
 ``--webhook`` adds ``bem-runner+webhook`` (the same drain with its webhook receiver, the
-emulator delivering signed events to it; see ``bench/webhooks.py``) and, for both bem-runner
-rows, the time from each call's event to its result document (p50/p95).
+emulator delivering signed events to it; see ``bench/webhooks.py``). ``--api-version v2`` runs
+bem-runner with ``api.version = "v2"``.
 
 Prints one table; ``--json`` also writes every figure to a file.
 """
@@ -59,6 +63,10 @@ class Row:
     exit_code: int
     result_p50_seconds: float | None = None
     result_p95_seconds: float | None = None
+    result_max_seconds: float | None = None
+    bound_seconds: float | None = None
+    """files ÷ rate for the POSTs plus the longest call: no drain can be faster."""
+    requests_per_file: float = 0.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -74,6 +82,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "to see how the runner recovers from 429s",
     )
     parser.add_argument("--latency", default="1-3", help="seconds a call takes: MIN-MAX")
+    parser.add_argument(
+        "--api-version", choices=("v3", "v2"), default="v3", help="bem-runner's api.version"
+    )
     parser.add_argument("--concurrency", type=int, default=50, help="async script's semaphore")
     parser.add_argument(
         "--sequential-files",
@@ -151,7 +162,7 @@ def run_client(
     stats = emu.stats()
     if port is not None:
         webhooks.unsubscribe(emu)
-    to_result = webhooks.times_to_result(base / "outbox") if args.webhook else []
+    to_result = webhooks.times_to_result(base / "outbox")
     requests = harness.api_requests(stats)
     duplicates, never_sent = harness.duplicate_calls(stats, digests[:files])
     delivered, errors = harness.count_outputs(base / "outbox")
@@ -179,7 +190,15 @@ def run_client(
         exit_code=measured.exit_code,
         result_p50_seconds=webhooks.percentile(to_result, 0.50) if to_result else None,
         result_p95_seconds=webhooks.percentile(to_result, 0.95) if to_result else None,
+        result_max_seconds=max(to_result) if to_result else None,
+        bound_seconds=len(digests) / args.rate + longest_call(args.latency),
+        requests_per_file=requests["total"] / files,
     )
+
+
+def longest_call(latency: str) -> float:
+    """The upper end of ``--latency`` (``"2-6"`` → 6.0, ``"3"`` → 3.0)."""
+    return float(latency.split("-")[-1])
 
 
 def client_argv(
@@ -188,13 +207,10 @@ def client_argv(
     if client in ("bem-runner", webhooks.CLIENT):
         rate = args.runner_rate or args.rate
         path = base / "bem-runner.toml"
-        config = (
-            harness.runner_config(
-                path, rate=rate, burst=args.burst, webhook=webhooks.webhook_section(webhook_port)
-            )
-            if webhook_port
-            else harness.runner_config(path, rate=rate, burst=args.burst)
-        )
+        sections: dict[str, dict[str, object]] = {"api": {"version": args.api_version}}
+        if webhook_port:
+            sections["webhook"] = webhooks.webhook_section(webhook_port)
+        config = harness.runner_config(path, rate=rate, burst=args.burst, routes=(), **sections)
         return harness.drain_argv(config, base)
     script = harness.REPO / "bench" / "baselines"
     common = ["--input-dir", str(base / "inbox" / WORKFLOW), "--workflow", WORKFLOW]
@@ -213,13 +229,13 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
     )
     if args.runner_rate:
         header += f", bem-runner configured for {args.runner_rate:g} req/s"
+    if args.api_version != "v3":
+        header += f", bem-runner on api {args.api_version}"
     columns = [
-        "client", "wall s", "ok req/s÷R", "best 10s÷R", "429s", "429s>10s", "submit/file",
-        "poll/file", "CPU s/1k files", "net of startup", "peak RSS MB", "delivered", "errors",
-        "duplicates",
+        "client", "wall s", "wall÷bound", "ok req/s÷R", "best 10s÷R", "429s", "429s>10s",
+        "submit/file", "poll/file", "req/file", "result p50 s", "result p95 s", "result max s",
+        "CPU s/1k files", "net of startup", "peak RSS MB", "delivered", "errors", "duplicates",
     ]  # fmt: skip
-    if args.webhook:
-        columns += ["result p50 s", "result p95 s"]
     table = [columns]
     for row in rows:
         wall = f"{'~' if row.extrapolated else ''}{row.wall_seconds:.1f}"
@@ -232,12 +248,17 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
             [
                 row.client,
                 wall,
+                _ratio(row.wall_seconds, row.bound_seconds),
                 f"{row.rate_fraction:.2f}",
                 f"{row.best_10s_fraction:.2f}",
                 str(row.rate_limited),
                 str(row.rate_limited_after_10s),
                 f"{row.submits_per_file:.2f}",
                 f"{row.polls_per_file:.2f}",
+                f"{row.requests_per_file:.2f}",
+                _seconds(row.result_p50_seconds),
+                _seconds(row.result_p95_seconds),
+                _seconds(row.result_max_seconds),
                 cpu,
                 f"{row.net_cpu_ms_per_file:.1f}",
                 f"{row.peak_rss_mb:.0f}",
@@ -246,9 +267,11 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
                 str(row.duplicates),
             ]
         )
-        if args.webhook:
-            table[-1] += [_seconds(row.result_p50_seconds), _seconds(row.result_p95_seconds)]
     return header + "\n\n" + markdown_table(table)
+
+
+def _ratio(value: float, bound: float | None) -> str:
+    return "—" if not bound else f"{value / bound:.2f}"
 
 
 def _seconds(value: float | None) -> str:

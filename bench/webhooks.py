@@ -3,8 +3,9 @@
 The emulator (a subprocess) gets a signing secret and subscriptions to the runner's receiver for
 the transform and error events of the workflow's function; the runner gets the secret in
 ``BEM_WEBHOOK_SECRET`` and ``[webhook] listen`` on a free loopback port. Time to result is, per
-result document, its modification time minus the call's ``finishedAt`` — the moment the emulator
-fires the call's events (the emulator and the runner share this machine's clock).
+result document, the time it was renamed into place (its ctime) minus the call's
+``finishedAt`` — the moment the emulator fires the call's events (the emulator and the runner
+share this machine's clock).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def times_to_result(outbox: Path) -> list[float]:
         finished = document.get("finishedAt")
         if finished:
             moment = datetime.fromisoformat(finished.replace("Z", "+00:00")).timestamp()
-            seconds.append(path.stat().st_mtime - moment)
+            stat = path.stat()  # a rename sets ctime: the moment the document appeared
+            seconds.append(max(stat.st_mtime, stat.st_ctime) - moment)
     return seconds
 
 

@@ -19,6 +19,7 @@ from runner.api.client import BemClient
 from runner.clock import Clock
 from runner.config import Config
 from runner.health import ApiHealth
+from runner.schedule import PollPlan
 from runner.store.base import Store
 from runner.webhook_policy import EventFlow
 
@@ -84,6 +85,8 @@ class Context:
     """Told the submit-to-result seconds of every call that reaches its end (metrics)."""
     webhook_flow: EventFlow | None = None
     """What the webhook receiver hears, when there is one (:mod:`runner.webhook`)."""
+    poll_plan: PollPlan = field(default_factory=PollPlan)
+    """What the poll schedule has learnt (:mod:`runner.schedule`)."""
 
     def __post_init__(self) -> None:
         self.nudges = Nudges.on(self.clock)

@@ -1,14 +1,17 @@
 """The poller: follows every open call to a terminal state.
 
-In v3 mode one ``GET /v3/calls?callIDs=...`` answers for many calls at once; each call keeps its
-own exponential schedule with jitter. In v2 mode each call is read with ``GET /v2/calls/{id}``
-and, once terminal, its outputs are read once with ``GET /v3/calls/{id}`` (v2 calls carry none).
+In v3 mode one ``GET /v3/calls?callIDs=...`` answers for many calls at once; when each call is
+polled next is :mod:`runner.schedule`'s (a shared grid, learnt latencies, the rate and request
+budget), relaxed while webhook events flow (:mod:`runner.webhook_policy`). In v2 mode each
+call is read with ``GET /v2/calls/{id}`` and, once terminal, its outputs are read once with
+``GET /v3/calls/{id}`` (v2 calls carry none).
 A call older than ``poll.give_up_after`` ends as "timed out".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import anyio
 import structlog
@@ -19,11 +22,10 @@ from runner.api.models import Call, CallFilter
 from runner.context import MIN_WAIT, Context
 from runner.errors import ApiError, AuthError, NotFoundError
 from runner.health import AUTH_RETRY_SECONDS
-from runner.policy import poll_delay
+from runner.schedule import Outlook, grid_for, next_poll_at, ride_along_seconds
 from runner.store.base import Finished, GroupRow, NextPoll
 
 log = structlog.get_logger("runner.poll")
-
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Poller:
         self._ctx = ctx
         self._item_references: dict[int, frozenset[str]] = {}
         """The itemReferenceIDs each polled batch group sent, to check what bem answers."""
+        self._newly_learnt: set[str] = set()
+        """Workflows whose latencies were learnt in this page: their calls are rescheduled."""
 
     async def run(self) -> None:
         ctx = self._ctx
@@ -57,6 +61,8 @@ class Poller:
         """Poll every call that is due, a page at a time; return the idle wait."""
         ctx = self._ctx
         limit = ctx.config.poll.calls_per_request
+        ride = ctx.config.poll.initial_seconds
+        planned = False
         while not ctx.stopping.is_set():
             now = ctx.clock.wall()
             next_due = await ctx.store.next_poll_due()
@@ -64,10 +70,15 @@ class Poller:
                 return ctx.config.poll.max_seconds
             if next_due > now:
                 return max(next_due - now, MIN_WAIT)
+            if not planned:  # once per pass: the grid for the calls polled in it
+                ride = await self._plan(now)
+                planned = True
             # calls due soon ride along with the ones due now: one request instead of many
-            due = await ctx.store.due_polls(now=now + ctx.config.poll.initial_seconds, limit=limit)
+            due = await ctx.store.due_polls(now=now + ride, limit=limit)
             if not due:
                 return MIN_WAIT
+            if not ctx.poll_plan.may_send(now, calls=len(due), per_request=limit):
+                return max(ctx.poll_plan.next_slot_in(now), MIN_WAIT)  # the next grid point
             await self._load_item_references(due)
             try:
                 if ctx.config.api.version == "v2":
@@ -78,6 +89,28 @@ class Poller:
                 await self._failed(due, exc)
                 return 1.0
         return 0.0
+
+    async def _plan(self, now: float) -> float:
+        """Choose the grid from what is pending and learnt; return the ride-along window.
+
+        v2 reads one call per request, which no grid makes cheaper: each call keeps its own
+        exponential schedule there.
+        """
+        ctx = self._ctx
+        plan, poll = ctx.poll_plan, ctx.config.poll
+        if ctx.config.api.version == "v2" or plan.longest == 0:
+            plan.grid = None  # nothing learnt yet: today's exponential schedule, uncapped
+        else:
+            outlook = Outlook(
+                submits_pending=await ctx.store.next_submit_due() is not None,
+                rate=ctx.config.limits.requests_per_second,
+                open_calls=await ctx.store.open_call_count(),
+                calls_per_request=poll.calls_per_request,
+                credits=plan.credits,
+                horizon=plan.horizon(now),
+            )
+            plan.grid = grid_for(outlook, base=poll.initial_seconds)
+        return ride_along_seconds(plan.grid, initial=poll.initial_seconds)
 
     async def _load_item_references(self, due: list[GroupRow]) -> None:
         batches = [g.id for g in due if g.batch]
@@ -91,6 +124,7 @@ class Poller:
         ctx = self._ctx
         faults.point("poll.before_send")
         wanted = CallFilter(call_ids=tuple(g.call_id or "" for g in due))
+        ctx.poll_plan.sent(ctx.clock.wall())
         calls = await ctx.client.list_calls(wanted, limit=len(due))
         faults.point("poll.after_receive")
         by_id = {call.call_id: call for call in calls}
@@ -110,12 +144,16 @@ class Poller:
         for group in due:
             try:
                 faults.point("poll.before_send")
+                ctx.poll_plan.sent(ctx.clock.wall())
                 v2 = await ctx.client.get_call_v2(group.call_id or "")
                 faults.point("poll.after_receive")
             except NotFoundError:
                 page.ended(group, *self._lost(group))
                 continue
-            call = await ctx.client.get_call(v2.call_id) if v2.is_terminal else None
+            call = None
+            if v2.is_terminal:
+                ctx.poll_plan.sent(ctx.clock.wall())
+                call = await ctx.client.get_call(v2.call_id)
             self._follow(page, group, v2.status, call)
         await self._record(page)
 
@@ -136,12 +174,21 @@ class Poller:
             )
             page.ended(group, "failed", None, reason)
         elif call is not None and call.is_terminal:
+            self._learn(group, call)
             result = call.model_dump_json(by_alias=True, exclude_unset=True)
             page.ended(group, call.status or "failed", result, None)
         elif (reason := self._gave_up(group, status)) is not None:
             page.ended(group, "failed", None, reason)
         else:
             page.next_polls.append(self._next_poll(group, status))
+
+    def _learn(self, group: GroupRow, call: Call) -> None:
+        """How long the call took, by bem's clock (or, lacking it, since it was submitted)."""
+        seconds = _seconds_between(call.created_at, call.finished_at)
+        if seconds is None and group.submitted_at is not None:
+            seconds = self._ctx.clock.wall() - group.submitted_at
+        if seconds is not None and self._ctx.poll_plan.learn(group.workflow, seconds):
+            self._newly_learnt.add(group.workflow)
 
     def _mismatch(self, group: GroupRow, call: Call) -> str | None:
         return call_mismatch(
@@ -156,21 +203,26 @@ class Poller:
 
     async def _get_one(self, group: GroupRow, page: PollPage) -> Call | None:
         try:
+            self._ctx.poll_plan.sent(self._ctx.clock.wall())
             return await self._ctx.client.get_call(group.call_id or "")
         except NotFoundError:
             page.ended(group, *self._lost(group))
             return None
 
     def _next_poll(self, group: GroupRow, status: str | None) -> NextPoll:
-        poll = self._ctx.config.poll
-        delay = poll_delay(
-            group.attempts + 1,
+        ctx = self._ctx
+        poll, plan = ctx.config.poll, ctx.poll_plan
+        now = ctx.clock.wall()
+        at = next_poll_at(
+            now=now,
+            submitted_at=group.submitted_at if group.submitted_at is not None else group.opened_at,
+            attempts=group.attempts + 1,
+            latencies=plan.latencies(group.workflow),
+            tick=plan.tick,
             initial=poll.initial_seconds,
             maximum=poll.max_seconds,
-            rng=self._ctx.rng,
+            rng=ctx.rng,
         )
-        now = self._ctx.clock.wall()
-        at = now + delay
         if self._ctx.webhook_flow is not None:  # events flowing: a long safety-net interval
             at = self._ctx.webhook_flow.poll_at(group, at, now=now)
         return NextPoll(group.id, at, status, seen_event_at=group.event_at or 0.0)
@@ -209,6 +261,21 @@ class Poller:
         if page.finished:
             ctx.nudges.deliver.set()
             ctx.nudges.submit.set()
+        if self._newly_learnt:
+            await self._reschedule_learnt()
+
+    async def _reschedule_learnt(self) -> None:
+        """Calls scheduled before their workflow's latencies were known move to the schedule
+        that knows them (an exponential wait would otherwise still hold them back)."""
+        ctx = self._ctx
+        workflows, self._newly_learnt = self._newly_learnt, set()
+        now = ctx.clock.wall()
+        await self._plan(now)  # the grid, now that something is learnt
+        horizon = now + ctx.config.poll.max_seconds + ctx.config.poll.initial_seconds
+        waiting = await ctx.store.due_polls(now=horizon, limit=ctx.config.limits.max_open_calls)
+        await ctx.store.reschedule_polls(
+            [self._next_poll(g, g.status) for g in waiting if g.workflow in workflows]
+        )
 
     async def _failed(self, due: list[GroupRow], exc: ApiError) -> None:
         ctx = self._ctx
@@ -221,3 +288,14 @@ class Poller:
             delay = AUTH_RETRY_SECONDS  # one 401 a minute, not one a second
         await ctx.store.reschedule_polls([NextPoll(g.id, now + delay, g.status) for g in due])
         await anyio.lowlevel.checkpoint()
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    """Seconds from one of bem's ISO 8601 timestamps to another; None if either is missing."""
+    if not start or not end:
+        return None
+    try:
+        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

@@ -17,6 +17,7 @@ from runner.api.models import Call, CallFilter
 from runner.context import Context
 from runner.errors import ApiError
 from runner.policy import unknown_outcome_resolution
+from runner.schedule import next_poll_at
 from runner.store.base import GroupRow
 from runner.webhook_policy import CONFIRM_WINDOW_SECONDS
 
@@ -31,7 +32,7 @@ async def record_call(ctx: Context, group: GroupRow, call_id: str, status: str |
     """bem has a call for this group (answered by its POST, or found by listing): follow it."""
     ctx.health.reached()
     now = ctx.clock.wall()
-    next_poll = now + ctx.config.poll.initial_seconds
+    next_poll = first_poll_at(ctx, group.workflow, now=now)
     flow = ctx.webhook_flow
     if flow is not None:
         next_poll = flow.first_poll_at(next_poll, now=now)
@@ -55,6 +56,27 @@ async def record_call(ctx: Context, group: GroupRow, call_id: str, status: str |
         files=group.file_count,
     )
     ctx.nudges.poll.set()
+
+
+def first_poll_at(ctx: Context, workflow: str, *, now: float) -> float:
+    """A new call's first poll: once its workflow's fastest calls finish, or after
+    ``poll.initial_seconds`` while nothing is learnt (:mod:`runner.schedule`)."""
+    plan = ctx.poll_plan
+    plan.started(now)
+    latencies = plan.latencies(workflow)
+    poll = ctx.config.poll
+    if latencies is None or plan.tick is None:
+        return now + poll.initial_seconds
+    return next_poll_at(
+        now=now,
+        submitted_at=now,
+        attempts=0,
+        latencies=latencies,
+        tick=plan.tick,
+        initial=poll.initial_seconds,
+        maximum=poll.max_seconds,
+        rng=ctx.rng,
+    )
 
 
 def recheck_seconds(ctx: Context) -> float:
