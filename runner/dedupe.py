@@ -7,8 +7,9 @@ group would be sent, the store decides, in one transaction, with :func:`decide`:
   result, from a call bem reported ``completed``, made by this store — a single file or one item
   of a batch). The group ends at once, without a call, and its document is that result's,
   marked ``reusedFrom``.
-- **wait**: another file with the same key is on its way to bem or back (its group open, ready
-  with a lower id, sending, unknown, polling, or finished but not yet delivered). The group
+- **wait**: another file with the same key is on its way to bem or back (its group open,
+  sending, unknown, polling, or finished but not yet delivered; a batch about to be sent; a
+  single file ready with a lower id). The group
   waits; the delivery (or disappearance) of that file wakes it, and it is decided again.
 - **send**: otherwise. Of several ready files with one key, the oldest group is sent.
 
@@ -51,6 +52,8 @@ class Peer:
 
     group_id: int
     state: str
+    batch: bool = False
+    """A folder or window call: it is always sent, so it is waited for even when younger."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,9 @@ def decide(
 ) -> list[Decision]:
     """Per candidate (in the order given): reuse a source, wait for a peer, or send.
 
-    A candidate waits for a peer that is past ``ready`` (it is being sent or is back), or for a
-    ready one that is older: so of ready peers exactly the oldest is sent, and no two groups can
-    wait for each other.
+    A candidate waits for a peer that is past ``ready`` (it is being sent or is back), for a
+    batch (batches never wait), or for a ready single file that is older: so of ready single
+    files exactly the oldest is sent, and no two groups can wait for each other.
     """
     decisions: list[Decision] = []
     for candidate in candidates:
@@ -94,7 +97,7 @@ def decide(
 def _waits_for(candidate: Candidate, peer: Peer) -> bool:
     if peer.group_id == candidate.group_id or peer.state in NOT_WAITED_FOR:
         return False
-    if peer.state == "ready":
+    if peer.state == "ready" and not peer.batch:
         return peer.group_id < candidate.group_id
     return True
 

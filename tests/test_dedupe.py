@@ -23,7 +23,8 @@ STATES = ["open", "ready", "waiting", "sending", "unknown", "polling", "terminal
 # -- the decision, pure ------------------------------------------------------------------------
 
 peers_strategy = st.lists(
-    st.tuples(st.integers(1, 30), st.sampled_from(STATES), st.sampled_from(KEYS)), max_size=12
+    st.tuples(st.integers(1, 30), st.sampled_from(STATES), st.sampled_from(KEYS), st.booleans()),
+    max_size=12,
 )
 
 
@@ -36,7 +37,7 @@ peers_strategy = st.lists(
 def test_a_decision_reuses_a_source_else_waits_only_for_a_peer_on_its_way(
     candidate_ids: list[int],
     keys: list[ContentKey],
-    others: list[tuple[int, str, ContentKey]],
+    others: list[tuple[int, str, ContentKey, bool]],
     with_source: set[ContentKey],
 ) -> None:
     candidates = [Candidate(gid, keys[n]) for n, gid in enumerate(candidate_ids)]
@@ -44,10 +45,10 @@ def test_a_decision_reuses_a_source_else_waits_only_for_a_peer_on_its_way(
     peers: dict[ContentKey, list[Peer]] = defaultdict(list)
     for c in candidates:  # a candidate is ready, and its own peer
         peers[c.key].append(Peer(c.group_id, "ready"))
-    for gid, state, key in others:
+    for gid, state, key, batch in others:
         if gid not in taken:
             taken.add(gid)
-            peers[key].append(Peer(gid, state))
+            peers[key].append(Peer(gid, state, batch))
     sources = {key: Source(file_id=7, call_id="c") for key in with_source}
 
     decisions = decide(candidates, sources, peers)
@@ -59,7 +60,7 @@ def test_a_decision_reuses_a_source_else_waits_only_for_a_peer_on_its_way(
             for p in peers[c.key]
             if p.group_id != c.group_id
             and p.state not in ("waiting", "done")
-            and (p.state != "ready" or p.group_id < c.group_id)
+            and (p.state != "ready" or p.batch or p.group_id < c.group_id)
         ]
         if c.key in with_source:
             assert (d.action, d.source) == ("reuse", sources[c.key])
@@ -67,10 +68,13 @@ def test_a_decision_reuses_a_source_else_waits_only_for_a_peer_on_its_way(
             assert (d.action, d.source) == ("wait", None)
         else:
             assert (d.action, d.source) == ("send", None)
-    # of the ready files of one content with nothing else on its way, exactly the oldest goes
+    # of the ready single files of one content with nothing else on its way, the oldest goes
     for key in KEYS:
-        busy = any(p.state not in ("ready", "waiting", "done") for p in peers[key])
-        ready = sorted(p.group_id for p in peers[key] if p.state == "ready")
+        busy = any(
+            p.state not in ("ready", "waiting", "done") or (p.batch and p.state == "ready")
+            for p in peers[key]
+        )
+        ready = sorted(p.group_id for p in peers[key] if p.state == "ready" and not p.batch)
         sent = [d.group_id for d in decisions if d.action == "send" and _key(candidates, d) == key]
         if key not in with_source and not busy and ready and ready[0] in candidate_ids:
             assert sent == [ready[0]]
@@ -95,6 +99,7 @@ Op = tuple[str, int]
 ops_strategy = st.lists(
     st.one_of(
         st.tuples(st.just("arrive"), st.integers(0, len(KEYS) - 1)),
+        st.tuples(st.just("arrive_batch"), st.integers(0, len(KEYS) - 1)),
         st.tuples(st.just("submit"), st.integers(1, 4)),
         st.tuples(st.just("succeed"), st.integers(0, 5)),
         st.tuples(st.just("fail"), st.integers(0, 5)),
@@ -171,14 +176,18 @@ async def test_any_interleaving_sends_each_content_once_and_gives_each_file_one_
 async def _play(store: Store, world: World, op: str, arg: int) -> None:
     world.now += 1.0
     now = world.now
-    if op == "arrive":
+    if op in ("arrive", "arrive_batch"):
         world.files += 1
         key = KEYS[arg]
-        rel = f"wf/{world.files}.txt"
-        new = NewFile(
-            rel, 4, 1, key.sha256, key.input_type, Destination(key.workflow, "file", rel, rel)
+        mode = "file" if op == "arrive" else "folder"
+        rel = f"wf/{world.files}.txt" if op == "arrive" else f"wf/{world.files}/item.txt"
+        where = Destination(
+            key.workflow, mode, rel.rsplit("/", 1)[0] if mode != "file" else rel, rel
         )
+        new = NewFile(rel, 4, 1, key.sha256, key.input_type, where)
         await store.add_files([new], now=now, batch_limits={})
+        for group in await store.open_groups():  # a folder of one file, closed at once
+            await store.close_group(group.id)
     elif op == "submit":
         ready = await store.ready_groups(now=now, limit=arg)
         settled = await store.settle_duplicates([g.id for g in ready], now=now)
@@ -190,8 +199,9 @@ async def _play(store: Store, world: World, op: str, arg: int) -> None:
         for group in sent:
             (file,) = files[group.id]
             key = ContentKey(file.sha256 or "", file.workflow or "", file.input_type or "")
-            assert key not in world.in_flight.values(), "one content sent twice at once"
-            assert key not in world.succeeded, "a content sent again after its result"
+            if not group.batch:  # a batch is always sent whole; a single file only if needed
+                assert key not in world.in_flight.values(), "one content sent twice at once"
+                assert key not in world.succeeded, "a content sent again after its result"
             world.calls[key] += 1
             world.sent.add(file.id)
             world.in_flight[group.id] = key

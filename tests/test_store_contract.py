@@ -1319,6 +1319,9 @@ async def test_a_batch_is_never_shortened_but_its_results_are_reused(store: Stor
     await store.close_group(folder.id)
     assert await store.settle_duplicates([folder.id], now=2.0) == Settled([], [])
     assert (await store.group(folder.id)).state == "ready"
+    # ready, the batch goes first though it is younger: a batch never waits
+    await store.recover()
+    assert (await store.settle_duplicates([single.id], now=2.0)).waiting == [single.id]
     await completed(store, await store.group(folder.id), call_id="batch")
     (item,) = [f for f in (await store.files_of_groups([folder.id]))[folder.id] if f.sha256 == SAME]
     assert (await store.settle_duplicates([single.id], now=7.0)).reused == [single.id]

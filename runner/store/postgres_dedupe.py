@@ -51,7 +51,9 @@ class PostgresDedupe(PostgresPlumbing):
             peers: dict[ContentKey, list[Peer]] = {}
             for r in await _all(conn, "dedupe_peers", arrays):
                 key = ContentKey(r["sha256"], r["workflow"], r["input_type"])
-                peers.setdefault(key, []).append(Peer(r["group_id"], r["state"]))
+                peers.setdefault(key, []).append(
+                    Peer(r["group_id"], r["state"], r["mode"] != "file")
+                )
             decisions = decide(candidates, sources, peers)
             reused = [d for d in decisions if d.action == "reuse" and d.source is not None]
             waiting = [d.group_id for d in decisions if d.action == "wait"]

@@ -474,7 +474,7 @@ JOIN files s ON s.id = (
 JOIN groups g ON g.id = s.group_id;
 
 -- name: dedupe_peers
-SELECT f.sha256, f.workflow, f.input_type, g.id AS group_id, g.state
+SELECT f.sha256, f.workflow, f.input_type, g.id AS group_id, g.state, g.mode
 FROM unnest(%(shas)s::text[], %(workflows)s::text[], %(input_types)s::text[])
      AS k (sha256, workflow, input_type)
 JOIN files f ON f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type

@@ -291,7 +291,7 @@ WITH keys AS (
     SELECT json_extract(value, '$[0]') AS sha256, json_extract(value, '$[1]') AS workflow,
            json_extract(value, '$[2]') AS input_type
     FROM json_each(:keys))
-SELECT f.sha256, f.workflow, f.input_type, g.id AS group_id, g.state
+SELECT f.sha256, f.workflow, f.input_type, g.id AS group_id, g.state, g.mode
 FROM keys k
 JOIN files f ON f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
 JOIN groups g ON g.id = f.group_id

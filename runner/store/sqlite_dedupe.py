@@ -47,7 +47,9 @@ class SqliteDedupe:
             peers: dict[ContentKey, list[Peer]] = {}
             for r in await _all(db, "dedupe_peers", {"keys": keys}):
                 key = ContentKey(r["sha256"], r["workflow"], r["input_type"])
-                peers.setdefault(key, []).append(Peer(r["group_id"], r["state"]))
+                peers.setdefault(key, []).append(
+                    Peer(r["group_id"], r["state"], r["mode"] != "file")
+                )
             decisions = decide(candidates, sources, peers)
             reused = [d for d in decisions if d.action == "reuse"]
             waiting = [d.group_id for d in decisions if d.action == "wait"]
