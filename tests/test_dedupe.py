@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -142,16 +143,16 @@ async def test_any_interleaving_sends_each_content_once_and_gives_each_file_one_
     path = tmp_path_factory.mktemp("dedupe") / "state.db"
     world = World()
     segments: list[list[Op]] = [[]]
-    for op in ops:
-        if op[0] == "restart":
+    for step in ops:
+        if step[0] == "restart":
             segments.append([])
         else:
-            segments[-1].append(op)
+            segments[-1].append(step)
     for n, segment in enumerate(segments):
         async with open_sqlite_store(path) as store:  # each segment is one process's life
             await store.recover()
-            for op, arg in segment:
-                await _play(store, world, op, arg)
+            for name, arg in segment:
+                await _play(store, world, name, arg)
             if n < len(segments) - 1:
                 continue
             # then everything ends, with no restart to wake what waits: bem answers every call
@@ -179,7 +180,7 @@ async def _play(store: Store, world: World, op: str, arg: int) -> None:
     if op in ("arrive", "arrive_batch"):
         world.files += 1
         key = KEYS[arg]
-        mode = "file" if op == "arrive" else "folder"
+        mode: Literal["file", "folder"] = "file" if op == "arrive" else "folder"
         rel = f"wf/{world.files}.txt" if op == "arrive" else f"wf/{world.files}/item.txt"
         where = Destination(
             key.workflow, mode, rel.rsplit("/", 1)[0] if mode != "file" else rel, rel
