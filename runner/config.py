@@ -234,6 +234,9 @@ class InboxConfig(Section):
     max_file_bytes: int = _count(100_000_000, ge=1, le=MAX_BYTES)
     rescan_seconds: float = _seconds(60.0, ge=0.01, le=DAY)
     """Full rescan of the inbox as a safety net beside file-system events."""
+    dedupe: Literal["off", "content"] = "off"
+    """``content``: a single file whose content, workflow and inputType already have a
+    completed result in the store gets a copy of it, with no call (:mod:`runner.dedupe`)."""
 
 
 class PollConfig(Section):

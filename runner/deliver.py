@@ -25,7 +25,13 @@ import structlog
 from runner import faults, names
 from runner.archive import LeftInPlace, finish_inputs
 from runner.context import Context
-from runner.documents import Document, documents_for_group, encode, rejection_document
+from runner.documents import (
+    Document,
+    documents_for_group,
+    encode,
+    rejection_document,
+    reused_document,
+)
 from runner.outbox import (
     ERROR_SUFFIX,
     KINDS,
@@ -183,12 +189,17 @@ class Deliverer:
         terminal = await store.terminal_groups(limit=BATCH)
         documents = [rejection_document(file) for file in rejected]
         files_by_group = await store.files_of_groups([g.id for g in terminal])
+        sources = await store.reuse_sources(
+            [g.reused_file_id for g in terminal if g.reused_file_id is not None]
+        )
         for group in terminal:
-            documents += [
-                d
-                for d in documents_for_group(group, files_by_group[group.id])
-                if d.file.state == "queued"
-            ]
+            files = files_by_group[group.id]
+            if group.reused_file_id is not None:
+                source, source_files = sources[group.reused_file_id]
+                made = [reused_document(group, f, source, source_files) for f in files]
+            else:
+                made = documents_for_group(group, files)
+            documents += [d for d in made if d.file.state == "queued"]
         written = await self._write(documents)
         # a group whose files all have their documents now is done (the query checks)
         await store.mark_delivered(
@@ -198,6 +209,8 @@ class Deliverer:
         )
         for _, outcome, _ in written:
             ctx.tally[outcome] += 1
+        if written and ctx.config.inbox.dedupe == "content":
+            ctx.nudges.submit.set()  # files waiting for these contents decide again
         finished, left = await self._finish([*delivered, *(d.file for d, _, _ in written)])
         await store.mark_done([f.id for f in finished], now=ctx.clock.wall())
         for file in finished:
@@ -291,4 +304,3 @@ class Deliverer:
                 left.add(file.id)
             finished.append(file)
         return finished, left
-

@@ -132,6 +132,40 @@ def _document(
     return Document(file, "error", body, reason)
 
 
+FILE_FIELDS = ("file", "fileBase64", "itemReferenceID", "inputType", "sha256", "sizeBytes")
+"""The fields of a result that belong to the file, not to the call (see :func:`reused_document`)."""
+
+
+def reused_document(
+    group: GroupRow, file: FileRow, source: GroupRow, source_files: Sequence[FileRow]
+) -> Document:
+    """The document of a file that reused another file's completed result (content dedupe).
+
+    It is that file's document, made again from its call exactly as it was delivered, with this
+    file's own fields and ``reusedFrom``: the call's ID. A source that does not make a result
+    (it cannot: only results are reused) gives an error document naming it, never its outputs.
+    """
+    original = next(
+        (d for d in documents_for_group(source, source_files) if d.file.id == group.reused_file_id),
+        None,
+    )
+    if original is None or original.outcome != "result":
+        reason = f"the result to reuse (call {source.call_id}) could not be made again"
+        body = {**names.name_fields("file", file.rel), "status": "failed", "reason": reason}
+        return Document(file, "error", {**body, "reusedFrom": source.call_id}, reason)
+    body = {k: v for k, v in original.body.items() if k not in ("file", "fileBase64")}
+    mine: dict[str, Any] = {
+        **names.name_fields("file", file.rel),
+        **body,
+        "itemReferenceID": file.item_reference_id if group.batch else None,
+        "inputType": file.input_type,
+        "sha256": file.sha256,
+        "sizeBytes": file.size,
+        "reusedFrom": source.call_id,
+    }
+    return Document(file, "result", mine, None)
+
+
 def _message(event: Any) -> str:
     message = event.get("message") if isinstance(event, dict) else None
     return str(message or "bem reported an error")
@@ -167,5 +201,3 @@ def encode(body: dict[str, Any]) -> bytes:
         return json.dumps(body, indent=2, ensure_ascii=False).encode() + b"\n"
     except UnicodeEncodeError:
         return json.dumps(body, indent=2, ensure_ascii=True).encode() + b"\n"
-
-

@@ -18,6 +18,7 @@ async def collect_status(store: Store) -> dict[str, Any]:
         "files": counts.files,
         "calls": counts.groups,
         "open_calls": counts.open_calls,
+        "reused": counts.reused,
         "recent_errors": [
             {"file": rel, "reason": reason, "at": _iso(at)} for rel, reason, at in errors
         ],
@@ -35,6 +36,7 @@ def render_status(report: dict[str, Any], console: Console | None = None) -> Non
     for state, count in sorted(report["calls"].items()):
         table.add_row("calls", state, str(count))
     table.add_row("calls", "open (sending, unknown, polling)", str(report["open_calls"]))
+    table.add_row("files", "reused (a result copied, no call)", str(report["reused"]))
     console.print(table)
     if report["recent_errors"]:
         errors = Table(title="recent errors")

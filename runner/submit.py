@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from runner import faults
+from runner import faults, names
 from runner.api.models import UploadFile, V2Call, V2CallRequest
 from runner.context import MIN_WAIT, Context
 from runner.errors import (
@@ -77,6 +77,8 @@ class Submitter:
             return 1.0
         groups = await ctx.store.ready_groups(now=now, limit=room)
         sendable = await self._preflight(groups)
+        if sendable and ctx.config.inbox.dedupe == "content":
+            sendable = await self._without_duplicates(sendable)
         if sendable:
             await ctx.store.mark_sending([g.id for g, _ in sendable], now=ctx.clock.wall())
             faults.point("submit.after_commit")
@@ -89,6 +91,27 @@ class Submitter:
         if next_due is None:
             return ctx.config.inbox.rescan_seconds
         return max(next_due - ctx.clock.wall(), MIN_WAIT)
+
+    async def _without_duplicates(self, sendable: Sendable) -> Sendable:
+        """Single files whose content has a completed result reuse it, and those whose content
+        is already on its way wait for it (decided by the store, :mod:`runner.dedupe`)."""
+        ctx = self._ctx
+        single = [g.id for g, _ in sendable if not g.batch]
+        settled = await ctx.store.settle_duplicates(single, now=ctx.clock.wall())
+        skipped = {*settled.reused, *settled.waiting}
+        if not skipped:
+            return sendable
+        for group, files in sendable:
+            if group.id in skipped:
+                log.info(
+                    "result reused" if group.id in settled.reused else "waiting for a duplicate",
+                    file=names.shown(files[0].rel) if files else None,
+                    sha256=files[0].sha256 if files else None,
+                    callReferenceID=group.call_reference_id,
+                )
+        if settled.reused:
+            ctx.nudges.deliver.set()
+        return [(g, files) for g, files in sendable if g.id not in skipped]
 
     def _room(self, open_calls: int) -> int:
         limits = self._ctx.config.limits

@@ -115,7 +115,7 @@ SECTIONS: dict[str, list[str]] = {
     ],
     "limits": ["requests_per_second", "burst", "max_concurrency", "max_open_calls"],
     "paths": ["inbox", "outbox", "archive", "state"],
-    "inbox": ["settle_seconds", "on_done", "max_file_bytes", "rescan_seconds"],
+    "inbox": ["settle_seconds", "on_done", "max_file_bytes", "rescan_seconds", "dedupe"],
     "poll": ["initial_seconds", "max_seconds", "give_up_after", "calls_per_request"],
     "service": ["graceful_timeout", "metrics_addr"],
 }
@@ -261,6 +261,7 @@ valid_documents = st.fixed_dictionaries(
                 "on_done": st.sampled_from(["archive", "delete", "keep"]),
                 "max_file_bytes": st.integers(1, 10**10),
                 "rescan_seconds": seconds_between(0.01, 86_400),
+                "dedupe": st.sampled_from(["off", "content"]),
             },
         ),
         "poll": st.builds(

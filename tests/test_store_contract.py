@@ -34,6 +34,7 @@ from runner.store.base import (
     KnownFile,
     NewFile,
     NextPoll,
+    Settled,
     Store,
 )
 from runner.store.postgres import PostgresStore, open_postgres_store
@@ -1140,6 +1141,233 @@ async def test_a_reopened_store_sees_everything_committed(store_factory: StoreFa
         before = await snapshot(store, journey)
     async with store_factory.open() as store:
         assert await snapshot(store, journey) == before
+
+
+# -- content dedupe --------------------------------------------------------------------------
+
+SAME = "cd" * 32
+OTHER = "ef" * 32
+
+
+def content_file(
+    rel: str,
+    *,
+    sha256: str = SAME,
+    workflow: str = "wf",
+    input_type: str = "text",
+    mode: str = "file",
+) -> NewFile:
+    key = rel if mode == "file" else rel.rsplit("/", 1)[0]
+    item = rel.rsplit("/", 1)[-1]
+    return NewFile(
+        rel=rel,
+        size=4,
+        mtime_ns=1,
+        sha256=sha256,
+        input_type=input_type,
+        destination=Destination(workflow, mode, key, item),  # type: ignore[arg-type]
+    )
+
+
+async def ready_with(store: Store, new: NewFile, *, now: float = 1.0) -> GroupRow:
+    await add(store, [new], now=now)
+    (group,) = [g for g in await store.ready_groups(now=1e9, limit=1000) if g.group_key == new.rel]
+    return group
+
+
+async def completed(
+    store: Store, group: GroupRow, *, call_id: str = "c1", outcome: str = "result"
+) -> None:
+    """The group's call completed and its documents were written as ``outcome``."""
+    await to_polling(store, group, call_id=call_id)
+    await store.mark_terminal([Finished(group.id, "completed", '{"outputs": []}', None)], now=5.0)
+    await deliver_all(store, group, outcome=outcome)
+
+
+async def test_a_completed_result_is_reused_by_a_single_file_of_the_same_content(
+    store: Store,
+) -> None:
+    first = await ready_with(store, content_file("wf/a.txt"))
+    await completed(store, first, call_id="call-a")
+    await store.mark_done([(await the_file(store, first.id)).id], now=7.0)
+    source = await the_file(store, first.id)
+
+    second = await ready_with(store, content_file("wf/copy/b.txt"), now=8.0)
+    settled = await store.settle_duplicates([second.id], now=9.0)
+    assert (settled.reused, settled.waiting) == ([second.id], [])
+    reused = await store.group(second.id)
+    assert (reused.state, reused.status, reused.call_id, reused.reused_file_id) == (
+        "terminal",
+        "completed",
+        "call-a",
+        source.id,
+    )
+    assert (reused.finished_at, reused.submitted_at, reused.sent_at) == (9.0, None, None)
+    assert await store.ready_groups(now=1e9, limit=10) == []
+    assert await store.open_call_count() == 0
+    assert [g.id for g in await store.terminal_groups(limit=10)] == [second.id]
+    sources = await store.reuse_sources([source.id, source.id])
+    assert list(sources) == [source.id]
+    call, files = sources[source.id]
+    assert (call, [f.id for f in files]) == (await store.group(first.id), [source.id])
+
+    await deliver_all(store, reused)
+    counts = await store.counts()
+    assert counts.reused == 1
+    assert counts.groups == {"done": 1}  # a reuse is no call
+    assert counts.files == {"done:result": 1, "delivered:result": 1}
+    assert (await store.group(second.id)).state == "done"
+
+
+async def test_a_result_is_reused_only_for_the_same_content_workflow_and_input_type(
+    store: Store,
+) -> None:
+    first = await ready_with(store, content_file("wf/a.txt"))
+    await completed(store, first)
+    others = [
+        await ready_with(store, content_file("wf/b.txt", sha256=OTHER)),
+        await ready_with(store, content_file("other/c.txt", workflow="other")),
+        await ready_with(store, content_file("wf/d.csv", input_type="csv")),
+    ]
+    settled = await store.settle_duplicates([g.id for g in others], now=9.0)
+    assert (settled.reused, settled.waiting) == ([], [])
+    assert [g.state for g in [await store.group(g.id) for g in others]] == ["ready"] * 3
+
+
+async def test_a_failed_result_is_never_reused(store: Store) -> None:
+    errored = await ready_with(store, content_file("wf/a.txt"))
+    await completed(store, errored, outcome="error")  # completed, but no result for the file
+    failed = await ready_with(store, content_file("wf/b.txt"))
+    await to_polling(store, failed, call_id="c2")
+    await store.mark_terminal([Finished(failed.id, "failed", None, "bem failed it")], now=5.0)
+    await deliver_all(store, failed, outcome="error")
+    third = await ready_with(store, content_file("wf/c.txt"))
+    settled = await store.settle_duplicates([third.id], now=9.0)
+    assert (settled.reused, settled.waiting) == ([], [])
+    assert (await store.group(third.id)).state == "ready"
+
+
+async def test_a_reused_result_is_not_a_source_itself(store: Store) -> None:
+    first = await ready_with(store, content_file("wf/a.txt"))
+    await completed(store, first, call_id="call-a")
+    source = await the_file(store, first.id)
+    second = await ready_with(store, content_file("wf/b.txt"))
+    await store.settle_duplicates([second.id], now=9.0)
+    await deliver_all(store, await store.group(second.id))
+    third = await ready_with(store, content_file("wf/c.txt"))
+    assert (await store.settle_duplicates([third.id], now=10.0)).reused == [third.id]
+    assert (await store.group(third.id)).reused_file_id == source.id  # the original, always
+
+
+async def test_same_content_in_flight_waits_and_is_woken_by_its_delivery(store: Store) -> None:
+    first = await ready_with(store, content_file("wf/a.txt"))
+    await to_polling(store, first, call_id="call-a")
+    second = await ready_with(store, content_file("wf/b.txt"))
+    settled = await store.settle_duplicates([second.id], now=4.0)
+    assert (settled.reused, settled.waiting) == ([], [second.id])
+    assert (await store.group(second.id)).state == "waiting"
+    assert await store.ready_groups(now=1e9, limit=10) == []
+    assert await store.next_submit_due() is None
+    assert await store.unfinished_work() == 4  # two groups, two queued files
+    assert (await store.counts()).groups == {"polling": 1, "waiting": 1}
+    # deciding again changes nothing: it is not ready
+    assert await store.settle_duplicates([second.id], now=4.5) == Settled([], [])
+
+    await store.mark_terminal([Finished(first.id, "completed", '{"outputs": []}', None)], now=5.0)
+    assert (await store.group(second.id)).state == "waiting"  # no document yet
+    await deliver_all(store, first)
+    woken = await store.group(second.id)
+    assert (woken.state, woken.not_before) == ("ready", 0)
+    assert (await store.settle_duplicates([second.id], now=7.0)).reused == [second.id]
+
+
+async def test_waiters_for_a_failed_file_wake_and_the_oldest_is_sent(store: Store) -> None:
+    first = await ready_with(store, content_file("wf/a.txt"))
+    await to_polling(store, first)
+    waiters = [await ready_with(store, content_file(f"wf/w{n}.txt")) for n in range(3)]
+    settled = await store.settle_duplicates([g.id for g in reversed(waiters)], now=4.0)
+    assert sorted(settled.waiting) == [g.id for g in waiters]
+    await store.mark_terminal([Finished(first.id, "failed", None, "bem failed it")], now=5.0)
+    await deliver_all(store, first, outcome="error")
+    assert [g.id for g in await store.ready_groups(now=6.0, limit=10)] == [g.id for g in waiters]
+    settled = await store.settle_duplicates([g.id for g in waiters], now=6.0)
+    assert (settled.reused, settled.waiting) == ([], [g.id for g in waiters[1:]])
+    assert [g.id for g in await store.ready_groups(now=6.0, limit=10)] == [waiters[0].id]
+
+
+async def test_of_ready_files_of_one_content_only_the_oldest_goes(store: Store) -> None:
+    groups = [await ready_with(store, content_file(f"wf/{n}.txt")) for n in range(3)]
+    # asked for the younger ones only, they still wait for the oldest
+    assert (await store.settle_duplicates([groups[2].id], now=2.0)).waiting == [groups[2].id]
+    settled = await store.settle_duplicates([g.id for g in groups], now=2.0)
+    assert (settled.reused, settled.waiting) == ([], [groups[1].id])
+    assert [g.id for g in await store.ready_groups(now=2.0, limit=10)] == [groups[0].id]
+
+
+async def test_a_batch_is_never_shortened_but_its_results_are_reused(store: Store) -> None:
+    await add(
+        store,
+        [
+            content_file("wf/f/1.txt", mode="folder", sha256=OTHER),
+            content_file("wf/f/2.txt", mode="folder"),
+        ],
+    )
+    (folder,) = await store.open_groups()
+    single = await ready_with(store, content_file("wf/alone.txt"))
+    # the open folder holds the same content: the single file waits for it
+    assert (await store.settle_duplicates([single.id], now=2.0)).waiting == [single.id]
+    await store.close_group(folder.id)
+    assert await store.settle_duplicates([folder.id], now=2.0) == Settled([], [])
+    assert (await store.group(folder.id)).state == "ready"
+    # ready, the batch goes first though it is younger: a batch never waits
+    await store.recover()
+    assert (await store.settle_duplicates([single.id], now=2.0)).waiting == [single.id]
+    await completed(store, await store.group(folder.id), call_id="batch")
+    (item,) = [f for f in (await store.files_of_groups([folder.id]))[folder.id] if f.sha256 == SAME]
+    assert (await store.settle_duplicates([single.id], now=7.0)).reused == [single.id]
+    assert (await store.group(single.id)).reused_file_id == item.id
+    call, files = (await store.reuse_sources([item.id]))[item.id]
+    assert (call.id, call.batch, len(files)) == (folder.id, True, 2)
+
+
+async def test_a_superseded_leader_wakes_its_waiters(store: Store) -> None:
+    leader = await ready_with(store, content_file("wf/a.txt"))
+    waiter = await ready_with(store, content_file("wf/b.txt"))
+    assert (await store.settle_duplicates([waiter.id], now=2.0)).waiting == [waiter.id]
+    await store.supersede_file(await the_file(store, leader.id))
+    assert (await store.group(waiter.id)).state == "ready"
+
+
+async def test_recover_wakes_every_waiting_group(store_factory: StoreFactory) -> None:
+    async with store_factory.open() as store:
+        leader = await ready_with(store, content_file("wf/a.txt"))
+        await to_polling(store, leader)
+        waiter = await ready_with(store, content_file("wf/b.txt"))
+        await store.settle_duplicates([waiter.id], now=4.0)
+    async with store_factory.open() as store:
+        assert (await store.group(waiter.id)).state == "waiting"  # kept across a restart
+        await store.recover()
+        assert (await store.group(waiter.id)).state == "ready"
+        # and deciding again, it waits again: its leader is still out
+        assert (await store.settle_duplicates([waiter.id], now=5.0)).waiting == [waiter.id]
+
+
+async def test_a_reuse_decided_before_a_crash_is_kept_and_costs_no_call(
+    store_factory: StoreFactory,
+) -> None:
+    async with store_factory.open() as store:
+        first = await ready_with(store, content_file("wf/a.txt"))
+        await completed(store, first)
+        second = await ready_with(store, content_file("wf/b.txt"))
+        await store.settle_duplicates([second.id], now=9.0)
+    async with store_factory.open() as store:  # crashed before its document was written
+        await store.recover()
+        assert await store.ready_groups(now=1e9, limit=10) == []
+        assert await store.due_unknown(now=1e9, limit=10) == []
+        source = await the_file(store, first.id)
+        (terminal,) = await store.terminal_groups(limit=10)
+        assert (terminal.id, terminal.reused_file_id) == (second.id, source.id)
+        assert await store.settle_duplicates([second.id], now=10.0) == Settled([], [])
 
 
 # -- the rate budget -------------------------------------------------------------------------

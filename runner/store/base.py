@@ -10,6 +10,10 @@ A group is one bem call. Its life::
                       │          ▼  │ (found by listing) │ (rejected by bem, timed out)
                       └──────  unknown ─────────────────-┘
 
+With content dedupe (:mod:`runner.dedupe`) a ready single-file group may instead go to
+``waiting`` (for another file of the same content; woken back to ``ready``) or straight to
+``terminal`` with ``reused_file_id`` set: no call, its document copied from that file's result.
+
 A file's life: ``queued`` (in a group) or ``rejected`` (never sent) → ``delivered`` (its outbox
 document is written) → ``done`` (archived, deleted or kept). ``retried`` rows are history.
 """
@@ -23,7 +27,9 @@ from typing import Literal, Protocol
 
 from runner.route import Destination
 
-GroupState = Literal["open", "ready", "sending", "unknown", "polling", "terminal", "done"]
+GroupState = Literal[
+    "open", "ready", "waiting", "sending", "unknown", "polling", "terminal", "done"
+]
 FileState = Literal["queued", "rejected", "delivered", "done", "retried"]
 BatchLimits = Mapping[str, tuple[int, int]]
 """``window`` group key → (max files, max bytes); a file that would overflow starts a new group."""
@@ -52,6 +58,8 @@ class GroupRow:
     finished_at: float | None
     event_at: float | None = None
     """When the latest webhook event for this call was recorded (None: none yet)."""
+    reused_file_id: int | None = None
+    """Content dedupe: the file whose completed result this group reuses (no call was made)."""
 
     @property
     def batch(self) -> bool:
@@ -156,7 +164,24 @@ class Delivery:
 class Counts:
     files: dict[str, int]
     groups: dict[str, int]
+    """Calls by state (groups that reused a result are no calls and not counted here)."""
     open_calls: int
+    reused: int = 0
+    """Files whose document was copied from an earlier completed result (content dedupe)."""
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What :meth:`Store.settle_duplicates` did with the groups it was given."""
+
+    reused: list[int]
+    """Groups ended without a call: their documents come from an earlier result."""
+    waiting: list[int]
+    """Groups waiting for another file of the same content."""
+
+
+CallAsDelivered = tuple[GroupRow, list[FileRow]]
+"""A finished call and the files its documents were made for (see ``reuse_sources``)."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,20 @@ class Store(Protocol):
     async def failed_files(self) -> list[FileRow]: ...
     async def mark_retried(self, file_ids: list[int]) -> None: ...
     async def integrity_check(self) -> str: ...
+    # -- content dedupe (SQLite schema 4, PostgreSQL schema 5) --
+    async def settle_duplicates(self, group_ids: Sequence[int], *, now: float) -> Settled:
+        """Decide, in one transaction, which of these ready single-file groups reuse an earlier
+        completed result (ended ``terminal``, no call) or wait for a file of the same content
+        (``waiting``), by :func:`runner.dedupe.decide`; the rest stay ready to be sent. A
+        waiting group is woken (``ready``) when a file of its content is delivered or
+        superseded, and by :meth:`recover`."""
+        ...
+
+    async def reuse_sources(self, file_ids: Sequence[int]) -> dict[int, CallAsDelivered]:
+        """Per source file (a ``reused_file_id``): its call and the files that call's documents
+        were made for, to make its document again exactly."""
+        ...
+
     # -- webhooks (schema 3) --
     async def record_webhook_event(
         self, event: WebhookEvent, *, now: float, confirm_at: float

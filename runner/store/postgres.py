@@ -10,6 +10,7 @@ meaning as the SQLite store (the store contract suite runs on both). File names 
 - claims and runners: :mod:`.postgres_claims`
 - the shared rate budget: :mod:`.postgres_budget`
 - wake-ups between runners: :mod:`.postgres_wake`
+- content dedupe: :mod:`.postgres_dedupe`
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from runner.store.base import (
 )
 from runner.store.postgres_budget import PostgresBudget
 from runner.store.postgres_claims import PostgresClaims
+from runner.store.postgres_dedupe import PostgresDedupe
 from runner.store.postgres_intake import PostgresIntake
 from runner.store.postgres_plumbing import QUERIES, _clean
 from runner.store.postgres_setup import (
@@ -134,7 +136,9 @@ async def open_postgres_store(
 # -- the store ----------------------------------------------------------------------------------
 
 
-class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake, PostgresWebhooks):
+class PostgresStore(
+    PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake, PostgresWebhooks, PostgresDedupe
+):
     async def integrity_check(self) -> str:
         mismatched = int(await self._scalar("integrity_check") or 0)
         if mismatched:
@@ -147,9 +151,11 @@ class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake
     # -- intake -----------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """A POST that was in flight when the last process died has an unknown outcome."""
+        """A POST that was in flight when the last process died has an unknown outcome; a
+        group waiting for a duplicate's result looks again (a wake-up may have been lost)."""
         async with self._transaction("recover_sending") as conn:
             await conn.execute(QUERIES["recover_sending"], {"me": self._me})
+            await conn.execute(QUERIES["wake_all_waiting"])
 
     async def known_files(self) -> dict[str, KnownFile]:
         rows = await self._fetch("known_files")
@@ -189,6 +195,7 @@ class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake
             if file.group_id is not None:
                 await self._many(cursor, "shrink_group", [{"id": file.group_id, "size": file.size}])
             await cursor.execute(QUERIES["supersede_file"], {"id": file.id})
+            await self._wake_duplicates(conn, [file.id])
 
     async def reject_queued_file(self, file: FileRow, reason: str) -> None:
         async with self._transaction("reject_file") as conn, conn.cursor() as cursor:
@@ -296,6 +303,7 @@ class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake
                 )
             if finished_groups:
                 await self._many(cursor, "mark_group_done", [{"id": g} for g in finished_groups])
+            await self._wake_duplicates(conn, [d.file_id for d in deliveries])
 
     async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
         await self._write("mark_done", ({"id": fid, "now": now} for fid in file_ids))
@@ -309,7 +317,12 @@ class PostgresStore(PostgresClaims, PostgresIntake, PostgresBudget, PostgresWake
             key = f"{state}:{outcome}" if state in ("delivered", "done") and outcome else state
             files[key] = files.get(key, 0) + count
         groups = {row["state"]: int(row["count"]) for row in await self._fetch("count_groups")}
-        return Counts(files=files, groups=groups, open_calls=await self.open_call_count())
+        return Counts(
+            files=files,
+            groups=groups,
+            open_calls=await self.open_call_count(),
+            reused=int(await self._scalar("count_reused") or 0),
+        )
 
     async def unfinished_work(self) -> int:
         return int(await self._scalar("unfinished_work") or 0)

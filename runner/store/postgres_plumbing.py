@@ -46,6 +46,7 @@ WAKES: dict[str, tuple[str, ...]] = {
     "mark_submitted": ("poll",),
     "mark_terminal": ("deliver", "submit"),
     "reject_file": ("deliver",),
+    "settle_duplicates": ("deliver",),
     "release": ALL_STAGES,
     "leave_runner": ALL_STAGES,
 }

@@ -246,7 +246,11 @@ WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 SELECT state, outcome, count(*) FROM files GROUP BY state, outcome;
 
 -- name: count_groups
-SELECT state, count(*) FROM groups GROUP BY state;
+SELECT state, count(*) FROM groups WHERE reused_file_id IS NULL GROUP BY state;
+
+-- name: count_reused
+SELECT count(*) FROM files f JOIN groups g ON g.id = f.group_id
+WHERE g.reused_file_id IS NOT NULL AND f.state IN ('delivered', 'done');
 
 -- name: open_call_count
 SELECT count(*) FROM groups WHERE state IN ('sending', 'unknown', 'polling');
@@ -438,3 +442,78 @@ DELETE FROM webhook_events WHERE state <> 'pending' AND received_at < %(before)s
 
 -- name: count_webhook_events
 SELECT state, count(*) AS count FROM webhook_events GROUP BY state;
+
+-- name: schema_5
+-- Content dedupe: a group that reused another file's completed result (no call), and the
+-- lookup of files by content.
+ALTER TABLE groups ADD COLUMN reused_file_id BIGINT REFERENCES files (id);
+CREATE INDEX files_by_content ON files (sha256, workflow, input_type);
+
+-- Content dedupe (runner/dedupe.py decides; these read its facts and apply its decisions).
+-- Deciding and waking hold one advisory lock, so a delivery never slips between what a
+-- decision read and what it wrote. Keys come as three arrays: sha256s, workflows, input types.
+
+-- name: dedupe_lock
+SELECT pg_advisory_xact_lock(%(purpose)s, hashtext(current_schema()));
+
+-- name: dedupe_candidates
+SELECT g.id AS group_id, f.sha256, f.workflow, f.input_type FROM groups g
+JOIN files f ON f.group_id = g.id AND f.state = 'queued'
+WHERE g.id = ANY(%(group_ids)s) AND g.state = 'ready' AND g.mode = 'file'
+  AND (g.claimed_by IS NULL OR g.claimed_by IS NOT DISTINCT FROM %(me)s)
+ORDER BY g.id;
+
+-- name: dedupe_sources
+-- Per key, the latest file with a completed result from a call this store made.
+SELECT k.sha256, k.workflow, k.input_type, s.id AS file_id, g.call_id
+FROM unnest(%(shas)s::text[], %(workflows)s::text[], %(input_types)s::text[])
+     AS k (sha256, workflow, input_type)
+JOIN files s ON s.id = (
+    SELECT f.id FROM files f JOIN groups c ON c.id = f.group_id
+    WHERE f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
+      AND f.outcome = 'result' AND f.state IN ('delivered', 'done')
+      AND c.status = 'completed' AND c.reused_file_id IS NULL AND c.call_id IS NOT NULL
+    ORDER BY f.id DESC LIMIT 1)
+JOIN groups g ON g.id = s.group_id;
+
+-- name: dedupe_peers
+SELECT f.sha256, f.workflow, f.input_type, g.id AS group_id, g.state, g.mode
+FROM unnest(%(shas)s::text[], %(workflows)s::text[], %(input_types)s::text[])
+     AS k (sha256, workflow, input_type)
+JOIN files f ON f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
+JOIN groups g ON g.id = f.group_id
+WHERE f.state = 'queued';
+
+-- name: mark_reused
+UPDATE groups SET state = 'terminal', status = 'completed', call_id = %(call_id)s,
+       reused_file_id = %(source)s, finished_at = %(now)s, not_before = 0,
+       claimed_by = NULL, lease_until = NULL
+WHERE id = %(id)s AND state = 'ready';
+
+-- name: mark_waiting
+UPDATE groups SET state = 'waiting', claimed_by = NULL, lease_until = NULL
+WHERE id = %(id)s AND state = 'ready';
+
+-- name: wake_duplicates
+-- Groups waiting for the content of these files (delivered, or gone from their groups).
+UPDATE groups SET state = 'ready', not_before = 0
+WHERE state = 'waiting' AND EXISTS (
+    SELECT 1 FROM files w JOIN files d
+      ON d.sha256 = w.sha256 AND d.workflow = w.workflow AND d.input_type = w.input_type
+    WHERE w.group_id = groups.id AND w.state = 'queued' AND d.id = ANY(%(file_ids)s));
+
+-- name: wake_all_waiting
+UPDATE groups SET state = 'ready', not_before = 0 WHERE state = 'waiting';
+
+-- name: files_by_id
+SELECT * FROM files WHERE id = ANY(%(file_ids)s);
+
+-- name: call_files
+-- The files a finished call's documents were made for: its files then, even those retried since
+-- (a retried file had its document), never one that left the group before it was sent.
+SELECT * FROM files
+WHERE group_id = ANY(%(group_ids)s) AND (state <> 'retried' OR delivered_at IS NOT NULL)
+ORDER BY group_id, id;
+
+-- name: groups_by_id
+SELECT * FROM groups WHERE id = ANY(%(group_ids)s);

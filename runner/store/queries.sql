@@ -78,6 +78,13 @@ ALTER TABLE groups ADD COLUMN event_at REAL;
 CREATE INDEX groups_by_call_id ON groups (call_id);
 UPDATE meta SET value = '3' WHERE key = 'schema_version';
 
+-- name: schema_4
+-- Content dedupe: a group that reused another file's completed result (no call), and the
+-- lookup of files by content.
+ALTER TABLE groups ADD COLUMN reused_file_id INTEGER REFERENCES files (id);
+CREATE INDEX files_by_content ON files (sha256, workflow, input_type);
+UPDATE meta SET value = '4' WHERE key = 'schema_version';
+
 -- name: schema_version
 SELECT value FROM meta WHERE key = 'schema_version';
 
@@ -205,7 +212,11 @@ UPDATE groups SET state = 'done', error_reason = 'no files left to send' WHERE i
 SELECT state, outcome, count(*) FROM files GROUP BY state, outcome;
 
 -- name: count_groups
-SELECT state, count(*) FROM groups GROUP BY state;
+SELECT state, count(*) FROM groups WHERE reused_file_id IS NULL GROUP BY state;
+
+-- name: count_reused
+SELECT count(*) FROM files f JOIN groups g ON g.id = f.group_id
+WHERE g.reused_file_id IS NOT NULL AND f.state IN ('delivered', 'done');
 
 -- name: open_call_count
 SELECT count(*) FROM groups WHERE state IN ('sending', 'unknown', 'polling');
@@ -249,3 +260,73 @@ DELETE FROM webhook_events WHERE state <> 'pending' AND received_at < :before;
 
 -- name: count_webhook_events
 SELECT state, count(*) FROM webhook_events GROUP BY state;
+
+-- Content dedupe (runner/dedupe.py decides; these read its facts and apply its decisions).
+-- :keys is a JSON array of [sha256, workflow, input_type].
+
+-- name: dedupe_candidates
+SELECT g.id AS group_id, f.sha256, f.workflow, f.input_type FROM groups g
+JOIN files f ON f.group_id = g.id AND f.state = 'queued'
+WHERE g.id IN (SELECT value FROM json_each(:group_ids)) AND g.state = 'ready' AND g.mode = 'file'
+ORDER BY g.id;
+
+-- name: dedupe_sources
+-- Per key, the latest file with a completed result from a call this store made.
+WITH keys AS (
+    SELECT json_extract(value, '$[0]') AS sha256, json_extract(value, '$[1]') AS workflow,
+           json_extract(value, '$[2]') AS input_type
+    FROM json_each(:keys))
+SELECT k.sha256, k.workflow, k.input_type, s.id AS file_id, g.call_id
+FROM keys k
+JOIN files s ON s.id = (
+    SELECT f.id FROM files f JOIN groups c ON c.id = f.group_id
+    WHERE f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
+      AND f.outcome = 'result' AND f.state IN ('delivered', 'done')
+      AND c.status = 'completed' AND c.reused_file_id IS NULL AND c.call_id IS NOT NULL
+    ORDER BY f.id DESC LIMIT 1)
+JOIN groups g ON g.id = s.group_id;
+
+-- name: dedupe_peers
+WITH keys AS (
+    SELECT json_extract(value, '$[0]') AS sha256, json_extract(value, '$[1]') AS workflow,
+           json_extract(value, '$[2]') AS input_type
+    FROM json_each(:keys))
+SELECT f.sha256, f.workflow, f.input_type, g.id AS group_id, g.state, g.mode
+FROM keys k
+JOIN files f ON f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
+JOIN groups g ON g.id = f.group_id
+WHERE f.state = 'queued';
+
+-- name: mark_reused
+UPDATE groups SET state = 'terminal', status = 'completed', call_id = :call_id,
+       reused_file_id = :source, finished_at = :now, not_before = 0
+WHERE id = :id AND state = 'ready';
+
+-- name: mark_waiting
+UPDATE groups SET state = 'waiting' WHERE id = :id AND state = 'ready';
+
+-- name: wake_duplicates
+-- Groups waiting for the content of these files (delivered, or gone from their groups).
+UPDATE groups SET state = 'ready', not_before = 0
+WHERE state = 'waiting' AND EXISTS (
+    SELECT 1 FROM files w JOIN files d
+      ON d.sha256 = w.sha256 AND d.workflow = w.workflow AND d.input_type = w.input_type
+    WHERE w.group_id = groups.id AND w.state = 'queued'
+      AND d.id IN (SELECT value FROM json_each(:file_ids)));
+
+-- name: wake_all_waiting
+UPDATE groups SET state = 'ready', not_before = 0 WHERE state = 'waiting';
+
+-- name: files_by_id
+SELECT * FROM files WHERE id IN (SELECT value FROM json_each(:file_ids));
+
+-- name: call_files
+-- The files a finished call's documents were made for: its files then, even those retried since
+-- (a retried file had its document), never one that left the group before it was sent.
+SELECT * FROM files
+WHERE group_id IN (SELECT value FROM json_each(:group_ids))
+  AND (state <> 'retried' OR delivered_at IS NOT NULL)
+ORDER BY group_id, id;
+
+-- name: groups_by_id
+SELECT * FROM groups WHERE id IN (SELECT value FROM json_each(:group_ids));

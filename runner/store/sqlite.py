@@ -39,8 +39,9 @@ from runner.store.base import (
 from runner.store.lock import state_owner
 from runner.store.named_sql import load_queries
 from runner.store.single_owner import SingleOwner
+from runner.store.sqlite_dedupe import SqliteDedupe
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 Row = TypeVar("Row", GroupRow, FileRow)
 
 
@@ -49,6 +50,7 @@ MIGRATIONS: dict[int, str] = {
     1: QUERIES["schema_1"],
     2: QUERIES["schema_2"],
     3: QUERIES["schema_3"],
+    4: QUERIES["schema_4"],
 }
 _NAME_COLUMNS = ("rel", "group_key")
 """Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
@@ -97,7 +99,7 @@ async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
     return connection
 
 
-class SqliteStore(SingleOwner):
+class SqliteStore(SqliteDedupe, SingleOwner):
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
         self._db = connection
         self._path = path
@@ -202,8 +204,11 @@ class SqliteStore(SingleOwner):
     # -- intake -----------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """A POST that was in flight when the last process died has an unknown outcome."""
-        await self._write("recover_sending", [{}])
+        """A POST that was in flight when the last process died has an unknown outcome; a
+        group waiting for a duplicate's result looks again (a wake-up may have been lost)."""
+        async with self._transaction("recover_sending") as db:
+            await db.execute(QUERIES["recover_sending"])
+            await db.execute(QUERIES["wake_all_waiting"])
 
     async def known_files(self) -> dict[str, KnownFile]:
         rows = await self._fetch("known_files")
@@ -328,6 +333,7 @@ class SqliteStore(SingleOwner):
             await db.execute(QUERIES["supersede_file"], {"id": file.id})
             if file.group_id is not None:
                 await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})
+            await self._wake_duplicates(db, [file.id])
 
     async def reject_queued_file(self, file: FileRow, reason: str) -> None:
         async with self._transaction("reject_file") as db:
@@ -438,6 +444,7 @@ class SqliteStore(SingleOwner):
                 ],
             )
             await db.executemany(QUERIES["mark_group_done"], [{"id": g} for g in finished_groups])
+            await self._wake_duplicates(db, [d.file_id for d in deliveries])
 
     async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
         if file_ids:
@@ -528,7 +535,12 @@ class SqliteStore(SingleOwner):
             key = f"{state}:{outcome}" if state in ("delivered", "done") and outcome else state
             files[key] = files.get(key, 0) + count
         groups = {state: count for state, count in await self._fetch("count_groups")}
-        return Counts(files=files, groups=groups, open_calls=await self.open_call_count())
+        return Counts(
+            files=files,
+            groups=groups,
+            open_calls=await self.open_call_count(),
+            reused=int(await self._scalar("count_reused") or 0),
+        )
 
     async def open_call_count(self) -> int:
         return int(await self._scalar("open_call_count") or 0)

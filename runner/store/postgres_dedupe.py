@@ -1,0 +1,110 @@
+"""Content dedupe in the PostgreSQL store: the facts read, :func:`runner.dedupe.decide` applied.
+
+A decision and every wake-up hold one transaction-scoped advisory lock: without it, a delivery
+committed while a decision was reading could wake nobody (the waiter was not written yet), and
+the waiter would wait until the next start. Groups another runner holds are not decided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg.rows import dict_row
+
+from runner.dedupe import Candidate, ContentKey, Peer, Source, content_key, decide
+from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled
+from runner.store.postgres_plumbing import QUERIES, Connection, PostgresPlumbing
+
+DEDUPE_LOCK = 0x62656D03
+"""The first key of the dedupe advisory lock (see :mod:`.postgres_setup`)."""
+
+
+class PostgresDedupe(PostgresPlumbing):
+    async def settle_duplicates(self, group_ids: Sequence[int], *, now: float) -> Settled:
+        if not group_ids:
+            return Settled(reused=[], waiting=[])
+        async with self._transaction("settle_duplicates") as conn:
+            await _lock(conn)
+            rows = await _all(
+                conn, "dedupe_candidates", {"group_ids": list(group_ids), "me": self._me}
+            )
+            candidates = [
+                Candidate(r["group_id"], key)
+                for r in rows
+                if (key := content_key(r["sha256"], r["workflow"], r["input_type"])) is not None
+            ]
+            if not candidates:
+                return Settled(reused=[], waiting=[])
+            keys = sorted({c.key for c in candidates})
+            arrays = {
+                "shas": [k.sha256 for k in keys],
+                "workflows": [k.workflow for k in keys],
+                "input_types": [k.input_type for k in keys],
+            }
+            sources = {
+                ContentKey(r["sha256"], r["workflow"], r["input_type"]): Source(
+                    r["file_id"], r["call_id"]
+                )
+                for r in await _all(conn, "dedupe_sources", arrays)
+            }
+            peers: dict[ContentKey, list[Peer]] = {}
+            for r in await _all(conn, "dedupe_peers", arrays):
+                key = ContentKey(r["sha256"], r["workflow"], r["input_type"])
+                peers.setdefault(key, []).append(
+                    Peer(r["group_id"], r["state"], r["mode"] != "file")
+                )
+            decisions = decide(candidates, sources, peers)
+            reused = [d for d in decisions if d.action == "reuse" and d.source is not None]
+            waiting = [d.group_id for d in decisions if d.action == "wait"]
+            async with conn.cursor() as cursor:
+                if reused:
+                    await cursor.executemany(
+                        QUERIES["mark_reused"],
+                        [
+                            {"id": d.group_id, "source": d.source.file_id}
+                            | {"call_id": d.source.call_id, "now": now}
+                            for d in reused
+                            if d.source is not None
+                        ],
+                    )
+                if waiting:
+                    await cursor.executemany(
+                        QUERIES["mark_waiting"], [{"id": gid} for gid in waiting]
+                    )
+        return Settled(reused=[d.group_id for d in reused], waiting=waiting)
+
+    async def reuse_sources(self, file_ids: Sequence[int]) -> dict[int, CallAsDelivered]:
+        if not file_ids:
+            return {}
+        sources = await self._rows(FileRow, "files_by_id", {"file_ids": sorted(set(file_ids))})
+        group_ids = sorted({f.group_id for f in sources if f.group_id is not None})
+        groups = {
+            g.id: g for g in await self._rows(GroupRow, "groups_by_id", {"group_ids": group_ids})
+        }
+        files: dict[int, list[FileRow]] = {gid: [] for gid in groups}
+        for file in await self._rows(FileRow, "call_files", {"group_ids": group_ids}):
+            assert file.group_id is not None
+            files[file.group_id].append(file)
+        return {
+            f.id: (groups[f.group_id], files[f.group_id])
+            for f in sources
+            if f.group_id is not None and f.group_id in groups
+        }
+
+    @staticmethod
+    async def _wake_duplicates(conn: Connection, file_ids: Sequence[int]) -> None:
+        """Waiting groups of these files' contents go back to ready, under the dedupe lock."""
+        if file_ids:
+            await _lock(conn)
+            await conn.execute(QUERIES["wake_duplicates"], {"file_ids": list(file_ids)})
+
+
+async def _lock(conn: Connection) -> None:
+    await conn.execute(QUERIES["dedupe_lock"], {"purpose": DEDUPE_LOCK})
+
+
+async def _all(conn: Connection, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(QUERIES[name], params)
+        return await cursor.fetchall()

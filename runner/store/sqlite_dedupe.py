@@ -1,0 +1,110 @@
+"""Content dedupe in the SQLite store: the facts read, :func:`runner.dedupe.decide` applied.
+
+The reads and the writes are one ``BEGIN IMMEDIATE`` transaction, and the store has one
+writer, so no delivery can slip between what was read and what was decided.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from runner.dedupe import Candidate, ContentKey, Peer, Source, content_key, decide
+from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled
+from runner.store.named_sql import load_queries
+
+QUERIES = load_queries("queries.sql")
+Row = TypeVar("Row", GroupRow, FileRow)
+
+
+class SqliteDedupe:
+    """Mixed into :class:`runner.store.sqlite.SqliteStore`, which runs the statements."""
+
+    def _transaction(self, label: str) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        raise NotImplementedError
+
+    async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
+        raise NotImplementedError
+
+    async def settle_duplicates(self, group_ids: Sequence[int], *, now: float) -> Settled:
+        if not group_ids:
+            return Settled(reused=[], waiting=[])
+        async with self._transaction("settle_duplicates") as db:
+            candidates = await _candidates(db, group_ids)
+            if not candidates:
+                return Settled(reused=[], waiting=[])
+            keys = json.dumps(sorted({_key_list(c.key) for c in candidates}))
+            sources = {
+                ContentKey(r["sha256"], r["workflow"], r["input_type"]): Source(
+                    r["file_id"], r["call_id"]
+                )
+                for r in await _all(db, "dedupe_sources", {"keys": keys})
+            }
+            peers: dict[ContentKey, list[Peer]] = {}
+            for r in await _all(db, "dedupe_peers", {"keys": keys}):
+                key = ContentKey(r["sha256"], r["workflow"], r["input_type"])
+                peers.setdefault(key, []).append(
+                    Peer(r["group_id"], r["state"], r["mode"] != "file")
+                )
+            decisions = decide(candidates, sources, peers)
+            reused = [d for d in decisions if d.action == "reuse"]
+            waiting = [d.group_id for d in decisions if d.action == "wait"]
+            await db.executemany(
+                QUERIES["mark_reused"],
+                [
+                    {"id": d.group_id, "source": d.source.file_id, "call_id": d.source.call_id}
+                    | {"now": now}
+                    for d in reused
+                    if d.source is not None
+                ],
+            )
+            await db.executemany(QUERIES["mark_waiting"], [{"id": gid} for gid in waiting])
+        return Settled(reused=[d.group_id for d in reused], waiting=waiting)
+
+    async def reuse_sources(self, file_ids: Sequence[int]) -> dict[int, CallAsDelivered]:
+        if not file_ids:
+            return {}
+        wanted = json.dumps(sorted(set(file_ids)))
+        sources = await self._rows(FileRow, "files_by_id", {"file_ids": wanted})
+        group_ids = json.dumps(sorted({f.group_id for f in sources if f.group_id is not None}))
+        groups = {
+            g.id: g for g in await self._rows(GroupRow, "groups_by_id", {"group_ids": group_ids})
+        }
+        files: dict[int, list[FileRow]] = {gid: [] for gid in groups}
+        for file in await self._rows(FileRow, "call_files", {"group_ids": group_ids}):
+            assert file.group_id is not None
+            files[file.group_id].append(file)
+        return {
+            f.id: (groups[f.group_id], files[f.group_id])
+            for f in sources
+            if f.group_id is not None and f.group_id in groups
+        }
+
+    @staticmethod
+    async def _wake_duplicates(db: aiosqlite.Connection, file_ids: Sequence[int]) -> None:
+        """Waiting groups of these files' contents go back to ready (one statement)."""
+        if file_ids:
+            await db.execute(QUERIES["wake_duplicates"], {"file_ids": json.dumps(list(file_ids))})
+
+
+async def _candidates(db: aiosqlite.Connection, group_ids: Sequence[int]) -> list[Candidate]:
+    rows = await _all(db, "dedupe_candidates", {"group_ids": json.dumps(list(group_ids))})
+    candidates = []
+    for r in rows:
+        key = content_key(r["sha256"], r["workflow"], r["input_type"])
+        if key is not None:
+            candidates.append(Candidate(r["group_id"], key))
+    return candidates
+
+
+async def _all(db: aiosqlite.Connection, name: str, params: dict[str, Any]) -> list[Any]:
+    async with db.execute(QUERIES[name], params) as cursor:
+        return list(await cursor.fetchall())
+
+
+def _key_list(key: ContentKey) -> tuple[str, str, str]:
+    return (key.sha256, key.workflow, key.input_type)
