@@ -184,6 +184,22 @@ CallAsDelivered = tuple[GroupRow, list[FileRow]]
 """A finished call and the files its documents were made for (see ``reuse_sources``)."""
 
 
+def calls_as_delivered(
+    sources: Sequence[FileRow], groups: Sequence[GroupRow], call_files: Sequence[FileRow]
+) -> dict[int, CallAsDelivered]:
+    """Each source file's call and that call's files, from the rows a store read for them."""
+    by_id = {g.id: g for g in groups}
+    files: dict[int, list[FileRow]] = {gid: [] for gid in by_id}
+    for file in call_files:
+        assert file.group_id is not None
+        files[file.group_id].append(file)
+    return {
+        f.id: (by_id[f.group_id], files[f.group_id])
+        for f in sources
+        if f.group_id is not None and f.group_id in by_id
+    }
+
+
 @dataclass(frozen=True)
 class RunnerRow:
     """A runner sharing the store: who it is, when it last said it was alive, what it holds."""

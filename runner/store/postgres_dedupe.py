@@ -13,7 +13,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from runner.dedupe import Candidate, ContentKey, Peer, Source, content_key, decide
-from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled
+from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled, calls_as_delivered
 from runner.store.postgres_plumbing import QUERIES, Connection, PostgresPlumbing
 
 DEDUPE_LOCK = 0x62656D03
@@ -79,18 +79,9 @@ class PostgresDedupe(PostgresPlumbing):
             return {}
         sources = await self._rows(FileRow, "files_by_id", {"file_ids": sorted(set(file_ids))})
         group_ids = sorted({f.group_id for f in sources if f.group_id is not None})
-        groups = {
-            g.id: g for g in await self._rows(GroupRow, "groups_by_id", {"group_ids": group_ids})
-        }
-        files: dict[int, list[FileRow]] = {gid: [] for gid in groups}
-        for file in await self._rows(FileRow, "call_files", {"group_ids": group_ids}):
-            assert file.group_id is not None
-            files[file.group_id].append(file)
-        return {
-            f.id: (groups[f.group_id], files[f.group_id])
-            for f in sources
-            if f.group_id is not None and f.group_id in groups
-        }
+        groups = await self._rows(GroupRow, "groups_by_id", {"group_ids": group_ids})
+        call_files = await self._rows(FileRow, "call_files", {"group_ids": group_ids})
+        return calls_as_delivered(sources, groups, call_files)
 
     @staticmethod
     async def _wake_duplicates(conn: Connection, file_ids: Sequence[int]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from runner.dedupe import Candidate, ContentKey, Peer, Source, content_key, decide
-from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled
+from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled, calls_as_delivered
 from runner.store.named_sql import load_queries
 
 QUERIES = load_queries("queries.sql")
@@ -71,18 +71,9 @@ class SqliteDedupe:
         wanted = json.dumps(sorted(set(file_ids)))
         sources = await self._rows(FileRow, "files_by_id", {"file_ids": wanted})
         group_ids = json.dumps(sorted({f.group_id for f in sources if f.group_id is not None}))
-        groups = {
-            g.id: g for g in await self._rows(GroupRow, "groups_by_id", {"group_ids": group_ids})
-        }
-        files: dict[int, list[FileRow]] = {gid: [] for gid in groups}
-        for file in await self._rows(FileRow, "call_files", {"group_ids": group_ids}):
-            assert file.group_id is not None
-            files[file.group_id].append(file)
-        return {
-            f.id: (groups[f.group_id], files[f.group_id])
-            for f in sources
-            if f.group_id is not None and f.group_id in groups
-        }
+        groups = await self._rows(GroupRow, "groups_by_id", {"group_ids": group_ids})
+        call_files = await self._rows(FileRow, "call_files", {"group_ids": group_ids})
+        return calls_as_delivered(sources, groups, call_files)
 
     @staticmethod
     async def _wake_duplicates(db: aiosqlite.Connection, file_ids: Sequence[int]) -> None:
