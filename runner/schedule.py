@@ -147,9 +147,17 @@ def grid_for(outlook: Outlook, *, base: float) -> Grid:
 
 
 def on_grid(at: float, tick: float) -> float:
-    """The first point of the grid of period ``tick`` at or after ``at``."""
-    slot = math.ceil(at / tick) * tick
-    return slot if slot >= at else slot + tick
+    """The first point of the grid of period ``tick`` at or after ``at``.
+
+    A grid point is its own point (``at / tick`` may round above an integer that ``k * tick``
+    gave exactly), so calls put on a point stay on it when they are placed again.
+    """
+    k = math.ceil(at / tick)
+    if (k - 1) * tick >= at:
+        k -= 1
+    while k * tick < at:
+        k += 1
+    return k * tick
 
 
 def finished_since(latencies: Latencies, *, age_then: float, age_at: float) -> float:

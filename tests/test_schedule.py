@@ -6,7 +6,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from runner.schedule import (
@@ -108,6 +108,12 @@ def test_the_grid_point_is_the_first_at_or_after(at: float, tick: float) -> None
     slot = on_grid(at, tick)
     assert at <= slot <= at + tick * (1 + 1e-9)
     assert math.isclose(slot / tick, round(slot / tick), abs_tol=1e-6)
+    assert on_grid(slot, tick) == slot  # a point is its own point: placed again, it stays
+
+
+@given(k=st.integers(0, 10**9), tick=ticks)
+def test_every_multiple_of_the_tick_is_a_point(k: int, tick: float) -> None:
+    assert on_grid(k * tick, tick) == k * tick
 
 
 def base_outlook(**changes: object) -> Outlook:
@@ -316,6 +322,7 @@ def test_overdue_calls_back_off_as_they_grow_older(
 
 
 @given(now=moments, values=samples, tick=ticks, ages=st.lists(st.floats(0, 1e3), min_size=2))
+@example(now=99745282.0, values=[1.0] * 4 + [31.0], tick=13.329681274299618, ages=[1.0, 64.0])
 def test_calls_due_at_one_tick_share_a_request_most_likely_first(
     now: float, values: list[float], tick: float, ages: list[float]
 ) -> None:
