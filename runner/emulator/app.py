@@ -7,7 +7,7 @@ routes, in :class:`runner.emulator.gate.Gate`; a handler only does the work of i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from runner.emulator import render
 from runner.emulator.errors import InvalidRequest, NotFound, RequestRejected
-from runner.emulator.gate import Gate, error_response
+from runner.emulator.gate import EmulatorForGate, Gate, error_response
 from runner.emulator.inputs import (
     CallInput,
     parse_bool,
@@ -27,19 +27,32 @@ from runner.emulator.inputs import (
     parse_json_body,
     reject_unknown,
 )
-from runner.emulator.listing import parse_list_query
-from runner.emulator.state import CallRecord, Target
-from runner.emulator.subscriptions import subscription_routes
+from runner.emulator.listing import ListQuery, parse_list_query
+from runner.emulator.state import CallRecord, CallStore, Target
+from runner.emulator.subscriptions import WebhookBook, subscription_routes
 from runner.errors import ConfigError
-
-if TYPE_CHECKING:
-    from runner.emulator.emulator import Emulator
 
 MAX_FORM_FILES = 1000
 _V2_TARGET_FIELDS = ("workflowName", "workflowID", "functionName", "functionID")
 
 
-def build_app(emulator: Emulator) -> Starlette:
+class EmulatorForApp(EmulatorForGate, Protocol):
+    """What the routes do their work with (and what the gate in front of them needs)."""
+
+    @property
+    def calls(self) -> CallStore: ...
+    @property
+    def webhooks(self) -> WebhookBook: ...
+    def create_call(self, target: Target, call_input: CallInput) -> CallRecord: ...
+    def list_calls(self, query: ListQuery) -> list[CallRecord]: ...
+    async def wait_for(self, record: CallRecord) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def update(self, **changes: object) -> None: ...
+    def advance(self, seconds: float) -> None: ...
+    def reset_stats(self) -> None: ...
+
+
+def build_app(emulator: EmulatorForApp) -> Starlette:
     api = _Api(emulator)
     control = _Control(emulator)
     routes: list[BaseRoute] = [
@@ -49,7 +62,7 @@ def build_app(emulator: Emulator) -> Starlette:
         Route("/v3/calls/{callID}/trace", api.get_trace, methods=["GET"]),
         Route("/v2/calls", api.create_v2_calls, methods=["POST"]),
         Route("/v2/calls/{callID}", api.get_v2_call, methods=["GET"]),
-        *subscription_routes(emulator),
+        *subscription_routes(emulator.webhooks),
         Route("/_emulator/stats", control.stats, methods=["GET"]),
         Route("/_emulator/settings", control.settings, methods=["GET", "POST"]),
         Route("/_emulator/advance", control.advance, methods=["POST"]),
@@ -76,7 +89,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 class _Api:
-    def __init__(self, emulator: Emulator) -> None:
+    def __init__(self, emulator: EmulatorForApp) -> None:
         self._emulator = emulator
 
     async def invoke_workflow(self, request: Request) -> Response:
@@ -185,7 +198,7 @@ class _Api:
 class _Control:
     """``/_emulator/*``: for tests and benchmarks that drive an emulator over HTTP. No auth."""
 
-    def __init__(self, emulator: Emulator) -> None:
+    def __init__(self, emulator: EmulatorForApp) -> None:
         self._emulator = emulator
 
     async def stats(self, request: Request) -> Response:

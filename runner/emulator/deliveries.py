@@ -25,16 +25,17 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
 
 from runner.emulator import render
+from runner.emulator.clock import Timekeeper
+from runner.emulator.settings import EmulatorSettings
 from runner.emulator.state import CallRecord
-
-if TYPE_CHECKING:
-    from runner.emulator.emulator import Emulator
+from runner.emulator.stats import Stats
+from runner.emulator.subscriptions import WebhookBook
 
 SIGNATURE_HEADER = "bem-signature"
 MAX_BACKOFF_SECONDS = 60.0
@@ -75,8 +76,23 @@ class _Due:
     record: CallRecord | None = field(compare=False, default=None)
 
 
+class EmulatorForDeliveries(Protocol):
+    """What deliveries read: live settings and counters, emulator time, the subscriptions."""
+
+    @property
+    def settings(self) -> EmulatorSettings: ...
+    @property
+    def time(self) -> Timekeeper: ...
+    @property
+    def counters(self) -> Stats: ...
+    @property
+    def webhooks(self) -> WebhookBook: ...
+
+
 class Dispatcher:
-    def __init__(self, emulator: Emulator, *, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, emulator: EmulatorForDeliveries, *, wall: Callable[[], float] = time.time
+    ) -> None:
         self._emulator = emulator
         self._wall = wall
         self._queue: list[_Due] = []

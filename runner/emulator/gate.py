@@ -26,17 +26,17 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner.emulator.faults import ConnectionDropped, announced_seconds, retry_after
-
-if TYPE_CHECKING:
-    from runner.emulator.emulator import Emulator
+from runner.emulator.clock import Timekeeper
+from runner.emulator.faults import ConnectionDropped, FaultPlan, announced_seconds, retry_after
+from runner.emulator.settings import EmulatorSettings
+from runner.emulator.stats import Stats
 
 CONTROL_PREFIX = "/_emulator/"
 MOVED_PREFIX = "/moved"
@@ -78,8 +78,24 @@ class _HeldResponse:
         raise ConnectionDropped()
 
 
+class EmulatorForGate(Protocol):
+    """What the gate reads and counts; read on every request, as settings and counters change."""
+
+    @property
+    def settings(self) -> EmulatorSettings: ...
+    @property
+    def time(self) -> Timekeeper: ...
+    @property
+    def counters(self) -> Stats: ...
+    def take_token(self) -> float: ...
+    def plan_faults(self, *, creates: bool) -> FaultPlan: ...
+    async def sleep(self, seconds: float) -> None: ...
+
+
 class Gate:
-    def __init__(self, app: ASGIApp, emulator: Emulator, routes: Sequence[BaseRoute]) -> None:
+    def __init__(
+        self, app: ASGIApp, emulator: EmulatorForGate, routes: Sequence[BaseRoute]
+    ) -> None:
         self._app = app
         self._emulator = emulator
         self._routes = routes

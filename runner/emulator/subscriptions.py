@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import urllib.parse
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -19,9 +19,6 @@ from starlette.routing import BaseRoute, Route
 
 from runner.emulator.errors import InvalidRequest, NotFound
 from runner.emulator.inputs import parse_json_body, reject_unknown
-
-if TYPE_CHECKING:
-    from runner.emulator.emulator import Emulator
 
 SUBSCRIPTION_TYPES: tuple[str, ...] = (
     "transform", "analyze", "route", "join", "split_collection", "split_item", "evaluation",
@@ -113,8 +110,8 @@ class WebhookBook:
         return [s for s in self.subscriptions.values() if s.hears(event)]
 
 
-def subscription_routes(emulator: Emulator) -> list[BaseRoute]:
-    routes = _Routes(emulator)
+def subscription_routes(book: WebhookBook) -> list[BaseRoute]:
+    routes = _Routes(book)
     return [
         Route("/v3/webhook-secret", routes.secret, methods=["GET", "POST", "DELETE"]),
         Route("/v3/subscriptions", routes.collection, methods=["GET", "POST"]),
@@ -123,12 +120,8 @@ def subscription_routes(emulator: Emulator) -> list[BaseRoute]:
 
 
 class _Routes:
-    def __init__(self, emulator: Emulator) -> None:
-        self._emulator = emulator
-
-    @property
-    def _book(self) -> WebhookBook:
-        return self._emulator.webhooks
+    def __init__(self, book: WebhookBook) -> None:
+        self._book = book
 
     async def secret(self, request: Request) -> Response:
         book = self._book

@@ -7,13 +7,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from runner.errors import StoreError
-from runner.store.base import Store
+from runner.store.base import DEFAULT_LEASE_SECONDS, Store
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "Store", "is_postgres_url", "open_store"]
 
 URL_SCHEMES = ("postgresql://", "postgres://")
-DEFAULT_LEASE_SECONDS = 30.0
-"""``store.lease_seconds``: a runner silent this long loses its claims to the others."""
 
 
 def is_postgres_url(target: str | Path) -> bool:

@@ -20,6 +20,7 @@ document is written) → ``done`` (archived, deleted or kept). ``retried`` rows 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -27,12 +28,21 @@ from typing import Literal, Protocol
 
 from runner.route import Destination
 
+DEFAULT_LEASE_SECONDS = 30.0
+"""``store.lease_seconds``: a runner silent this long loses its claims to the others."""
+CALL_REFERENCE_PREFIX = "bemr-"
+
 GroupState = Literal[
     "open", "ready", "waiting", "sending", "unknown", "polling", "terminal", "done"
 ]
 FileState = Literal["queued", "rejected", "delivered", "done", "retried"]
 BatchLimits = Mapping[str, tuple[int, int]]
 """``window`` group key → (max files, max bytes); a file that would overflow starts a new group."""
+
+
+def new_call_reference_id() -> str:
+    """The ``callReferenceID`` a group is born with: unique, and recognisably this runner's."""
+    return f"{CALL_REFERENCE_PREFIX}{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)

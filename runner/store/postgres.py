@@ -26,8 +26,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from runner.errors import StoreError
 from runner.names import from_raw
-from runner.store import DEFAULT_LEASE_SECONDS
 from runner.store.base import (
+    DEFAULT_LEASE_SECONDS,
     Counts,
     Delivery,
     FileRow,

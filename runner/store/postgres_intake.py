@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.names import raw
-from runner.store.base import BatchLimits, NewFile
+from runner.store.base import BatchLimits, NewFile, new_call_reference_id
 from runner.store.postgres_plumbing import QUERIES, Connection, PostgresPlumbing, _clean
-from runner.store.sqlite import new_call_reference_id
 
 
 @dataclass

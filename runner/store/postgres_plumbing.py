@@ -16,8 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from runner import faults
 from runner.errors import ClaimLostError, StoreError
 from runner.names import from_raw
-from runner.store import DEFAULT_LEASE_SECONDS
-from runner.store.base import FileRow, GroupRow
+from runner.store.base import DEFAULT_LEASE_SECONDS, FileRow, GroupRow
 from runner.store.named_sql import load_queries
 from runner.store.postgres_target import Target
 
