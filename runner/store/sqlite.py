@@ -1,63 +1,39 @@
 """The SQLite store: one connection, one writer, WAL with ``synchronous=FULL``.
 
-Every statement lives in ``queries.sql``; this class only runs them. A commit here must never
+Every statement lives in ``queries.sql``; these classes only run them. A commit here must never
 roll back behind an outbox rename that already happened, hence ``synchronous=FULL``.
+
+- opening, the schema and its migration: :mod:`.sqlite_setup`
+- statements and transactions: :mod:`.sqlite_plumbing`
+- taking files into groups: :mod:`.sqlite_intake`
+- content dedupe: :mod:`.sqlite_dedupe`
+- webhook events: :mod:`.sqlite_webhooks`
+- claims, runners and the rate budget of a store with one owner: :mod:`.single_owner`
+- here: the submit, poll and deliver stages' reads and writes, and the reports
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
-import urllib.parse
-import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import ExitStack, asynccontextmanager
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import aiosqlite
 import anyio
 
-from runner import faults
 from runner.errors import StoreError
-from runner.names import from_raw, raw
-from runner.store.base import (
-    BatchLimits,
-    Counts,
-    Delivery,
-    EventRecorded,
-    FileRow,
-    Finished,
-    GroupRow,
-    KnownFile,
-    NewFile,
-    NextPoll,
-    WebhookEvent,
-)
+from runner.names import from_raw
+from runner.store.base import Counts, Delivery, FileRow, Finished, GroupRow, NextPoll
 from runner.store.lock import state_owner
-from runner.store.named_sql import load_queries
 from runner.store.single_owner import SingleOwner
 from runner.store.sqlite_dedupe import SqliteDedupe
+from runner.store.sqlite_intake import SqliteIntake
+from runner.store.sqlite_plumbing import QUERIES
+from runner.store.sqlite_setup import SCHEMA_VERSION, SqliteSetup, connect
+from runner.store.sqlite_webhooks import SqliteWebhooks
 
-SCHEMA_VERSION = 4
-Row = TypeVar("Row", GroupRow, FileRow)
-
-
-QUERIES = load_queries("queries.sql")
-MIGRATIONS: dict[int, str] = {
-    1: QUERIES["schema_1"],
-    2: QUERIES["schema_2"],
-    3: QUERIES["schema_3"],
-    4: QUERIES["schema_4"],
-}
-_NAME_COLUMNS = ("rel", "group_key")
-"""Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
-
-
-def new_call_reference_id() -> str:
-    return f"bemr-{uuid.uuid4().hex}"
+__all__ = ["SCHEMA_VERSION", "SqliteStore", "open_sqlite_store"]
 
 
 @asynccontextmanager
@@ -71,7 +47,7 @@ async def open_sqlite_store(path: Path, *, read_only: bool = False) -> AsyncIter
     with ExitStack() as owner:
         if not read_only:
             owner.enter_context(state_owner(path))
-        store = SqliteStore(await _connect(path, read_only=read_only), path)
+        store = SqliteStore(await connect(path, read_only=read_only), path)
         try:
             await (store.check_readable() if read_only else store.migrate())
             yield store
@@ -81,232 +57,7 @@ async def open_sqlite_store(path: Path, *, read_only: bool = False) -> AsyncIter
                 await store.close()
 
 
-async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
-    if read_only and not path.is_file():  # noqa: ASYNC240 (one stat, at startup)
-        raise StoreError(f"{path}: no state database here (check --state / paths.state)")
-    if read_only:
-        target, uri = f"file:{urllib.parse.quote(os.fsencode(path))}?mode=ro", True
-    else:
-        target, uri = str(path), False
-    try:
-        if not read_only:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        # shielded: a connection cancelled half-way would leave its thread running
-        with anyio.CancelScope(shield=True):
-            connection = await aiosqlite.connect(target, isolation_level=None, uri=uri)
-    except (OSError, sqlite3.Error) as exc:
-        raise StoreError(f"{path}: cannot open state database: {exc}") from exc
-    return connection
-
-
-class SqliteStore(SqliteDedupe, SingleOwner):
-    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
-        self._db = connection
-        self._path = path
-        self._writer = anyio.Lock()  # one connection, so one transaction at a time
-
-    # -- plumbing ---------------------------------------------------------------------------
-
-    async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[sqlite3.Row]:
-        try:
-            async with self._db.execute(QUERIES[name], params or {}) as cursor:
-                return list(await cursor.fetchall())
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self._path}: {name}: {exc}") from exc
-
-    async def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
-        rows = await self._fetch(name, params)
-        return rows[0][0] if rows else None
-
-    @asynccontextmanager
-    async def _transaction(self, label: str) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; ``label`` names it for the crash points."""
-        async with self._writer:
-            # Once begun, a transaction runs to its commit or rollback: a BEGIN or statement
-            # cancelled half-way would still run in aiosqlite's thread and leave the shared
-            # connection inside a transaction nobody owns.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._db.execute("BEGIN IMMEDIATE")
-                    try:
-                        yield self._db
-                    except BaseException:
-                        await self._db.execute("ROLLBACK")
-                        raise
-                    faults.point("store.before_commit", label)
-                    await self._db.execute("COMMIT")
-                    faults.point("store.after_commit", label)
-                except sqlite3.Error as exc:
-                    raise StoreError(f"{self._path}: {exc}") from exc
-
-    async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        async with self._transaction(name) as db:
-            await db.executemany(QUERIES[name], list(rows))
-
-    async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
-        names = [f.name for f in fields(cls)]
-        rows = await self._fetch(name, params)
-        return [cls(**{key: _column(key, row[key]) for key in names}) for row in rows]
-
-    async def migrate(self) -> None:
-        self._db.row_factory = sqlite3.Row
-        try:
-            await self._db.executescript(QUERIES["pragmas"])
-            mode = await self._scalar_raw("PRAGMA journal_mode")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self._path}: not a bem-runner state database: {exc}") from exc
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{self._path}: cannot switch the database to WAL mode")
-        if await self._scalar("has_meta_table"):
-            version = int(await self._scalar("schema_version") or 0)
-        elif await self._scalar("table_count"):
-            raise StoreError(f"{self._path}: not a bem-runner state database (unknown tables)")
-        else:
-            version = 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self._path}: schema version {version} is newer than this bem-runner "
-                f"({SCHEMA_VERSION}); upgrade bem-runner"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            async with self._transaction(f"schema_{target}") as db:
-                for statement in MIGRATIONS[target].split(";\n"):
-                    if statement.strip():
-                        await db.execute(statement)
-
-    async def check_readable(self) -> None:
-        """A read-only open: the database must be a bem-runner state this version can read."""
-        self._db.row_factory = sqlite3.Row
-        try:
-            has_meta = await self._scalar_raw(QUERIES["has_meta_table"])
-            version = int(await self._scalar("schema_version") or 0) if has_meta else None
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self._path}: not a bem-runner state database: {exc}") from exc
-        if version is None:
-            raise StoreError(f"{self._path}: not a bem-runner state database")
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self._path}: schema version {version} is newer than this bem-runner "
-                f"({SCHEMA_VERSION}); upgrade bem-runner"
-            )
-
-    async def _scalar_raw(self, sql: str) -> Any:
-        async with self._db.execute(sql) as cursor:
-            row = await cursor.fetchone()
-        return row[0] if row else None
-
-    async def integrity_check(self) -> str:
-        return str(await self._scalar_raw("PRAGMA integrity_check"))
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    # -- intake -----------------------------------------------------------------------------
-
-    async def recover(self) -> None:
-        """A POST that was in flight when the last process died has an unknown outcome; a
-        group waiting for a duplicate's result looks again (a wake-up may have been lost)."""
-        async with self._transaction("recover_sending") as db:
-            await db.execute(QUERIES["recover_sending"])
-            await db.execute(QUERIES["wake_all_waiting"])
-
-    async def known_files(self) -> dict[str, KnownFile]:
-        rows = await self._fetch("known_files")
-        return {
-            from_raw(row["rel"]): KnownFile(row["size"], row["mtime_ns"], row["state"])
-            for row in rows
-        }
-
-    async def add_files(
-        self, files: list[NewFile], *, now: float, batch_limits: BatchLimits
-    ) -> None:
-        async with self._transaction("add_files") as db:
-            for new in files:
-                await self._add_file(db, new, now, batch_limits)
-
-    async def _add_file(
-        self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
-    ) -> None:
-        destination = new.destination
-        group_id: int | None = None
-        if destination is not None and new.reason is None:
-            group_id = await self._group_for(db, new, now, batch_limits)
-        await db.execute(
-            QUERIES["insert_file"],
-            {
-                "rel": raw(new.rel),
-                "size": new.size,
-                "mtime_ns": new.mtime_ns,
-                "sha256": new.sha256,
-                "input_type": new.input_type,
-                "workflow": destination.workflow if destination else None,
-                "item_reference_id": destination.item_reference_id if destination else None,
-                "group_id": group_id,
-                "state": "queued" if group_id is not None else "rejected",
-                "reason": new.reason,
-                "seen_at": now,
-            },
-        )
-
-    async def _group_for(
-        self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
-    ) -> int:
-        destination = new.destination
-        assert destination is not None
-        if destination.mode == "file":
-            group_id = await self._insert_group(
-                db, destination.workflow, "file", new.rel, "ready", now
-            )
-            await db.execute(
-                QUERIES["add_to_group"], {"id": group_id, "size": new.size, "now": now}
-            )
-            return group_id
-        async with db.execute(
-            QUERIES["open_group_by_key"], {"group_key": raw(destination.group_key)}
-        ) as c:
-            row = await c.fetchone()
-        if row is not None and destination.group_key in batch_limits:
-            max_files, max_bytes = batch_limits[destination.group_key]
-            full = row["file_count"] >= max_files or (
-                row["file_count"] > 0 and row["byte_count"] + new.size > max_bytes
-            )
-            if full:
-                await db.execute(QUERIES["close_group"], {"id": row["id"]})
-                row = None
-        if row is None:
-            group_id = await self._insert_group(
-                db, destination.workflow, destination.mode, destination.group_key, "open", now
-            )
-        else:
-            group_id = int(row["id"])
-        await db.execute(QUERIES["add_to_group"], {"id": group_id, "size": new.size, "now": now})
-        return group_id
-
-    async def _insert_group(
-        self, db: aiosqlite.Connection, workflow: str, mode: str, key: str, state: str, now: float
-    ) -> int:
-        cursor = await db.execute(
-            QUERIES["insert_group"],
-            {
-                "call_reference_id": new_call_reference_id(),
-                "workflow": workflow,
-                "mode": mode,
-                "group_key": raw(key),
-                "state": state,
-                "now": now,
-            },
-        )
-        group_id = cursor.lastrowid
-        await cursor.close()
-        assert group_id is not None
-        return group_id
-
-    async def open_groups(self) -> list[GroupRow]:
-        return await self._rows(GroupRow, "open_groups", {})
-
-    async def close_group(self, group_id: int) -> None:
-        await self._write("close_group", [{"id": group_id}])
-
+class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, SingleOwner):
     # -- submit -----------------------------------------------------------------------------
 
     async def ready_groups(self, *, now: float, limit: int) -> list[GroupRow]:
@@ -450,83 +201,6 @@ class SqliteStore(SqliteDedupe, SingleOwner):
         if file_ids:
             await self._write("mark_done", ({"id": fid, "now": now} for fid in file_ids))
 
-    # -- webhooks ---------------------------------------------------------------------------
-
-    async def record_webhook_event(
-        self, event: WebhookEvent, *, now: float, confirm_at: float
-    ) -> EventRecorded:
-        """Record ``event`` once (by eventID); mark its call for confirmation by ``confirm_at``.
-
-        An event whose call is not known yet stays pending for :meth:`claim_webhook_events`.
-        """
-        async with self._transaction("record_webhook_event") as db:
-            cursor = await db.execute(
-                QUERIES["insert_webhook_event"],
-                {
-                    "event_id": event.event_id,
-                    "event_type": event.event_type,
-                    "call_id": event.call_id,
-                    "reference_id": event.reference_id,
-                    "now": now,
-                },
-            )
-            inserted = cursor.rowcount
-            await cursor.close()
-            if inserted == 0:
-                return EventRecorded(duplicate=True, group_id=None, submitted_at=None)
-            if event.call_id is None:
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
-            async with db.execute(QUERIES["group_of_call"], {"call_id": event.call_id}) as c:
-                group = await c.fetchone()
-            if group is None:
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
-            await db.execute(
-                QUERIES["match_webhook_event"],
-                {"event_id": event.event_id, "group_id": group["id"]},
-            )
-            if group["state"] != "polling":
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
-            await db.execute(
-                QUERIES["mark_for_confirmation"],
-                {"id": group["id"], "now": now, "confirm_at": confirm_at},
-            )
-            return EventRecorded(
-                duplicate=False, group_id=int(group["id"]), submitted_at=group["submitted_at"]
-            )
-
-    async def claim_webhook_events(
-        self, group_id: int, *, call_id: str, call_reference_id: str, now: float, confirm_at: float
-    ) -> int:
-        """Pending events of a call just recorded (by callID or callReferenceID): marked for
-        confirmation by ``confirm_at``. How many there were."""
-        async with self._transaction("claim_webhook_events") as db:
-            cursor = await db.execute(
-                QUERIES["claim_webhook_events"],
-                {"group_id": group_id, "call_id": call_id, "call_reference_id": call_reference_id},
-            )
-            claimed = cursor.rowcount
-            await cursor.close()
-            if claimed:
-                await db.execute(
-                    QUERIES["mark_for_confirmation"],
-                    {"id": group_id, "now": now, "confirm_at": confirm_at},
-                )
-        return max(0, claimed)
-
-    async def expire_webhook_events(self, *, received_before: float, purge_before: float) -> int:
-        """Pending events older than ``received_before`` are dropped (their calls are not this
-        runner's); settled ones older than ``purge_before`` are forgotten. How many dropped."""
-        async with self._transaction("expire_webhook_events") as db:
-            cursor = await db.execute(QUERIES["expire_webhook_events"], {"before": received_before})
-            dropped = cursor.rowcount
-            await cursor.close()
-            await db.execute(QUERIES["purge_webhook_events"], {"before": purge_before})
-        return max(0, dropped)
-
-    async def webhook_event_counts(self) -> dict[str, int]:
-        """Recorded events by state: pending, matched, dropped."""
-        return {state: count for state, count in await self._fetch("count_webhook_events")}
-
     # -- reports ----------------------------------------------------------------------------
 
     async def counts(self) -> Counts:
@@ -559,10 +233,6 @@ class SqliteStore(SqliteDedupe, SingleOwner):
 
     async def mark_retried(self, file_ids: list[int]) -> None:
         await self._write("supersede_file", ({"id": fid} for fid in file_ids))
-
-
-def _column(key: str, value: Any) -> Any:
-    return from_raw(value) if key in _NAME_COLUMNS and isinstance(value, bytes) else value
 
 
 def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:

@@ -7,29 +7,17 @@ writer, so no delivery can slip between what was read and what was decided.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import aiosqlite
 
 from runner.dedupe import Candidate, ContentKey, Peer, Source, content_key, decide
 from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled, calls_as_delivered
-from runner.store.named_sql import load_queries
-
-QUERIES = load_queries("queries.sql")
-Row = TypeVar("Row", GroupRow, FileRow)
+from runner.store.sqlite_plumbing import QUERIES, SqlitePlumbing
 
 
-class SqliteDedupe:
-    """Mixed into :class:`runner.store.sqlite.SqliteStore`, which runs the statements."""
-
-    def _transaction(self, label: str) -> AbstractAsyncContextManager[aiosqlite.Connection]:
-        raise NotImplementedError
-
-    async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
-        raise NotImplementedError
-
+class SqliteDedupe(SqlitePlumbing):
     async def settle_duplicates(self, group_ids: Sequence[int], *, now: float) -> Settled:
         if not group_ids:
             return Settled(reused=[], waiting=[])

@@ -1,0 +1,87 @@
+"""Running the named statements of ``queries.sql`` on the SQLite store's one connection.
+
+Reads, one write transaction at a time (``BEGIN IMMEDIATE``, with the crash points around its
+commit), and rows turned back into :class:`GroupRow` / :class:`FileRow` with names as text.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import anyio
+
+from runner import faults
+from runner.errors import StoreError
+from runner.names import from_raw
+from runner.store.base import FileRow, GroupRow
+from runner.store.named_sql import load_queries
+
+QUERIES = load_queries("queries.sql")
+_NAME_COLUMNS = ("rel", "group_key")
+"""Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
+Row = TypeVar("Row", GroupRow, FileRow)
+
+
+class SqlitePlumbing:
+    """The connection, the state's path (for messages), and how a statement is run."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._db = connection
+        self._path = path
+        self._writer = anyio.Lock()  # one connection, so one transaction at a time
+
+    async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[sqlite3.Row]:
+        try:
+            async with self._db.execute(QUERIES[name], params or {}) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self._path}: {name}: {exc}") from exc
+
+    async def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        rows = await self._fetch(name, params)
+        return rows[0][0] if rows else None
+
+    async def _scalar_raw(self, sql: str) -> Any:
+        async with self._db.execute(sql) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    @asynccontextmanager
+    async def _transaction(self, label: str) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; ``label`` names it for the crash points."""
+        async with self._writer:
+            # Once begun, a transaction runs to its commit or rollback: a BEGIN or statement
+            # cancelled half-way would still run in aiosqlite's thread and leave the shared
+            # connection inside a transaction nobody owns.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self._db
+                    except BaseException:
+                        await self._db.execute("ROLLBACK")
+                        raise
+                    faults.point("store.before_commit", label)
+                    await self._db.execute("COMMIT")
+                    faults.point("store.after_commit", label)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{self._path}: {exc}") from exc
+
+    async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        async with self._transaction(name) as db:
+            await db.executemany(QUERIES[name], list(rows))
+
+    async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
+        names = [f.name for f in fields(cls)]
+        rows = await self._fetch(name, params)
+        return [cls(**{key: _column(key, row[key]) for key in names}) for row in rows]
+
+
+def _column(key: str, value: Any) -> Any:
+    return from_raw(value) if key in _NAME_COLUMNS and isinstance(value, bytes) else value
