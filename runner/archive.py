@@ -19,18 +19,15 @@ from typing import BinaryIO
 import structlog
 
 from runner import faults, names
-from runner.outbox import (
+from runner.file_ops import (
     FILE_MODE,
-    Limits,
-    Place,
-    fits,
     fsync_directory,
     is_permanent,
     open_folder,
     open_root,
     replace_via_temporary,
-    shown_place,
 )
+from runner.outbox import Limits, Place, fits, shown_place
 from runner.store.base import FileRow
 
 log = structlog.get_logger("runner.archive")
@@ -221,5 +218,3 @@ def _replaced(source: Path, taken: tuple[int, int]) -> bool:
     except FileNotFoundError:
         return False
     return (st.st_size, st.st_mtime_ns) != taken
-
-

@@ -32,20 +32,17 @@ from runner.documents import (
     rejection_document,
     reused_document,
 )
+from runner.file_ops import Folders, is_permanent, remove_places, write_atomic_at
 from runner.outbox import (
     ERROR_SUFFIX,
     KINDS,
     RESULT_SUFFIX,
     SUFFIXES,
-    Folders,
     Kind,
     claims_natural,
     document_places,
-    is_permanent,
     natural_place,
-    remove_places,
     shown_place,
-    write_atomic_at,
 )
 from runner.store.base import Delivery, FileRow
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from runner.config import Config
-from runner.outbox import fsync_directory
+from runner.file_ops import fsync_directory
 from runner.scan import Entry, examine
 from runner.store.base import FileRow, Store
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from runner.archive import LeftInPlace, finish_input, finish_inputs
 from runner.deliver import Written, write_documents
 from runner.documents import Document, documents_for_group, rejection_document
-from runner.outbox import write_atomic
+from runner.file_ops import write_atomic
 from runner.store.base import FileRow, GroupRow
 
 

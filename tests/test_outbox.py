@@ -30,6 +30,7 @@ from runner.daemon import ExitCode
 from runner.deliver import Unwritable, Written, write_documents
 from runner.documents import Document, rejection_document
 from runner.emulator import Emulator, EmulatorSettings
+from runner.file_ops import is_permanent
 from runner.outbox import (
     KINDS,
     Kind,
@@ -38,7 +39,6 @@ from runner.outbox import (
     cut,
     document_places,
     fits,
-    is_permanent,
     natural_place,
     temporary_name,
 )
@@ -616,6 +616,7 @@ async def test_an_input_left_in_the_inbox_is_not_sent_again(tmp_path: Path) -> N
     config = make_config(tmp_path, inbox={"rescan_seconds": 0.05})
     (config.paths.archive / "wf/b.txt").mkdir(parents=True)  # the archive cannot take it
     write_files(config.paths.inbox, [("wf/b.txt", b"left behind")])
+
     def delivered(logs: list[MutableMapping[str, Any]], rel: str) -> bool:
         return any(e["event"] == "file delivered" and e["file"] == rel for e in logs)
 
