@@ -12,16 +12,10 @@ a :class:`ConfigError` naming the key, never another exception.
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import tomllib
-import urllib.parse
 from collections.abc import Mapping
-from itertools import combinations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import httpx
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -34,11 +28,25 @@ from pydantic import (
     model_validator,
 )
 
+from runner.config_checks import (
+    base_url_problem,
+    host_port_problem,
+    overlapping_paths,
+    store_url_problem,
+    url_path_problem,
+    wrong_kind_of_path,
+)
+from runner.config_file import (
+    check_env_base_url,
+    describe_validation_error,
+    read_toml,
+    set_key,
+)
 from runner.credentials import SecretSource, resolve_secret
 from runner.errors import ConfigError
 from runner.policy import parse_duration
 from runner.route import Route
-from runner.store import DEFAULT_LEASE_SECONDS, is_postgres_url
+from runner.store import DEFAULT_LEASE_SECONDS
 
 DEFAULT_BASE_URL = "https://api.bem.ai"
 DEFAULT_ROOT = Path("/var/lib/bem-runner")
@@ -59,7 +67,6 @@ WEBHOOK_PREVIOUS_SECRET = SecretSource(
     credential="webhook-previous-secret",
 )
 
-MAX_CONFIG_BYTES = 1_000_000
 MAX_DURATION_SECONDS = 365 * 86_400.0
 """No duration setting may be longer than a year; each setting has its own, lower bound too."""
 HOUR = 3_600.0
@@ -108,84 +115,6 @@ def _resolved(path: Path) -> Path:
 
 
 ResolvedPath = Annotated[Path, BeforeValidator(_non_empty_path), AfterValidator(_resolved)]
-
-
-# -- checks, as pure functions ----------------------------------------------------------------
-
-
-def base_url_problem(url: str) -> str | None:
-    """Why ``url`` cannot be bem's base URL; None if it can. Never repeats credentials."""
-    if not url or any(not 0x21 <= ord(char) <= 0x7E for char in url):
-        return "must be a URL of visible ASCII characters, e.g. https://api.bem.ai"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return f"is not a valid URL ({exc})"
-    if parts.scheme.lower() not in ("http", "https"):
-        return "must start with http:// or https://"
-    if "@" in parts.netloc:
-        return "must not carry credentials (user:password@); the key comes from BEM_API_KEY"
-    if not parts.hostname:
-        return "has no host"
-    if port == 0:
-        return "has port 0"
-    if "?" in url or "#" in url:
-        return "must not have a query (?...) or a fragment (#...)"
-    try:
-        httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        return f"is not a valid URL ({exc})"
-    return None
-
-
-_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
-
-
-def host_port_problem(address: str) -> str | None:
-    """Why ``address`` is not ``host:port``, ``[v6]:port`` or ``:port``; None if it is."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65_535:
-        return "the port must be a number from 0 to 65535"
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return "the host in brackets must be an IPv6 address"
-        return None
-    if host and not _HOST_NAME.fullmatch(host):
-        return "the host must be a name or an IP address (an IPv6 address in brackets)"
-    return None
-
-
-def overlapping_paths(paths: PathsConfig, *, archive_used: bool) -> str | None:
-    """Why the configured folders cannot work together; None if they can.
-
-    Folders the runner writes into must not be, or be inside, the folder it reads from (it would
-    take its own documents as input), nor inside each other. The state database must not be in
-    the inbox either.
-    """
-    folders = [("paths.inbox", paths.inbox), ("paths.outbox", paths.outbox)]
-    if archive_used:
-        folders.append(("paths.archive", paths.archive))
-    for (key_a, a), (key_b, b) in combinations(folders, 2):
-        if a == b:
-            return f"{key_a} and {key_b} are the same folder ({a}); they must be separate"
-        if a.is_relative_to(b) or b.is_relative_to(a):
-            (inner_key, inner), (outer_key, outer) = sorted(
-                ((key_a, a), (key_b, b)), key=lambda item: -len(item[1].parts)
-            )
-            return (
-                f"{inner_key} ({inner}) is inside {outer_key} ({outer}); "
-                "they must be separate folders"
-            )
-    state, inbox = paths.state, paths.inbox
-    if state.is_relative_to(inbox):
-        return f"paths.state ({state}) is inside paths.inbox ({inbox}); keep it out of the inbox"
-    for key, folder in folders[1:]:
-        if state == folder:
-            return f"paths.state ({state}) is the folder {key}; it must be a file of its own"
-    return None
 
 
 class Section(BaseModel):
@@ -289,33 +218,6 @@ class StoreConfig(Section):
         return url
 
 
-def store_url_problem(url: str, *, password_allowed: bool) -> str | None:
-    """Why ``url`` cannot name a store, or None. Never quotes the URL (it may hold a password)."""
-    if not is_postgres_url(url):
-        return "must be a postgresql:// URL"
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "is not a valid URL"
-    has_password = parts.password is not None or "password" in urllib.parse.parse_qs(parts.query)
-    if has_password and not password_allowed:
-        return (
-            "holds a password: use PGPASSWORD, PGPASSFILE or $CREDENTIALS_DIRECTORY/store-password"
-        )
-    return None
-
-
-def url_path_problem(path: str) -> str | None:
-    """Why ``path`` cannot be the receiver's URL path; None if it can."""
-    if not path.startswith("/"):
-        return "must start with /"
-    if len(path) > 256:
-        return "must be at most 256 characters"
-    if any(not 0x21 <= ord(char) <= 0x7E for char in path) or "?" in path or "#" in path:
-        return "must be visible ASCII without a query (?) or a fragment (#)"
-    return None
-
-
 class WebhookConfig(Section):
     listen: str | None = Field(default=None, strict=True)
     """``host:port`` of the webhook receiver; None: no receiver, polling only."""
@@ -380,7 +282,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _separate_folders(self) -> Config:
-        problem = overlapping_paths(self.paths, archive_used=self.inbox.on_done == "archive")
+        paths = self.paths
+        written = {"paths.outbox": paths.outbox}
+        if self.inbox.on_done == "archive":
+            written["paths.archive"] = paths.archive
+        problem = overlapping_paths(inbox=paths.inbox, written=written, state=paths.state)
         if problem is not None:
             raise ValueError(problem)
         return self
@@ -405,7 +311,7 @@ def load_config(
     if path is None and environ.get("BEM_RUNNER_CONFIG"):
         path = Path(environ["BEM_RUNNER_CONFIG"])
         source = f"{path} (BEM_RUNNER_CONFIG)"
-    raw = _read_toml(path, source or str(path)) if path is not None else {}
+    raw = read_toml(path, source or str(path)) if path is not None else {}
     if "api_key" in raw:
         raise ConfigError(
             f"{source}: api_key is not a setting; use BEM_API_KEY or api.api_key_file"
@@ -414,16 +320,17 @@ def load_config(
         raise ConfigError(f"{source}: webhook_secrets is not a setting; use webhook.secret_file")
     env_base_url = environ.get("BEM_BASE_URL")
     if env_base_url:
-        _check_env_base_url(env_base_url)
-        _set(raw, "api.base_url", env_base_url, source)
+        check_env_base_url(env_base_url)
+        set_key(raw, "api.base_url", env_base_url, source)
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            _set(raw, dotted, value, source)
+            set_key(raw, dotted, value, source)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from exc
-    problem = wrong_kind_of_path(config.paths)
+        raise ConfigError(describe_validation_error(exc, source)) from exc
+    folders = {f"paths.{key}": getattr(config.paths, key) for key in ("inbox", "outbox", "archive")}
+    problem = wrong_kind_of_path(folders, config.paths.state)
     if problem is not None:
         raise ConfigError(f"invalid configuration:\n  {problem}")
     api_key = resolve_secret(API_KEY, environ=environ, file=config.api.api_key_file)
@@ -455,112 +362,3 @@ def webhook_secrets(webhook: WebhookConfig, environ: Mapping[str, str]) -> tuple
             "(bem-runner webhook setup creates one)"
         )
     return tuple(secret for secret in (current, previous) if secret is not None)
-
-
-def wrong_kind_of_path(paths: PathsConfig) -> str | None:
-    """Why a configured path that already exists cannot be used as what it is configured as.
-
-    Nothing is created here: a path that does not exist yet is fine (it is made when needed).
-    """
-    for key in ("inbox", "outbox", "archive"):
-        folder: Path = getattr(paths, key)
-        if folder.exists() and not folder.is_dir():
-            return f"paths.{key} ({folder}) exists and is not a folder"
-    if paths.state.is_dir():
-        return f"paths.state ({paths.state}) is a folder; it must name the state database file"
-    return None
-
-
-# -- reading and reporting --------------------------------------------------------------------
-
-
-def _read_toml(path: Path, source: str) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{source}: config file not found") from exc
-    except IsADirectoryError as exc:
-        raise ConfigError(f"{source}: is a directory, not a config file") from exc
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from exc
-    except ValueError as exc:  # a NUL in the path
-        raise ConfigError(f"{source}: cannot read config file: {exc}") from exc
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{source}: not UTF-8 text (byte 0x{data[exc.start]:02X} at offset {exc.start})"
-        ) from exc
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; deep nesting
-        raise ConfigError(f"{source}: not valid TOML: {type(exc).__name__}: {exc}") from exc
-
-
-def _set(raw: dict[str, Any], dotted: str, value: object, source: str | None) -> None:
-    section, key = dotted.split(".", 1)
-    table = raw.setdefault(section, {})
-    if not isinstance(table, dict):
-        where = f"{source}: " if source else ""
-        raise ConfigError(
-            f"invalid configuration:\n  {where}{section}: must be a table ([{section}])"
-        )
-    table[key] = value
-
-
-def _check_env_base_url(value: str) -> None:
-    problem = base_url_problem(value)
-    if problem is not None:
-        shown = "" if "@" in value else f" (got {_shown(value)})"
-        raise ConfigError(f"invalid configuration:\n  BEM_BASE_URL: {problem}{shown}")
-
-
-def _describe(exc: ValidationError, source: str | None) -> str:
-    where = f"{source}: " if source else ""
-    lines: list[str] = []
-    for error in exc.errors():
-        key = _key(error["loc"])
-        if error["type"] == "extra_forbidden":
-            line = f"{where}unknown setting {key!r}"
-        else:
-            message = _TABLE_HINTS.get(error["type"], error["msg"]).removeprefix("Value error, ")
-            if key == "route" and error["type"] == "tuple_type":
-                message = "must be an array of tables: write each route as [[route]]"
-            line = f"{where}{key}: {message}" if key else f"{where}{message}"
-            if key and _may_show(key, error.get("input")):
-                line += f" (got {_shown(error.get('input'))})"
-        if line not in lines:
-            lines.append(line)
-    return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
-_TABLE_HINTS = {
-    "model_type": "must be a table ([section] in TOML)",
-    "model_attributes_type": "must be a table ([section] in TOML)",
-    "dict_type": "must be a table ([section] in TOML)",
-}
-
-
-def _key(loc: tuple[int | str, ...]) -> str:
-    """``section.key`` (``route.0.glob``) from a pydantic location, without its type tags."""
-    parts = [str(p) for p in loc if isinstance(p, int) or p.isidentifier()]
-    return ".".join(parts)
-
-
-def _may_show(key: str, value: object) -> bool:
-    """Values are shown to help, except a URL that may carry credentials."""
-    if isinstance(value, dict):
-        return False  # a whole table: the message says what is wrong in it
-    if key == "store.url":
-        return False  # a store URL may carry a password
-    return not (key == "api.base_url" and isinstance(value, str) and "@" in value)
-
-
-def _shown(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
