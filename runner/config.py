@@ -1,7 +1,10 @@
 """The runner's configuration: a TOML file, validated, with a safe default for every setting.
 
 The environment is read here and only here (``load_config``): ``BEM_API_KEY``, ``BEM_BASE_URL``,
-``BEM_RUNNER_CONFIG`` and systemd's ``CREDENTIALS_DIRECTORY``.
+``BEM_RUNNER_CONFIG``, ``BEM_RUNNER_STORE_URL``, ``BEM_WEBHOOK_SECRET``,
+``BEM_WEBHOOK_PREVIOUS_SECRET`` and systemd's ``CREDENTIALS_DIRECTORY``. Checks of single values
+are in :mod:`runner.config_checks`; reading the file and wording its errors, in
+:mod:`runner.config_file`.
 
 The promise: a configuration that loads can run. Numbers are strict (no booleans, no strings
 except for durations), finite and bounded; every path is resolved once, here (``~`` expanded,

@@ -19,9 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from runner.config_checks import host_port_problem
 from runner.errors import ConfigError
 from runner.store.base import Counts
 
+LOOPBACK = "127.0.0.1"
+"""Where metrics are served when an address names only a port."""
 LATENCY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 """Seconds from submit to the call's end: bem calls take seconds to hours."""
 
@@ -104,12 +107,15 @@ def _set_all(gauge: Gauge, values: Mapping[str, int], seen: set[str]) -> set[str
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` (loopback) → (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"metrics address {text!r}: expected host:port")
-    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
-    return host, int(port)
+    """``host:port``, ``[v6]:port`` or ``:port`` (loopback) → (host, port).
+
+    The same rules as ``service.metrics_addr`` in the configuration.
+    """
+    problem = host_port_problem(text)
+    if problem is not None:
+        raise ConfigError(f"metrics address {text!r}: {problem}; expected host:port")
+    host, _, port = text.rpartition(":")
+    return host.removeprefix("[").removesuffix("]") or LOOPBACK, int(port)
 
 
 @contextmanager

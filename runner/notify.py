@@ -19,6 +19,8 @@ import structlog
 log = structlog.get_logger("runner.notify")
 
 STATUS_MAX = 200
+USEC_PER_SECOND = 1_000_000
+NSEC_PER_USEC = 1_000
 """``systemctl status`` shows one line; longer texts only cost bytes."""
 
 
@@ -34,7 +36,7 @@ class NotifySettings:
         """Seconds between watchdog pings: half the interval, as sd_watchdog_enabled(3) asks."""
         if self.watchdog_usec is None:
             return None
-        return self.watchdog_usec / 2_000_000
+        return self.watchdog_usec / (2 * USEC_PER_SECOND)
 
 
 def notify_settings(environ: Mapping[str, str], *, pid: int) -> NotifySettings:
@@ -92,7 +94,7 @@ class Notifier:
 
     def reloading(self) -> None:
         """``RELOADING=1`` with ``MONOTONIC_USEC=`` (CLOCK_MONOTONIC, as systemd compares it)."""
-        self._send(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
+        self._send(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // NSEC_PER_USEC))
 
     def stopping(self, *, needs: float | None = None, status: str | None = None) -> None:
         """``STOPPING=1``; ``needs`` seconds more than the stop timeout asks for an extension."""
@@ -139,7 +141,7 @@ def _address(socket_path: str) -> str | bytes:
 def _usec(seconds: float | None) -> str | None:
     if seconds is None:
         return None
-    return str(max(1, round(seconds * 1_000_000)))
+    return str(max(1, round(seconds * USEC_PER_SECOND)))
 
 
 def status_line(files: Mapping[str, int], open_calls: int, *, mode: str) -> str:

@@ -112,5 +112,6 @@ def test_addresses() -> None:
     assert parse_address("0.0.0.0:9464") == ("0.0.0.0", 9464)
     assert parse_address(":9464") == ("127.0.0.1", 9464)
     assert parse_address("[::1]:9464") == ("::1", 9464)
-    with pytest.raises(ConfigError):
-        parse_address("localhost")
+    for refused in ("localhost", "host:65536", "host:-1", "bad host:80", "[not-v6]:80", ":"):
+        with pytest.raises(ConfigError):
+            parse_address(refused)
