@@ -228,10 +228,9 @@ class Runner:
                 tg.start_soon(self._watch_signals, ctx, signals, name="signals")
             if ctx.runner_id is not None:
                 lease = ctx.config.store.lease_seconds
-                tg.start_soon(
-                    self._side_task, beat_heart(ctx, lease_seconds=lease), name="heartbeat"
-                )
-                tg.start_soon(self._side_task, follow_wake_ups(ctx), name="wake-ups")
+                heartbeat = beat_heart(ctx, lease_seconds=lease)
+                tg.start_soon(self._side_task, "heartbeat", heartbeat, name="heartbeat")
+                tg.start_soon(self._side_task, "wake-ups", follow_wake_ups(ctx), name="wake-ups")
             await self._supervise(ctx)
             log.info("stopping: no new files taken, finishing in-flight requests")
             ctx.stop()
@@ -242,11 +241,11 @@ class Runner:
                 await ctx.client.aclose()
             tg.cancel_scope.cancel()
 
-    async def _side_task(self, task: Awaitable[None]) -> None:
+    async def _side_task(self, name: str, task: Awaitable[None]) -> None:
         """A side task that ends before the runner stops the runner (one that fails, too)."""
         await task
         if not self.should_exit:
-            self._stop(ExitCode.API_UNAVAILABLE, "a side task ended")
+            self._stop(ExitCode.API_UNAVAILABLE, f"the {name} task ended")
 
     async def _finish_in_flight(self, all_stopped: anyio.Event) -> None:
         """Wait for the stages (bounded by the graceful timeout) while telling systemd why."""
