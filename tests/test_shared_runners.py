@@ -24,7 +24,7 @@ NEVER_REFILLS = 1e-6
 
 
 def settled(rel: str, *, size: int = 1, mtime_ns: int = 1, sha256: str = "aa") -> NewFile:
-    return NewFile(rel, size, mtime_ns, sha256, "text", Destination("wf", "file", rel, None))
+    return NewFile(rel, size, mtime_ns, sha256, "text", Destination("wf", "file", rel, "x"))
 
 
 def folder_file(rel: str) -> NewFile:
