@@ -3,17 +3,26 @@ on a real PostgreSQL store: one intake per file, one rate budget, a lost claim d
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import anyio
+import httpx
 import pytest
 
+from runner.api.client import BemClient
 from runner.clock import FakeClock
+from runner.context import Context
+from runner.poll import CLAIMED_ELSEWHERE_WAIT, Poller
 from runner.ratelimit import RateLimiter
 from runner.route import Destination
 from runner.shared_budget import SharedBudget, batch_size
 from runner.store.base import FileRow, NewFile
 from runner.store.postgres import PostgresStore
 
+from .conftest import frozen_emulator, run_sql
 from .fake_time import fake_clock
+from .pipeline import API_KEY, make_config
 
 pytestmark = pytest.mark.anyio
 pytest_plugins = ["tests.postgres"]
@@ -127,3 +136,48 @@ def test_a_take_asks_for_a_tenth_of_a_second_of_the_rate() -> None:
     assert batch_size(2.0, 10) == 1
     assert batch_size(1000.0, 100) == 8
     assert batch_size(1000.0, 2) == 2
+
+
+# -- a claim lost in the middle of the work -------------------------------------------------
+
+SLOW_SECONDS = 5.0
+
+
+async def test_a_poll_whose_claim_another_runner_took_is_dropped_quietly(
+    tmp_path: Path, postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = runners
+    clock = fake_clock()
+    # every answer waits for the test to move the emulator's time: the poll is in flight
+    emulator = frozen_emulator(api_key=API_KEY, slow_rate=1.0, slow_seconds=SLOW_SECONDS)
+    config = make_config(tmp_path)
+    await a.add_files([settled("wf/x.txt")], now=clock.wall(), batch_limits={})
+    (group,) = await a.claim_ready(now=clock.wall(), limit=1)
+    await a.mark_sending([group.id], now=clock.wall())
+    await a.mark_submitted(
+        group.id, call_id="call_x", status="running", now=clock.wall(), next_poll=clock.wall()
+    )
+    before = await b.group(group.id)
+    async with BemClient(
+        base_url=config.api.base_url,
+        api_key=API_KEY,
+        transport=httpx.ASGITransport(app=emulator.app),
+        clock=clock,
+    ) as client:
+        ctx = Context(config, a, client, clock, draining=False, rng=random.Random(0))
+        ctx.runner_id = "a"
+        async with anyio.create_task_group() as tg:
+            waits: list[float] = []
+
+            async def poll() -> None:
+                waits.append(await Poller(ctx).poll_due())
+
+            tg.start_soon(poll)
+            await emulator.wait_blocked()
+            # a was slow past its lease: b takes the call over while a's poll is in flight
+            run_sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
+            assert [g.id for g in await b.claim_due_polls(now=clock.wall(), limit=9)] == [group.id]
+            emulator.advance(SLOW_SECONDS)
+    assert waits == [CLAIMED_ELSEWHERE_WAIT], "nothing raised; the call is b's to poll now"
+    assert await b.group(group.id) == before, "a wrote nothing"
+    assert run_sql(postgres_url, f"SELECT claimed_by FROM groups WHERE id = {group.id}") == [("b",)]
