@@ -407,6 +407,8 @@ class Runner:
     async def shutdown(self, ctx: Context) -> Outcome:
         with anyio.CancelScope(shield=True):
             try:
+                if ctx.store_health.unavailable_since is not None:
+                    raise StoreUnavailableError(ctx.store_health.last_error)
                 counts = await ctx.store.counts()
             except StoreUnavailableError:
                 counts = Counts(files={}, groups={}, open_calls=0)  # kept: it is all in the store

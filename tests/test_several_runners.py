@@ -68,9 +68,10 @@ def workspace(root: Path, base_url: str, *, lease_seconds: float) -> Workspace:
 
 
 async def start_runner(
-    space: Workspace, store_url: str, *, crash_at: str | None = None
+    space: Workspace, store_url: str, *, crash_at: str | None = None, command: str = "run"
 ) -> anyio.abc.Process:
-    """``python -m runner run`` on the shared store (its password from the environment)."""
+    """``python -m runner run`` (or ``drain``) on the shared store, its password from the
+    environment."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("BEM_", "PG"))}
     environ |= {
         "BEM_API_KEY": API_KEY,
@@ -83,7 +84,7 @@ async def start_runner(
     with space.log.open("ab") as log:
         log.write(f"--- runner {space.runs} crash_at={crash_at}\n".encode())
         return await anyio.open_process(
-            [sys.executable, "-m", "runner", "run"], stdout=log, stderr=log, env=environ
+            [sys.executable, "-m", "runner", command], stdout=log, stderr=log, env=environ
         )
 
 
@@ -197,4 +198,32 @@ async def test_nothing_is_lost_or_sent_twice_when_postgresql_restarts_mid_run(
         finally:
             await stop(space, processes)
         assert [p.returncode for p in processes] == [0, 0]
+        check_exactly_once(space, served, postgres_url)
+
+
+async def test_a_drain_exits_3_when_postgresql_is_gone_and_loses_nothing(
+    tmp_path: Path, postgres_cluster: Cluster, postgres_url: str
+) -> None:
+    served = emulator(seed=14)
+    async with serve_emulator(served) as base_url:
+        # the runner could not leave the store: the next one takes its work once its lease ends
+        space = workspace(tmp_path, base_url, lease_seconds=4)
+        space.settings["api"] = {"unreachable_timeout": "2s"}
+        space.write_config()
+        drop_files(space, seed=14)
+        draining = await start_runner(space, postgres_url, command="drain")
+        try:
+            await until("a quarter delivered", space, lambda: delivered(space) >= FILES // 4)
+            await anyio.to_thread.run_sync(postgres_cluster.stop)
+            with anyio.fail_after(DEADLINE_SECONDS):
+                code = await draining.wait()
+        finally:
+            if draining.returncode is None:
+                draining.kill()
+            await anyio.to_thread.run_sync(postgres_cluster.start)
+        assert code == 3, space.log.read_text()[-4000:]
+        assert "the store cannot be reached" in space.log.read_text()
+        again = await start_runner(space, postgres_url, command="drain")
+        with anyio.fail_after(DEADLINE_SECONDS):
+            assert await again.wait() == 0, space.log.read_text()[-4000:]
         check_exactly_once(space, served, postgres_url)
