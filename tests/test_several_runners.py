@@ -227,3 +227,32 @@ async def test_a_drain_exits_3_when_postgresql_is_gone_and_loses_nothing(
         with anyio.fail_after(DEADLINE_SECONDS):
             assert await again.wait() == 0, space.log.read_text()[-4000:]
         check_exactly_once(space, served, postgres_url)
+
+
+async def test_files_arriving_while_runners_come_and_go_are_each_taken_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    served = emulator(seed=15)
+    rng = random.Random(15)
+    waves = [unique_files(rng, start, FILES // 3) for start in range(0, FILES, FILES // 3)]
+    async with serve_emulator(served) as base_url:
+        space = workspace(tmp_path, base_url, lease_seconds=4)
+        first, second, third = waves
+        processes = [await start_runner(space, postgres_url) for _ in range(2)]
+        try:
+            for rel, content in first:
+                space.drop(rel, content)
+            await until("the first wave delivered", space, lambda: delivered(space) >= len(first))
+            processes[0].send_signal(signal.SIGTERM)  # one leaves, another comes
+            processes.append(await start_runner(space, postgres_url))
+            for rel, content in second:
+                space.drop(rel, content)
+            with anyio.fail_after(DEADLINE_SECONDS):
+                assert await processes[0].wait() == 0
+            processes.append(await start_runner(space, postgres_url))
+            for rel, content in third:
+                space.drop(rel, content)
+            await until("every file delivered", space, lambda: everything_delivered(space))
+        finally:
+            await stop(space, processes)
+        check_exactly_once(space, served, postgres_url)
