@@ -18,9 +18,6 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from enum import IntEnum
-from pathlib import Path
-from typing import TypedDict
 
 import anyio
 import httpx
@@ -31,41 +28,25 @@ from runner.clock import Clock, SystemClock
 from runner.config import Config
 from runner.context import Context
 from runner.deliver import Deliverer
-from runner.errors import ConfigError, RunnerError
+from runner.errors import ConfigError, RunnerError, StoreUnavailableError
 from runner.group import Grouper
 from runner.metrics import Metrics
 from runner.notify import STATUS_MAX, Notifier, NotifySettings, status_line
+from runner.outcome import ExitCode, Outcome
 from runner.poll import Poller
 from runner.ratelimit import RateLimiter
-from runner.store import open_store
-from runner.store.base import Counts
+from runner.shared_budget import SharedBudget
+from runner.sharing import beat_heart, follow_wake_ups, keep_running
+from runner.startup import limits_for, make_directory, reloadable, runner_id_for
+from runner.store import is_postgres_url, open_store
+from runner.store.base import Counts, Store
 from runner.submit import Submitter
 from runner.watch import EventSource, Watcher, watchfiles_events
 from runner.webhook import add_receiver
 
+__all__ = ["ExitCode", "Outcome", "Progress", "Runner", "RunnerOptions"]
+
 log = structlog.get_logger("runner.daemon")
-
-RATE_HEADROOM = 0.97
-"""Run a little under the account's limit and keep one token of bem's bucket unspent: the margin
-absorbs network jitter, where running exactly at the limit turns every early arrival into a 429."""
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FILE_ERRORS = 1
-    USAGE = 2
-    API_UNAVAILABLE = 3
-    INTERRUPTED = 4
-    """A drain stopped by a signal before everything was delivered; the state is kept."""
-
-
-@dataclass
-class Outcome:
-    exit_code: ExitCode
-    counts: Counts
-    delivered: dict[str, int]
-    """Documents this run wrote, by outcome."""
-    reason: str | None = None
 
 
 Progress = Callable[[Counts], Awaitable[None]]
@@ -119,17 +100,33 @@ class Runner:
         self._reason: str | None = None
         self._drained = False
         self._limiter: RateLimiter | None = None
+        self._budget: SharedBudget | None = None
         self._extended_at: float | None = None
 
     async def serve(self) -> Outcome:
         config = self.config
         if config.api_key is None:
             raise ConfigError("no API key: set BEM_API_KEY, api.api_key_file, or use --emulator")
-        limiter = RateLimiter(**_limits(config), clock=self.clock)
+        # on PostgreSQL every runner shares the store: it claims its work, and draws its requests
+        # from the budget all of them share
+        runner_id = runner_id_for(config) if is_postgres_url(config.store_target) else None
+        lease = config.store.lease_seconds
+        async with open_store(
+            config.store_target, runner_id=runner_id, lease_seconds=lease
+        ) as store:
+            return await self._serve(config, store, runner_id)
+
+    async def _serve(self, config: Config, store: Store, runner_id: str | None) -> Outcome:
+        assert config.api_key is not None
+        limits = limits_for(config)
+        if runner_id is not None:
+            self._budget = SharedBudget(
+                store, rate=limits["rate"], burst=limits["burst"], clock=self.clock
+            )
+        limiter = RateLimiter(**limits, clock=self.clock, shared=self._budget)
         self._limiter = limiter
         metrics = self.metrics
         async with (
-            open_store(config.store_target) as store,
             BemClient(
                 base_url=config.api.base_url,
                 api_key=config.api_key.get_secret_value(),
@@ -148,6 +145,7 @@ class Runner:
                 draining=self.options.drain,
                 rng=random.Random(),
                 on_call_finished=metrics.observe_call_finished if metrics is not None else None,
+                runner_id=runner_id,
             )
             # Signals are ours before READY=1: a stop or reload sent right after never meets
             # the default action (which would kill the process mid-write).
@@ -173,6 +171,7 @@ class Runner:
             open_calls=counts.open_calls,
             api=ctx.config.api.base_url,
             version=ctx.config.api.version,
+            runner=ctx.runner_id,
         )
 
     def _signal_receiver(self) -> AbstractContextManager[Signals | None]:
@@ -192,10 +191,16 @@ class Runner:
         add_receiver(ctx, stages)
         running = set(stages)
         all_stopped = anyio.Event()
+        resumes = {"watch", "group", "submit", "poll", "deliver"}
 
         async def run_stage(name: str) -> None:
             try:
-                await stages[name]()
+                if name in resumes:
+                    # a POST whose answer could not be recorded is resolved by listing
+                    recover = ctx.store.recover if name == "submit" else None
+                    await keep_running(ctx, stages[name], after_outage=recover)
+                else:
+                    await stages[name]()
             finally:
                 running.discard(name)
                 if not running:
@@ -206,6 +211,11 @@ class Runner:
                 tg.start_soon(run_stage, name, name=f"stage-{name}")
             if signals is not None:
                 tg.start_soon(self._watch_signals, ctx, signals, name="signals")
+            if ctx.runner_id is not None:
+                lease = ctx.config.store.lease_seconds
+                heartbeat = beat_heart(ctx, lease_seconds=lease)
+                tg.start_soon(self._side_task, "heartbeat", heartbeat, name="heartbeat")
+                tg.start_soon(self._side_task, "wake-ups", follow_wake_ups(ctx), name="wake-ups")
             await self._supervise(ctx)
             log.info("stopping: no new files taken, finishing in-flight requests")
             ctx.stop()
@@ -215,6 +225,12 @@ class Runner:
                 # it now, and its outcome is recorded as unknown (resolved on the next start).
                 await ctx.client.aclose()
             tg.cancel_scope.cancel()
+
+    async def _side_task(self, name: str, task: Awaitable[None]) -> None:
+        """A side task that ends before the runner stops the runner (one that fails, too)."""
+        await task
+        if not self.should_exit:
+            self._stop(ExitCode.API_UNAVAILABLE, f"the {name} task ended")
 
     async def _finish_in_flight(self, all_stopped: anyio.Event) -> None:
         """Wait for the stages (bounded by the graceful timeout) while telling systemd why."""
@@ -247,18 +263,35 @@ class Runner:
         while not self.should_exit:
             if self.reload_requested:
                 self._reload(ctx)
-            counts = await ctx.store.counts()
-            if self.progress is not None:
-                await self.progress(counts)
-            if self.metrics is not None:
-                await self._observe(ctx, counts)
-            self.notifier.status(self._status(counts))
+            try:
+                await self._turn(ctx)
+            except StoreUnavailableError as exc:
+                ctx.store_health.failed(exc.message, now=ctx.clock.wall())
+                self.notifier.status("the store cannot be reached")
             if self.options.drain:
-                await self._check_drain(ctx)
+                self._check_store(ctx)
             if self.should_exit:
                 return
             self.notifier.watchdog(ctx.clock.now())
             await ctx.nudges.supervisor.wait(every)
+
+    async def _turn(self, ctx: Context) -> None:
+        counts = await ctx.store.counts()
+        ctx.store_health.reached()
+        if self.progress is not None:
+            await self.progress(counts)
+        if self.metrics is not None:
+            await self._observe(ctx, counts)
+        self.notifier.status(self._status(counts))
+        if self.options.drain:
+            await self._check_drain(ctx)
+
+    def _check_store(self, ctx: Context) -> None:
+        health = ctx.store_health
+        if health.unavailable_for(ctx.clock.wall()) >= ctx.config.api.unreachable_timeout:
+            self._stop(
+                ExitCode.API_UNAVAILABLE, f"the store cannot be reached: {health.last_error}"
+            )
 
     def _status(self, counts: Counts) -> str:
         return status_line(
@@ -289,20 +322,12 @@ class Runner:
             log.error("reload failed; keeping the running configuration", error=str(exc))
             self.notifier.ready(f"reload failed: {exc}"[:STATUS_MAX])
             return
-        current = ctx.config
-        for section in ("paths", "api", "service"):
-            if getattr(fresh, section) != getattr(current, section):
-                log.warning("reload: changes to this section need a restart", section=section)
-        config = fresh.model_copy(
-            update={
-                "paths": current.paths,
-                "api": current.api,
-                "service": current.service,
-                "api_key": current.api_key,
-            }
-        )
+        config = reloadable(ctx.config, fresh)
         assert self._limiter is not None
-        self._limiter.reconfigure(**_limits(config))
+        limits = limits_for(config)
+        self._limiter.reconfigure(**limits)
+        if self._budget is not None:
+            self._budget.reconfigure(rate=limits["rate"], burst=limits["burst"])
         ctx.config = config
         self.config = config
         for nudge in ctx.nudges.all():
@@ -355,7 +380,7 @@ class Runner:
 
     async def shutdown(self, ctx: Context) -> Outcome:
         with anyio.CancelScope(shield=True):
-            counts = await ctx.store.counts()
+            counts = await _final_counts(ctx)
         code = self._exit_code
         if code == ExitCode.OK and self.options.drain and not self._drained:
             code = ExitCode.INTERRUPTED
@@ -372,28 +397,11 @@ class Runner:
         return Outcome(code, counts, dict(ctx.tally), self._reason)
 
 
-def make_directory(key: str, path: Path) -> None:
-    """Create a configured folder; one that cannot be a folder is a :class:`ConfigError`."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:
-        raise ConfigError(f"{key}: {path} exists and is not a folder") from exc
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot create {path}: {exc.strerror}") from exc
-    if not path.is_dir():
-        raise ConfigError(f"{key}: {path} exists and is not a folder")
-
-
-class _Limits(TypedDict):
-    rate: float
-    burst: int
-    max_concurrency: int
-
-
-def _limits(config: Config) -> _Limits:
-    limits = config.limits
-    return {
-        "rate": limits.requests_per_second * RATE_HEADROOM,
-        "burst": max(1, limits.burst - 1),
-        "max_concurrency": limits.max_concurrency,
-    }
+async def _final_counts(ctx: Context) -> Counts:
+    """The store's counts, or none when it cannot be reached (it keeps everything anyway)."""
+    if ctx.store_health.unavailable_since is None:
+        try:
+            return await ctx.store.counts()
+        except StoreUnavailableError as exc:
+            ctx.store_health.failed(exc.message, now=ctx.clock.wall())
+    return Counts(files={}, groups={}, open_calls=0)

@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from runner import faults
-from runner.errors import ClaimLostError, StoreError
+from runner.errors import ClaimLostError, StoreError, StoreUnavailableError
 from runner.names import from_raw
 from runner.store.base import DEFAULT_LEASE_SECONDS, FileRow, GroupRow
 from runner.store.named_sql import load_queries
@@ -73,7 +73,9 @@ class PostgresPlumbing:
         self._opened_at = time.time()
 
     def _error(self, label: str, exc: psycopg.Error) -> StoreError:
-        return StoreError(f"{self._target.shown}: {label}: {self._target.scrub(str(exc))}")
+        # a lost or refused connection (a restart, the network, a full pool) may come back
+        kind = StoreUnavailableError if isinstance(exc, psycopg.OperationalError) else StoreError
+        return kind(f"{self._target.shown}: {label}: {self._target.scrub(str(exc))}")
 
     async def _fetch(
         self, name: str, params: Mapping[str, Any] | None = None
