@@ -103,10 +103,11 @@ async def test_the_runners_limiters_draw_from_one_budget_in_the_store(
             await anyio.sleep_forever()  # hold it: the test counts what was granted
 
     async with anyio.create_task_group() as tg:
+        # each runner asks for more than the whole burst, so however the store splits it,
+        # each is left wanting and its budget sleeps on the clock
         for limiter in limiters:
-            for _ in range(burst):
+            for _ in range(burst + 1):
                 tg.start_soon(request, limiter)
-        # each runner's budget sleeps on the clock once the store grants it nothing more
         await clock.wait_for_sleepers(len(limiters))
         assert granted == burst, "the runners together were granted the one bucket's burst"
         tg.cancel_scope.cancel()
