@@ -111,6 +111,10 @@ class LazyGroup(click.Group):
     lazy: ClassVar[dict[str, tuple[str, str]]] = {
         "emulator": ("runner.emulator.cli:emulator_command", "Serve the bem-compatible emulator."),
         "webhook": ("runner.webhook_setup:webhook_group", "Set up bem's webhooks (setup)."),
+        "store": (
+            "runner.store_cli:store_group",
+            "Manage the store (migrate).",
+        ),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -385,8 +389,6 @@ def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     for rel, why in impossible:
         click.echo(f"cannot retry {rel}: {why}", err=True)
     click.echo(f"requeued {len(requeued)} file(s)")
-
-
 
 
 def main() -> None:
