@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -29,7 +30,7 @@ from runner.notify import Notifier, notify_settings
 from runner.progress import DrainProgress
 from runner.retry import requeue_failed
 from runner.status import collect_status, render_status
-from runner.store import open_store
+from runner.store import open_store, this_runner_id
 
 PATH_FLAGS = ("inbox", "outbox", "archive", "state")
 T = TypeVar("T")
@@ -279,7 +280,11 @@ def _execute(
         async with _api_target(use_emulator) as retarget:
             with ExitStack() as stack:
                 notifier = stack.enter_context(Notifier(settings))
-                metrics = Metrics() if config.service.metrics_addr else None
+                metrics = (
+                    Metrics(this_runner_id(config.store.runner_id))
+                    if config.service.metrics_addr
+                    else None
+                )
                 if metrics is not None and config.service.metrics_addr:
                     host, port = stack.enter_context(
                         serve_metrics(metrics, config.service.metrics_addr)
@@ -357,7 +362,7 @@ def status(
 
     async def main() -> dict[str, Any]:
         async with open_store(config.store_target, read_only=True) as store:
-            return await collect_status(store)
+            return await collect_status(store, now=time.time())
 
     report = _run(main)
     address = config.service.metrics_addr

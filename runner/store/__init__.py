@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -9,11 +11,16 @@ from pathlib import Path
 from runner.errors import StoreError
 from runner.store.base import Store
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "Store", "is_postgres_url", "open_store"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "Store", "is_postgres_url", "open_store", "this_runner_id"]
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_LEASE_SECONDS = 30.0
 """``store.lease_seconds``: a runner silent this long loses its claims to the others."""
+
+
+def this_runner_id(configured: str = "") -> str:
+    """This process's runner id: ``store.runner_id``, else ``hostname-pid``."""
+    return configured or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def is_postgres_url(target: str | Path) -> bool:

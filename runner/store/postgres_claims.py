@@ -113,7 +113,8 @@ class PostgresClaims(PostgresPlumbing):
         return dead
 
     async def runners(self) -> list[RunnerRow]:
-        if self._me is None:
+        """The runners that joined; a store's single owner is its only runner."""
+        if self._me is None and self.owned:
             host, pid = socket.gethostname(), os.getpid()
             calls = await self.open_call_count()
             return [RunnerRow(f"{host}-{pid}", host, pid, self._opened_at, time.time(), calls)]

@@ -71,7 +71,7 @@ async def open_sqlite_store(path: Path, *, read_only: bool = False) -> AsyncIter
     with ExitStack() as owner:
         if not read_only:
             owner.enter_context(state_owner(path))
-        store = SqliteStore(await _connect(path, read_only=read_only), path)
+        store = SqliteStore(await _connect(path, read_only=read_only), path, owned=not read_only)
         try:
             await (store.check_readable() if read_only else store.migrate())
             yield store
@@ -100,9 +100,11 @@ async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
 
 
 class SqliteStore(SqliteDedupe, SingleOwner):
-    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, connection: aiosqlite.Connection, path: Path, *, owned: bool = True) -> None:
         self._db = connection
         self._path = path
+        self.owned = owned
+        """This process owns the state (a writer); False when it only reads it."""
         self._writer = anyio.Lock()  # one connection, so one transaction at a time
 
     # -- plumbing ---------------------------------------------------------------------------
