@@ -18,7 +18,7 @@ import anyio
 from runner.api.client import BemClient
 from runner.clock import Clock
 from runner.config import Config
-from runner.health import ApiHealth
+from runner.health import ApiHealth, StoreHealth
 from runner.schedule import PollPlan
 from runner.store.base import Store
 from runner.webhook_policy import EventFlow
@@ -74,6 +74,7 @@ class Context:
     draining: bool
     nudges: Nudges = field(init=False)
     health: ApiHealth = field(default_factory=ApiHealth)
+    store_health: StoreHealth = field(default_factory=StoreHealth)
     stopping: anyio.Event = field(default_factory=anyio.Event)
     """Set on shutdown: take no new files, send nothing new, finish what is in flight."""
     inbox_taken: anyio.Event = field(default_factory=anyio.Event)
@@ -87,6 +88,8 @@ class Context:
     """What the webhook receiver hears, when there is one (:mod:`runner.webhook`)."""
     poll_plan: PollPlan = field(default_factory=PollPlan)
     """What the poll schedule has learnt (:mod:`runner.schedule`)."""
+    runner_id: str | None = None
+    """This runner's id when it shares its store with other runners; None: it owns the store."""
 
     def __post_init__(self) -> None:
         self.nudges = Nudges.on(self.clock)

@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
-from typing import TypedDict
 
 import anyio
 import httpx
@@ -31,23 +29,22 @@ from runner.clock import Clock, SystemClock
 from runner.config import Config
 from runner.context import Context
 from runner.deliver import Deliverer
-from runner.errors import ConfigError, RunnerError
+from runner.errors import ConfigError, RunnerError, StoreUnavailableError
 from runner.group import Grouper
 from runner.metrics import Metrics
 from runner.notify import STATUS_MAX, Notifier, NotifySettings, status_line
 from runner.poll import Poller
 from runner.ratelimit import RateLimiter
-from runner.store import open_store
-from runner.store.base import Counts
+from runner.shared_budget import SharedBudget
+from runner.sharing import beat_heart, follow_wake_ups, keep_running
+from runner.startup import limits_for, make_directory, runner_id_for
+from runner.store import is_postgres_url, open_store
+from runner.store.base import Counts, Store
 from runner.submit import Submitter
 from runner.watch import EventSource, Watcher, watchfiles_events
 from runner.webhook import add_receiver
 
 log = structlog.get_logger("runner.daemon")
-
-RATE_HEADROOM = 0.97
-"""Run a little under the account's limit and keep one token of bem's bucket unspent: the margin
-absorbs network jitter, where running exactly at the limit turns every early arrival into a 429."""
 
 
 class ExitCode(IntEnum):
@@ -119,17 +116,33 @@ class Runner:
         self._reason: str | None = None
         self._drained = False
         self._limiter: RateLimiter | None = None
+        self._budget: SharedBudget | None = None
         self._extended_at: float | None = None
 
     async def serve(self) -> Outcome:
         config = self.config
         if config.api_key is None:
             raise ConfigError("no API key: set BEM_API_KEY, api.api_key_file, or use --emulator")
-        limiter = RateLimiter(**_limits(config), clock=self.clock)
+        # on PostgreSQL every runner shares the store: it claims its work, and draws its requests
+        # from the budget all of them share
+        runner_id = runner_id_for(config) if is_postgres_url(config.store_target) else None
+        lease = config.store.lease_seconds
+        async with open_store(
+            config.store_target, runner_id=runner_id, lease_seconds=lease
+        ) as store:
+            return await self._serve(config, store, runner_id)
+
+    async def _serve(self, config: Config, store: Store, runner_id: str | None) -> Outcome:
+        assert config.api_key is not None
+        limits = limits_for(config)
+        if runner_id is not None:
+            self._budget = SharedBudget(
+                store, rate=limits["rate"], burst=limits["burst"], clock=self.clock
+            )
+        limiter = RateLimiter(**limits, clock=self.clock, shared=self._budget)
         self._limiter = limiter
         metrics = self.metrics
         async with (
-            open_store(config.store_target) as store,
             BemClient(
                 base_url=config.api.base_url,
                 api_key=config.api_key.get_secret_value(),
@@ -148,6 +161,7 @@ class Runner:
                 draining=self.options.drain,
                 rng=random.Random(),
                 on_call_finished=metrics.observe_call_finished if metrics is not None else None,
+                runner_id=runner_id,
             )
             # Signals are ours before READY=1: a stop or reload sent right after never meets
             # the default action (which would kill the process mid-write).
@@ -173,6 +187,7 @@ class Runner:
             open_calls=counts.open_calls,
             api=ctx.config.api.base_url,
             version=ctx.config.api.version,
+            runner=ctx.runner_id,
         )
 
     def _signal_receiver(self) -> AbstractContextManager[Signals | None]:
@@ -192,10 +207,15 @@ class Runner:
         add_receiver(ctx, stages)
         running = set(stages)
         all_stopped = anyio.Event()
+        resumes = {"watch", "group", "submit", "poll", "deliver"}
 
         async def run_stage(name: str) -> None:
             try:
-                await stages[name]()
+                if name in resumes:  # a POST whose answer was not recorded is resolved by listing
+                    recover = ctx.store.recover if name == "submit" else None
+                    await keep_running(ctx, stages[name], after_outage=recover)
+                else:
+                    await stages[name]()
             finally:
                 running.discard(name)
                 if not running:
@@ -206,6 +226,12 @@ class Runner:
                 tg.start_soon(run_stage, name, name=f"stage-{name}")
             if signals is not None:
                 tg.start_soon(self._watch_signals, ctx, signals, name="signals")
+            if ctx.runner_id is not None:
+                lease = ctx.config.store.lease_seconds
+                tg.start_soon(
+                    self._side_task, beat_heart(ctx, lease_seconds=lease), name="heartbeat"
+                )
+                tg.start_soon(self._side_task, follow_wake_ups(ctx), name="wake-ups")
             await self._supervise(ctx)
             log.info("stopping: no new files taken, finishing in-flight requests")
             ctx.stop()
@@ -215,6 +241,12 @@ class Runner:
                 # it now, and its outcome is recorded as unknown (resolved on the next start).
                 await ctx.client.aclose()
             tg.cancel_scope.cancel()
+
+    async def _side_task(self, task: Awaitable[None]) -> None:
+        """A side task that ends before the runner stops the runner (one that fails, too)."""
+        await task
+        if not self.should_exit:
+            self._stop(ExitCode.API_UNAVAILABLE, "a side task ended")
 
     async def _finish_in_flight(self, all_stopped: anyio.Event) -> None:
         """Wait for the stages (bounded by the graceful timeout) while telling systemd why."""
@@ -247,18 +279,35 @@ class Runner:
         while not self.should_exit:
             if self.reload_requested:
                 self._reload(ctx)
-            counts = await ctx.store.counts()
-            if self.progress is not None:
-                await self.progress(counts)
-            if self.metrics is not None:
-                await self._observe(ctx, counts)
-            self.notifier.status(self._status(counts))
+            try:
+                await self._turn(ctx)
+            except StoreUnavailableError as exc:
+                ctx.store_health.failed(exc.message, now=ctx.clock.wall())
+                self.notifier.status("the store cannot be reached")
             if self.options.drain:
-                await self._check_drain(ctx)
+                self._check_store(ctx)
             if self.should_exit:
                 return
             self.notifier.watchdog(ctx.clock.now())
             await ctx.nudges.supervisor.wait(every)
+
+    async def _turn(self, ctx: Context) -> None:
+        counts = await ctx.store.counts()
+        ctx.store_health.reached()
+        if self.progress is not None:
+            await self.progress(counts)
+        if self.metrics is not None:
+            await self._observe(ctx, counts)
+        self.notifier.status(self._status(counts))
+        if self.options.drain:
+            await self._check_drain(ctx)
+
+    def _check_store(self, ctx: Context) -> None:
+        health = ctx.store_health
+        if health.unavailable_for(ctx.clock.wall()) >= ctx.config.api.unreachable_timeout:
+            self._stop(
+                ExitCode.API_UNAVAILABLE, f"the store cannot be reached: {health.last_error}"
+            )
 
     def _status(self, counts: Counts) -> str:
         return status_line(
@@ -302,7 +351,10 @@ class Runner:
             }
         )
         assert self._limiter is not None
-        self._limiter.reconfigure(**_limits(config))
+        limits = limits_for(config)
+        self._limiter.reconfigure(**limits)
+        if self._budget is not None:
+            self._budget.reconfigure(rate=limits["rate"], burst=limits["burst"])
         ctx.config = config
         self.config = config
         for nudge in ctx.nudges.all():
@@ -355,7 +407,10 @@ class Runner:
 
     async def shutdown(self, ctx: Context) -> Outcome:
         with anyio.CancelScope(shield=True):
-            counts = await ctx.store.counts()
+            try:
+                counts = await ctx.store.counts()
+            except StoreUnavailableError:
+                counts = Counts(files={}, groups={}, open_calls=0)  # kept: it is all in the store
         code = self._exit_code
         if code == ExitCode.OK and self.options.drain and not self._drained:
             code = ExitCode.INTERRUPTED
@@ -370,30 +425,3 @@ class Runner:
             open_calls=counts.open_calls,
         )
         return Outcome(code, counts, dict(ctx.tally), self._reason)
-
-
-def make_directory(key: str, path: Path) -> None:
-    """Create a configured folder; one that cannot be a folder is a :class:`ConfigError`."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:
-        raise ConfigError(f"{key}: {path} exists and is not a folder") from exc
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot create {path}: {exc.strerror}") from exc
-    if not path.is_dir():
-        raise ConfigError(f"{key}: {path} exists and is not a folder")
-
-
-class _Limits(TypedDict):
-    rate: float
-    burst: int
-    max_concurrency: int
-
-
-def _limits(config: Config) -> _Limits:
-    limits = config.limits
-    return {
-        "rate": limits.requests_per_second * RATE_HEADROOM,
-        "burst": max(1, limits.burst - 1),
-        "max_concurrency": limits.max_concurrency,
-    }

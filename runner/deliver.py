@@ -32,6 +32,7 @@ from runner.documents import (
     rejection_document,
     reused_document,
 )
+from runner.errors import ClaimLostError
 from runner.outbox import (
     ERROR_SUFFIX,
     KINDS,
@@ -52,6 +53,8 @@ from runner.store.base import Delivery, FileRow
 log = structlog.get_logger("runner.deliver")
 
 RETRY_SECONDS = 5.0
+CLAIM_LOST_RETRY_SECONDS = 0.1
+"""After a delivery fenced off by another runner's: soon, the rest of the page is still to do."""
 BATCH = 200
 
 __all__ = [
@@ -186,7 +189,7 @@ class Deliverer:
         # files delivered before a crash but not yet archived
         delivered = await store.delivered_files(limit=BATCH)
         rejected = await store.rejected_files(limit=BATCH)
-        terminal = await store.terminal_groups(limit=BATCH)
+        terminal = await store.claim_terminal(limit=BATCH)
         documents = [rejection_document(file) for file in rejected]
         files_by_group = await store.files_of_groups([g.id for g in terminal])
         sources = await store.reuse_sources(
@@ -201,12 +204,21 @@ class Deliverer:
                 made = documents_for_group(group, files)
             documents += [d for d in made if d.file.state == "queued"]
         written = await self._write(documents)
-        # a group whose files all have their documents now is done (the query checks)
-        await store.mark_delivered(
-            [Delivery(d.file.id, outcome, reason) for d, outcome, reason in written],
-            finished_groups=[g.id for g in terminal],
-            now=ctx.clock.wall(),
-        )
+        try:
+            # a group whose files all have their documents now is done (the query checks)
+            await store.mark_delivered(
+                [Delivery(d.file.id, outcome, reason) for d, outcome, reason in written],
+                finished_groups=[g.id for g in terminal],
+                now=ctx.clock.wall(),
+            )
+        except ClaimLostError as exc:
+            # Another runner delivered some of these (the same bytes: a document depends only
+            # on the rows). Nothing is recorded; what is still ours is delivered again.
+            log.info(
+                "claim lost; another runner has this work", action="deliver", reason=exc.message
+            )
+            await store.release([g.id for g in terminal])
+            return CLAIM_LOST_RETRY_SECONDS
         for _, outcome, _ in written:
             ctx.tally[outcome] += 1
         if written and ctx.config.inbox.dedupe == "content":

@@ -7,7 +7,8 @@ errors (httpx, sqlite3, OS) are mapped at the boundary that meets them, ``raise 
     ├── ConfigError                 bad config file, flag or environment; exit code 2
     ├── StoreError                  the state database cannot be opened or is not ours
     │   ├── StateInUseError         another process owns the state
-    │   └── ClaimLostError          this runner no longer holds the work it is writing (fenced)
+    │   ├── ClaimLostError          this runner no longer holds the work it is writing (fenced)
+    │   └── StoreUnavailableError   a shared store cannot be reached now (may come back)
     └── ApiError                    anything that went wrong talking to bem
         ├── AuthError               401/403: the key is rejected; a loud stop, not a failed file
         ├── PermanentError          400/404/409/422: asking again will not help
@@ -47,6 +48,10 @@ class StateInUseError(StoreError):
 
 class ClaimLostError(StoreError):
     """This runner's claim was taken by another runner: it must stop touching that work."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store's server cannot be reached or dropped the connection; nothing was written."""
 
 
 class ApiError(RunnerError):

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import structlog
+
 from runner.errors import ApiError, AuthError, TransientError
+
+log = structlog.get_logger("runner.health")
 
 AUTH_RETRY_SECONDS = 60.0
 """While bem rejects the key, one request (a probe) this often, not one per file."""
@@ -43,3 +47,29 @@ class ApiHealth:
     def unreachable_for(self, now: float) -> float:
         """Seconds bem has been unreachable (0 while it answers)."""
         return 0.0 if self.unreachable_since is None else now - self.unreachable_since
+
+
+@dataclass
+class StoreHealth:
+    """Whether a shared store (PostgreSQL) answers. While it does not, nothing is claimed, so
+    nothing is sent; every task tries again on its own, and ``drain`` gives up (exit 3) after
+    ``api.unreachable_timeout``, as for bem. Told once when it goes and once when it is back."""
+
+    unavailable_since: float | None = None
+    last_error: str | None = None
+
+    def failed(self, error: str, *, now: float) -> None:
+        if self.unavailable_since is None:
+            self.unavailable_since = now
+            log.warning(
+                "the store cannot be reached; nothing is sent until it is back", error=error
+            )
+        self.last_error = error
+
+    def reached(self) -> None:
+        if self.unavailable_since is not None:
+            log.info("the store is reachable again")
+        self.unavailable_since = None
+
+    def unavailable_for(self, now: float) -> float:
+        return 0.0 if self.unavailable_since is None else now - self.unavailable_since

@@ -19,6 +19,7 @@ import structlog
 from runner import faults
 from runner.api import call_mismatch
 from runner.api.models import Call, CallFilter
+from runner.claims import unless_claim_lost
 from runner.context import MIN_WAIT, Context
 from runner.errors import ApiError, AuthError, NotFoundError
 from runner.health import AUTH_RETRY_SECONDS
@@ -26,6 +27,9 @@ from runner.schedule import Outlook, grid_for, next_poll_at, ride_along_seconds
 from runner.store.base import Finished, GroupRow, NextPoll
 
 log = structlog.get_logger("runner.poll")
+
+CLAIMED_ELSEWHERE_WAIT = 0.5
+"""Calls are due but other runners sharing the store hold them: look again this much later."""
 
 
 @dataclass
@@ -74,10 +78,11 @@ class Poller:
                 ride = await self._plan(now)
                 planned = True
             # calls due soon ride along with the ones due now: one request instead of many
-            due = await ctx.store.due_polls(now=now + ride, limit=limit)
-            if not due:
-                return MIN_WAIT
+            due = await ctx.store.claim_due_polls(now=now + ride, limit=limit)
+            if not due:  # what is due is another runner's to poll now
+                return CLAIMED_ELSEWHERE_WAIT
             if not ctx.poll_plan.may_send(now, calls=len(due), per_request=limit):
+                await ctx.store.release([g.id for g in due])
                 return max(ctx.poll_plan.next_slot_in(now), MIN_WAIT)  # the next grid point
             await self._load_item_references(due)
             try:
@@ -247,7 +252,12 @@ class Poller:
         ctx = self._ctx
         ctx.health.reached()
         now = ctx.clock.wall()
-        await ctx.store.record_polls(page.finished, page.next_polls, now=now)
+        recorded = False
+        with unless_claim_lost("record polls", calls=len(page.finished) + len(page.next_polls)):
+            await ctx.store.record_polls(page.finished, page.next_polls, now=now)
+            recorded = True
+        if not recorded:  # those still ours are polled again
+            return
         for group, finished in zip(page.groups, page.finished, strict=True):
             if ctx.on_call_finished is not None and group.submitted_at is not None:
                 ctx.on_call_finished(now - group.submitted_at)
@@ -273,9 +283,10 @@ class Poller:
         await self._plan(now)  # the grid, now that something is learnt
         horizon = now + ctx.config.poll.max_seconds + ctx.config.poll.initial_seconds
         waiting = await ctx.store.due_polls(now=horizon, limit=ctx.config.limits.max_open_calls)
-        await ctx.store.reschedule_polls(
-            [self._next_poll(g, g.status) for g in waiting if g.workflow in workflows]
-        )
+        with unless_claim_lost("reschedule polls"):  # one another runner polls meanwhile
+            await ctx.store.reschedule_polls(
+                [self._next_poll(g, g.status) for g in waiting if g.workflow in workflows]
+            )
 
     async def _failed(self, due: list[GroupRow], exc: ApiError) -> None:
         ctx = self._ctx
@@ -286,7 +297,8 @@ class Poller:
         delay = max(ctx.config.poll.initial_seconds, 1.0)
         if isinstance(exc, AuthError):
             delay = AUTH_RETRY_SECONDS  # one 401 a minute, not one a second
-        await ctx.store.reschedule_polls([NextPoll(g.id, now + delay, g.status) for g in due])
+        with unless_claim_lost("poll again later", calls=len(due)):
+            await ctx.store.reschedule_polls([NextPoll(g.id, now + delay, g.status) for g in due])
         await anyio.lowlevel.checkpoint()
 
 

@@ -40,6 +40,7 @@ their own event, which is set when they are granted a slot or must take over the
 Which request an answer belongs to is known without the caller saying so: :meth:`slot` records
 the grant it holds in a context variable of the calling task.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,6 +50,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
 import anyio
 
@@ -63,6 +65,13 @@ _MIN_SLEEP = 1e-6  # a timekeeper never sleeps for less, so rounding cannot make
 # -- the limiter ---------------------------------------------------------------------------------
 
 
+class SharedTokens(Protocol):
+    """A budget shared with other runners (:class:`runner.shared_budget.SharedBudget`)."""
+
+    async def take(self) -> None: ...
+    async def rate_limited(self, retry_after: float | None) -> None: ...
+
+
 @dataclass(eq=False)
 class _Grant:
     """One slot handed out: the request it is for is in flight until the slot is left."""
@@ -75,6 +84,7 @@ class _Grant:
     owes_token: bool = False
     """Charged to the bucket at a 429 that came while it was in flight."""
     rate_limited: bool = False
+    retry_after: float = DEFAULT_RETRY_AFTER
 
 
 _holding: ContextVar[_Grant | None] = ContextVar("bem_rate_limit_slot", default=None)
@@ -95,7 +105,9 @@ class RateLimiter:
 
     ``min_rate_fraction``: the rate is never cut below this fraction of the configured rate.
     ``recovery_seconds``: while requests wait for tokens and none is refused, the rate grows by
-    ``PROBE_GROWTH`` of itself every this many seconds."""
+    ``PROBE_GROWTH`` of itself every this many seconds.
+    ``shared``: runners sharing a store also draw every request's token from their common
+    budget, and tell it of every 429 (so all of them pause)."""
 
     def __init__(
         self,
@@ -106,6 +118,7 @@ class RateLimiter:
         clock: Clock,
         min_rate_fraction: float = 0.01,
         recovery_seconds: float = 10.0,
+        shared: SharedTokens | None = None,
     ) -> None:
         _check_limits(rate=rate, burst=burst, max_concurrency=max_concurrency)
         if not 0 < min_rate_fraction <= 1:
@@ -113,6 +126,7 @@ class RateLimiter:
         if not (recovery_seconds > 0 and math.isfinite(recovery_seconds)):
             raise ValueError(f"recovery_seconds must be positive, not {recovery_seconds!r}")
         self._clock = clock
+        self._shared = shared
         self._min_rate_fraction = min_rate_fraction
         self._growth_per_second = PROBE_GROWTH / recovery_seconds
         self._state = RateState.initial(
@@ -163,6 +177,12 @@ class RateLimiter:
         """Hold one request slot: a concurrency slot and one token of the rate limit. A 429 or
         success reported while holding it is taken to be the answer to this request."""
         grant = await self._acquire(kind)
+        if self._shared is not None:
+            try:
+                await self._shared.take()
+            except BaseException:
+                self._give_back(grant)
+                raise
         holding = _holding.set(grant)
         answered = False
         try:
@@ -171,6 +191,8 @@ class RateLimiter:
         finally:
             _holding.reset(holding)
             self._release(grant, answered=answered)
+        if answered and grant.rate_limited and self._shared is not None:
+            await self._shared.rate_limited(grant.retry_after)
 
     def on_rate_limited(self, retry_after: float | None) -> None:
         """bem answered 429: pause; if this is a new overrun, settle below the account's rate."""
@@ -184,6 +206,7 @@ class RateLimiter:
             self._paused_until = until
         if grant is not None:
             grant.rate_limited = True
+            grant.retry_after = retry_after
         self._resuming = True
         if new_overrun:
             self._epoch += 1
@@ -301,14 +324,19 @@ class RateLimiter:
     def _withdraw(self, waiter: _Waiter) -> None:
         """A waiter was cancelled: it takes no token and holds no slot."""
         if waiter.grant is not None:
-            self._held.discard(waiter.grant)
-            self._bucket.give_back()
-        else:
-            queue = self._queues[waiter.kind]
-            queue.remove(waiter)
-            if not queue:
-                del self._queues[waiter.kind]
-                self._turns.remove(waiter.kind)
+            self._give_back(waiter.grant)
+            return
+        queue = self._queues[waiter.kind]
+        queue.remove(waiter)
+        if not queue:
+            del self._queues[waiter.kind]
+            self._turns.remove(waiter.kind)
+        self._kick()
+
+    def _give_back(self, grant: _Grant) -> None:
+        """A slot granted but never used: its token goes back to the bucket."""
+        self._held.discard(grant)
+        self._bucket.give_back()
         self._kick()
 
     # -- granting --------------------------------------------------------------------------------

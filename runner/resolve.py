@@ -14,6 +14,7 @@ import structlog
 
 from runner import faults
 from runner.api.models import Call, CallFilter
+from runner.claims import unless_claim_lost
 from runner.context import Context
 from runner.errors import ApiError
 from runner.policy import unknown_outcome_resolution
@@ -93,7 +94,7 @@ class Resolver:
         """Adopt calls that were created after all; resend those that surely were not."""
         ctx = self._ctx
         now = ctx.clock.wall()
-        groups = await ctx.store.due_unknown(now=now, limit=LIST_REFERENCES_PER_REQUEST)
+        groups = await ctx.store.claim_due_unknown(now=now, limit=LIST_REFERENCES_PER_REQUEST)
         if not groups:
             return
         try:
@@ -102,12 +103,16 @@ class Resolver:
             log.warning("cannot list calls to resolve unknown outcomes", error=exc.message)
             if ctx.health.failed(exc, now=now):
                 ctx.nudges.supervisor.set()
-            await ctx.store.mark_unknown(
-                [g.id for g in groups], not_before=now + recheck_seconds(ctx)
-            )
+            with unless_claim_lost("list unknown outcomes again later"):
+                await ctx.store.mark_unknown(
+                    [g.id for g in groups], not_before=now + recheck_seconds(ctx)
+                )
             return
         for group in groups:
-            await self._decide(group, found.get(group.call_reference_id), now)
+            with unless_claim_lost(
+                "resolve an unknown outcome", callReferenceID=group.call_reference_id
+            ):
+                await self._decide(group, found.get(group.call_reference_id), now)
         ctx.nudges.submit.set()
 
     async def _decide(self, group: GroupRow, call: Call | None, now: float) -> None:

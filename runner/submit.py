@@ -9,6 +9,7 @@ about the account (a rejected key, bem unreachable) is :mod:`runner.health`'s to
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import anyio
@@ -16,10 +17,12 @@ import structlog
 
 from runner import faults, names
 from runner.api.models import UploadFile, V2Call, V2CallRequest
+from runner.claims import unless_claim_lost
 from runner.context import MIN_WAIT, Context
 from runner.errors import (
     ApiError,
     AuthError,
+    ClaimLostError,
     OutcomeUnknownError,
     PermanentError,
     RateLimitedError,
@@ -75,13 +78,21 @@ class Submitter:
             room = min(room, 1 - self._in_flight)
         if room <= 0:
             return 1.0
-        groups = await ctx.store.ready_groups(now=now, limit=room)
-        sendable = await self._preflight(groups)
-        if sendable and ctx.config.inbox.dedupe == "content":
-            sendable = await self._without_duplicates(sendable)
-        if sendable:
-            await ctx.store.mark_sending([g.id for g, _ in sendable], now=ctx.clock.wall())
-            faults.point("submit.after_commit")
+        groups = await ctx.store.claim_ready(now=now, limit=room)
+        try:
+            sendable = await self._preflight(groups)
+            if sendable and ctx.config.inbox.dedupe == "content":
+                sendable = await self._without_duplicates(sendable)
+            if sendable:
+                await ctx.store.mark_sending([g.id for g, _ in sendable], now=ctx.clock.wall())
+                faults.point("submit.after_commit")
+        except ClaimLostError as exc:
+            # nothing was sent: what is still ours goes back to whoever claims it next
+            log.info(
+                "claim lost; another runner has this work", action="submit", reason=exc.message
+            )
+            await ctx.store.release([g.id for g in groups])
+            return MIN_WAIT
         for batch in self._requests(sendable):
             self._in_flight += 1
             tg.start_soon(self._send, batch, name=f"submit-{batch[0][0].call_reference_id}")
@@ -126,7 +137,7 @@ class Submitter:
     async def _send(self, batch: Sendable) -> None:
         try:
             # a POST already sent finishes even during shutdown, so its outcome is recorded
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), _unless_lost(batch[0][0]):
                 if self._ctx.config.api.version == "v2":
                     await self._send_v2(batch)
                 else:
@@ -175,16 +186,20 @@ class Submitter:
             calls = await ctx.client.create_calls_v2(requests)
             faults.point("submit.after_receive")
         except ApiError as exc:
-            await self._failed(groups, exc)
+            # group by group: one taken over by another runner leaves the others to record
+            for group in groups:
+                with _unless_lost(group):
+                    await self._failed([group], exc)
             return
         self._key_accepted = True
         by_reference: dict[str, V2Call] = {c.call_reference_id or "": c for c in calls}
         for group in groups:
             call = by_reference.get(group.call_reference_id)
-            if call is None:
-                await ctx.store.mark_unknown([group.id], not_before=ctx.clock.wall())
-                continue
-            await record_call(ctx, group, call.call_id, call.status)
+            with _unless_lost(group):
+                if call is None:
+                    await ctx.store.mark_unknown([group.id], not_before=ctx.clock.wall())
+                else:
+                    await record_call(ctx, group, call.call_id, call.status)
 
     async def _failed(self, groups: list[GroupRow], exc: ApiError) -> None:
         """What a failed POST means for its groups: resolve, wait, stop, fail or retry."""
@@ -227,6 +242,10 @@ class Submitter:
                 "submit failed; will retry", callReferenceIDs=refs, error=exc.message, delay=delay
             )
             await ctx.store.mark_submit_later(ids, not_before=now + delay)
+
+
+def _unless_lost(group: GroupRow) -> AbstractContextManager[None]:
+    return unless_claim_lost("record the POST's outcome", callReferenceID=group.call_reference_id)
 
 
 def _uploads(inbox: Path, group: GroupRow, files: list[FileRow]) -> list[UploadFile]:

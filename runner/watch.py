@@ -142,15 +142,25 @@ class Watcher:
     async def run(self) -> None:
         ctx = self._ctx
         ctx.config.paths.inbox.mkdir(parents=True, exist_ok=True)
-        keep = ctx.config.inbox.on_done == "keep"
-        known = await ctx.store.known_files()
-        # a finished file counts only while inputs are kept (see is_new)
-        self._known.update((rel, k) for rel, k in known.items() if keep or k.state != "done")
+        await self._load_known()
         async with anyio.create_task_group() as tg:
             if self._events is not None and not ctx.draining:
                 tg.start_soon(self._follow_events, name="watch-events")
             await self._loop()
             tg.cancel_scope.cancel()
+
+    async def _load_known(self) -> None:
+        """What the store knows of the inbox's paths (also what other runners took or did)."""
+        keep = self._ctx.config.inbox.on_done == "keep"
+        known = await self._ctx.store.known_files()
+        left = {rel for rel, k in self._known.items() if k.state == LEFT_IN_INBOX}
+        # a finished file counts only while inputs are kept (see is_new); one left in the inbox
+        # stays so until it changes
+        self._known = {
+            rel: self._known[rel] if rel in left and k.state == "done" else k
+            for rel, k in known.items()
+            if keep or k.state != "done" or rel in left
+        }
 
     async def _follow_events(self) -> None:
         assert self._events is not None
@@ -193,6 +203,8 @@ class Watcher:
         inbox = ctx.config.paths.inbox
         if full:
             self._dirty.clear()
+            if ctx.runner_id is not None:  # other runners take files and finish them too
+                await self._load_known()
             report = await anyio.to_thread.run_sync(scan_inbox, inbox)
         else:
             targets = self._dirty | set(self._settler.pending)
@@ -296,5 +308,3 @@ def _has_document_for(outbox: Path, new: NewFile) -> bool:
         if isinstance(document, dict) and document.get("sha256") == new.sha256:
             return True
     return False
-
-

@@ -21,9 +21,9 @@ import httpx
 from runner.api.client import BemClient
 from runner.clock import FakeClock
 from runner.context import Context
-from runner.daemon import _limits
 from runner.emulator import Emulator
 from runner.ratelimit import RateLimiter
+from runner.startup import limits_for
 from runner.store.base import FileRow, GroupRow
 from runner.store.sqlite import SqliteStore, open_sqlite_store
 from runner.watch import Watcher
@@ -104,7 +104,7 @@ async def stage_world(
         BemClient(
             base_url=config.api.base_url,
             api_key=api_key,
-            limiter=RateLimiter(**_limits(config), clock=clock),
+            limiter=RateLimiter(**limits_for(config), clock=clock),
             transport=httpx.ASGITransport(app=emulator.app),
             timeout=config.api.timeout_seconds,
             clock=clock,

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 from runner.clock import FakeClock
 from runner.config import Config, load_config
-from runner.daemon import _limits
 from runner.errors import ConfigError
 from runner.metrics import parse_address
 from runner.policy import parse_duration, poll_delay, retry_delay
 from runner.ratelimit import RateLimiter
 from runner.route import route_file, workflow_name_problem
+from runner.startup import limits_for
 
 from .conftest import toml_document
 
@@ -338,8 +338,8 @@ def test_a_valid_config_with_any_key_changed_runs_or_names_that_key(
 def assert_usable(config: Config) -> None:
     """Build what the runner builds from a configuration; nothing may raise or wait forever."""
     clock = FakeClock()
-    limiter = RateLimiter(**_limits(config), clock=clock)
-    limiter.reconfigure(**_limits(config))
+    limiter = RateLimiter(**limits_for(config), clock=clock)
+    limiter.reconfigure(**limits_for(config))
     limits = config.limits
     assert max(limits.burst, limits.max_concurrency, limits.max_open_calls) < SQLITE_MAX
     assert 0 < 1 / limits.requests_per_second < math.inf

@@ -3,6 +3,10 @@
 A file-mode file's group is born ready, all of them in one pipelined statement; a folder's or
 window's open group is locked (``FOR UPDATE``) and filled in memory, a full window closed and
 another opened, and the sizes written once per group.
+
+Runners sharing the store all scan one inbox, so each may hand over a file another one took:
+their intakes run one at a time (an advisory lock), and a file whose path another runner is
+working on, or the very same file (path, size, mtime, content) it finished, is left out.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from runner.names import raw
 from runner.store.base import BatchLimits, NewFile
 from runner.store.postgres_plumbing import QUERIES, Connection, PostgresPlumbing, _clean
 from runner.store.sqlite import new_call_reference_id
+
+INTAKE_LOCK = 0x62656D04
 
 
 @dataclass
@@ -38,6 +44,10 @@ class PostgresIntake(PostgresPlumbing):
         if not files:
             return
         async with self._transaction("add_files") as conn:
+            if self._me is not None:
+                files = await _not_taken(conn, files)
+                if not files:
+                    return
             group_ids = await self._groups_for(conn, files, now, batch_limits)
             async with conn.cursor() as cursor:
                 await cursor.executemany(
@@ -140,6 +150,22 @@ class PostgresIntake(PostgresPlumbing):
                 ],
             )
         return ids
+
+
+async def _not_taken(conn: Connection, files: list[NewFile]) -> list[NewFile]:
+    """The files no other runner sharing the store took; waits for any intake under way."""
+    await conn.execute(QUERIES["intake_lock"], {"purpose": INTAKE_LOCK})
+    cursor = await conn.execute(
+        QUERIES["files_taken"],
+        {
+            "rels": [raw(f.rel) for f in files],
+            "sizes": [f.size for f in files],
+            "mtimes": [f.mtime_ns for f in files],
+            "shas": [f.sha256 for f in files],
+        },
+    )
+    taken = {bytes(row[0]) for row in await cursor.fetchall()}
+    return [f for f in files if raw(f.rel) not in taken]
 
 
 def _group_params(workflow: str, mode: str, key: str, state: str, now: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from runner import faults
-from runner.errors import ClaimLostError, StoreError
+from runner.errors import ClaimLostError, StoreError, StoreUnavailableError
 from runner.names import from_raw
 from runner.store import DEFAULT_LEASE_SECONDS
 from runner.store.base import FileRow, GroupRow
@@ -76,7 +76,9 @@ class PostgresPlumbing:
         """This process owns the store alone (no runner id, not read-only)."""
 
     def _error(self, label: str, exc: psycopg.Error) -> StoreError:
-        return StoreError(f"{self._target.shown}: {label}: {self._target.scrub(str(exc))}")
+        # a lost or refused connection (a restart, the network, a full pool) may come back
+        kind = StoreUnavailableError if isinstance(exc, psycopg.OperationalError) else StoreError
+        return kind(f"{self._target.shown}: {label}: {self._target.scrub(str(exc))}")
 
     async def _fetch(
         self, name: str, params: Mapping[str, Any] | None = None

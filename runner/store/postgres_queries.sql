@@ -125,6 +125,20 @@ INSERT INTO files (rel, size, mtime_ns, sha256, input_type, workflow, item_refer
 VALUES (%(rel)s, %(size)s, %(mtime_ns)s, %(sha256)s, %(input_type)s, %(workflow)s,
         %(item_reference_id)s, %(group_id)s, %(state)s, %(reason)s, %(seen_at)s);
 
+-- name: intake_lock
+-- Runners taking files at once take them one after the other: each sees what the last one took.
+SELECT pg_advisory_xact_lock(%(purpose)s, hashtext(current_schema()));
+
+-- name: files_taken
+-- Of these settled files, the paths another runner took already: one it is working on, or the
+-- very same file (size, mtime and content) it finished.
+SELECT DISTINCT k.rel FROM unnest(%(rels)s::bytea[], %(sizes)s::bigint[], %(mtimes)s::bigint[],
+                                  %(shas)s::text[]) AS k (rel, size, mtime_ns, sha256)
+JOIN files f ON f.rel = k.rel
+WHERE f.state NOT IN ('done', 'retried')
+   OR (f.state = 'done' AND f.size = k.size AND f.mtime_ns = k.mtime_ns
+       AND f.sha256 IS NOT DISTINCT FROM k.sha256);
+
 -- name: open_group_by_key
 SELECT id, file_count, byte_count FROM groups
 WHERE group_key = %(group_key)s AND state = 'open' FOR UPDATE;
@@ -225,9 +239,12 @@ UPDATE groups SET file_count = file_count - 1, byte_count = byte_count - %(size)
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_delivered
+-- A rejected file is in no group, so nobody's claim: shared, once another runner delivered it,
+-- it is fenced off.
 UPDATE files SET state = 'delivered', outcome = %(outcome)s, reason = coalesce(%(reason)s, reason),
        delivered_at = %(now)s
-WHERE id = %(id)s AND (group_id IS NULL OR EXISTS (
+WHERE id = %(id)s AND (group_id IS NOT NULL OR %(me)s::text IS NULL OR state = 'rejected')
+  AND (group_id IS NULL OR EXISTS (
     SELECT 1 FROM groups g WHERE g.id = files.group_id
       AND (g.claimed_by IS NULL OR g.claimed_by = %(me)s)));
 

@@ -1,0 +1,108 @@
+"""What a runner does beside its stages when it shares its store, and how it rides out a store
+that cannot be reached.
+
+Two named side tasks run while a runner shares a PostgreSQL store with others:
+
+- the heartbeat renews this runner's lease and its claims every ``lease_seconds / 3`` and
+  expires runners silent past theirs (their ``sending`` calls become ``unknown``, resolved by
+  listing by whoever claims them — never resent blindly);
+- the wake-up listener turns other runners' notifications into this runner's nudges. The
+  stages still look on their own intervals, so a lost notification only delays.
+
+A runner declared dead by the others (it was silent past its lease: their fencing keeps it off
+the work it held) stops, as does one whose side task fails; a supervisor starts it again under a
+new identity.
+
+A stage that meets a store it cannot reach (:class:`StoreUnavailableError`) is started again
+once it answers; a POST whose answer could not be recorded meanwhile is ``unknown`` by then
+(:meth:`Store.recover`) and resolved by listing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+
+import structlog
+
+from runner.context import Context, Nudge
+from runner.errors import StoreUnavailableError
+
+log = structlog.get_logger("runner.sharing")
+
+STORE_RETRY_SECONDS = 1.0
+"""While the store cannot be reached, each task tries again this often."""
+HEARTBEATS_PER_LEASE = 3
+
+Stage = Callable[[], Awaitable[None]]
+
+
+async def keep_running(ctx: Context, stage: Stage, *, after_outage: Stage | None = None) -> None:
+    """Run ``stage`` until it returns; started again (after ``after_outage``) whenever it stops
+    on a store that cannot be reached, until the runner stops."""
+    while True:
+        try:
+            await stage()
+            return
+        except* StoreUnavailableError as group:
+            ctx.store_health.failed(_first_message(group), now=ctx.clock.wall())
+        while True:
+            await ctx.clock.wait(ctx.stopping, STORE_RETRY_SECONDS)
+            if ctx.stopping.is_set():
+                return
+            try:
+                if after_outage is not None:
+                    await after_outage()
+                break
+            except StoreUnavailableError as exc:
+                ctx.store_health.failed(exc.message, now=ctx.clock.wall())
+
+
+async def beat_heart(ctx: Context, *, lease_seconds: float) -> None:
+    """Renew this runner's lease and claims; expire the runners that fell silent."""
+    every = lease_seconds / HEARTBEATS_PER_LEASE
+    while not ctx.stopping.is_set():
+        try:
+            await ctx.store.heartbeat()  # ClaimLostError: declared dead, this runner stops
+            dead = await ctx.store.expire_runners()
+        except StoreUnavailableError as exc:
+            ctx.store_health.failed(exc.message, now=ctx.clock.wall())
+        else:
+            ctx.store_health.reached()
+            if dead:
+                log.warning(
+                    "runners silent past their lease; their work is taken over", runners=dead
+                )
+                _nudge(_stage_nudges(ctx).values())
+        await ctx.clock.wait(ctx.stopping, every)
+
+
+async def follow_wake_ups(ctx: Context) -> None:
+    """Nudge the stages other runners gave work to; listen again after a lost connection."""
+    nudges = _stage_nudges(ctx)
+    while not ctx.stopping.is_set():
+        try:
+            async with ctx.store.wake_ups() as stages:
+                _nudge(nudges.values())  # what was missed while not listening
+                async for stage in stages:
+                    if (nudge := nudges.get(stage)) is not None:
+                        nudge.set()
+        except StoreUnavailableError as exc:
+            ctx.store_health.failed(exc.message, now=ctx.clock.wall())
+        await ctx.clock.wait(ctx.stopping, STORE_RETRY_SECONDS)
+
+
+def _stage_nudges(ctx: Context) -> dict[str, Nudge]:
+    return {"submit": ctx.nudges.submit, "poll": ctx.nudges.poll, "deliver": ctx.nudges.deliver}
+
+
+def _nudge(nudges: Iterable[Nudge]) -> None:
+    for nudge in nudges:
+        nudge.set()
+
+
+def _first_message(group: BaseExceptionGroup[StoreUnavailableError]) -> str:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, StoreUnavailableError)
+    return leaf.message

@@ -1,0 +1,47 @@
+"""What a runner works out once as it starts: its folders, its name on a shared store, limits."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import TypedDict
+
+from runner.config import Config
+from runner.errors import ConfigError
+
+RATE_HEADROOM = 0.97
+"""Run a little under the account's limit and keep one token of bem's bucket unspent: the margin
+absorbs network jitter, where running exactly at the limit turns every early arrival into a 429."""
+
+
+def runner_id_for(config: Config) -> str:
+    """``store.runner_id``, else hostname-pid: unique among the runners of one store."""
+    return config.store.runner_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def make_directory(key: str, path: Path) -> None:
+    """Create a configured folder; one that cannot be a folder is a :class:`ConfigError`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise ConfigError(f"{key}: {path} exists and is not a folder") from exc
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot create {path}: {exc.strerror}") from exc
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} exists and is not a folder")
+
+
+class Limits(TypedDict):
+    rate: float
+    burst: int
+    max_concurrency: int
+
+
+def limits_for(config: Config) -> Limits:
+    limits = config.limits
+    return {
+        "rate": limits.requests_per_second * RATE_HEADROOM,
+        "burst": max(1, limits.burst - 1),
+        "max_concurrency": limits.max_concurrency,
+    }
