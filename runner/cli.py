@@ -29,8 +29,9 @@ from runner.metrics import Metrics, fetch_live, render_live, serve_metrics
 from runner.notify import Notifier, notify_settings
 from runner.progress import DrainProgress
 from runner.retry import requeue_failed
+from runner.startup import runner_id_for
 from runner.status import collect_status, render_status
-from runner.store import open_store, this_runner_id
+from runner.store import open_store
 
 PATH_FLAGS = ("inbox", "outbox", "archive", "state")
 T = TypeVar("T")
@@ -280,11 +281,7 @@ def _execute(
         async with _api_target(use_emulator) as retarget:
             with ExitStack() as stack:
                 notifier = stack.enter_context(Notifier(settings))
-                metrics = (
-                    Metrics(this_runner_id(config.store.runner_id))
-                    if config.service.metrics_addr
-                    else None
-                )
+                metrics = Metrics(runner_id_for(config)) if config.service.metrics_addr else None
                 if metrics is not None and config.service.metrics_addr:
                     host, port = stack.enter_context(
                         serve_metrics(metrics, config.service.metrics_addr)

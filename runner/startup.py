@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import TypedDict
 
 from runner.config import Config
 from runner.errors import ConfigError
+from runner.store import this_runner_id
 
 RATE_HEADROOM = 0.97
 """Run a little under the account's limit and keep one token of bem's bucket unspent: the margin
@@ -17,7 +16,7 @@ absorbs network jitter, where running exactly at the limit turns every early arr
 
 def runner_id_for(config: Config) -> str:
     """``store.runner_id``, else hostname-pid: unique among the runners of one store."""
-    return config.store.runner_id or f"{socket.gethostname()}-{os.getpid()}"
+    return this_runner_id(config.store.runner_id)
 
 
 def make_directory(key: str, path: Path) -> None:
