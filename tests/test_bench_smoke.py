@@ -63,3 +63,17 @@ def test_scale_drains_on_a_throwaway_postgresql_store_beside_sqlite(tmp_path: Pa
         assert cells[-2:] == ["20/20", "0"]  # delivered, duplicates
     transactions, statements = (float(n) for n in by_store["postgresql"][6:8])
     assert 0 < transactions <= statements  # the database was used, and counted
+
+
+@pytest.mark.skipif(server_bin() is None, reason="no PostgreSQL server binaries to start one")
+def test_compare_runs_several_runners_on_one_store_as_one_client(tmp_path: Path) -> None:
+    rows_path = tmp_path / "rows.json"
+    argv = [sys.executable, str(REPO / "bench" / "compare.py"), "--files", "20", "--rate", "200"]
+    argv += ["--burst", "20", "--latency", "0.05-0.1", "--clients", "bem-runner"]
+    argv += ["--runners", "2", "--workdir", str(tmp_path / "work"), "--json", str(rows_path)]
+    completed = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    [row] = json.loads(rows_path.read_text())
+    assert (row["client"], row["runners"], row["exit_code"]) == ("bem-runner", 2, 0)
+    assert (row["delivered"], row["duplicates"], row["never_sent"]) == (20, 0, 0)
+    assert "| bem-runner ×2 |" in completed.stdout
