@@ -18,7 +18,6 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from enum import IntEnum
 
 import anyio
 import httpx
@@ -33,36 +32,21 @@ from runner.errors import ConfigError, RunnerError, StoreUnavailableError
 from runner.group import Grouper
 from runner.metrics import Metrics
 from runner.notify import STATUS_MAX, Notifier, NotifySettings, status_line
+from runner.outcome import ExitCode, Outcome
 from runner.poll import Poller
 from runner.ratelimit import RateLimiter
 from runner.shared_budget import SharedBudget
 from runner.sharing import beat_heart, follow_wake_ups, keep_running
-from runner.startup import limits_for, make_directory, runner_id_for
+from runner.startup import limits_for, make_directory, reloadable, runner_id_for
 from runner.store import is_postgres_url, open_store
 from runner.store.base import Counts, Store
 from runner.submit import Submitter
 from runner.watch import EventSource, Watcher, watchfiles_events
 from runner.webhook import add_receiver
 
+__all__ = ["ExitCode", "Outcome", "Progress", "Runner", "RunnerOptions"]
+
 log = structlog.get_logger("runner.daemon")
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FILE_ERRORS = 1
-    USAGE = 2
-    API_UNAVAILABLE = 3
-    INTERRUPTED = 4
-    """A drain stopped by a signal before everything was delivered; the state is kept."""
-
-
-@dataclass
-class Outcome:
-    exit_code: ExitCode
-    counts: Counts
-    delivered: dict[str, int]
-    """Documents this run wrote, by outcome."""
-    reason: str | None = None
 
 
 Progress = Callable[[Counts], Awaitable[None]]
@@ -211,7 +195,8 @@ class Runner:
 
         async def run_stage(name: str) -> None:
             try:
-                if name in resumes:  # a POST whose answer was not recorded is resolved by listing
+                if name in resumes:
+                    # a POST whose answer could not be recorded is resolved by listing
                     recover = ctx.store.recover if name == "submit" else None
                     await keep_running(ctx, stages[name], after_outage=recover)
                 else:
@@ -228,10 +213,9 @@ class Runner:
                 tg.start_soon(self._watch_signals, ctx, signals, name="signals")
             if ctx.runner_id is not None:
                 lease = ctx.config.store.lease_seconds
-                tg.start_soon(
-                    self._side_task, beat_heart(ctx, lease_seconds=lease), name="heartbeat"
-                )
-                tg.start_soon(self._side_task, follow_wake_ups(ctx), name="wake-ups")
+                heartbeat = beat_heart(ctx, lease_seconds=lease)
+                tg.start_soon(self._side_task, "heartbeat", heartbeat, name="heartbeat")
+                tg.start_soon(self._side_task, "wake-ups", follow_wake_ups(ctx), name="wake-ups")
             await self._supervise(ctx)
             log.info("stopping: no new files taken, finishing in-flight requests")
             ctx.stop()
@@ -242,11 +226,11 @@ class Runner:
                 await ctx.client.aclose()
             tg.cancel_scope.cancel()
 
-    async def _side_task(self, task: Awaitable[None]) -> None:
+    async def _side_task(self, name: str, task: Awaitable[None]) -> None:
         """A side task that ends before the runner stops the runner (one that fails, too)."""
         await task
         if not self.should_exit:
-            self._stop(ExitCode.API_UNAVAILABLE, "a side task ended")
+            self._stop(ExitCode.API_UNAVAILABLE, f"the {name} task ended")
 
     async def _finish_in_flight(self, all_stopped: anyio.Event) -> None:
         """Wait for the stages (bounded by the graceful timeout) while telling systemd why."""
@@ -338,18 +322,7 @@ class Runner:
             log.error("reload failed; keeping the running configuration", error=str(exc))
             self.notifier.ready(f"reload failed: {exc}"[:STATUS_MAX])
             return
-        current = ctx.config
-        for section in ("paths", "api", "service"):
-            if getattr(fresh, section) != getattr(current, section):
-                log.warning("reload: changes to this section need a restart", section=section)
-        config = fresh.model_copy(
-            update={
-                "paths": current.paths,
-                "api": current.api,
-                "service": current.service,
-                "api_key": current.api_key,
-            }
-        )
+        config = reloadable(ctx.config, fresh)
         assert self._limiter is not None
         limits = limits_for(config)
         self._limiter.reconfigure(**limits)
@@ -407,10 +380,7 @@ class Runner:
 
     async def shutdown(self, ctx: Context) -> Outcome:
         with anyio.CancelScope(shield=True):
-            try:
-                counts = await ctx.store.counts()
-            except StoreUnavailableError:
-                counts = Counts(files={}, groups={}, open_calls=0)  # kept: it is all in the store
+            counts = await _final_counts(ctx)
         code = self._exit_code
         if code == ExitCode.OK and self.options.drain and not self._drained:
             code = ExitCode.INTERRUPTED
@@ -425,3 +395,13 @@ class Runner:
             open_calls=counts.open_calls,
         )
         return Outcome(code, counts, dict(ctx.tally), self._reason)
+
+
+async def _final_counts(ctx: Context) -> Counts:
+    """The store's counts, or none when it cannot be reached (it keeps everything anyway)."""
+    if ctx.store_health.unavailable_since is None:
+        try:
+            return await ctx.store.counts()
+        except StoreUnavailableError as exc:
+            ctx.store_health.failed(exc.message, now=ctx.clock.wall())
+    return Counts(files={}, groups={}, open_calls=0)

@@ -19,7 +19,7 @@ import structlog
 from runner.clock import Clock
 from runner.errors import StoreUnavailableError
 from runner.ratelimit import DEFAULT_RETRY_AFTER
-from runner.store.base import Store
+from runner.store.base import Store, Tokens
 
 log = structlog.get_logger("runner.shared_budget")
 
@@ -28,6 +28,8 @@ BATCH_SECONDS = 0.1
 MAX_BATCH = 8
 STASH_SECONDS = 1.0
 """Tokens taken but not spent within this long are dropped."""
+UNREACHABLE_SECONDS = 1.0
+"""After a take found the store unreachable, the others fail at once for this long."""
 MAX_WAIT_SECONDS = 1.0
 """When the budget is empty, ask again at least this often (the pause may be lifted, the rate
 raised by the configuration)."""
@@ -47,6 +49,8 @@ class SharedBudget:
         self._lock = anyio.Lock()
         self._stash = 0
         self._taken_at = 0.0
+        self._unreachable: tuple[float, str] | None = None
+        """When the store last could not be reached, and why."""
         self.rate = rate
         self.burst = burst
 
@@ -59,14 +63,28 @@ class SharedBudget:
             if self._clock.now() - self._taken_at >= STASH_SECONDS:
                 self._stash = 0
             while self._stash == 0:
-                tokens = await self._store.take_tokens(
-                    batch_size(self.rate, self.burst), rate=self.rate, burst=self.burst
-                )
+                tokens = await self._take_from_store()
                 if tokens.granted:
                     self._stash, self._taken_at = tokens.granted, self._clock.now()
                 else:
                     await self._clock.sleep(min(tokens.wait_seconds, MAX_WAIT_SECONDS))
             self._stash -= 1
+
+    async def _take_from_store(self) -> Tokens:
+        """A batch from the store. Requests queued behind one that found the store unreachable
+        fail at once for a while, rather than each waiting in turn to find it so again."""
+        now = self._clock.now()
+        if self._unreachable is not None and now - self._unreachable[0] < UNREACHABLE_SECONDS:
+            raise StoreUnavailableError(self._unreachable[1])
+        try:
+            tokens = await self._store.take_tokens(
+                batch_size(self.rate, self.burst), rate=self.rate, burst=self.burst
+            )
+        except StoreUnavailableError as exc:
+            self._unreachable = (self._clock.now(), exc.message)
+            raise
+        self._unreachable = None
+        return tokens
 
     async def rate_limited(self, retry_after: float | None) -> None:
         """bem answered 429: every runner pauses until ``Retry-After`` (best effort: this

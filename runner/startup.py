@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypedDict
 
+import structlog
+
 from runner.config import Config
 from runner.errors import ConfigError
 from runner.store import this_runner_id
+
+log = structlog.get_logger("runner.startup")
+
+RESTART_SECTIONS = ("paths", "api", "service", "store")
+"""Sections a reload cannot change in a running process: they are read once, as it starts."""
 
 RATE_HEADROOM = 0.97
 """Run a little under the account's limit and keep one token of bem's bucket unspent: the margin
@@ -44,3 +51,16 @@ def limits_for(config: Config) -> Limits:
         "burst": max(1, limits.burst - 1),
         "max_concurrency": limits.max_concurrency,
     }
+
+
+def reloadable(current: Config, fresh: Config) -> Config:
+    """A re-read configuration as a running runner applies it: limits and routes now; paths,
+    API, service and store kept as they are (changes to them are logged, for the next start)."""
+    kept = {}
+    for section in RESTART_SECTIONS:
+        if getattr(fresh, section) != getattr(current, section):
+            log.warning("reload: changes to this section need a restart", section=section)
+        kept[section] = getattr(current, section)
+    return fresh.model_copy(
+        update={**kept, "api_key": current.api_key, "store_url": current.store_url}
+    )

@@ -165,7 +165,9 @@ class Watcher:
     async def _follow_events(self) -> None:
         assert self._events is not None
         inbox = self._ctx.config.paths.inbox
-        async for paths in self._events(inbox, self._ctx.stopping):
+        # an event of its own: watchfiles sets the one it is given when it is cancelled, and the
+        # watcher is cancelled (then started again) when the store cannot be reached
+        async for paths in self._events(inbox, anyio.Event()):
             for path in paths:
                 try:
                     rel = Path(path).relative_to(inbox).as_posix()

@@ -22,9 +22,10 @@ from typing import Any
 
 import anyio
 import psycopg
+import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from runner.errors import StoreError
+from runner.errors import StoreError, StoreUnavailableError
 from runner.names import from_raw
 from runner.store import DEFAULT_LEASE_SECONDS
 from runner.store.base import (
@@ -69,7 +70,11 @@ __all__ = [
     "shown_url",
 ]
 
+log = structlog.get_logger("runner.store.postgres")
+
 POOL_SIZE = 4
+POOL_WAIT_SECONDS = 5.0
+"""How long a statement waits for a connection: a server that is gone is an error this soon."""
 
 
 # -- opening ------------------------------------------------------------------------------------
@@ -108,6 +113,7 @@ async def open_postgres_store(
             kwargs=kwargs,
             min_size=1,
             max_size=POOL_SIZE,
+            timeout=POOL_WAIT_SECONDS,
             open=False,
             name="bem-runner-store",
         )
@@ -123,7 +129,11 @@ async def open_postgres_store(
             yield store
             if runner_id is not None and not read_only:
                 with anyio.CancelScope(shield=True):
-                    await store.leave()
+                    try:
+                        await store.leave()
+                    except StoreUnavailableError as exc:
+                        # its lease runs out instead: the others take its work over then
+                        log.warning("cannot leave the store's runners", error=exc.message)
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.close()
