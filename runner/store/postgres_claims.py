@@ -20,6 +20,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from runner.errors import ClaimLostError
+from runner.store import this_runner_id
 from runner.store.base import GroupRow, RunnerRow
 from runner.store.postgres_plumbing import ALL_STAGES, QUERIES, PostgresPlumbing, _column
 
@@ -117,7 +118,7 @@ class PostgresClaims(PostgresPlumbing):
         if self._me is None and self.owned:
             host, pid = socket.gethostname(), os.getpid()
             calls = await self.open_call_count()
-            return [RunnerRow(f"{host}-{pid}", host, pid, self._opened_at, time.time(), calls)]
+            return [RunnerRow(this_runner_id(), host, pid, self._opened_at, time.time(), calls)]
         return [
             RunnerRow(
                 str(r["id"]),
