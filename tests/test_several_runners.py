@@ -41,6 +41,9 @@ FILES = 45
 DEADLINE_SECONDS = 45.0
 """No wait below may take longer (a hang is a failure); each test takes far less."""
 LOOK_EVERY = 0.1
+SHORT_LEASE = 5.0
+"""Where the others must take over a dead runner's work: short, yet long enough that a live one
+on a loaded machine never misses its heartbeats for that long."""
 
 
 def emulator(seed: int) -> Emulator:
@@ -97,6 +100,10 @@ async def until(what: str, space: Workspace, done: Any) -> None:
     pytest.fail(f"not within {DEADLINE_SECONDS} s: {what}\n{space.log.read_text()[-4000:]}")
 
 
+def started(space: Workspace) -> int:
+    return space.log.read_text().count('"event": "runner started"')
+
+
 def delivered(space: Workspace) -> int:
     return len(outbox_documents(space.outbox))
 
@@ -107,7 +114,9 @@ def everything_delivered(space: Workspace) -> bool:
 
 
 async def stop(space: Workspace, processes: list[anyio.abc.Process]) -> None:
-    """SIGTERM each runner still alive; each exits 0."""
+    """SIGTERM each runner still alive, once every one has started (signals are its own from
+    then on); each exits 0."""
+    await until("every runner started", space, lambda: started(space) >= space.runs)
     for process in processes:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -164,11 +173,13 @@ async def test_the_others_finish_the_work_of_runners_that_died(
 ) -> None:
     served = emulator(seed=12)
     async with serve_emulator(served) as base_url:
-        space = workspace(tmp_path, base_url, lease_seconds=2)
+        space = workspace(tmp_path, base_url, lease_seconds=SHORT_LEASE)
         drop_files(space, seed=12)
         # one runner dies right after bem created its first call, before recording it: the
         # call is found again by listing its callReferenceID, never sent twice
         crashing = await start_runner(space, postgres_url, crash_at="submit.after_receive")
+        with anyio.fail_after(DEADLINE_SECONDS):
+            await crashing.wait()
         processes = [crashing] + [await start_runner(space, postgres_url) for _ in range(2)]
         try:
             await until("a quarter delivered", space, lambda: delivered(space) >= FILES // 4)
@@ -207,7 +218,7 @@ async def test_a_drain_exits_3_when_postgresql_is_gone_and_loses_nothing(
     served = emulator(seed=14)
     async with serve_emulator(served) as base_url:
         # the runner could not leave the store: the next one takes its work once its lease ends
-        space = workspace(tmp_path, base_url, lease_seconds=4)
+        space = workspace(tmp_path, base_url, lease_seconds=SHORT_LEASE)
         space.settings["api"] = {"unreachable_timeout": "2s"}
         space.write_config()
         drop_files(space, seed=14)
@@ -236,7 +247,7 @@ async def test_files_arriving_while_runners_come_and_go_are_each_taken_once(
     rng = random.Random(15)
     waves = [unique_files(rng, start, FILES // 3) for start in range(0, FILES, FILES // 3)]
     async with serve_emulator(served) as base_url:
-        space = workspace(tmp_path, base_url, lease_seconds=4)
+        space = workspace(tmp_path, base_url, lease_seconds=10)
         first, second, third = waves
         processes = [await start_runner(space, postgres_url) for _ in range(2)]
         try:
