@@ -20,7 +20,7 @@ async def collect_status(store: Store, *, now: float | None = None) -> dict[str,
     return {
         "runners": [_runner(row, now) for row in runners],
         "files": counts.files,
-        "calls": counts.groups,
+        "calls": counts.calls,
         "open_calls": counts.open_calls,
         "reused": counts.reused,
         "recent_errors": [

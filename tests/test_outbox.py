@@ -63,7 +63,7 @@ def file_row(n: int, rel: str) -> FileRow:
         input_type="text",
         workflow="wf",
         item_reference_id=None,
-        group_id=1,
+        call_row_id=1,
         state="queued",
         outcome=None,
         reason=None,
@@ -616,6 +616,7 @@ async def test_an_input_left_in_the_inbox_is_not_sent_again(tmp_path: Path) -> N
     config = make_config(tmp_path, inbox={"rescan_seconds": 0.05})
     (config.paths.archive / "wf/b.txt").mkdir(parents=True)  # the archive cannot take it
     write_files(config.paths.inbox, [("wf/b.txt", b"left behind")])
+
     def delivered(logs: list[MutableMapping[str, Any]], rel: str) -> bool:
         return any(e["event"] == "file delivered" and e["file"] == rel for e in logs)
 

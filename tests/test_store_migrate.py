@@ -50,23 +50,23 @@ SECOND += [("wf/alpha-again.txt", b"alpha")]  # content dedupe: reuses alpha's r
 
 
 def state_rows(path: Path) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
-    """(groups as (id, reference, call id, state), files as (id, name bytes, group, state))."""
+    """(calls as (id, reference, bem call id, state), files as (id, name bytes, call, state))."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        groups = db.execute("SELECT id, call_reference_id, call_id, state FROM groups").fetchall()
-        files = db.execute("SELECT id, rel, group_id, state FROM files").fetchall()
-    return set(groups), {(i, bytes(rel), g, s) for i, rel, g, s in files}
+        calls = db.execute("SELECT id, call_reference_id, call_id, state FROM calls").fetchall()
+        files = db.execute("SELECT id, rel, call_row_id, state FROM files").fetchall()
+    return set(calls), {(i, bytes(rel), g, s) for i, rel, g, s in files}
 
 
 def store_rows(url: str) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
-    groups = run_sql(url, "SELECT id, call_reference_id, call_id, state FROM groups")
-    files = run_sql(url, "SELECT id, rel, group_id, state FROM files")
-    return set(groups), {(i, bytes(rel), g, s) for i, rel, g, s in files}  # type: ignore[call-overload]
+    calls = run_sql(url, "SELECT id, call_reference_id, call_id, state FROM calls")
+    files = run_sql(url, "SELECT id, rel, call_row_id, state FROM files")
+    return set(calls), {(i, bytes(rel), g, s) for i, rel, g, s in files}  # type: ignore[call-overload]
 
 
 def row_counts(url: str) -> tuple[int, ...]:
     [row] = run_sql(
         url,
-        "SELECT (SELECT count(*) FROM groups), (SELECT count(*) FROM files), "
+        "SELECT (SELECT count(*) FROM calls), (SELECT count(*) FROM files), "
         "(SELECT count(*) FROM webhook_events)",
     )
     return tuple(int(n) for n in row)  # type: ignore[call-overload]
@@ -120,8 +120,8 @@ async def test_a_half_done_state_moves_to_postgresql_and_finishes_there_sending_
             WebhookEvent("evt-1", "transform", "call-unknown-yet", None), now=1.0, confirm_at=2.0
         )
         counts = await store.counts()
-    assert counts.groups.get("polling") == MAX_OPEN_CALLS
-    assert counts.groups.get("ready") == len(ODD_NAMES) - MAX_OPEN_CALLS
+    assert counts.calls.get("polling") == MAX_OPEN_CALLS
+    assert counts.calls.get("ready") == len(ODD_NAMES) - MAX_OPEN_CALLS
     assert counts.reused == 1
     before = state_rows(config.paths.state)
     source_digest = digest(config.paths.state)
@@ -167,11 +167,11 @@ def test_the_store_must_be_empty_and_a_failed_copy_leaves_it_empty(
     assert "not empty" in output
     assert row_counts(postgres_url) == copied
 
-    run_sql(postgres_url, "TRUNCATE webhook_events, files, groups")
+    run_sql(postgres_url, "TRUNCATE webhook_events, files, calls")
     broken = tmp_path / "broken.db"
     shutil.copy(state, broken)
     with sqlite3.connect(broken) as db:  # a value PostgreSQL's column cannot hold, last of all
-        db.execute("UPDATE groups SET attempts = 1 << 40 WHERE id = (SELECT max(id) FROM groups)")
+        db.execute("UPDATE calls SET attempts = 1 << 40 WHERE id = (SELECT max(id) FROM calls)")
     code, output = migrate("--from", str(broken), "--store", passwordless)
     assert code == 2
     assert "cannot copy" in output
@@ -231,7 +231,7 @@ def test_any_file_name_arrives_byte_for_byte(
 ) -> None:
     run_sql(
         postgres_url,
-        "DROP TABLE IF EXISTS webhook_events, files, groups, runners, rate_bucket, meta CASCADE",
+        "DROP TABLE IF EXISTS webhook_events, files, calls, runners, rate_bucket, meta CASCADE",
     )
     state = tmp_path / f"state-{hashlib.sha256(b''.join(names)).hexdigest()[:12]}.db"
     state.unlink(missing_ok=True)

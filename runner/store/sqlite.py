@@ -25,12 +25,12 @@ from runner.errors import StoreError
 from runner.names import from_raw, raw
 from runner.store.base import (
     BatchLimits,
+    CallRow,
     Counts,
     Delivery,
     EventRecorded,
     FileRow,
     Finished,
-    GroupRow,
     KnownFile,
     NewFile,
     NextPoll,
@@ -41,8 +41,8 @@ from runner.store.named_sql import load_queries
 from runner.store.single_owner import SingleOwner
 from runner.store.sqlite_dedupe import SqliteDedupe
 
-SCHEMA_VERSION = 4
-Row = TypeVar("Row", GroupRow, FileRow)
+SCHEMA_VERSION = 5
+Row = TypeVar("Row", CallRow, FileRow)
 
 
 QUERIES = load_queries("queries.sql")
@@ -51,8 +51,9 @@ MIGRATIONS: dict[int, str] = {
     2: QUERIES["schema_2"],
     3: QUERIES["schema_3"],
     4: QUERIES["schema_4"],
+    5: QUERIES["schema_5"],
 }
-_NAME_COLUMNS = ("rel", "group_key")
+_NAME_COLUMNS = ("rel", "batch_key")
 """Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
 
 
@@ -207,7 +208,7 @@ class SqliteStore(SqliteDedupe, SingleOwner):
 
     async def recover(self) -> None:
         """A POST that was in flight when the last process died has an unknown outcome; a
-        group waiting for a duplicate's result looks again (a wake-up may have been lost)."""
+        call waiting for a duplicate's result looks again (a wake-up may have been lost)."""
         async with self._transaction("recover_sending") as db:
             await db.execute(QUERIES["recover_sending"])
             await db.execute(QUERIES["wake_all_waiting"])
@@ -230,9 +231,9 @@ class SqliteStore(SqliteDedupe, SingleOwner):
         self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
     ) -> None:
         destination = new.destination
-        group_id: int | None = None
+        call_row_id: int | None = None
         if destination is not None and new.reason is None:
-            group_id = await self._group_for(db, new, now, batch_limits)
+            call_row_id = await self._call_for(db, new, now, batch_limits)
         await db.execute(
             QUERIES["insert_file"],
             {
@@ -243,120 +244,126 @@ class SqliteStore(SqliteDedupe, SingleOwner):
                 "input_type": new.input_type,
                 "workflow": destination.workflow if destination else None,
                 "item_reference_id": destination.item_reference_id if destination else None,
-                "group_id": group_id,
-                "state": "queued" if group_id is not None else "rejected",
+                "call_row_id": call_row_id,
+                "state": "queued" if call_row_id is not None else "rejected",
                 "reason": new.reason,
                 "seen_at": now,
             },
         )
 
-    async def _group_for(
+    async def _call_for(
         self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
     ) -> int:
         destination = new.destination
         assert destination is not None
         if destination.mode == "file":
-            group_id = await self._insert_group(
+            call_row_id = await self._insert_call(
                 db, destination.workflow, "file", new.rel, "ready", now
             )
             await db.execute(
-                QUERIES["add_to_group"], {"id": group_id, "size": new.size, "now": now}
+                QUERIES["add_to_batch"], {"id": call_row_id, "size": new.size, "now": now}
             )
-            return group_id
+            return call_row_id
         async with db.execute(
-            QUERIES["open_group_by_key"], {"group_key": raw(destination.group_key)}
+            QUERIES["collecting_call_by_key"], {"batch_key": raw(destination.batch_key)}
         ) as c:
             row = await c.fetchone()
-        if row is not None and destination.group_key in batch_limits:
-            max_files, max_bytes = batch_limits[destination.group_key]
+        if row is not None and destination.batch_key in batch_limits:
+            max_files, max_bytes = batch_limits[destination.batch_key]
             full = row["file_count"] >= max_files or (
                 row["file_count"] > 0 and row["byte_count"] + new.size > max_bytes
             )
             if full:
-                await db.execute(QUERIES["close_group"], {"id": row["id"]})
+                await db.execute(QUERIES["close_batch"], {"id": row["id"]})
                 row = None
         if row is None:
-            group_id = await self._insert_group(
-                db, destination.workflow, destination.mode, destination.group_key, "open", now
+            call_row_id = await self._insert_call(
+                db, destination.workflow, destination.mode, destination.batch_key, "collecting", now
             )
         else:
-            group_id = int(row["id"])
-        await db.execute(QUERIES["add_to_group"], {"id": group_id, "size": new.size, "now": now})
-        return group_id
+            call_row_id = int(row["id"])
+        await db.execute(QUERIES["add_to_batch"], {"id": call_row_id, "size": new.size, "now": now})
+        return call_row_id
 
-    async def _insert_group(
+    async def _insert_call(
         self, db: aiosqlite.Connection, workflow: str, mode: str, key: str, state: str, now: float
     ) -> int:
         cursor = await db.execute(
-            QUERIES["insert_group"],
+            QUERIES["insert_call"],
             {
                 "call_reference_id": new_call_reference_id(),
                 "workflow": workflow,
                 "mode": mode,
-                "group_key": raw(key),
+                "batch_key": raw(key),
                 "state": state,
                 "now": now,
             },
         )
-        group_id = cursor.lastrowid
+        call_row_id = cursor.lastrowid
         await cursor.close()
-        assert group_id is not None
-        return group_id
+        assert call_row_id is not None
+        return call_row_id
 
-    async def open_groups(self) -> list[GroupRow]:
-        return await self._rows(GroupRow, "open_groups", {})
+    async def collecting_calls(self) -> list[CallRow]:
+        return await self._rows(CallRow, "collecting_calls", {})
 
-    async def close_group(self, group_id: int) -> None:
-        await self._write("close_group", [{"id": group_id}])
+    async def close_batch(self, call_row_id: int) -> None:
+        await self._write("close_batch", [{"id": call_row_id}])
 
     # -- submit -----------------------------------------------------------------------------
 
-    async def ready_groups(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "ready_groups", {"now": now, "limit": limit})
+    async def ready_calls(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "ready_calls", {"now": now, "limit": limit})
 
-    async def group(self, group_id: int) -> GroupRow:
-        rows = await self._rows(GroupRow, "group_by_id", {"id": group_id})
+    async def call(self, call_row_id: int) -> CallRow:
+        rows = await self._rows(CallRow, "call_by_id", {"id": call_row_id})
         if not rows:
-            raise StoreError(f"{self._path}: no group {group_id}")
+            raise StoreError(f"{self._path}: no call {call_row_id}")
         return rows[0]
 
-    async def files_of_groups(self, group_ids: Sequence[int]) -> dict[int, list[FileRow]]:
-        """The files of many groups with one query, by group."""
-        by_group: dict[int, list[FileRow]] = {gid: [] for gid in group_ids}
-        rows = await self._rows(FileRow, "files_of_groups", {"group_ids": json.dumps(group_ids)})
+    async def files_of_calls(self, call_row_ids: Sequence[int]) -> dict[int, list[FileRow]]:
+        """The files of many calls with one query, by call."""
+        by_call: dict[int, list[FileRow]] = {gid: [] for gid in call_row_ids}
+        rows = await self._rows(
+            FileRow, "files_of_calls", {"call_row_ids": json.dumps(call_row_ids)}
+        )
         for row in rows:
-            assert row.group_id is not None
-            by_group[row.group_id].append(row)
-        return by_group
+            assert row.call_row_id is not None
+            by_call[row.call_row_id].append(row)
+        return by_call
 
     async def supersede_file(self, file: FileRow) -> None:
-        """The file changed after it was queued: drop it from its group; it will be taken anew."""
+        """The file changed after it was queued: drop it from its call; it will be taken anew."""
         async with self._transaction("supersede_file") as db:
             await db.execute(QUERIES["supersede_file"], {"id": file.id})
-            if file.group_id is not None:
-                await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})
+            if file.call_row_id is not None:
+                await db.execute(
+                    QUERIES["shrink_call"], {"id": file.call_row_id, "size": file.size}
+                )
             await self._wake_duplicates(db, [file.id])
 
     async def reject_queued_file(self, file: FileRow, reason: str) -> None:
         async with self._transaction("reject_file") as db:
             await db.execute(QUERIES["reject_file"], {"id": file.id, "reason": reason})
-            if file.group_id is not None:
-                await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})
+            if file.call_row_id is not None:
+                await db.execute(
+                    QUERIES["shrink_call"], {"id": file.call_row_id, "size": file.size}
+                )
 
-    async def drop_empty_group(self, group_id: int) -> None:
-        await self._write("drop_empty_group", [{"id": group_id}])
+    async def drop_empty_call(self, call_row_id: int) -> None:
+        await self._write("drop_empty_call", [{"id": call_row_id}])
 
-    async def mark_sending(self, group_ids: list[int], *, now: float) -> None:
-        await self._write("mark_sending", ({"id": gid, "now": now} for gid in group_ids))
+    async def mark_sending(self, call_row_ids: list[int], *, now: float) -> None:
+        await self._write("mark_sending", ({"id": gid, "now": now} for gid in call_row_ids))
 
     async def mark_submitted(
-        self, group_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
+        self, call_row_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
     ) -> None:
         await self._write(
             "mark_submitted",
             [
                 {
-                    "id": group_id,
+                    "id": call_row_id,
                     "call_id": call_id,
                     "status": status,
                     "now": now,
@@ -365,14 +372,14 @@ class SqliteStore(SqliteDedupe, SingleOwner):
             ],
         )
 
-    async def mark_submit_later(self, group_ids: list[int], *, not_before: float) -> None:
+    async def mark_submit_later(self, call_row_ids: list[int], *, not_before: float) -> None:
         await self._write(
-            "mark_submit_later", ({"id": gid, "not_before": not_before} for gid in group_ids)
+            "mark_submit_later", ({"id": gid, "not_before": not_before} for gid in call_row_ids)
         )
 
-    async def mark_unknown(self, group_ids: list[int], *, not_before: float) -> None:
+    async def mark_unknown(self, call_row_ids: list[int], *, not_before: float) -> None:
         await self._write(
-            "mark_unknown", ({"id": gid, "not_before": not_before} for gid in group_ids)
+            "mark_unknown", ({"id": gid, "not_before": not_before} for gid in call_row_ids)
         )
 
     async def mark_terminal(self, finished: Sequence[Finished], *, now: float) -> None:
@@ -390,7 +397,7 @@ class SqliteStore(SqliteDedupe, SingleOwner):
                 QUERIES["mark_terminal"],
                 [
                     {
-                        "id": f.group_id,
+                        "id": f.call_row_id,
                         "status": f.status,
                         "result_json": f.result_json,
                         "error_reason": f.error_reason,
@@ -403,29 +410,29 @@ class SqliteStore(SqliteDedupe, SingleOwner):
 
     # -- poll -------------------------------------------------------------------------------
 
-    async def due_polls(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "due_polls", {"now": now, "limit": limit})
+    async def due_polls(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "due_polls", {"now": now, "limit": limit})
 
     async def reschedule_polls(self, next_polls: Sequence[NextPoll]) -> None:
         if next_polls:
             await self._write("reschedule_poll", _next_poll_rows(next_polls))
 
-    async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "due_unknown", {"now": now, "limit": limit})
+    async def due_unknown(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "due_unknown", {"now": now, "limit": limit})
 
     async def next_poll_due(self) -> float | None:
         value = await self._scalar("next_poll_due")
         return float(value) if value is not None else None
 
     async def next_submit_due(self) -> float | None:
-        """When the next ready or unknown group is due (an unknown one is listed, not sent)."""
+        """When the next ready or unknown call is due (an unknown one is listed, not sent)."""
         value = await self._scalar("next_submit_due")
         return float(value) if value is not None else None
 
     # -- deliver ----------------------------------------------------------------------------
 
-    async def terminal_groups(self, *, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "terminal_groups", {"limit": limit})
+    async def terminal_calls(self, *, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "terminal_calls", {"limit": limit})
 
     async def rejected_files(self, *, limit: int) -> list[FileRow]:
         return await self._rows(FileRow, "rejected_files", {"limit": limit})
@@ -434,9 +441,9 @@ class SqliteStore(SqliteDedupe, SingleOwner):
         return await self._rows(FileRow, "delivered_files", {"limit": limit})
 
     async def mark_delivered(
-        self, deliveries: Sequence[Delivery], *, finished_groups: Sequence[int], now: float
+        self, deliveries: Sequence[Delivery], *, finished_calls: Sequence[int], now: float
     ) -> None:
-        """Files whose documents are written; groups with no file left to deliver are done."""
+        """Files whose documents are written; calls with no file left to deliver are done."""
         async with self._transaction("mark_delivered") as db:
             await db.executemany(
                 QUERIES["mark_delivered"],
@@ -445,7 +452,7 @@ class SqliteStore(SqliteDedupe, SingleOwner):
                     for d in deliveries
                 ],
             )
-            await db.executemany(QUERIES["mark_group_done"], [{"id": g} for g in finished_groups])
+            await db.executemany(QUERIES["mark_call_done"], [{"id": g} for g in finished_calls])
             await self._wake_duplicates(db, [d.file_id for d in deliveries])
 
     async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
@@ -475,43 +482,53 @@ class SqliteStore(SqliteDedupe, SingleOwner):
             inserted = cursor.rowcount
             await cursor.close()
             if inserted == 0:
-                return EventRecorded(duplicate=True, group_id=None, submitted_at=None)
+                return EventRecorded(duplicate=True, call_row_id=None, submitted_at=None)
             if event.call_id is None:
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
-            async with db.execute(QUERIES["group_of_call"], {"call_id": event.call_id}) as c:
-                group = await c.fetchone()
-            if group is None:
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
+                return EventRecorded(duplicate=False, call_row_id=None, submitted_at=None)
+            async with db.execute(QUERIES["call_row_of_call"], {"call_id": event.call_id}) as c:
+                call = await c.fetchone()
+            if call is None:
+                return EventRecorded(duplicate=False, call_row_id=None, submitted_at=None)
             await db.execute(
                 QUERIES["match_webhook_event"],
-                {"event_id": event.event_id, "group_id": group["id"]},
+                {"event_id": event.event_id, "call_row_id": call["id"]},
             )
-            if group["state"] != "polling":
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
+            if call["state"] != "polling":
+                return EventRecorded(duplicate=False, call_row_id=None, submitted_at=None)
             await db.execute(
                 QUERIES["mark_for_confirmation"],
-                {"id": group["id"], "now": now, "confirm_at": confirm_at},
+                {"id": call["id"], "now": now, "confirm_at": confirm_at},
             )
             return EventRecorded(
-                duplicate=False, group_id=int(group["id"]), submitted_at=group["submitted_at"]
+                duplicate=False, call_row_id=int(call["id"]), submitted_at=call["submitted_at"]
             )
 
     async def claim_webhook_events(
-        self, group_id: int, *, call_id: str, call_reference_id: str, now: float, confirm_at: float
+        self,
+        call_row_id: int,
+        *,
+        call_id: str,
+        call_reference_id: str,
+        now: float,
+        confirm_at: float,
     ) -> int:
         """Pending events of a call just recorded (by callID or callReferenceID): marked for
         confirmation by ``confirm_at``. How many there were."""
         async with self._transaction("claim_webhook_events") as db:
             cursor = await db.execute(
                 QUERIES["claim_webhook_events"],
-                {"group_id": group_id, "call_id": call_id, "call_reference_id": call_reference_id},
+                {
+                    "call_row_id": call_row_id,
+                    "call_id": call_id,
+                    "call_reference_id": call_reference_id,
+                },
             )
             claimed = cursor.rowcount
             await cursor.close()
             if claimed:
                 await db.execute(
                     QUERIES["mark_for_confirmation"],
-                    {"id": group_id, "now": now, "confirm_at": confirm_at},
+                    {"id": call_row_id, "now": now, "confirm_at": confirm_at},
                 )
         return max(0, claimed)
 
@@ -536,10 +553,10 @@ class SqliteStore(SqliteDedupe, SingleOwner):
         for state, outcome, count in await self._fetch("count_files"):
             key = f"{state}:{outcome}" if state in ("delivered", "done") and outcome else state
             files[key] = files.get(key, 0) + count
-        groups = {state: count for state, count in await self._fetch("count_groups")}
+        calls = {state: count for state, count in await self._fetch("count_calls")}
         return Counts(
             files=files,
-            groups=groups,
+            calls=calls,
             open_calls=await self.open_call_count(),
             reused=int(await self._scalar("count_reused") or 0),
         )
@@ -570,7 +587,7 @@ def _column(key: str, value: Any) -> Any:
 def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
     return [
         {
-            "id": n.group_id,
+            "id": n.call_row_id,
             "not_before": n.not_before,
             "status": n.status,
             "seen_event_at": n.seen_event_at,

@@ -36,22 +36,25 @@ from runner.store.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 QUERIES = load_queries("transfer_queries.sql")
 BATCH_ROWS = 1000
 """Rows read from the source and sent to the target at a time."""
-GROUP_COLUMNS = (
-    "id", "call_reference_id", "workflow", "mode", "group_key", "state", "opened_at",
+CALL_COLUMNS = (
+    "id", "call_reference_id", "workflow", "mode", "batch_key", "state", "opened_at",
     "last_added_at", "file_count", "byte_count", "not_before", "attempts", "sent_at",
     "submitted_at", "call_id", "status", "result_json", "error_reason", "finished_at", "event_at",
     "reused_file_id",
 )  # fmt: skip
 FILE_COLUMNS = (
     "id", "rel", "size", "mtime_ns", "sha256", "input_type", "workflow", "item_reference_id",
-    "group_id", "state", "outcome", "reason", "seen_at", "delivered_at", "done_at",
+    "call_row_id", "state", "outcome", "reason", "seen_at", "delivered_at", "done_at",
 )  # fmt: skip
 EVENT_COLUMNS = (
-    "event_id", "event_type", "call_id", "reference_id", "state", "group_id", "received_at",
+    "event_id", "event_type", "call_id", "reference_id", "state", "call_row_id", "received_at",
 )  # fmt: skip
-NAME_COLUMNS = ("rel", "group_key")
+NAME_COLUMNS = ("rel", "batch_key")
 OPEN_STATES = ("sending", "unknown", "polling")
-NOT_SENT_STATES = ("open", "ready", "waiting")
+NOT_SENT_STATES = ("collecting", "ready", "waiting")
+OLD_COLUMN_NAMES = {"batch_key": "group_key", "call_row_id": "group_id"}  # an older schema's name
+"""Columns of a state from before its unit was named a call, by their names today."""
+CALL_TABLES = {"calls", "groups"}  # an older schema's name
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def _source_columns(database: sqlite3.Connection, path: Path) -> dict[str, set[s
             row[0]
             for row in database.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
-        if not {"meta", "groups", "files"} <= tables:
+        if not {"meta", "files"} <= tables or tables.isdisjoint(CALL_TABLES):
             raise StoreError(f"{path}: not a bem-runner state database")
         row = database.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         columns = {
@@ -159,8 +162,11 @@ async def _copy(
     try:
         async with conn.transaction():
             await _refuse_unless_empty(conn, target)
-            async for batch in _read(database, "groups", GROUP_COLUMNS, columns, source):
+            calls_table = "calls" if "calls" in columns else "groups"  # an older schema's name
+            async for batch in _read(database, calls_table, CALL_COLUMNS, columns, source):
                 for row in batch:
+                    if row["state"] == "open":  # an older schema's name
+                        row["state"] = "collecting"
                     if row["state"] == "sending":
                         row.update(state="unknown", not_before=0.0)
                         unknown += 1
@@ -168,7 +174,7 @@ async def _copy(
                         calls[row["state"]] += 1
                     else:  # no call was made: its document is a copy of an earlier result
                         reused.append({"id": row["id"], "reused_file_id": row["reused_file_id"]})
-                await _insert(conn, "insert_group", batch)
+                await _insert(conn, "insert_call", batch)
             async for batch in _read(database, "files", FILE_COLUMNS, columns, source):
                 files.update(row["state"] for row in batch)
                 await _insert(conn, "insert_file", batch)
@@ -179,7 +185,7 @@ async def _copy(
                 ):
                     events += len(batch)
                     await _insert(conn, "insert_webhook_event", batch)
-            await conn.execute(QUERIES["advance_group_ids"])
+            await conn.execute(QUERIES["advance_call_row_ids"])
             await conn.execute(QUERIES["advance_file_ids"])
     except psycopg.Error as exc:
         raise StoreError(f"{target.shown}: cannot copy: {target.scrub(str(exc))}") from None
@@ -190,15 +196,15 @@ async def _refuse_unless_empty(conn: Connection, target: Target) -> None:
     cursor = await conn.execute(QUERIES["store_rows"])
     row = await cursor.fetchone()
     assert row is not None
-    groups, files, events, runners = row
+    calls, files, events, runners = row
     if runners:
         raise StoreError(
             f"{target.shown}: {runners} runner(s) have joined this store; stop them (and let "
             "their leases pass) before migrating into it"
         )
-    if groups or files or events:
+    if calls or files or events:
         raise StoreError(
-            f"{target.shown}: the store is not empty ({files} files, {groups} calls, {events} "
+            f"{target.shown}: the store is not empty ({files} files, {calls} calls, {events} "
             "webhook events); migrate copies a state only into an empty store"
         )
 
@@ -213,7 +219,7 @@ async def _read(
     """The rows of ``table`` as dicts of ``wanted``, in batches; a column an older schema lacks
     reads None, a name an old schema kept as text reads as its bytes."""
     present = columns[table]
-    selected = ", ".join(name if name in present else f"NULL AS {name}" for name in wanted)
+    selected = ", ".join(_column(name, present) for name in wanted)
     order = "id" if "id" in present else "rowid"
     try:
         cursor = database.execute(f"SELECT {selected} FROM {table} ORDER BY {order}")
@@ -221,6 +227,14 @@ async def _read(
             yield [_row(wanted, values) for values in batch]
     except sqlite3.Error as exc:
         raise StoreError(f"{source}: cannot read {table}: {exc}") from exc
+
+
+def _column(name: str, present: set[str]) -> str:
+    """``name`` as the source has it: itself, its older name, or NULL when it had none."""
+    if name in present:
+        return name
+    old = OLD_COLUMN_NAMES.get(name)
+    return f"{old} AS {name}" if old is not None and old in present else f"NULL AS {name}"
 
 
 def _row(names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
