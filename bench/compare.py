@@ -15,6 +15,10 @@ Time to result (p50/p95/max) is, per result document, its write time minus the c
 ``finishedAt`` as the emulator reports it (``bench/webhooks.py``); *wall÷bound* divides the wall
 time by the drain's physical bound: files ÷ rate for the POSTs, plus the longest call.
 
+``--runners N`` runs bem-runner as N ``drain`` processes at once on one PostgreSQL store (a
+throwaway server, bench/pgserver.py; ``--store postgresql`` does so with one), sharing R: its
+row is their sum (wall time the last one's, CPU summed).
+
 ``--webhook`` adds ``bem-runner+webhook`` (the same drain with its webhook receiver, the
 emulator delivering signed events to it; see ``bench/webhooks.py``). ``--api-version v2`` runs
 bem-runner with ``api.version = "v2"``.
@@ -28,11 +32,13 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import harness
+import pgserver
 import webhooks
 
 WORKFLOW = "invoices"
@@ -67,6 +73,8 @@ class Row:
     bound_seconds: float | None = None
     """files ÷ rate for the POSTs plus the longest call: no drain can be faster."""
     requests_per_file: float = 0.0
+    runners: int = 1
+    """bem-runner processes sharing one store (and R)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -84,6 +92,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency", default="1-3", help="seconds a call takes: MIN-MAX")
     parser.add_argument(
         "--api-version", choices=("v3", "v2"), default="v3", help="bem-runner's api.version"
+    )
+    parser.add_argument(
+        "--runners",
+        type=int,
+        default=1,
+        help="bem-runner processes sharing one PostgreSQL store and the rate limit",
+    )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="bem-runner's store (postgresql: a throwaway server; implied by --runners > 1)",
     )
     parser.add_argument("--concurrency", type=int, default=50, help="async script's semaphore")
     parser.add_argument(
@@ -133,17 +153,35 @@ def run_all(args: argparse.Namespace, clients: list[str], root: Path) -> list[Ro
     source = root / "source" / WORKFLOW
     digests = harness.make_inputs(source, args.files)
     rows = []
-    with harness.emulator(
-        rate=args.rate, burst=args.burst, latency=args.latency, extra=args.emulator_arg
-    ) as emu:
+    with (
+        harness.emulator(
+            rate=args.rate, burst=args.burst, latency=args.latency, extra=args.emulator_arg
+        ) as emu,
+        store_server(args) as server,
+    ):
         for client in clients:
-            rows.append(run_client(client, args, emu, root, digests))
+            rows.append(run_client(client, args, emu, root, digests, server))
             print(f"  {client}: {rows[-1].wall_seconds:.1f} s", file=sys.stderr, flush=True)
     return rows
 
 
+@contextmanager
+def store_server(args: argparse.Namespace) -> Iterator[pgserver.Server | None]:
+    """A throwaway PostgreSQL server when bem-runner's runs need one."""
+    if args.runners > 1 or args.store == "postgresql":
+        with pgserver.throwaway_server() as server:
+            yield server
+    else:
+        yield None
+
+
 def run_client(
-    client: str, args: argparse.Namespace, emu: harness.Emulator, root: Path, digests: list[str]
+    client: str,
+    args: argparse.Namespace,
+    emu: harness.Emulator,
+    root: Path,
+    digests: list[str],
+    server: pgserver.Server | None = None,
 ) -> Row:
     base = root / client
     harness.copy_inputs(root / "source", base / "inbox")
@@ -154,11 +192,20 @@ def run_client(
     port = webhooks.free_port() if client == webhooks.CLIENT else None
     if port is not None:
         env["BEM_WEBHOOK_SECRET"] = webhooks.subscribe(emu, f"{WORKFLOW}-transform", port)
-    argv = client_argv(client, args, base, files, webhook_port=port)
+    store, runners = None, 1
+    if server is not None and client in ("bem-runner", webhooks.CLIENT):
+        store = server.new_database(client.replace("-", "_").replace("+", "_"))
+        env["PGPASSWORD"] = server.password
+        runners = args.runners if client == "bem-runner" else 1  # one webhook port each
+    argv = client_argv(client, args, base, files, webhook_port=port, store=store)
     startup = harness.run_measured([*argv, "--help"], env=env, logs=base / "logs-startup")
     emu.reset_stats()
     with harness.StatsSampler(emu) as sampler:
-        measured = harness.run_measured(argv, env=env, timeout=args.timeout, logs=base / "logs")
+        measured = harness.combined(
+            harness.run_measured_together(
+                [argv] * runners, env=env, timeout=args.timeout, logs=base / "logs"
+            )
+        )
     stats = emu.stats()
     if port is not None:
         webhooks.unsubscribe(emu)
@@ -180,8 +227,8 @@ def run_client(
         polls_per_file=requests["poll"] / files,
         cpu_seconds=measured.cpu_seconds,
         cpu_ms_per_file=measured.cpu_seconds * 1000 / files,
-        startup_cpu_seconds=startup.cpu_seconds,
-        net_cpu_ms_per_file=(measured.cpu_seconds - startup.cpu_seconds) * 1000 / files,
+        startup_cpu_seconds=startup.cpu_seconds * runners,
+        net_cpu_ms_per_file=(measured.cpu_seconds - startup.cpu_seconds * runners) * 1000 / files,
         peak_rss_mb=measured.peak_rss_mb,
         delivered=delivered,
         errors=errors,
@@ -193,6 +240,7 @@ def run_client(
         result_max_seconds=max(to_result) if to_result else None,
         bound_seconds=len(digests) / args.rate + longest_call(args.latency),
         requests_per_file=requests["total"] / files,
+        runners=runners,
     )
 
 
@@ -202,7 +250,12 @@ def longest_call(latency: str) -> float:
 
 
 def client_argv(
-    client: str, args: argparse.Namespace, base: Path, files: int, webhook_port: int | None = None
+    client: str,
+    args: argparse.Namespace,
+    base: Path,
+    files: int,
+    webhook_port: int | None = None,
+    store: str | None = None,
 ) -> list[str]:
     if client in ("bem-runner", webhooks.CLIENT):
         rate = args.runner_rate or args.rate
@@ -211,7 +264,7 @@ def client_argv(
         if webhook_port:
             sections["webhook"] = webhooks.webhook_section(webhook_port)
         config = harness.runner_config(path, rate=rate, burst=args.burst, routes=(), **sections)
-        return harness.drain_argv(config, base)
+        return harness.drain_argv(config, base, store=store)
     script = harness.REPO / "bench" / "baselines"
     common = ["--input-dir", str(base / "inbox" / WORKFLOW), "--workflow", WORKFLOW]
     common += ["--output-dir", str(base / "outbox")]
@@ -231,6 +284,8 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         header += f", bem-runner configured for {args.runner_rate:g} req/s"
     if args.api_version != "v3":
         header += f", bem-runner on api {args.api_version}"
+    if args.runners > 1 or args.store == "postgresql":
+        header += f", bem-runner as {args.runners} runner(s) on one PostgreSQL store"
     columns = [
         "client", "wall s", "wall÷bound", "ok req/s÷R", "best 10s÷R", "429s", "429s>10s",
         "submit/file", "poll/file", "req/file", "result p50 s", "result p95 s", "result max s",
@@ -246,7 +301,7 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
             cpu += f" ({row.cpu_ms_per_file / reference.cpu_ms_per_file:.1f}×)"
         table.append(
             [
-                row.client,
+                row.client + (f" ×{row.runners}" if row.runners > 1 else ""),
                 wall,
                 _ratio(row.wall_seconds, row.bound_seconds),
                 f"{row.rate_fraction:.2f}",

@@ -70,6 +70,73 @@ def run_measured(
     )
 
 
+def run_measured_together(
+    argvs: Sequence[Sequence[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 3600.0,
+    logs: Path,
+) -> list[Measured]:
+    """Start every ``argv`` at once and run them all to their ends (``logs/<index>/``): each
+    one's wall time from the common start, its CPU and peak RSS."""
+    outputs, procs = [], []
+    started = time.perf_counter()
+    for index, argv in enumerate(argvs):
+        folder = logs / str(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        out, err = (folder / "stdout.txt").open("wb"), (folder / "stderr.txt").open("wb")
+        outputs.append((folder, out, err))
+        procs.append(
+            subprocess.Popen(list(argv), stdout=out, stderr=err, env=dict(env or os.environ),
+                             cwd=REPO)
+        )  # fmt: skip
+    ended: dict[int, tuple[int, Any, float]] = {}
+    while len(ended) < len(procs):
+        for index, proc in enumerate(procs):
+            if index in ended:
+                continue
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                ended[index] = (status, usage, time.perf_counter() - started)
+            elif time.perf_counter() > started + timeout:
+                proc.kill()
+        time.sleep(0.02)
+    measured = []
+    for index, (folder, out, err) in enumerate(outputs):
+        out.close()
+        err.close()
+        status, usage, wall = ended[index]
+        measured.append(
+            Measured(
+                exit_code=os.waitstatus_to_exitcode(status),
+                wall_seconds=wall,
+                cpu_seconds=usage.ru_utime + usage.ru_stime,
+                user_seconds=usage.ru_utime,
+                system_seconds=usage.ru_stime,
+                peak_rss_mb=usage.ru_maxrss / 1024,
+                stdout=(folder / "stdout.txt").read_text(errors="replace"),
+                stderr=(folder / "stderr.txt").read_text(errors="replace"),
+            )
+        )
+    return measured
+
+
+def combined(measured: Sequence[Measured]) -> Measured:
+    """Several processes as one client: the last one's wall time, CPU summed, the largest RSS,
+    the first failure's exit code."""
+    return Measured(
+        exit_code=next((m.exit_code for m in measured if m.exit_code != 0), 0),
+        wall_seconds=max(m.wall_seconds for m in measured),
+        cpu_seconds=sum(m.cpu_seconds for m in measured),
+        user_seconds=sum(m.user_seconds for m in measured),
+        system_seconds=sum(m.system_seconds for m in measured),
+        peak_rss_mb=max(m.peak_rss_mb for m in measured),
+        stdout="".join(m.stdout for m in measured),
+        stderr="".join(m.stderr for m in measured),
+    )
+
+
 def _wait(proc: subprocess.Popen[bytes], deadline: float) -> tuple[int, Any]:
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -268,8 +335,11 @@ def _toml(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def drain_argv(config: Path, root: Path) -> list[str]:
+def drain_argv(config: Path, root: Path, *, store: str | None = None) -> list[str]:
+    """``bem-runner drain`` on ``root``'s folders; with ``store``, on that PostgreSQL store."""
     argv = [PYTHON, "-m", "runner", "--config", str(config), "drain"]
     for name in ("inbox", "outbox", "archive"):
         argv += [f"--{name}", str(root / name)]
+    if store is not None:
+        argv += ["--store", store]
     return [*argv, "--state", str(root / "state.db"), "--settle-seconds", "0", "--no-progress"]

@@ -4,9 +4,16 @@
     python bench/scale.py --files 10000 --batch 20    # the same, 20 files per call ("window")
     python bench/scale.py --scan 100000               # runner.scan.scan_inbox over N files
     python bench/scale.py --big-mb 500                # one file, streamed as multipart
+    python bench/scale.py --files 2000 --store postgresql --runners 1,2,3
 
 Every drain is ``python -m runner drain`` in its own process against the emulator (another
 process); wall time, CPU and peak RSS are those of the drain process alone.
+
+``--store postgresql`` starts a throwaway PostgreSQL server (bench/pgserver.py) and drains each
+inbox with N runner processes at once on one store (a fresh database per run), after the same
+drain on SQLite for reference: wall time is the last runner's, CPU is summed over the runners,
+and the database's transactions and statements per file are read from ``pg_stat_database`` and
+``pg_stat_statements`` before and after.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import harness
+import pgserver
 from compare import markdown_table
 
 WORKFLOW = "invoices"
@@ -56,6 +64,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="route the drains' files through a 'window' group of this many files per call "
         "(0: one call per file, the default routing)",
     )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="postgresql: drain with --runners processes on one throwaway PostgreSQL store, "
+        "beside the same drain on SQLite",
+    )
+    parser.add_argument(
+        "--runners",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1],
+        help="runner processes sharing the PostgreSQL store, comma-separated: 1,2,3",
+    )
     parser.add_argument("--scan", type=int, default=0, help="files in the scanned inbox")
     parser.add_argument("--big-mb", type=int, default=0, help="size of the one large file")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -68,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bem-scale-") as tmp:
         root = args.workdir or Path(tmp)
         ok = True
-        if args.files:
+        if args.files and args.store == "postgresql":
+            ok &= store_drains(args, root / "stores")
+        elif args.files:
             ok &= drains(args, root / "drains")
         if args.scan:
             ok &= scan(args.scan, root / "scan")
@@ -136,6 +159,94 @@ def drains(args: argparse.Namespace, root: Path) -> bool:
     )
     print(markdown_table(table) + "\n", flush=True)
     return ok
+
+
+def store_drains(args: argparse.Namespace, root: Path) -> bool:
+    """Each size on SQLite (one runner), then on PostgreSQL with each number of runners."""
+    table = [["store", "runners", "files", "wall s", "files/s", "CPU ms/file", "DB xacts/file",
+              "DB statements/file", "requests/file", "delivered", "duplicates"]]  # fmt: skip
+    ok = True
+    with (
+        harness.emulator(rate=args.rate, burst=args.burst, latency=args.latency) as emu,
+        pgserver.throwaway_server() as server,
+    ):
+        for count in args.files:
+            runs: list[tuple[str, int]] = [("sqlite", 1)]
+            runs += [("postgresql", n) for n in args.runners]
+            for store, runners in runs:
+                row, good = store_drain(args, root / f"{count}-{store}-{runners}", emu, server,
+                                        count=count, store=store, runners=runners)  # fmt: skip
+                table.append(row)
+                ok &= good
+                print(f"  {count} files, {store} × {runners}: {row[3]} s", file=sys.stderr,
+                      flush=True)  # fmt: skip
+    print(
+        f"drains: rate limit {args.rate:g} req/s (burst {args.burst}), latency {args.latency} s, "
+        f"inbox.rescan_seconds {args.rescan_seconds:g}, one call per file; PostgreSQL "
+        "with its durability defaults on this machine, a fresh database per run\n"
+    )
+    print(markdown_table(table) + "\n", flush=True)
+    return ok
+
+
+def store_drain(
+    args: argparse.Namespace,
+    base: Path,
+    emu: harness.Emulator,
+    server: pgserver.Server,
+    *,
+    count: int,
+    store: str,
+    runners: int,
+) -> tuple[list[str], bool]:
+    digests = harness.make_inputs(base / "inbox" / WORKFLOW, count)
+    config = harness.runner_config(
+        base / "bem-runner.toml",
+        rate=args.rate,
+        burst=args.burst,
+        inbox={"rescan_seconds": args.rescan_seconds},
+    )
+    env = harness.bench_env(emu.base_url)
+    url = None
+    before = after = pgserver.Activity(0, 0)
+    if store == "postgresql":
+        database = base.name.replace("-", "_")
+        url = server.new_database(database)
+        env["PGPASSWORD"] = server.password
+        before = server.activity(database)
+    emu.reset_stats()
+    measured = harness.combined(
+        harness.run_measured_together(
+            [harness.drain_argv(config, base, store=url)] * runners,
+            env=env,
+            timeout=args.timeout,
+            logs=base / "logs",
+        )
+    )
+    if url is not None:
+        after = server.activity(database)
+    stats = emu.stats()
+    delivered, errors = harness.count_outputs(base / "outbox")
+    duplicates, _ = harness.duplicate_calls(stats, digests)
+    used = after - before
+    database_columns = ["—", "—"]
+    if url is not None:
+        database_columns = [f"{used.transactions / count:.1f}", f"{used.statements / count:.1f}"]
+    good = measured.exit_code == 0 and delivered == count and duplicates == 0
+    wall = measured.wall_seconds
+    row = [
+        store,
+        str(runners),
+        str(count),
+        f"{wall:.1f}",
+        f"{count / wall:.0f}",
+        f"{measured.cpu_seconds * 1000 / count:.2f}",
+        *database_columns,
+        f"{harness.api_requests(stats)['total'] / count:.2f}",
+        f"{delivered}/{count}" + (f" ({errors} errors)" if errors else ""),
+        str(duplicates) + ("" if measured.exit_code == 0 else f" (exit {measured.exit_code})"),
+    ]
+    return row, good
 
 
 def scan(count: int, root: Path) -> bool:

@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from runner.metrics import Metrics, fetch_live, render_live, serve_metrics
 from runner.notify import Notifier, notify_settings
 from runner.progress import DrainProgress
 from runner.retry import requeue_failed
+from runner.startup import runner_id_for
 from runner.status import collect_status, render_status
 from runner.store import open_store
 
@@ -111,6 +113,10 @@ class LazyGroup(click.Group):
     lazy: ClassVar[dict[str, tuple[str, str]]] = {
         "emulator": ("runner.emulator.cli:emulator_command", "Serve the bem-compatible emulator."),
         "webhook": ("runner.webhook_setup:webhook_group", "Set up bem's webhooks (setup)."),
+        "store": (
+            "runner.store_cli:store_group",
+            "Manage the store (migrate).",
+        ),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -275,7 +281,7 @@ def _execute(
         async with _api_target(use_emulator) as retarget:
             with ExitStack() as stack:
                 notifier = stack.enter_context(Notifier(settings))
-                metrics = Metrics() if config.service.metrics_addr else None
+                metrics = Metrics(runner_id_for(config)) if config.service.metrics_addr else None
                 if metrics is not None and config.service.metrics_addr:
                     host, port = stack.enter_context(
                         serve_metrics(metrics, config.service.metrics_addr)
@@ -353,7 +359,7 @@ def status(
 
     async def main() -> dict[str, Any]:
         async with open_store(config.store_target, read_only=True) as store:
-            return await collect_status(store)
+            return await collect_status(store, now=time.time())
 
     report = _run(main)
     address = config.service.metrics_addr
@@ -385,8 +391,6 @@ def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     for rel, why in impossible:
         click.echo(f"cannot retry {rel}: {why}", err=True)
     click.echo(f"requeued {len(requeued)} file(s)")
-
-
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from runner.config_checks import host_port_problem
 from runner.errors import ConfigError
+from runner.store import this_runner_id
 from runner.store.base import Counts
 
 LOOPBACK = "127.0.0.1"
@@ -30,11 +31,17 @@ LATENCY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 
 
 
 class Metrics:
-    """The collectors; ``registry`` is private to this object, never the global one."""
+    """The collectors; ``registry`` is private to this object, never the global one.
 
-    def __init__(self) -> None:
+    ``bem_runner_info{runner_id}`` names the runner (``store.runner_id``, else hostname-pid),
+    so the series of several runners sharing a store can be told apart and joined on it.
+    """
+
+    def __init__(self, runner_id: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.runner_id = runner_id or this_runner_id()
+        Info("bem_runner", "Which runner this is", registry=r).info({"runner_id": self.runner_id})
         self.files = Gauge("bem_runner_files", "Files in the store by state", ["state"], registry=r)
         self.calls = Gauge("bem_runner_calls", "Calls in the store by state", ["state"], registry=r)
         self.open_calls = Gauge(
@@ -148,9 +155,11 @@ class Live:
     open_calls: float
     calls_finished: float
     latency_mean: float | None
+    runner_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "runner_id": self.runner_id,
             "requests": self.requests,
             "rate_limited": self.rate_limited,
             "request_rate": self.request_rate,
@@ -165,9 +174,12 @@ class Live:
 def parse_exposition(text: str) -> Live:
     samples: dict[str, float] = {}
     requests: dict[str, float] = {}
+    runner_id: str | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "bem_runner_requests_total":
+            if sample.name == "bem_runner_info":
+                runner_id = sample.labels.get("runner_id")
+            elif sample.name == "bem_runner_requests_total":
                 labels = sample.labels
                 key = f"{labels['method']} {labels['endpoint']} {labels['status']}"
                 requests[key] = sample.value
@@ -184,6 +196,7 @@ def parse_exposition(text: str) -> Live:
         open_calls=samples.get("bem_runner_open_calls", 0.0),
         calls_finished=finished,
         latency_mean=total / finished if finished else None,
+        runner_id=runner_id,
     )
 
 
@@ -206,6 +219,7 @@ def render_live(live: Live | None, address: str, console: Console) -> None:
     table = Table(title=f"live (metrics on {address})")
     table.add_column("what")
     table.add_column("value", justify="right")
+    table.add_row("runner", live.runner_id or "-")
     table.add_row("request rate allowed now (/s)", f"{live.request_rate:.2f}")
     table.add_row("requests in flight", f"{live.in_flight:.0f}")
     table.add_row("429 answers", f"{live.rate_limited:.0f}")

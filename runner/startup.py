@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import TypedDict
 
@@ -11,6 +9,7 @@ import structlog
 
 from runner.config import Config
 from runner.errors import ConfigError
+from runner.store import this_runner_id
 
 log = structlog.get_logger("runner.startup")
 
@@ -24,7 +23,7 @@ absorbs network jitter, where running exactly at the limit turns every early arr
 
 def runner_id_for(config: Config) -> str:
     """``store.runner_id``, else hostname-pid: unique among the runners of one store."""
-    return config.store.runner_id or f"{socket.gethostname()}-{os.getpid()}"
+    return this_runner_id(config.store.runner_id)
 
 
 def make_directory(key: str, path: Path) -> None:

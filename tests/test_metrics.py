@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import httpx
@@ -115,3 +117,20 @@ def test_addresses() -> None:
     for refused in ("localhost", "host:65536", "host:-1", "bad host:80", "[not-v6]:80", ":"):
         with pytest.raises(ConfigError):
             parse_address(refused)
+
+
+def test_the_metrics_name_their_runner_and_status_reads_it_back() -> None:
+    metrics = Metrics("host-a-1234")
+    assert sample(metrics, "bem_runner_info", runner_id="host-a-1234") == 1.0
+    assert parse_exposition(metrics.exposition().decode()).runner_id == "host-a-1234"
+    with serve_metrics(metrics, "127.0.0.1:0") as (host, port):
+        live = fetch_live(f"{host}:{port}")
+    assert live is not None
+    assert live.as_dict()["runner_id"] == "host-a-1234"
+    console = Console(record=True, width=120)
+    render_live(live, f"{host}:{port}", console)
+    assert "host-a-1234" in console.export_text()
+
+
+def test_without_a_configured_id_a_runner_is_its_host_and_pid() -> None:
+    assert Metrics().runner_id == f"{socket.gethostname()}-{os.getpid()}"

@@ -49,7 +49,10 @@ def root(tmp_path: Path) -> Path:
     target = tmp_path / "etc/systemd/system"
     target.mkdir(parents=True)
     for unit in UNITS.iterdir():
-        shutil.copy(unit, target / unit.name)
+        if unit.is_dir():  # drop-ins
+            shutil.copytree(unit, target / unit.name)
+        else:
+            shutil.copy(unit, target / unit.name)
     return tmp_path
 
 
@@ -109,3 +112,38 @@ def test_drain_unit_is_one_shot_and_its_timer_starts_it() -> None:
     timer = settings("bem-runner-drain.timer")
     assert timer["Unit"] == ["bem-runner-drain.service"]
     assert timer["OnCalendar"]
+
+
+POSTGRESQL_DROP_IN = "bem-runner.service.d/postgresql.conf"
+
+
+@needs_analyze
+def test_the_postgresql_drop_in_verifies_with_its_unit(root: Path) -> None:
+    done = analyze("verify", "--man=no", "--generators=no", f"--root={root}", "bem-runner.service")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # verify reads the drop-in: a key it does not know is reported
+
+
+def test_the_postgresql_drop_in_orders_after_a_local_server_and_hands_over_the_password() -> None:
+    found = settings(POSTGRESQL_DROP_IN)
+    assert found["Wants"] == ["postgresql.service"]
+    assert found["After"] == ["postgresql.service"]
+    assert found["LoadCredential"] == ["store-password:/etc/bem-runner/store-password"]
+    assert "Environment" not in found  # the URL is in the config, its password a credential
+    assert set(found) == {"Wants", "After", "LoadCredential"}
+
+
+@needs_analyze
+def test_exposure_with_the_postgresql_drop_in_is_at_most_two(tmp_path: Path) -> None:
+    unit = tmp_path / "bem-runner.service"
+    unit.write_text(
+        (UNITS / "bem-runner.service").read_text() + "\n" + (UNITS / POSTGRESQL_DROP_IN).read_text()
+    )
+    done = analyze(
+        "security", "--offline=true", f"--threshold={round(MAX_EXPOSURE * 10)}", "--no-pager",
+        str(unit),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d)", done.stdout)
+    assert level is not None, done.stdout
+    assert float(level.group(1)) <= MAX_EXPOSURE

@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from runner.errors import StoreError
-from runner.store.base import DEFAULT_LEASE_SECONDS, Store
+from runner.store.base import DEFAULT_LEASE_SECONDS, Store, this_runner_id
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "Store", "is_postgres_url", "open_store"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "Store", "is_postgres_url", "open_store", "this_runner_id"]
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 

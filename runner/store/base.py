@@ -20,6 +20,8 @@ document is written) → ``done`` (archived, deleted or kept). ``retried`` rows 
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -38,6 +40,11 @@ CallState = Literal[
 FileState = Literal["queued", "rejected", "delivered", "done", "retried"]
 BatchLimits = Mapping[str, tuple[int, int]]
 """``window`` batch key → (max files, max bytes); a file that would overflow starts a new call."""
+
+
+def this_runner_id(configured: str = "") -> str:
+    """This process's runner id: ``store.runner_id``, else ``hostname-pid``."""
+    return configured or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def new_call_reference_id() -> str:

@@ -122,6 +122,7 @@ async def open_postgres_store(
         except psycopg.Error as exc:
             raise StoreError(f"{target.shown}: cannot connect: {target.scrub(str(exc))}") from None
         store = PostgresStore(pool, target, runner_id=runner_id, lease_seconds=lease_seconds)
+        store.owned = owns
         try:
             if runner_id is not None and not read_only:
                 await store.join()

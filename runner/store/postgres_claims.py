@@ -20,7 +20,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from runner.errors import ClaimLostError
-from runner.store.base import CallRow, RunnerRow
+from runner.store.base import CallRow, RunnerRow, this_runner_id
 from runner.store.postgres_plumbing import ALL_STAGES, QUERIES, PostgresPlumbing, _column
 
 
@@ -113,10 +113,11 @@ class PostgresClaims(PostgresPlumbing):
         return dead
 
     async def runners(self) -> list[RunnerRow]:
-        if self._me is None:
+        """The runners that joined; a store's single owner is its only runner."""
+        if self._me is None and self.owned:
             host, pid = socket.gethostname(), os.getpid()
             calls = await self.open_call_count()
-            return [RunnerRow(f"{host}-{pid}", host, pid, self._opened_at, time.time(), calls)]
+            return [RunnerRow(this_runner_id(), host, pid, self._opened_at, time.time(), calls)]
         return [
             RunnerRow(
                 str(r["id"]),

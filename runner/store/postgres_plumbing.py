@@ -71,6 +71,8 @@ class PostgresPlumbing:
         self._me = runner_id
         self._lease = lease_seconds
         self._opened_at = time.time()
+        self.owned = False
+        """This process owns the store alone (no runner id, not read-only)."""
 
     def _error(self, label: str, exc: psycopg.Error) -> StoreError:
         # a lost or refused connection (a restart, the network, a full pool) may come back

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import anyio
 
-from runner.store.base import CallRow, RunnerRow, Tokens
+from runner.store.base import CallRow, RunnerRow, Tokens, this_runner_id
 
 
 class _Lists(Protocol):
@@ -24,6 +24,9 @@ class _Lists(Protocol):
     async def due_polls(self, *, now: float, limit: int) -> list[CallRow]: ...
     async def terminal_calls(self, *, limit: int) -> list[CallRow]: ...
     async def open_call_count(self) -> int: ...
+
+    @property
+    def owned(self) -> bool: ...
 
 
 _STARTED_AT = time.time()
@@ -52,9 +55,12 @@ class SingleOwner:
         return []
 
     async def runners(self: _Lists) -> list[RunnerRow]:
+        """This process, when it owns the store; none when it only reads it (``status``)."""
+        if not self.owned:
+            return []
         host, pid = socket.gethostname(), os.getpid()
         calls = await self.open_call_count()
-        return [RunnerRow(f"{host}-{pid}", host, pid, _STARTED_AT, time.time(), calls)]
+        return [RunnerRow(this_runner_id(), host, pid, _STARTED_AT, time.time(), calls)]
 
     async def take_tokens(self, want: int, *, rate: float, burst: float) -> Tokens:
         return Tokens(want, 0.0)

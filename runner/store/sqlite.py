@@ -47,7 +47,7 @@ async def open_sqlite_store(path: Path, *, read_only: bool = False) -> AsyncIter
     with ExitStack() as owner:
         if not read_only:
             owner.enter_context(state_owner(path))
-        store = SqliteStore(await connect(path, read_only=read_only), path)
+        store = SqliteStore(await connect(path, read_only=read_only), path, owned=not read_only)
         try:
             await (store.check_readable() if read_only else store.migrate())
             yield store

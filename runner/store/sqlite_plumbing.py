@@ -31,9 +31,11 @@ Row = TypeVar("Row", CallRow, FileRow)
 class SqlitePlumbing:
     """The connection, the state's path (for messages), and how a statement is run."""
 
-    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, connection: aiosqlite.Connection, path: Path, *, owned: bool = True) -> None:
         self._db = connection
         self._path = path
+        self.owned = owned
+        """This process owns the state (a writer); False when it only reads it."""
         self._writer = anyio.Lock()  # one connection, so one transaction at a time
 
     async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[sqlite3.Row]:
