@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
@@ -367,17 +367,25 @@ class SimCall:
     """Seconds from the call's end to the poll that saw it."""
 
 
-def simulate_drain(
-    *, files: int, rate: float, low: float, high: float, seed: int
-) -> tuple[int, PollPlan, list[SimCall]]:
+@dataclass
+class Drain:
+    requests: int
+    """Poll requests sent."""
+    plan: PollPlan
+    calls: list[SimCall]
+    unpaid: list[float] = field(default_factory=list)
+    """When the requests sent with no credit left went out (the floor of :func:`grid_for`)."""
+
+
+def simulate_drain(*, files: int, rate: float, low: float, high: float, seed: int) -> Drain:
     """The poller and the first-poll rule of :mod:`runner.resolve` on virtual time: one call per
-    file submitted at ``rate`` per second, each taking a uniform ``low``-``high`` seconds.
-    Returns the poll requests sent, what was learnt and the calls."""
+    file submitted at ``rate`` per second, each taking a uniform ``low``-``high`` seconds."""
     rng = random.Random(seed)
     plan = PollPlan()
     calls: list[SimCall] = []
     now = 0.0
     requests = 0
+    unpaid: list[float] = []
 
     def first_poll(at: float) -> float:
         plan.started(at)
@@ -409,7 +417,7 @@ def simulate_drain(
         next_submit = len(calls) / rate if len(calls) < files else math.inf
         next_due = min((c.not_before for c in open_calls), default=math.inf)
         if math.isinf(next_submit) and math.isinf(next_due):
-            return requests, plan, calls
+            return Drain(requests, plan, calls, unpaid)
         if next_submit <= next_due:
             now = next_submit
             latency = rng.uniform(low, high)
@@ -427,6 +435,8 @@ def simulate_drain(
                     call.not_before = now + plan.next_slot_in(now)
                 break
             requests += 1
+            if plan.credits < 1:
+                unpaid.append(now)
             plan.sent(now)
             for call in due[page : page + 50]:
                 if call.submitted + call.latency <= now:
@@ -460,18 +470,21 @@ def simulate_drain(
     spread=st.floats(min_value=0.0, max_value=3.0),
     seed=st.integers(0, 2**16),
 )
+@example(files=300, rate=10.0, low=2.875, spread=3.0, seed=0)  # requests with no credit left
 def test_a_drain_spends_at_most_its_allowance_of_polls(
     files: int, rate: float, low: float, spread: float, seed: int
 ) -> None:
     """Holds where a page of polls is shared by many calls (hundreds of files, calls of seconds
     at >= 10 req/s); a small drain at a low rate can spend more (one request per grid point
     is the floor), e.g. 0.16-0.3 per file for 100 files at 5 req/s."""
-    requests, plan, _ = simulate_drain(
-        files=files, rate=rate, low=low, high=low + spread, seed=seed
-    )
-    assert plan.calls == files
-    assert requests <= poll_credits(calls=0, requests=0) + ALLOWANCE_PER_CALL * files + 3
-    assert requests / files <= 0.15
+    drain = simulate_drain(files=files, rate=rate, low=low, high=low + spread, seed=seed)
+    assert drain.plan.calls == files
+    paid = drain.requests - len(drain.unpaid)
+    assert paid <= poll_credits(calls=0, requests=0) + ALLOWANCE_PER_CALL * files + 3
+    # with no credit left, one request per point of a grid of ``poll.initial_seconds`` (1 s)
+    points = [round(at) for at in drain.unpaid]
+    assert len(set(points)) == len(points)
+    assert drain.requests / files <= 0.15
 
 
 def test_credits_are_what_the_calls_earned_less_what_was_spent() -> None:
