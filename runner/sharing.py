@@ -9,9 +9,11 @@ Two named side tasks run while a runner shares a PostgreSQL store with others:
 - the wake-up listener turns other runners' notifications into this runner's nudges. The
   stages still look on their own intervals, so a lost notification only delays.
 
-A runner declared dead by the others (it was silent past its lease: their fencing keeps it off
-the work it held) stops, as does one whose side task fails; a supervisor starts it again under a
-new identity.
+A runner declared dead by the others (it was silent past its lease, e.g. the store could not be
+reached for that long) joins again under the same id and goes on: the others freed its claims
+and their fencing keeps every write of the work it held off (:class:`ClaimLostError`, dropped by
+:mod:`runner.claims`), so what it held is dropped and claimed afresh by whoever comes first. A
+runner whose side task fails stops.
 
 A stage that meets a store it cannot reach (:class:`StoreUnavailableError`) is started again
 once it answers; a POST whose answer could not be recorded meanwhile is ``unknown`` by then
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import structlog
 
 from runner.context import Context, Nudge
-from runner.errors import StoreUnavailableError
+from runner.errors import ClaimLostError, StoreUnavailableError
 
 log = structlog.get_logger("runner.sharing")
 
@@ -62,7 +64,7 @@ async def beat_heart(ctx: Context, *, lease_seconds: float) -> None:
     every = lease_seconds / HEARTBEATS_PER_LEASE
     while not ctx.stopping.is_set():
         try:
-            await ctx.store.heartbeat()  # ClaimLostError: declared dead, this runner stops
+            await _renew_or_rejoin(ctx)
             dead = await ctx.store.expire_runners()
         except StoreUnavailableError as exc:
             ctx.store_health.failed(exc.message, now=ctx.clock.wall())
@@ -74,6 +76,19 @@ async def beat_heart(ctx: Context, *, lease_seconds: float) -> None:
                 )
                 _nudge(_stage_nudges(ctx).values())
         await ctx.clock.wait(ctx.stopping, every)
+
+
+async def _renew_or_rejoin(ctx: Context) -> None:
+    try:
+        await ctx.store.heartbeat()
+    except ClaimLostError as exc:
+        log.warning(
+            "declared dead by the other runners; joining again, the work it held is dropped",
+            runner=ctx.runner_id,
+            reason=exc.message,
+        )
+        await ctx.store.join()
+        _nudge(_stage_nudges(ctx).values())  # claim afresh what nobody has taken yet
 
 
 async def follow_wake_ups(ctx: Context) -> None:

@@ -82,6 +82,8 @@ class PostgresClaims(PostgresPlumbing):
             await conn.execute(QUERIES["release"], {"ids": list(group_ids), "me": self._me})
 
     async def join(self) -> None:
+        if self._me is None:
+            return
         params = {"me": self._me, "host": socket.gethostname(), "pid": os.getpid()}
         async with self._transaction("join_runner") as conn:
             await conn.execute(QUERIES["join_runner"], {**params, "lease": self._lease})

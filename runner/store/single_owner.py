@@ -45,6 +45,9 @@ class SingleOwner:
     async def release(self, group_ids: Sequence[int]) -> None:
         return None
 
+    async def join(self) -> None:
+        return None
+
     async def heartbeat(self) -> None:
         return None
 
