@@ -15,6 +15,10 @@ and their fencing keeps every write of the work it held off (:class:`ClaimLostEr
 :mod:`runner.claims`), so what it held is dropped and claimed afresh by whoever comes first. A
 runner whose side task fails stops.
 
+Temporaries in the outbox carry their runner's token (:mod:`runner.outbox`): those of a runner
+no longer among the store's runners (it died before its rename) are removed when this runner
+starts and whenever it expires others.
+
 A stage that meets a store it cannot reach (:class:`StoreUnavailableError`) is started again
 once it answers; a POST whose answer could not be recorded meanwhile is ``unknown`` by then
 (:meth:`Store.recover`) and resolved by listing.
@@ -24,10 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 
+import anyio
 import structlog
 
 from runner.context import Context, Nudge
 from runner.errors import ClaimLostError, StoreUnavailableError
+from runner.file_ops import remove_dead_temporaries
+from runner.outbox import runner_token
 
 log = structlog.get_logger("runner.sharing")
 
@@ -62,10 +69,14 @@ async def keep_running(ctx: Context, stage: Stage, *, after_outage: Stage | None
 async def beat_heart(ctx: Context, *, lease_seconds: float) -> None:
     """Renew this runner's lease and claims; expire the runners that fell silent."""
     every = lease_seconds / HEARTBEATS_PER_LEASE
+    swept = False
     while not ctx.stopping.is_set():
         try:
             await _renew_or_rejoin(ctx)
             dead = await ctx.store.expire_runners()
+            if dead or not swept:
+                await remove_leftover_temporaries(ctx)
+                swept = True
         except StoreUnavailableError as exc:
             ctx.store_health.failed(exc.message, now=ctx.clock.wall())
         else:
@@ -76,6 +87,15 @@ async def beat_heart(ctx: Context, *, lease_seconds: float) -> None:
                 )
                 _nudge(_stage_nudges(ctx).values())
         await ctx.clock.wait(ctx.stopping, every)
+
+
+async def remove_leftover_temporaries(ctx: Context) -> None:
+    """Remove the outbox temporaries of runners that are gone (none of a live one's)."""
+    live = {runner_token(runner.id) for runner in await ctx.store.runners()}
+    outbox = ctx.config.paths.outbox
+    removed = await anyio.to_thread.run_sync(remove_dead_temporaries, outbox, live)
+    if removed:
+        log.info("temporaries of runners gone removed", count=len(removed))
 
 
 async def _renew_or_rejoin(ctx: Context) -> None:

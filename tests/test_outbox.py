@@ -437,7 +437,8 @@ def test_a_link_named_like_a_document_is_replaced_not_followed(
     kept = outside / "kept.txt"
     kept.write_bytes(b"not ours")
     (outbox / "wf/a.txt.json").symlink_to(kept)
-    (outbox / "wf/.a.txt.json.tmp").symlink_to(kept)  # a "temporary" planted beside it
+    # a "temporary" planted beside it
+    (outbox / "wf" / temporary_name("a.txt.json", NAME_MAX)).symlink_to(kept)
     (outcome,) = write_documents(outbox, [document(1, "wf/a.txt", "result")])
     assert isinstance(outcome, Written)
     assert outcome.instead_of is None
