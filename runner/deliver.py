@@ -299,8 +299,9 @@ class Deliverer:
             return [], set()
         ctx = self._ctx
         paths = ctx.config.paths
+        finish = partial(finish_inputs, token=runner_token(ctx.runner_id))
         results = await anyio.to_thread.run_sync(
-            finish_inputs, paths.inbox, paths.archive, files, ctx.config.inbox.on_done
+            finish, paths.inbox, paths.archive, files, ctx.config.inbox.on_done
         )
         finished: list[FileRow] = []
         left: set[int] = set()

@@ -15,9 +15,9 @@ and their fencing keeps every write of the work it held off (:class:`ClaimLostEr
 :mod:`runner.claims`), so what it held is dropped and claimed afresh by whoever comes first. A
 runner whose side task fails stops.
 
-Temporaries in the outbox carry their runner's token (:mod:`runner.outbox`): those of a runner
-no longer among the store's runners (it died before its rename) are removed when this runner
-starts and whenever it expires others.
+Temporaries in the outbox and the archive carry their runner's token (:mod:`runner.outbox`):
+those of a runner no longer among the store's runners (it died before its rename) are removed
+when this runner starts and whenever it expires others.
 
 A stage that meets a store it cannot reach (:class:`StoreUnavailableError`) is started again
 once it answers; a POST whose answer could not be recorded meanwhile is ``unknown`` by then
@@ -27,6 +27,7 @@ once it answers; a POST whose answer could not be recorded meanwhile is ``unknow
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 
 import anyio
 import structlog
@@ -90,10 +91,14 @@ async def beat_heart(ctx: Context, *, lease_seconds: float) -> None:
 
 
 async def remove_leftover_temporaries(ctx: Context) -> None:
-    """Remove the outbox temporaries of runners that are gone (none of a live one's)."""
+    """Remove the outbox's and the archive's temporaries of runners that are gone (none of a
+    live one's)."""
     live = {runner_token(runner.id) for runner in await ctx.store.runners()}
-    outbox = ctx.config.paths.outbox
-    removed = await anyio.to_thread.run_sync(remove_dead_temporaries, outbox, live)
+    paths = ctx.config.paths
+    removed: list[Path] = []
+    for root in (paths.outbox, paths.archive):
+        if root.is_dir():
+            removed += await anyio.to_thread.run_sync(remove_dead_temporaries, root, live)
     if removed:
         log.info("temporaries of runners gone removed", count=len(removed))
 
