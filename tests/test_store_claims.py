@@ -136,6 +136,15 @@ async def test_a_silent_runner_loses_its_claims_and_its_sends_become_unknown(
     assert (await b.group(sending.id)).call_id is None
 
 
+async def test_a_runner_never_declares_itself_dead(
+    postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = runners
+    falls_silent(postgres_url, "a")
+    assert await a.expire_runners() == []
+    assert await b.expire_runners() == ["a"]
+
+
 async def test_a_runner_declared_dead_joins_again_with_nothing_and_stays_fenced(
     postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
 ) -> None:

@@ -108,7 +108,7 @@ class PostgresClaims(PostgresPlumbing):
 
     async def expire_runners(self) -> list[str]:
         async with self._transaction("expire_runners") as conn:
-            cursor = await conn.execute(QUERIES["expire_runners"])
+            cursor = await conn.execute(QUERIES["expire_runners"], {"me": self._me})
             dead = [str(row[0]) for row in await cursor.fetchall()]
             if dead and self._me is not None:
                 await self._wake(conn, ALL_STAGES)
