@@ -234,3 +234,4 @@ def float_delay(now: float, due: Fraction) -> float:
     while now + delay < target:  # otherwise a step or two of rounding to make up
         delay = math.nextafter(delay, math.inf)
     return delay
+

@@ -387,5 +387,7 @@ def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     click.echo(f"requeued {len(requeued)} file(s)")
 
 
+
+
 def main() -> None:
     cli(prog_name="bem-runner")

@@ -252,3 +252,4 @@ def folders_of(rel: str) -> list[str]:
     """The folders a relative path lies in, outermost first: ``a/b/c.txt`` → ``a``, ``a/b``."""
     parts = rel.split("/")[:-1]
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
