@@ -32,6 +32,7 @@ from pathlib import Path
 import anyio
 import structlog
 
+from runner import names
 from runner.context import Context, Nudge
 from runner.errors import ClaimLostError, StoreUnavailableError
 from runner.file_ops import remove_dead_temporaries
@@ -97,8 +98,15 @@ async def remove_leftover_temporaries(ctx: Context) -> None:
     paths = ctx.config.paths
     removed: list[Path] = []
     for root in (paths.outbox, paths.archive):
-        if root.is_dir():
-            removed += await anyio.to_thread.run_sync(remove_dead_temporaries, root, live)
+        try:
+            if root.is_dir():
+                removed += await anyio.to_thread.run_sync(remove_dead_temporaries, root, live)
+        except OSError as exc:  # left for the next sweep: never a reason to stop the runner
+            log.warning(
+                "cannot remove the temporaries of runners gone",
+                folder=names.shown(str(root)),
+                error=names.shown(str(exc)),
+            )
     if removed:
         log.info("temporaries of runners gone removed", count=len(removed))
 
