@@ -404,4 +404,4 @@ async def _final_counts(ctx: Context) -> Counts:
             return await ctx.store.counts()
         except StoreUnavailableError as exc:
             ctx.store_health.failed(exc.message, now=ctx.clock.wall())
-    return Counts(files={}, groups={}, open_calls=0)
+    return Counts(files={}, calls={}, open_calls=0)

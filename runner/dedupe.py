@@ -1,17 +1,17 @@
 """Content dedupe (``inbox.dedupe = "content"``): which ready single-file calls need no bem call.
 
 A file's *content key* is its sha256, workflow and inputType. Just before a ready ``singleFile``
-group would be sent, the store decides, in one transaction, with :func:`decide`:
+call would be sent, the store decides, in one transaction, with :func:`decide`:
 
 - **reuse**: a file with the same key already has a *completed result* (its document is a
   result, from a call bem reported ``completed``, made by this store — a single file or one item
-  of a batch). The group ends at once, without a call, and its document is that result's,
+  of a batch). The call ends at once, without a bem call, and its document is that result's,
   marked ``reusedFrom``.
-- **wait**: another file with the same key is on its way to bem or back (its group open,
+- **wait**: another file with the same key is on its way to bem or back (its call open,
   sending, unknown, polling, or finished but not yet delivered; a batch about to be sent; a
-  single file ready with a lower id). The group
+  single file ready with a lower id). The call
   waits; the delivery (or disappearance) of that file wakes it, and it is decided again.
-- **send**: otherwise. Of several ready files with one key, the oldest group is sent.
+- **send**: otherwise. Of several ready files with one key, the oldest call is sent.
 
 A failed result is never reused: a waiter whose leader ended in an error is decided again, so
 the oldest waiter is sent next (once) and the others wait for it in turn. Batch calls are never
@@ -40,17 +40,17 @@ class ContentKey:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A ready single-file group about to be sent, and its file's content key."""
+    """A ready single-file call about to be sent, and its file's content key."""
 
-    group_id: int
+    call_row_id: int
     key: ContentKey
 
 
 @dataclass(frozen=True)
 class Peer:
-    """A queued file's group with the same key (a candidate is its own peer): id and state."""
+    """A queued file's call with the same key (a candidate is its own peer): id and state."""
 
-    group_id: int
+    call_row_id: int
     state: str
     batch: bool = False
     """A folder or window call: it is always sent, so it is waited for even when younger."""
@@ -66,7 +66,7 @@ class Source:
 
 @dataclass(frozen=True)
 class Decision:
-    group_id: int
+    call_row_id: int
     action: Literal["reuse", "wait", "send"]
     source: Source | None = None
 
@@ -80,25 +80,25 @@ def decide(
 
     A candidate waits for a peer that is past ``ready`` (it is being sent or is back), for a
     batch (batches never wait), or for a ready single file that is older: so of ready single
-    files exactly the oldest is sent, and no two groups can wait for each other.
+    files exactly the oldest is sent, and no two calls can wait for each other.
     """
     decisions: list[Decision] = []
     for candidate in candidates:
         source = sources.get(candidate.key)
         if source is not None:
-            decisions.append(Decision(candidate.group_id, "reuse", source))
+            decisions.append(Decision(candidate.call_row_id, "reuse", source))
         elif any(_waits_for(candidate, peer) for peer in peers.get(candidate.key, ())):
-            decisions.append(Decision(candidate.group_id, "wait"))
+            decisions.append(Decision(candidate.call_row_id, "wait"))
         else:
-            decisions.append(Decision(candidate.group_id, "send"))
+            decisions.append(Decision(candidate.call_row_id, "send"))
     return decisions
 
 
 def _waits_for(candidate: Candidate, peer: Peer) -> bool:
-    if peer.group_id == candidate.group_id or peer.state in NOT_WAITED_FOR:
+    if peer.call_row_id == candidate.call_row_id or peer.state in NOT_WAITED_FOR:
         return False
     if peer.state == "ready" and not peer.batch:
-        return peer.group_id < candidate.group_id
+        return peer.call_row_id < candidate.call_row_id
     return True
 
 

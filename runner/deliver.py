@@ -28,7 +28,7 @@ from runner.archive import LeftInPlace, finish_inputs
 from runner.context import Context
 from runner.documents import (
     Document,
-    documents_for_group,
+    documents_for_call,
     encode,
     rejection_document,
     reused_document,
@@ -195,24 +195,24 @@ class Deliverer:
         rejected = await store.rejected_files(limit=BATCH)
         terminal = await store.claim_terminal(limit=BATCH)
         documents = [rejection_document(file) for file in rejected]
-        files_by_group = await store.files_of_groups([g.id for g in terminal])
+        files_by_call = await store.files_of_calls([g.id for g in terminal])
         sources = await store.reuse_sources(
             [g.reused_file_id for g in terminal if g.reused_file_id is not None]
         )
-        for group in terminal:
-            files = files_by_group[group.id]
-            if group.reused_file_id is not None:
-                source, source_files = sources[group.reused_file_id]
-                made = [reused_document(group, f, source, source_files) for f in files]
+        for call in terminal:
+            files = files_by_call[call.id]
+            if call.reused_file_id is not None:
+                source, source_files = sources[call.reused_file_id]
+                made = [reused_document(call, f, source, source_files) for f in files]
             else:
-                made = documents_for_group(group, files)
+                made = documents_for_call(call, files)
             documents += [d for d in made if d.file.state == "queued"]
         written = await self._write(documents)
         try:
-            # a group whose files all have their documents now is done (the query checks)
+            # a call whose files all have their documents now is done (the query checks)
             await store.mark_delivered(
                 [Delivery(d.file.id, outcome, reason) for d, outcome, reason in written],
-                finished_groups=[g.id for g in terminal],
+                finished_calls=[g.id for g in terminal],
                 now=ctx.clock.wall(),
             )
         except ClaimLostError as exc:

@@ -17,7 +17,7 @@ from runner import names
 from runner.outbox import (
     Kind,
 )
-from runner.store.base import FileRow, GroupRow
+from runner.store.base import CallRow, FileRow
 
 Event = dict[str, Any]
 
@@ -30,7 +30,7 @@ class Document:
     reason: str | None
 
 
-def documents_for_group(group: GroupRow, files: Sequence[FileRow]) -> list[Document]:
+def documents_for_call(group: CallRow, files: Sequence[FileRow]) -> list[Document]:
     """Split a finished call into one document per file (see :func:`assign_events`).
 
     An error of a batch that belongs to no one file is bem's word on the whole call: it goes
@@ -90,7 +90,7 @@ def _owner(event: Any, holders: dict[str, list[int]], count: int) -> int | None:
 
 
 def _document(
-    group: GroupRow,
+    group: CallRow,
     call: dict[str, Any],
     file: FileRow,
     outputs: list[Any],
@@ -137,7 +137,7 @@ FILE_FIELDS = ("file", "fileBase64", "itemReferenceID", "inputType", "sha256", "
 
 
 def reused_document(
-    group: GroupRow, file: FileRow, source: GroupRow, source_files: Sequence[FileRow]
+    call: CallRow, file: FileRow, source: CallRow, source_files: Sequence[FileRow]
 ) -> Document:
     """The document of a file that reused another file's completed result (content dedupe).
 
@@ -146,7 +146,7 @@ def reused_document(
     (it cannot: only results are reused) gives an error document naming it, never its outputs.
     """
     original = next(
-        (d for d in documents_for_group(source, source_files) if d.file.id == group.reused_file_id),
+        (d for d in documents_for_call(source, source_files) if d.file.id == call.reused_file_id),
         None,
     )
     if original is None or original.outcome != "result":
@@ -157,7 +157,7 @@ def reused_document(
     mine: dict[str, Any] = {
         **names.name_fields("file", file.rel),
         **body,
-        "itemReferenceID": file.item_reference_id if group.batch else None,
+        "itemReferenceID": file.item_reference_id if call.batch else None,
         "inputType": file.input_type,
         "sha256": file.sha256,
         "sizeBytes": file.size,

@@ -1,6 +1,6 @@
-"""The grouper: when an open ``folder`` or ``window`` group is closed and becomes one call.
+"""The grouper: when a collecting ``folder`` or ``window`` batch is closed and becomes one bem call.
 
-``file`` groups are born ready. A folder closes when it holds a ``.ready`` marker or has been
+``file`` calls are born ready. A folder closes when it holds a ``.ready`` marker or has been
 quiet for the settle time with no unsettled file left in it; a window closes when it is full
 (checked as files are added) or old enough. A drain closes everything once the inbox is taken.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from runner.context import MIN_WAIT, Context
-from runner.store.base import GroupRow
+from runner.store.base import CallRow
 
 log = structlog.get_logger("runner.group")
 
@@ -22,7 +22,7 @@ READY_MARKER = ".ready"
 
 
 @dataclass(frozen=True)
-class GroupFacts:
+class CallFacts:
     """What the decision needs to know besides the row itself."""
 
     now: float
@@ -33,27 +33,27 @@ class GroupFacts:
     inbox_taken: bool
 
 
-def should_close(group: GroupRow, facts: GroupFacts) -> bool:
-    if group.state != "open":
+def should_close(call: CallRow, facts: CallFacts) -> bool:
+    if call.state != "collecting":
         return False
     if facts.inbox_taken:
         return True
-    if group.mode == "folder":
+    if call.mode == "folder":
         if facts.unsettled_inside:
             return False
-        # compared as next_check computes it, so a group looked at on time does close
-        quiet = facts.now >= group.last_added_at + facts.settle_seconds
+        # compared as next_check computes it, so a call looked at on time does close
+        quiet = facts.now >= call.last_added_at + facts.settle_seconds
         return facts.ready_marker or quiet
-    if group.mode == "window" and facts.window_seconds is not None:
-        return facts.now >= group.opened_at + facts.window_seconds
+    if call.mode == "window" and facts.window_seconds is not None:
+        return facts.now >= call.opened_at + facts.window_seconds
     return True
 
 
-def next_check(group: GroupRow, facts: GroupFacts) -> float:
-    """The latest time by which this open group should be looked at again."""
-    if group.mode == "window" and facts.window_seconds is not None:
-        return group.opened_at + facts.window_seconds
-    return group.last_added_at + max(facts.settle_seconds, MIN_WAIT)
+def next_check(call: CallRow, facts: CallFacts) -> float:
+    """The latest time by which this collecting call should be looked at again."""
+    if call.mode == "window" and facts.window_seconds is not None:
+        return call.opened_at + facts.window_seconds
+    return call.last_added_at + max(facts.settle_seconds, MIN_WAIT)
 
 
 class Grouper:
@@ -68,41 +68,41 @@ class Grouper:
             await ctx.nudges.group.wait(wait)
 
     async def close_due(self) -> float:
-        """Close what is due; return how long until the next group may become due."""
+        """Close what is due; return how long until the next call may become due."""
         ctx = self._ctx
         now = ctx.clock.wall()
         soonest = ctx.config.inbox.rescan_seconds
         closed = 0
-        for group in await ctx.store.open_groups():
-            facts = self._facts(group, now)
-            if should_close(group, facts):
-                await ctx.store.close_group(group.id)
+        for call in await ctx.store.collecting_calls():
+            facts = self._facts(call, now)
+            if should_close(call, facts):
+                await ctx.store.close_batch(call.id)
                 closed += 1
                 log.info(
-                    "group closed",
-                    group=group.group_key,
-                    files=group.file_count,
-                    callReferenceID=group.call_reference_id,
+                    "batch closed",
+                    batch=call.batch_key,
+                    files=call.file_count,
+                    callReferenceID=call.call_reference_id,
                 )
             else:
-                soonest = min(soonest, max(next_check(group, facts) - now, MIN_WAIT))
+                soonest = min(soonest, max(next_check(call, facts) - now, MIN_WAIT))
         if closed:
             ctx.nudges.submit.set()
         return soonest
 
-    def _facts(self, group: GroupRow, now: float) -> GroupFacts:
+    def _facts(self, call: CallRow, now: float) -> CallFacts:
         ctx = self._ctx
         window_seconds: float | None = None
-        if group.mode == "window":
-            index = int(group.group_key.split(":", 1)[1])
+        if call.mode == "window":
+            index = int(call.batch_key.split(":", 1)[1])
             window_seconds = ctx.config.routes[index].batch_window_seconds
-        folder = ctx.config.paths.inbox / group.group_key
-        return GroupFacts(
+        folder = ctx.config.paths.inbox / call.batch_key
+        return CallFacts(
             now=now,
             settle_seconds=ctx.config.inbox.settle_seconds,
             window_seconds=window_seconds,
-            ready_marker=group.mode == "folder" and _exists(folder / READY_MARKER),
-            unsettled_inside=group.mode == "folder" and self._unsettled_under(group.group_key),
+            ready_marker=call.mode == "folder" and _exists(folder / READY_MARKER),
+            unsettled_inside=call.mode == "folder" and self._unsettled_under(call.batch_key),
             inbox_taken=ctx.inbox_taken.is_set(),
         )
 

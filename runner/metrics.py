@@ -73,7 +73,7 @@ class Metrics:
 
     def observe_counts(self, counts: Counts) -> None:
         self._file_states = _set_all(self.files, counts.files, self._file_states)
-        self._call_states = _set_all(self.calls, counts.groups, self._call_states)
+        self._call_states = _set_all(self.calls, counts.calls, self._call_states)
         self.open_calls.set(counts.open_calls)
 
     def observe_limiter(self, *, rate: float, in_flight: int) -> None:

@@ -24,7 +24,7 @@ from runner.context import MIN_WAIT, Context
 from runner.errors import ApiError, AuthError, NotFoundError
 from runner.health import AUTH_RETRY_SECONDS
 from runner.schedule import Outlook, grid_for, next_poll_at, ride_along_seconds
-from runner.store.base import Finished, GroupRow, NextPoll
+from runner.store.base import CallRow, Finished, NextPoll
 
 log = structlog.get_logger("runner.poll")
 
@@ -36,22 +36,22 @@ CLAIMED_ELSEWHERE_WAIT = 0.5
 class PollPage:
     """What one page of polls found: calls that ended, and when to look at the others again."""
 
-    groups: list[GroupRow] = field(default_factory=list)
+    calls: list[CallRow] = field(default_factory=list)
     finished: list[Finished] = field(default_factory=list)
     next_polls: list[NextPoll] = field(default_factory=list)
 
     def ended(
-        self, group: GroupRow, status: str, result_json: str | None, reason: str | None
+        self, call: CallRow, status: str, result_json: str | None, reason: str | None
     ) -> None:
-        self.groups.append(group)
-        self.finished.append(Finished(group.id, status, result_json, reason))
+        self.calls.append(call)
+        self.finished.append(Finished(call.id, status, result_json, reason))
 
 
 class Poller:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         self._item_references: dict[int, frozenset[str]] = {}
-        """The itemReferenceIDs each polled batch group sent, to check what bem answers."""
+        """The itemReferenceIDs each polled batch call sent, to check what bem answers."""
         self._newly_learnt: set[str] = set()
         """Workflows whose latencies were learnt in this page: their calls are rescheduled."""
 
@@ -117,15 +117,15 @@ class Poller:
             plan.grid = grid_for(outlook, base=poll.initial_seconds)
         return ride_along_seconds(plan.grid, initial=poll.initial_seconds)
 
-    async def _load_item_references(self, due: list[GroupRow]) -> None:
+    async def _load_item_references(self, due: list[CallRow]) -> None:
         batches = [g.id for g in due if g.batch]
-        files = await self._ctx.store.files_of_groups(batches) if batches else {}
+        files = await self._ctx.store.files_of_calls(batches) if batches else {}
         self._item_references = {
             gid: frozenset(f.item_reference_id for f in rows if f.item_reference_id)
             for gid, rows in files.items()
         }
 
-    async def _poll_v3(self, due: list[GroupRow]) -> None:
+    async def _poll_v3(self, due: list[CallRow]) -> None:
         ctx = self._ctx
         faults.point("poll.before_send")
         wanted = CallFilter(call_ids=tuple(g.call_id or "" for g in due))
@@ -143,7 +143,7 @@ class Poller:
             self._follow(page, group, call.status if call else group.status, call)
         await self._record(page)
 
-    async def _poll_v2(self, due: list[GroupRow]) -> None:
+    async def _poll_v2(self, due: list[CallRow]) -> None:
         ctx = self._ctx
         page = PollPage()
         for group in due:
@@ -163,12 +163,12 @@ class Poller:
         await self._record(page)
 
     def _follow(
-        self, page: PollPage, group: GroupRow, status: str | None, call: Call | None
+        self, page: PollPage, group: CallRow, status: str | None, call: Call | None
     ) -> None:
         """A terminal call ends; one followed too long gives up; the others poll again later.
 
-        A call that is not the one this group sent (:func:`runner.api.call_mismatch`) is never
-        trusted: the group ends with that reason and its files get error documents.
+        A bem call that is not the one this call sent (:func:`runner.api.call_mismatch`) is never
+        trusted: the call ends with that reason and its files get error documents.
         """
         if call is not None and (reason := self._mismatch(group, call)):
             log.error(
@@ -187,7 +187,7 @@ class Poller:
         else:
             page.next_polls.append(self._next_poll(group, status))
 
-    def _learn(self, group: GroupRow, call: Call) -> None:
+    def _learn(self, group: CallRow, call: Call) -> None:
         """How long the call took, by bem's clock (or, lacking it, since it was submitted)."""
         seconds = _seconds_between(call.created_at, call.finished_at)
         if seconds is None and group.submitted_at is not None:
@@ -195,57 +195,57 @@ class Poller:
         if seconds is not None and self._ctx.poll_plan.learn(group.workflow, seconds):
             self._newly_learnt.add(group.workflow)
 
-    def _mismatch(self, group: GroupRow, call: Call) -> str | None:
+    def _mismatch(self, group: CallRow, call: Call) -> str | None:
         return call_mismatch(
             call,
             call_reference_id=group.call_reference_id,
             item_reference_ids=self._item_references.get(group.id) if group.batch else None,
         )
 
-    def _listing_should_show(self, group: GroupRow) -> bool:
-        submitted = group.submitted_at or group.sent_at or 0.0
+    def _listing_should_show(self, call: CallRow) -> bool:
+        submitted = call.submitted_at or call.sent_at or 0.0
         return self._ctx.clock.wall() - submitted >= self._ctx.config.api.visibility_window
 
-    async def _get_one(self, group: GroupRow, page: PollPage) -> Call | None:
+    async def _get_one(self, call: CallRow, page: PollPage) -> Call | None:
         try:
             self._ctx.poll_plan.sent(self._ctx.clock.wall())
-            return await self._ctx.client.get_call(group.call_id or "")
+            return await self._ctx.client.get_call(call.call_id or "")
         except NotFoundError:
-            page.ended(group, *self._lost(group))
+            page.ended(call, *self._lost(call))
             return None
 
-    def _next_poll(self, group: GroupRow, status: str | None) -> NextPoll:
+    def _next_poll(self, call: CallRow, status: str | None) -> NextPoll:
         ctx = self._ctx
         poll, plan = ctx.config.poll, ctx.poll_plan
         now = ctx.clock.wall()
         at = next_poll_at(
             now=now,
-            submitted_at=group.submitted_at if group.submitted_at is not None else group.opened_at,
-            attempts=group.attempts + 1,
-            latencies=plan.latencies(group.workflow),
+            submitted_at=call.submitted_at if call.submitted_at is not None else call.opened_at,
+            attempts=call.attempts + 1,
+            latencies=plan.latencies(call.workflow),
             tick=plan.tick,
             initial=poll.initial_seconds,
             maximum=poll.max_seconds,
             rng=ctx.rng,
         )
         if self._ctx.webhook_flow is not None:  # events flowing: a long safety-net interval
-            at = self._ctx.webhook_flow.poll_at(group, at, now=now)
-        return NextPoll(group.id, at, status, seen_event_at=group.event_at or 0.0)
+            at = self._ctx.webhook_flow.poll_at(call, at, now=now)
+        return NextPoll(call.id, at, status, seen_event_at=call.event_at or 0.0)
 
-    def _gave_up(self, group: GroupRow, status: str | None) -> str | None:
+    def _gave_up(self, call: CallRow, status: str | None) -> str | None:
         """Why a call followed longer than ``poll.give_up_after`` ends; None while it may go on."""
         ctx = self._ctx
-        age = ctx.clock.wall() - (group.submitted_at or group.opened_at)
+        age = ctx.clock.wall() - (call.submitted_at or call.opened_at)
         if age < ctx.config.poll.give_up_after:
             return None
         return (
-            f"timed out: call {group.call_id} still {status or 'unfinished'} after "
+            f"timed out: call {call.call_id} still {status or 'unfinished'} after "
             f"{age:.0f} s (poll.give_up_after)"
         )
 
     @staticmethod
-    def _lost(group: GroupRow) -> tuple[str, None, str]:
-        return "failed", None, f"bem no longer knows call {group.call_id}"
+    def _lost(call: CallRow) -> tuple[str, None, str]:
+        return "failed", None, f"bem no longer knows call {call.call_id}"
 
     async def _record(self, page: PollPage) -> None:
         """One transaction for the page, then a log line per call that ended."""
@@ -258,13 +258,13 @@ class Poller:
             recorded = True
         if not recorded:  # those still ours are polled again
             return
-        for group, finished in zip(page.groups, page.finished, strict=True):
-            if ctx.on_call_finished is not None and group.submitted_at is not None:
-                ctx.on_call_finished(now - group.submitted_at)
+        for call, finished in zip(page.calls, page.finished, strict=True):
+            if ctx.on_call_finished is not None and call.submitted_at is not None:
+                ctx.on_call_finished(now - call.submitted_at)
             log.info(
                 "call finished",
-                callID=group.call_id,
-                callReferenceID=group.call_reference_id,
+                callID=call.call_id,
+                callReferenceID=call.call_reference_id,
                 status=finished.status,
                 reason=finished.error_reason,
             )
@@ -288,7 +288,7 @@ class Poller:
                 [self._next_poll(g, g.status) for g in waiting if g.workflow in workflows]
             )
 
-    async def _failed(self, due: list[GroupRow], exc: ApiError) -> None:
+    async def _failed(self, due: list[CallRow], exc: ApiError) -> None:
         ctx = self._ctx
         now = ctx.clock.wall()
         if ctx.health.failed(exc, now=now):

@@ -42,7 +42,7 @@ class Tally:
             total=sum(n for state, n in files.items() if state != "retried"),
             completed=sum(n for state, n in files.items() if state.endswith(":result")),
             failed=sum(n for state, n in files.items() if state.endswith(":error")),
-            submitted=sum(counts.groups.get(state, 0) for state in SENT_CALL_STATES),
+            submitted=sum(counts.calls.get(state, 0) for state in SENT_CALL_STATES),
         )
 
     def since(self, baseline: Tally) -> Tally:

@@ -1,9 +1,9 @@
 """Unknown outcomes: a POST that may or may not have created its call is never sent blindly again.
 
-The group's ``callReferenceID`` was journalled before the POST. Calls with that reference are
+The call's ``callReferenceID`` was journalled before the POST. Calls with that reference are
 listed (``GET /v3/calls?referenceIDs=...``): one found is adopted; not finding it proves nothing
-until the listing has had ``api.visibility_window`` to show it, and only then is the group sent
-again (:func:`runner.policy.unknown_outcome_resolution`). A group this very process still has a
+until the listing has had ``api.visibility_window`` to show it, and only then is the call sent
+again (:func:`runner.policy.unknown_outcome_resolution`). A call this very process still has a
 POST out for (it was declared dead meanwhile, and its ``sending`` became ``unknown``) is left to
 that POST's answer instead, and its claim given back: the POST may still be queued behind the
 rate limit, so the window proves nothing.
@@ -22,42 +22,42 @@ from runner.context import Context
 from runner.errors import ApiError
 from runner.policy import unknown_outcome_resolution
 from runner.schedule import next_poll_at
-from runner.store.base import GroupRow
+from runner.store.base import CallRow
 from runner.webhook_policy import CONFIRM_WINDOW_SECONDS
 
 log = structlog.get_logger("runner.resolve")
 
 UNKNOWN_RECHECK_SECONDS = 2.0
-"""How soon an unresolved group is listed again (at most half the visibility window)."""
+"""How soon an unresolved call is listed again (at most half the visibility window)."""
 LIST_REFERENCES_PER_REQUEST = 50
 
 
-async def record_call(ctx: Context, group: GroupRow, call_id: str, status: str | None) -> None:
-    """bem has a call for this group (answered by its POST, or found by listing): follow it."""
+async def record_call(ctx: Context, call: CallRow, call_id: str, status: str | None) -> None:
+    """bem has a call for this row (answered by its POST, or found by listing): follow it."""
     ctx.health.reached()
     now = ctx.clock.wall()
-    next_poll = first_poll_at(ctx, group.workflow, now=now)
+    next_poll = first_poll_at(ctx, call.workflow, now=now)
     flow = ctx.webhook_flow
     if flow is not None:
         next_poll = flow.first_poll_at(next_poll, now=now)
     await ctx.store.mark_submitted(
-        group.id, call_id=call_id, status=status, now=now, next_poll=next_poll
+        call.id, call_id=call_id, status=status, now=now, next_poll=next_poll
     )
     if flow is not None:  # events that came before this answer: confirm the call now
         await ctx.store.claim_webhook_events(
-            group.id,
+            call.id,
             call_id=call_id,
-            call_reference_id=group.call_reference_id,
+            call_reference_id=call.call_reference_id,
             now=now,
             confirm_at=now + CONFIRM_WINDOW_SECONDS,
         )
     log.info(
         "call submitted",
         callID=call_id,
-        callReferenceID=group.call_reference_id,
-        workflow=group.workflow,
-        group=group.group_key,
-        files=group.file_count,
+        callReferenceID=call.call_reference_id,
+        workflow=call.workflow,
+        batch=call.batch_key,
+        files=call.file_count,
     )
     ctx.nudges.poll.set()
 
@@ -88,7 +88,7 @@ def recheck_seconds(ctx: Context) -> float:
 
 
 class Resolver:
-    """Resolves the groups whose POST outcome is unknown, a page of references at a time."""
+    """Resolves the calls whose POST outcome is unknown, a page of references at a time."""
 
     def __init__(self, ctx: Context, *, posting: Set[str] = frozenset()) -> None:
         self._ctx = ctx
@@ -100,33 +100,33 @@ class Resolver:
         now = ctx.clock.wall()
         # a POST not out before the claim was answered (and recorded) before it: its row is fresh
         posting = set(self._posting)
-        groups = await ctx.store.claim_due_unknown(now=now, limit=LIST_REFERENCES_PER_REQUEST)
+        calls = await ctx.store.claim_due_unknown(now=now, limit=LIST_REFERENCES_PER_REQUEST)
         posting |= self._posting
-        answering = [g.id for g in groups if g.call_reference_id in posting]
+        answering = [g.id for g in calls if g.call_reference_id in posting]
         if answering:
             await ctx.store.release(answering)
-            groups = [g for g in groups if g.call_reference_id not in posting]
-        if not groups:
+            calls = [g for g in calls if g.call_reference_id not in posting]
+        if not calls:
             return
         try:
-            found = await self._find_by_reference([g.call_reference_id for g in groups])
+            found = await self._find_by_reference([g.call_reference_id for g in calls])
         except ApiError as exc:
             log.warning("cannot list calls to resolve unknown outcomes", error=exc.message)
             if ctx.health.failed(exc, now=now):
                 ctx.nudges.supervisor.set()
             with unless_claim_lost("list unknown outcomes again later"):
                 await ctx.store.mark_unknown(
-                    [g.id for g in groups], not_before=now + recheck_seconds(ctx)
+                    [g.id for g in calls], not_before=now + recheck_seconds(ctx)
                 )
             return
-        for group in groups:
+        for call in calls:
             with unless_claim_lost(
-                "resolve an unknown outcome", callReferenceID=group.call_reference_id
+                "resolve an unknown outcome", callReferenceID=call.call_reference_id
             ):
-                await self._decide(group, found.get(group.call_reference_id), now)
+                await self._decide(call, found.get(call.call_reference_id), now)
         ctx.nudges.submit.set()
 
-    async def _decide(self, group: GroupRow, call: Call | None, now: float) -> None:
+    async def _decide(self, group: CallRow, call: Call | None, now: float) -> None:
         ctx = self._ctx
         decision = unknown_outcome_resolution(
             now=now,

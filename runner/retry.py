@@ -43,7 +43,7 @@ def _restore(config: Config, file: FileRow) -> str | None:
             f"the input is gone: not in the inbox ({source}) nor in the archive "
             f"({archived}); inbox.on_done = {config.inbox.on_done!r}"
         )
-    if file.group_id is None and (why := _still_refused(config, where, file)) is not None:
+    if file.call_row_id is None and (why := _still_refused(config, where, file)) is not None:
         return f"it would be refused again: {why}"
     if where == paths.archive:
         source.parent.mkdir(parents=True, exist_ok=True)

@@ -145,7 +145,7 @@ def glob_problem(glob: str) -> str | None:
 class Destination:
     """Where one file goes.
 
-    ``group_key`` names the call the file belongs to: the file's own path (mode "file"), the
+    ``batch_key`` names the call the file belongs to: the file's own path (mode "file"), the
     folder that becomes one batch (mode "folder"), or ``window:<route index>`` (mode "window").
     ``item_reference_id`` names the file inside that call: its name (mode "file"), its path
     inside the folder (mode "folder"), or its path in the inbox (mode "window") — as
@@ -154,7 +154,7 @@ class Destination:
 
     workflow: str
     mode: GroupMode
-    group_key: str
+    batch_key: str
     item_reference_id: str
 
 

@@ -16,7 +16,7 @@ async def collect_status(store: Store) -> dict[str, Any]:
     errors = await store.recent_errors(limit=10)
     return {
         "files": counts.files,
-        "calls": counts.groups,
+        "calls": counts.calls,
         "open_calls": counts.open_calls,
         "reused": counts.reused,
         "recent_errors": [

@@ -1,7 +1,7 @@
-"""The submitter: ready groups become bem calls, each sent at most once.
+"""The submitter: ready calls become bem calls, each sent at most once.
 
-Before a POST the group is marked ``sending`` in the store (its ``callReferenceID`` was written
-when the group was created). A POST whose outcome is unknown makes the group ``unknown``, which
+Before a POST the call is marked ``sending`` in the store (its ``callReferenceID`` was written
+when the call was created). A POST whose outcome is unknown makes the call ``unknown``, which
 :mod:`runner.resolve` settles by listing — never by sending blindly again. What a failure says
 about the account (a rejected key, bem unreachable) is :mod:`runner.health`'s to keep.
 """
@@ -31,13 +31,13 @@ from runner.errors import (
 from runner.health import AUTH_RETRY_SECONDS
 from runner.policy import retry_delay
 from runner.resolve import Resolver, recheck_seconds, record_call
-from runner.store.base import FileRow, Finished, GroupRow
+from runner.store.base import CallRow, FileRow, Finished
 
 log = structlog.get_logger("runner.submit")
 
-Sendable = list[tuple[GroupRow, list[FileRow]]]
-Preflight = Callable[[list[GroupRow]], Awaitable[Sendable]]
-"""Given ready groups, the ones still worth sending, with their files (the watcher checks them)."""
+Sendable = list[tuple[CallRow, list[FileRow]]]
+Preflight = Callable[[list[CallRow]], Awaitable[Sendable]]
+"""Given ready calls, the ones still worth sending, with their files (the watcher checks them)."""
 
 
 class Submitter:
@@ -64,7 +64,7 @@ class Submitter:
         # leaving the task group waits for every POST already sent
 
     async def submit_due(self, tg: anyio.abc.TaskGroup) -> float:
-        """Start POSTs for due groups within the open-call budget; return the idle wait."""
+        """Start POSTs for due calls within the open-call budget; return the idle wait."""
         ctx = self._ctx
         await self._resolver.resolve_due()
         now = ctx.clock.wall()
@@ -80,9 +80,9 @@ class Submitter:
             room = min(room, 1 - self._in_flight)
         if room <= 0:
             return 1.0
-        groups = await ctx.store.claim_ready(now=now, limit=room)
+        calls = await ctx.store.claim_ready(now=now, limit=room)
         try:
-            sendable = await self._preflight(groups)
+            sendable = await self._preflight(calls)
             if sendable and ctx.config.inbox.dedupe == "content":
                 sendable = await self._without_duplicates(sendable)
             if sendable:
@@ -93,12 +93,12 @@ class Submitter:
             log.info(
                 "claim lost; another runner has this work", action="submit", reason=exc.message
             )
-            await ctx.store.release([g.id for g in groups])
+            await ctx.store.release([g.id for g in calls])
             return MIN_WAIT
         for batch in self._requests(sendable):
             self._in_flight += 1
             tg.start_soon(self._send, batch, name=f"submit-{batch[0][0].call_reference_id}")
-        if len(groups) == room:
+        if len(calls) == room:
             return MIN_WAIT
         next_due = await ctx.store.next_submit_due()
         if next_due is None:
@@ -114,13 +114,13 @@ class Submitter:
         skipped = {*settled.reused, *settled.waiting}
         if not skipped:
             return sendable
-        for group, files in sendable:
-            if group.id in skipped:
+        for call, files in sendable:
+            if call.id in skipped:
                 log.info(
-                    "result reused" if group.id in settled.reused else "waiting for a duplicate",
+                    "result reused" if call.id in settled.reused else "waiting for a duplicate",
                     file=names.shown(files[0].rel) if files else None,
                     sha256=files[0].sha256 if files else None,
-                    callReferenceID=group.call_reference_id,
+                    callReferenceID=call.call_reference_id,
                 )
         if settled.reused:
             ctx.nudges.deliver.set()
@@ -131,13 +131,13 @@ class Submitter:
         return min(limits.max_open_calls - open_calls, limits.max_concurrency * 2 - self._in_flight)
 
     def _requests(self, sendable: Sendable) -> list[Sendable]:
-        """The groups as requests: one per POST in v3, up to ``v2_calls_per_request`` in v2."""
+        """The calls as requests: one per POST in v3, up to ``v2_calls_per_request`` in v2."""
         api = self._ctx.config.api
         size = api.v2_calls_per_request if api.version == "v2" else 1
         return [sendable[start : start + size] for start in range(0, len(sendable), size)]
 
     async def _send(self, batch: Sendable) -> None:
-        references = {group.call_reference_id for group, _ in batch}
+        references = {call.call_reference_id for call, _ in batch}
         self._posting.update(references)
         try:
             # a POST already sent finishes even during shutdown, so its outcome is recorded
@@ -145,8 +145,8 @@ class Submitter:
                 if self._ctx.config.api.version == "v2":
                     await self._send_v2(batch)
                 else:
-                    group, files = batch[0]
-                    await self._send_v3(group, files)
+                    call, files = batch[0]
+                    await self._send_v3(call, files)
         finally:
             self._posting.difference_update(references)
             self._in_flight -= 1
@@ -154,7 +154,7 @@ class Submitter:
             if self._in_flight <= self._ctx.config.limits.max_concurrency:
                 self._ctx.nudges.submit.set()
 
-    async def _send_v3(self, group: GroupRow, files: list[FileRow]) -> None:
+    async def _send_v3(self, group: CallRow, files: list[FileRow]) -> None:
         ctx = self._ctx
         uploads = _uploads(ctx.config.paths.inbox, group, files)
         multipart = sum(f.size for f in files) >= ctx.config.api.multipart_min_bytes
@@ -191,7 +191,7 @@ class Submitter:
             calls = await ctx.client.create_calls_v2(requests)
             faults.point("submit.after_receive")
         except ApiError as exc:
-            # group by group: one taken over by another runner leaves the others to record
+            # call by call: one taken over by another runner leaves the others to record
             for group in groups:
                 with _unless_lost(group):
                     await self._failed([group], exc)
@@ -206,13 +206,13 @@ class Submitter:
                 else:
                     await record_call(ctx, group, call.call_id, call.status)
 
-    async def _failed(self, groups: list[GroupRow], exc: ApiError) -> None:
-        """What a failed POST means for its groups: resolve, wait, stop, fail or retry."""
+    async def _failed(self, calls: list[CallRow], exc: ApiError) -> None:
+        """What a failed POST means for its calls: resolve, wait, stop, fail or retry."""
         ctx = self._ctx
         ctx.nudges.submit.set()
         now = ctx.clock.wall()
-        ids = [g.id for g in groups]
-        refs = [g.call_reference_id for g in groups]
+        ids = [g.id for g in calls]
+        refs = [g.call_reference_id for g in calls]
         if exc.status_code is not None and not isinstance(exc, AuthError):
             self._key_accepted = True  # bem answered, and not about the key
         if ctx.health.failed(exc, now=now):
@@ -235,12 +235,12 @@ class Submitter:
         elif isinstance(exc, PermanentError):
             reason = f"bem rejected the call: {exc.message}"
             await ctx.store.mark_terminal(
-                [Finished(g.id, "failed", None, reason) for g in groups], now=now
+                [Finished(g.id, "failed", None, reason) for g in calls], now=now
             )
             log.warning("call rejected", callReferenceIDs=refs, reason=reason)
             ctx.nudges.deliver.set()
         else:
-            attempts = max(g.attempts for g in groups)
+            attempts = max(g.attempts for g in calls)
             retry_after = exc.retry_after if isinstance(exc, TransientError) else None
             delay = retry_delay(attempts, rng=ctx.rng, retry_after=retry_after)
             log.warning(
@@ -249,16 +249,16 @@ class Submitter:
             await ctx.store.mark_submit_later(ids, not_before=now + delay)
 
 
-def _unless_lost(group: GroupRow) -> AbstractContextManager[None]:
-    return unless_claim_lost("record the POST's outcome", callReferenceID=group.call_reference_id)
+def _unless_lost(call: CallRow) -> AbstractContextManager[None]:
+    return unless_claim_lost("record the POST's outcome", callReferenceID=call.call_reference_id)
 
 
-def _uploads(inbox: Path, group: GroupRow, files: list[FileRow]) -> list[UploadFile]:
+def _uploads(inbox: Path, call: CallRow, files: list[FileRow]) -> list[UploadFile]:
     return [
         UploadFile(
             path=inbox / file.rel,
             input_type=file.input_type or "",
-            item_reference_id=file.item_reference_id if group.batch else None,
+            item_reference_id=file.item_reference_id if call.batch else None,
         )
         for file in files
     ]

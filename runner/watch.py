@@ -28,7 +28,7 @@ from runner.scan import (
     scan_inbox,
     scan_paths,
 )
-from runner.store.base import LEFT_IN_INBOX, FileRow, GroupRow, KnownFile, NewFile
+from runner.store.base import LEFT_IN_INBOX, CallRow, FileRow, KnownFile, NewFile
 from runner.submit import Sendable
 
 log = structlog.get_logger("runner.watch")
@@ -102,21 +102,21 @@ class Watcher:
         else:  # gone from the inbox: whatever comes under its name is new work
             self._known.pop(file.rel, None)
 
-    async def confirm_unchanged(self, groups: list[GroupRow]) -> Sendable:
+    async def confirm_unchanged(self, calls: list[CallRow]) -> Sendable:
         """Before a POST: drop files that vanished or changed since they were queued (a changed
-        one is taken anew), and groups left empty. The groups worth sending, with their files."""
+        one is taken anew), and calls left empty. The calls worth sending, with their files."""
         store = self._ctx.store
-        files_by_group = await store.files_of_groups([g.id for g in groups])
+        files_by_call = await store.files_of_calls([g.id for g in calls])
         sendable = []
-        for group in groups:
-            keep = [f for f in files_by_group[group.id] if await self._unchanged(group, f)]
+        for call in calls:
+            keep = [f for f in files_by_call[call.id] if await self._unchanged(call, f)]
             if keep:
-                sendable.append((group, keep))
+                sendable.append((call, keep))
             else:
-                await store.drop_empty_group(group.id)
+                await store.drop_empty_call(call.id)
         return sendable
 
-    async def _unchanged(self, group: GroupRow, file: FileRow) -> bool:
+    async def _unchanged(self, call: CallRow, file: FileRow) -> bool:
         ctx = self._ctx
         try:
             st = await anyio.Path(ctx.config.paths.inbox / file.rel).lstat()
@@ -124,7 +124,7 @@ class Watcher:
             await ctx.store.reject_queued_file(
                 file, f"the file vanished from the inbox before it was sent ({exc.strerror})"
             )
-            log.warning("file vanished", file=file.rel, callReferenceID=group.call_reference_id)
+            log.warning("file vanished", file=file.rel, callReferenceID=call.call_reference_id)
             ctx.nudges.deliver.set()
             return False
         if (st.st_size, st.st_mtime_ns) != (file.size, file.mtime_ns):

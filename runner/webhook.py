@@ -273,7 +273,7 @@ class Receiver:
                 return 503
         if not recorded.duplicate:
             self._flow.heard(now, recorded.submitted_at)
-        if recorded.group_id is not None:
+        if recorded.call_row_id is not None:
             ctx.nudges.poll.set()
         log.debug(
             "webhook event",
@@ -281,7 +281,7 @@ class Receiver:
             eventType=event.event_type,
             callID=event.call_id,
             duplicate=recorded.duplicate,
-            marked=recorded.group_id is not None,
+            marked=recorded.call_row_id is not None,
         )
         return 200
 

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from runner.store.base import GroupRow
+from runner.store.base import CallRow
 
 CONFIRM_WINDOW_SECONDS = 0.2
 """An event's call is polled this soon; events arriving meanwhile ride along in the same GET."""
@@ -98,13 +98,13 @@ class EventFlow:
             quiet_after=max(self.safety_net, self.expected),
         )
 
-    def poll_at(self, group: GroupRow, normal_at: float, *, now: float) -> float:
-        submitted = group.submitted_at if group.submitted_at is not None else now
+    def poll_at(self, call: CallRow, normal_at: float, *, now: float) -> float:
+        submitted = call.submitted_at if call.submitted_at is not None else now
         return relaxed_poll_at(
             normal_at=normal_at,
             now=now,
             submitted_at=submitted,
-            event_at=group.event_at,
+            event_at=call.event_at,
             flowing=self.flowing(now),
             expected=self.expected,
             safety_net=self.safety_net,

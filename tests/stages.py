@@ -24,7 +24,7 @@ from runner.context import Context
 from runner.emulator import Emulator
 from runner.ratelimit import RateLimiter
 from runner.startup import limits_for
-from runner.store.base import FileRow, GroupRow
+from runner.store.base import CallRow, FileRow
 from runner.store.sqlite import SqliteStore, open_sqlite_store
 from runner.watch import Watcher
 
@@ -58,12 +58,12 @@ class World:
         self.drop(*files)
         return await self.watcher.take(full=True)
 
-    async def group_of(self, rel: str) -> GroupRow:
-        """The group of the latest file stored under ``rel``."""
-        return await self.store.group(group_id_of(self.ctx.config.paths.state, rel))
+    async def call_of(self, rel: str) -> CallRow:
+        """The call of the latest file stored under ``rel``."""
+        return await self.store.call(call_row_id_of(self.ctx.config.paths.state, rel))
 
-    async def files_of(self, group: GroupRow) -> list[FileRow]:
-        return (await self.store.files_of_groups([group.id]))[group.id]
+    async def files_of(self, call: CallRow) -> list[FileRow]:
+        return (await self.store.files_of_calls([call.id]))[call.id]
 
     def requests(self, route: str) -> dict[str, int]:
         """Answers the emulator gave on ``route`` (e.g. "GET /v3/calls"), by status."""
@@ -71,18 +71,18 @@ class World:
         return counts
 
 
-def group_id_of(state: Path, rel: str) -> int:
+def call_row_id_of(state: Path, rel: str) -> int:
     """Read from the database as another reader would: the store offers no lookup by name."""
     connection = sqlite3.connect(state)
     try:
         row = connection.execute(
-            "SELECT group_id FROM files WHERE rel = ? ORDER BY id DESC LIMIT 1",
+            "SELECT call_row_id FROM files WHERE rel = ? ORDER BY id DESC LIMIT 1",
             (os.fsencode(rel),),
         ).fetchone()
     finally:
         connection.close()
     assert row is not None, f"{rel} was never stored"
-    assert row[0] is not None, f"{rel} is in no group"
+    assert row[0] is not None, f"{rel} is in no call"
     return int(row[0])
 
 

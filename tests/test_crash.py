@@ -35,7 +35,7 @@ pytestmark = pytest.mark.anyio
 
 STORE_COMMITS = (
     "add_files",
-    "close_group",
+    "close_batch",
     "mark_sending",
     "mark_submitted",
     "reschedule_poll",
@@ -149,7 +149,7 @@ async def test_random_kill_soak(tmp_path: Path) -> None:
 
 
 def sweep_files(rng: random.Random, tag: str) -> list[tuple[str, bytes]]:
-    """Two loose files and a batch folder of two: every kind of group in every run."""
+    """Two loose files and a batch folder of two: every kind of call in every run."""
     rels = [f"wf-0/{tag}.txt", f"wf-1/{tag}.pdf", f"wf-b/{tag}/a.csv", f"wf-b/{tag}/b.json"]
     return [(rel, f"{rel} {rng.getrandbits(64):016x}".encode()) for rel in rels]
 

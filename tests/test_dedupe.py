@@ -19,7 +19,7 @@ from runner.store.sqlite import open_sqlite_store
 pytestmark = pytest.mark.anyio
 
 KEYS = [ContentKey("a" * 64, "wf", "text"), ContentKey("b" * 64, "wf", "text")]
-STATES = ["open", "ready", "waiting", "sending", "unknown", "polling", "terminal", "done"]
+STATES = ["collecting", "ready", "waiting", "sending", "unknown", "polling", "terminal", "done"]
 
 # -- the decision, pure ------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ def test_a_decision_reuses_a_source_else_waits_only_for_a_peer_on_its_way(
     taken = set(candidate_ids)
     peers: dict[ContentKey, list[Peer]] = defaultdict(list)
     for c in candidates:  # a candidate is ready, and its own peer
-        peers[c.key].append(Peer(c.group_id, "ready"))
+        peers[c.key].append(Peer(c.call_row_id, "ready"))
     for gid, state, key, batch in others:
         if gid not in taken:
             taken.add(gid)
@@ -54,14 +54,14 @@ def test_a_decision_reuses_a_source_else_waits_only_for_a_peer_on_its_way(
 
     decisions = decide(candidates, sources, peers)
 
-    assert [d.group_id for d in decisions] == candidate_ids
+    assert [d.call_row_id for d in decisions] == candidate_ids
     for c, d in zip(candidates, decisions, strict=True):
         on_its_way = [
             p
             for p in peers[c.key]
-            if p.group_id != c.group_id
+            if p.call_row_id != c.call_row_id
             and p.state not in ("waiting", "done")
-            and (p.state != "ready" or p.batch or p.group_id < c.group_id)
+            and (p.state != "ready" or p.batch or p.call_row_id < c.call_row_id)
         ]
         if c.key in with_source:
             assert (d.action, d.source) == ("reuse", sources[c.key])
@@ -75,8 +75,10 @@ def test_a_decision_reuses_a_source_else_waits_only_for_a_peer_on_its_way(
             p.state not in ("ready", "waiting", "done") or (p.batch and p.state == "ready")
             for p in peers[key]
         )
-        ready = sorted(p.group_id for p in peers[key] if p.state == "ready" and not p.batch)
-        sent = [d.group_id for d in decisions if d.action == "send" and _key(candidates, d) == key]
+        ready = sorted(p.call_row_id for p in peers[key] if p.state == "ready" and not p.batch)
+        sent = [
+            d.call_row_id for d in decisions if d.action == "send" and _key(candidates, d) == key
+        ]
         if key not in with_source and not busy and ready and ready[0] in candidate_ids:
             assert sent == [ready[0]]
         else:
@@ -84,7 +86,9 @@ def test_a_decision_reuses_a_source_else_waits_only_for_a_peer_on_its_way(
 
 
 def _key(candidates: list[Candidate], decision: object) -> ContentKey:
-    return next(c.key for c in candidates if c.group_id == getattr(decision, "group_id", None))
+    return next(
+        c.key for c in candidates if c.call_row_id == getattr(decision, "call_row_id", None)
+    )
 
 
 def test_a_file_without_a_full_key_has_none() -> None:
@@ -118,7 +122,7 @@ class World:
     calls: Counter[ContentKey] = field(default_factory=Counter)
     succeeded: set[ContentKey] = field(default_factory=set)
     in_flight: dict[int, ContentKey] = field(default_factory=dict)
-    """Group id → the content of its call, while bem works on it."""
+    """Call id → the content of its bem call, while bem works on it."""
     documents: Counter[int] = field(default_factory=Counter)
     """File id → documents written."""
     results: set[int] = field(default_factory=set)
@@ -187,55 +191,55 @@ async def _play(store: Store, world: World, op: str, arg: int) -> None:
         )
         new = NewFile(rel, 4, 1, key.sha256, key.input_type, where)
         await store.add_files([new], now=now, batch_limits={})
-        for group in await store.open_groups():  # a folder of one file, closed at once
-            await store.close_group(group.id)
+        for call in await store.collecting_calls():  # a folder of one file, closed at once
+            await store.close_batch(call.id)
     elif op == "submit":
-        ready = await store.ready_groups(now=now, limit=arg)
+        ready = await store.ready_calls(now=now, limit=arg)
         settled = await store.settle_duplicates([g.id for g in ready], now=now)
         sent = [g for g in ready if g.id not in {*settled.reused, *settled.waiting}]
         if not sent:
             return
         await store.mark_sending([g.id for g in sent], now=now)
-        files = await store.files_of_groups([g.id for g in sent])
-        for group in sent:
-            (file,) = files[group.id]
+        files = await store.files_of_calls([g.id for g in sent])
+        for call in sent:
+            (file,) = files[call.id]
             key = ContentKey(file.sha256 or "", file.workflow or "", file.input_type or "")
-            if not group.batch:  # a batch is always sent whole; a single file only if needed
+            if not call.batch:  # a batch is always sent whole; a single file only if needed
                 assert key not in world.in_flight.values(), "one content sent twice at once"
                 assert key not in world.succeeded, "a content sent again after its result"
             world.calls[key] += 1
             world.sent.add(file.id)
-            world.in_flight[group.id] = key
+            world.in_flight[call.id] = key
             await store.mark_submitted(
-                group.id, call_id=f"call-{group.id}", status="pending", now=now, next_poll=now
+                call.id, call_id=f"call-{call.id}", status="pending", now=now, next_poll=now
             )
     elif op in ("succeed", "fail"):
         if not world.in_flight:
             return
-        group_id = sorted(world.in_flight)[arg % len(world.in_flight)]
-        key = world.in_flight.pop(group_id)
+        call_row_id = sorted(world.in_flight)[arg % len(world.in_flight)]
+        key = world.in_flight.pop(call_row_id)
         if op == "succeed":
             world.succeeded.add(key)
-            finished = Finished(group_id, "completed", '{"outputs": [{"ok": 1}]}', None)
+            finished = Finished(call_row_id, "completed", '{"outputs": [{"ok": 1}]}', None)
         else:
-            finished = Finished(group_id, "failed", None, "bem failed it")
+            finished = Finished(call_row_id, "failed", None, "bem failed it")
         await store.mark_terminal([finished], now=now)
     elif op == "deliver":
-        terminal = await store.terminal_groups(limit=1000)
-        files = await store.files_of_groups([g.id for g in terminal])
+        terminal = await store.terminal_calls(limit=1000)
+        files = await store.files_of_calls([g.id for g in terminal])
         deliveries = []
-        for group in terminal:
-            for file in files[group.id]:
+        for call in terminal:
+            for file in files[call.id]:
                 if file.state != "queued":
                     continue
                 world.documents[file.id] += 1
-                outcome = "result" if group.status == "completed" else "error"
-                if group.reused_file_id is not None:
-                    world.reused_from[file.id] = group.reused_file_id
+                outcome = "result" if call.status == "completed" else "error"
+                if call.reused_file_id is not None:
+                    world.reused_from[file.id] = call.reused_file_id
                 elif outcome == "result":
                     world.results.add(file.id)
                 else:
                     world.errors.add(file.id)
                 deliveries.append(Delivery(file.id, outcome, None))
-        await store.mark_delivered(deliveries, finished_groups=[g.id for g in terminal], now=now)
+        await store.mark_delivered(deliveries, finished_calls=[g.id for g in terminal], now=now)
         await store.mark_done([d.file_id for d in deliveries], now=now)

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from runner.archive import LeftInPlace, finish_input, finish_inputs
 from runner.deliver import Written, write_documents
-from runner.documents import Document, documents_for_group, rejection_document
+from runner.documents import Document, documents_for_call, rejection_document
 from runner.file_ops import write_atomic
-from runner.store.base import FileRow, GroupRow
+from runner.store.base import CallRow, FileRow
 
 
 def file_row(n: int, rel: str, item: str | None) -> FileRow:
@@ -30,7 +30,7 @@ def file_row(n: int, rel: str, item: str | None) -> FileRow:
         input_type="text",
         workflow="wf",
         item_reference_id=item,
-        group_id=1,
+        call_row_id=1,
         state="queued",
         outcome=None,
         reason=None,
@@ -40,15 +40,15 @@ def file_row(n: int, rel: str, item: str | None) -> FileRow:
     )
 
 
-def group_row(
+def call_row(
     call: Mapping[str, object] | None, *, mode: str = "folder", reason: str | None = None
-) -> GroupRow:
-    return GroupRow(
+) -> CallRow:
+    return CallRow(
         id=1,
         call_reference_id="bemr-1",
         workflow="wf",
         mode=mode,
-        group_key="wf/f",
+        batch_key="wf/f",
         state="terminal",
         opened_at=1.0,
         last_added_at=1.0,
@@ -87,7 +87,7 @@ def test_batch_outputs_split_by_reference_then_offset() -> None:
         ],
         "errors": [{"eventID": "3", "referenceID": "c.txt", "message": "unreadable scan"}],
     }
-    documents = {d.file.rel: d for d in documents_for_group(group_row(call), FILES)}
+    documents = {d.file.rel: d for d in documents_for_call(call_row(call), FILES)}
     assert documents["wf/f/a.txt"].outcome == "result"
     assert documents["wf/f/a.txt"].body["outputs"][0]["transformedContent"] == {"a": 1}
     assert documents["wf/f/b.txt"].body["outputs"][0]["eventID"] == "1"
@@ -97,13 +97,13 @@ def test_batch_outputs_split_by_reference_then_offset() -> None:
 
 def test_an_item_without_output_is_an_error_not_a_silent_success() -> None:
     call = {"status": "completed", "outputs": [], "errors": []}
-    (document,) = documents_for_group(group_row(call, mode="file"), FILES[:1])
+    (document,) = documents_for_call(call_row(call, mode="file"), FILES[:1])
     assert document.outcome == "error"
     assert "no output" in (document.reason or "")
 
 
 def test_a_rejected_call_fails_every_file_with_the_reason() -> None:
-    documents = documents_for_group(group_row(None, reason="bem rejected the call: bad"), FILES)
+    documents = documents_for_call(call_row(None, reason="bem rejected the call: bad"), FILES)
     assert {d.outcome for d in documents} == {"error"}
     assert {d.reason for d in documents} == {"bem rejected the call: bad"}
 
@@ -239,7 +239,7 @@ def test_an_error_that_matches_no_file_reaches_every_file() -> None:
             {"eventID": "e2", "message": "the whole call broke"},  # no reference, no offset
         ],
     }
-    documents = documents_for_group(group_row(call), FILES[:2])
+    documents = documents_for_call(call_row(call), FILES[:2])
     for d in documents:
         assert d.outcome == "error"
         assert [e["eventID"] for e in d.body["errors"]] == ["e1", "e2"]
@@ -259,7 +259,7 @@ def test_a_shared_reference_is_settled_by_offset() -> None:
         ],
         "errors": [],
     }
-    documents = documents_for_group(group_row(call), files)
+    documents = documents_for_call(call_row(call), files)
     outputs = [[o["eventID"] for o in d.body["outputs"]] for d in documents]
     assert outputs == [["o0"], ["o1"], ["o2"]]
     assert {d.outcome for d in documents} == {"result"}
@@ -274,7 +274,7 @@ def test_an_output_under_a_reference_never_sent_belongs_to_no_file() -> None:
         ],
         "errors": [],
     }
-    first, second = documents_for_group(group_row(call), FILES[:2])
+    first, second = documents_for_call(call_row(call), FILES[:2])
     assert first.outcome == "result"
     assert second.outcome == "error"
     assert second.body["outputs"] == []
@@ -302,7 +302,7 @@ def test_every_error_reaches_a_document_and_every_output_at_most_its_own(
     errors = [{**e, "eventID": f"e{n}", "message": f"m{n}"} for n, e in enumerate(errors)]
     files = batch_files(refs)
     call = {"status": "completed", "outputs": outputs, "errors": errors}
-    documents = documents_for_group(group_row(call), files)
+    documents = documents_for_call(call_row(call), files)
     assert [d.file for d in documents] == files
     for error in errors:
         assert any(error in d.body.get("errors", []) for d in documents)
@@ -325,7 +325,7 @@ def test_a_name_that_is_not_utf8_is_carried_exactly() -> None:
     rel = os.fsdecode(b"wf/f/\xff\xfebad.txt")
     file = file_row(1, rel, "\\xff\\xfebad.txt")
     call = {"status": "completed", "outputs": [{"referenceID": "\\xff\\xfebad.txt"}]}
-    (document,) = documents_for_group(group_row(call), [file])
+    (document,) = documents_for_call(call_row(call), [file])
     (rejected,) = [rejection_document(file)]
     for body in (document.body, rejected.body):
         assert body["file"] == "wf/f/\\xff\\xfebad.txt"

@@ -5,16 +5,16 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.group import GroupFacts, next_check, should_close
-from runner.store.base import GroupRow
+from runner.group import CallFacts, next_check, should_close
+from runner.store.base import CallRow
 
-BASE = GroupRow(
+BASE = CallRow(
     id=1,
     call_reference_id="bemr-x",
     workflow="wf",
     mode="folder",
-    group_key="wf/f",
-    state="open",
+    batch_key="wf/f",
+    state="collecting",
     opened_at=100.0,
     last_added_at=100.0,
     file_count=1,
@@ -31,8 +31,8 @@ BASE = GroupRow(
 )
 
 
-def facts(**changes: object) -> GroupFacts:
-    base = GroupFacts(
+def facts(**changes: object) -> CallFacts:
+    base = CallFacts(
         now=100.0,
         settle_seconds=2.0,
         window_seconds=None,
@@ -52,7 +52,7 @@ def test_folder_closes_on_marker_or_quiet_but_never_with_unsettled_files() -> No
 
 
 def test_window_closes_when_old_enough() -> None:
-    window = dataclasses.replace(BASE, mode="window", group_key="window:0")
+    window = dataclasses.replace(BASE, mode="window", batch_key="window:0")
     assert not should_close(window, facts(now=109.0, window_seconds=10.0))
     assert should_close(window, facts(now=110.0, window_seconds=10.0))
     assert next_check(window, facts(window_seconds=10.0)) == 110.0
@@ -64,7 +64,7 @@ def test_a_drain_closes_everything_once_intake_is_done() -> None:
 
 @given(
     mode=st.sampled_from(["folder", "window"]),
-    state=st.sampled_from(["open", "ready", "sending", "polling", "done"]),
+    state=st.sampled_from(["collecting", "ready", "sending", "polling", "done"]),
     now=st.floats(min_value=0, max_value=1000),
     settle=st.floats(min_value=0, max_value=100),
     window=st.one_of(st.none(), st.floats(min_value=0, max_value=100)),
@@ -82,7 +82,7 @@ def test_should_close_properties(
     unsettled: bool,
     finished: bool,
 ) -> None:
-    group = dataclasses.replace(BASE, mode=mode, state=state)
+    call = dataclasses.replace(BASE, mode=mode, state=state)
     f = facts(
         now=now,
         settle_seconds=settle,
@@ -91,14 +91,14 @@ def test_should_close_properties(
         unsettled_inside=unsettled,
         inbox_taken=finished,
     )
-    closes = should_close(group, f)
-    if state != "open":
+    closes = should_close(call, f)
+    if state != "collecting":
         assert not closes
     elif finished:
         assert closes
     elif mode == "folder" and unsettled:
         assert not closes
-    # a group not closed now is looked at again no later than when it could close
-    if state == "open" and not closes and not unsettled:
-        later = dataclasses.replace(f, now=max(now, next_check(group, f)))
-        assert should_close(group, later) or (mode == "window" and window is None)
+    # a call not closed now is looked at again no later than when it could close
+    if state == "collecting" and not closes and not unsettled:
+        later = dataclasses.replace(f, now=max(now, next_check(call, f)))
+        assert should_close(call, later) or (mode == "window" and window is None)

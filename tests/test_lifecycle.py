@@ -96,9 +96,9 @@ async def finish(process: Process) -> tuple[int, list[dict[str, Any]]]:
     return code, lines
 
 
-def group_states(root: Path) -> list[tuple[str, str | None]]:
+def call_states(root: Path) -> list[tuple[str, str | None]]:
     with sqlite3.connect(root / "state.db") as db:
-        return list(db.execute("SELECT state, call_id FROM groups ORDER BY id"))
+        return list(db.execute("SELECT state, call_id FROM calls ORDER BY id"))
 
 
 async def test_sigterm_lets_the_request_in_flight_finish_and_exits_zero(tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ async def test_sigterm_lets_the_request_in_flight_finish_and_exits_zero(tmp_path
             emulator.advance(10_000)  # bem answers the POST while the runner is stopping
             code, logs = await finish(process)
     assert code == 0
-    [(state, call_id)] = group_states(tmp_path)
+    [(state, call_id)] = call_states(tmp_path)
     assert state == "polling"  # the answer was kept: the call is known, not "unknown"
     assert call_id is not None
     stopped = [line for line in logs if line["event"] == "runner stopped"]
@@ -168,7 +168,7 @@ async def test_second_sigint_exits_at_once_and_loses_nothing(tmp_path: Path) -> 
                 process.send_signal(signal.SIGINT)  # bem has not answered; do not wait for it
                 code, _ = await finish(process)
             assert code == 0
-            assert group_states(tmp_path) == [("unknown", None)]  # recorded, resolved later
+            assert call_states(tmp_path) == [("unknown", None)]  # recorded, resolved later
 
             emulator.advance(10_000)
             emulator.update(slow_rate=0.0)

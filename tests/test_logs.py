@@ -19,7 +19,7 @@ from tests.pipeline import drain, make_config, write_files
 STATE_CHANGES = {
     "runner started",
     "file queued",
-    "group closed",
+    "batch closed",
     "call submitted",
     "call finished",
     "file delivered",

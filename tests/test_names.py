@@ -83,11 +83,11 @@ def test_the_store_keeps_every_name_exactly(leaves: list[bytes]) -> None:
             )
             known = await store.known_files()
             assert set(known) == set(singles) | set(batch)
-            [open_group] = await store.open_groups()
-            assert open_group.group_key == folder
-            assert open_group.file_count == len(batch)
-            files = await store.files_of_groups([open_group.id])
-            assert [f.rel for f in files[open_group.id]] == batch
+            [collecting_call] = await store.collecting_calls()
+            assert collecting_call.batch_key == folder
+            assert collecting_call.file_count == len(batch)
+            files = await store.files_of_calls([collecting_call.id])
+            assert [f.rel for f in files[collecting_call.id]] == batch
         async with open_sqlite_store(state, read_only=True) as reader:
             assert set(await reader.known_files()) == set(singles) | set(batch)
 

@@ -64,7 +64,7 @@ def file_row(n: int, rel: str) -> FileRow:
         input_type="text",
         workflow="wf",
         item_reference_id=None,
-        group_id=1,
+        call_row_id=1,
         state="queued",
         outcome=None,
         reason=None,

@@ -24,7 +24,7 @@ class Clock:
 
 
 def counts(files: dict[str, int], groups: dict[str, int]) -> Counts:
-    return Counts(files=files, groups=groups, open_calls=groups.get("polling", 0))
+    return Counts(files=files, calls=groups, open_calls=groups.get("polling", 0))
 
 
 def test_tally_counts_this_drain_only() -> None:

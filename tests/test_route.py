@@ -383,12 +383,12 @@ def test_default_routing_invariants(parts: list[str]) -> None:
     assert destination.workflow == parts[0]
     if len(parts) == 2:
         assert destination.mode == "file"
-        assert destination.group_key == rel.as_posix()
+        assert destination.batch_key == rel.as_posix()
         assert destination.item_reference_id == rel.name
     else:
         assert destination.mode == "folder"
-        assert destination.group_key == f"{parts[0]}/{parts[1]}"
-        assert f"{destination.group_key}/{destination.item_reference_id}" == rel.as_posix()
+        assert destination.batch_key == f"{parts[0]}/{parts[1]}"
+        assert f"{destination.batch_key}/{destination.item_reference_id}" == rel.as_posix()
 
 
 # -- configured routes ------------------------------------------------------------------------
@@ -500,8 +500,8 @@ def test_routing_invariants(routes: list[Route], parts: list[str]) -> None:
     elif destination.mode == "folder":
         assert route.group == "folder"
         depth = literal_prefix_length(route.glob) + 1
-        assert destination.group_key == "/".join(parts[:depth])
-        assert f"{destination.group_key}/{destination.item_reference_id}" == path
+        assert destination.batch_key == "/".join(parts[:depth])
+        assert f"{destination.batch_key}/{destination.item_reference_id}" == path
         assert len(parts) > depth
     else:
         assert destination == Destination(route.workflow, "file", path, rel.name)
@@ -510,10 +510,10 @@ def test_routing_invariants(routes: list[Route], parts: list[str]) -> None:
 
 
 @given(parts=route_paths)
-def test_every_file_in_one_folder_group_shares_the_group_key(parts: list[str]) -> None:
+def test_every_file_in_one_folder_batch_shares_the_batch_key(parts: list[str]) -> None:
     routes = [Route(glob="a/**", workflow="w", group="folder")]
     sibling = P("a", "b", *parts)
     destination = route_file(sibling, routes)
     assert destination is not None
-    assert destination.group_key == "a/b"
+    assert destination.batch_key == "a/b"
     assert destination.item_reference_id == "/".join(parts)

@@ -138,7 +138,7 @@ def check_exactly_once(space: Workspace, served: Emulator, store_url: str) -> No
     assert run_sql(store_url, "SELECT state, count(*) FROM files GROUP BY state") == [
         ("done", len(space.written))
     ]
-    assert run_sql(store_url, "SELECT count(*) FROM groups WHERE state <> 'done'") == [(0,)]
+    assert run_sql(store_url, "SELECT count(*) FROM calls WHERE state <> 'done'") == [(0,)]
 
 
 def drop_files(space: Workspace, seed: int, count: int = FILES) -> None:

@@ -51,8 +51,8 @@ async def test_a_file_handed_over_by_every_runner_is_taken_by_exactly_one(
     await b.add_files([settled("wf/x.txt"), folder_file("wf/batch/1")], now=1.0, batch_limits={})
     counts = await a.counts()
     assert counts.files == {"queued": 2}
-    assert sum(counts.groups.values()) == 2  # one file group, one folder group
-    (folder,) = await b.open_groups()
+    assert sum(counts.calls.values()) == 2  # one file call, one folder call
+    (folder,) = await b.collecting_calls()
     assert folder.file_count == 1
 
 
@@ -63,7 +63,7 @@ async def test_a_finished_file_is_not_taken_again_unless_it_changed(
     await a.add_files([settled("wf/x.txt")], now=1.0, batch_limits={})
     (file,) = await _queued(a)
     await a.reject_queued_file(file, "gone")
-    await a.mark_delivered([], finished_groups=[], now=2.0)
+    await a.mark_delivered([], finished_calls=[], now=2.0)
     await a.mark_done([file.id], now=2.0)
     # another runner settled the very same file before it was archived: not taken again
     await b.add_files([settled("wf/x.txt")], now=3.0, batch_limits={})
@@ -74,8 +74,8 @@ async def test_a_finished_file_is_not_taken_again_unless_it_changed(
 
 
 async def _queued(store: PostgresStore) -> list[FileRow]:
-    groups = await store.ready_groups(now=HOUR, limit=10)
-    files = await store.files_of_groups([g.id for g in groups])
+    calls = await store.ready_calls(now=HOUR, limit=10)
+    files = await store.files_of_calls([g.id for g in calls])
     return [f for rows in files.values() for f in rows]
 
 
@@ -152,12 +152,12 @@ async def test_a_poll_whose_claim_another_runner_took_is_dropped_quietly(
     emulator = frozen_emulator(api_key=API_KEY, slow_rate=1.0, slow_seconds=SLOW_SECONDS)
     config = make_config(tmp_path)
     await a.add_files([settled("wf/x.txt")], now=clock.wall(), batch_limits={})
-    (group,) = await a.claim_ready(now=clock.wall(), limit=1)
-    await a.mark_sending([group.id], now=clock.wall())
+    (call,) = await a.claim_ready(now=clock.wall(), limit=1)
+    await a.mark_sending([call.id], now=clock.wall())
     await a.mark_submitted(
-        group.id, call_id="call_x", status="running", now=clock.wall(), next_poll=clock.wall()
+        call.id, call_id="call_x", status="running", now=clock.wall(), next_poll=clock.wall()
     )
-    before = await b.group(group.id)
+    before = await b.call(call.id)
     async with BemClient(
         base_url=config.api.base_url,
         api_key=API_KEY,
@@ -175,9 +175,9 @@ async def test_a_poll_whose_claim_another_runner_took_is_dropped_quietly(
             tg.start_soon(poll)
             await emulator.wait_blocked()
             # a was slow past its lease: b takes the call over while a's poll is in flight
-            run_sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
-            assert [g.id for g in await b.claim_due_polls(now=clock.wall(), limit=9)] == [group.id]
+            run_sql(postgres_url, "UPDATE calls SET lease_until = now() - interval '1 second'")
+            assert [g.id for g in await b.claim_due_polls(now=clock.wall(), limit=9)] == [call.id]
             emulator.advance(SLOW_SECONDS)
     assert waits == [CLAIMED_ELSEWHERE_WAIT], "nothing raised; the call is b's to poll now"
-    assert await b.group(group.id) == before, "a wrote nothing"
-    assert run_sql(postgres_url, f"SELECT claimed_by FROM groups WHERE id = {group.id}") == [("b",)]
+    assert await b.call(call.id) == before, "a wrote nothing"
+    assert run_sql(postgres_url, f"SELECT claimed_by FROM calls WHERE id = {call.id}") == [("b",)]

@@ -44,7 +44,7 @@ def submitter_of(world: World) -> Submitter:
 
 
 async def states(world: World, *rels: str) -> list[str]:
-    return [(await world.group_of(rel)).state for rel in rels]
+    return [(await world.call_of(rel)).state for rel in rels]
 
 
 # -- intake ----------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ async def test_intake_takes_a_growing_file_only_once_it_has_settled(tmp_path: Pa
         world.advance(0.2)
         assert await world.watcher.take(full=True) == 1
 
-        [file] = await world.files_of(await world.group_of("wf/growing.txt"))
+        [file] = await world.files_of(await world.call_of("wf/growing.txt"))
         assert file.size == len(content)
 
 
@@ -96,12 +96,12 @@ async def test_a_file_changed_after_it_was_queued_is_taken_anew_never_sent_stale
         (world.ctx.config.paths.inbox / "wf/b.txt").unlink()
 
         submitter = submitter_of(world)
-        for _ in range(2):  # one group at a time until bem has answered once
+        for _ in range(2):  # one call at a time until bem has answered once
             await submit_pass(submitter)
 
         assert world.requests(INVOKE) == {}
         assert await world.watcher.take(full=True) == 1  # the new version
-        [file] = await world.files_of(await world.group_of("wf/a.txt"))
+        [file] = await world.files_of(await world.call_of("wf/a.txt"))
         assert file.size == len(b"second, longer")
 
 
@@ -119,7 +119,7 @@ async def test_a_folder_closes_once_quiet_for_the_settle_time(tmp_path: Path) ->
         assert await grouper.close_due() == pytest.approx(2)  # a has been quiet for 3 of 5 s
         world.advance(2)
         await grouper.close_due()
-        assert await states(world, "wf/box/a.txt") == ["open"]
+        assert await states(world, "wf/box/a.txt") == ["collecting"]
 
         world.advance(3)
         await world.watcher.take(full=True)  # b has settled and joins the folder
@@ -135,7 +135,7 @@ async def test_a_ready_marker_closes_a_folder_at_once(tmp_path: Path) -> None:
         await world.watcher.take(full=True)
         grouper = Grouper(world.ctx, unsettled_under=world.watcher.has_pending_under)
         await grouper.close_due()
-        assert await states(world, "wf/box/a.txt") == ["open"]
+        assert await states(world, "wf/box/a.txt") == ["collecting"]
 
         world.drop((f"wf/box/{READY_MARKER}", b""))
         await grouper.close_due()
@@ -176,7 +176,7 @@ async def test_until_bem_answers_once_only_one_post_is_in_flight(tmp_path: Path)
         assert world.requests(INVOKE) == {"202": 6}
 
 
-async def test_a_429_sends_the_group_again_after_retry_after_and_creates_one_call(
+async def test_a_429_sends_the_call_again_after_retry_after_and_creates_one_bem_call(
     tmp_path: Path,
 ) -> None:
     emulator = frozen_emulator(rate_limit_rps=0.1, rate_limit_burst=1)
@@ -215,9 +215,9 @@ async def test_an_unknown_outcome_is_adopted_once_listed_never_sent_again(tmp_pa
 
         world.advance(3)
         await resolver.resolve_due()
-        group = await world.group_of("wf/a.txt")
-        assert group.state == "polling"
-        assert group.call_id is not None
+        call = await world.call_of("wf/a.txt")
+        assert call.state == "polling"
+        assert call.call_id is not None
         assert world.requests(INVOKE) == {"500": 1}
         assert world.emulator.stats()["calls_total"] == 1
 
@@ -233,7 +233,7 @@ async def test_a_call_never_created_is_sent_again_only_after_the_visibility_wind
         await machine.run(lambda: submit_pass(submitter))
         posts = sum(world.requests(INVOKE).values())
         assert await states(world, "wf/a.txt") == ["unknown"]
-        sent_at = (await world.group_of("wf/a.txt")).sent_at
+        sent_at = (await world.call_of("wf/a.txt")).sent_at
         assert sent_at is not None
 
         world.emulator.update(error_5xx_rate=0.0)
@@ -269,7 +269,7 @@ async def test_polls_back_off_and_one_request_answers_for_many_calls(tmp_path: P
         # out as each call's schedule backs off, to the maximum and no further
         assert sum(world.requests(LIST).values()) <= len(waits) < 5 * 70 / 8
         assert 4 < max(waits) <= 8
-        assert {(await world.group_of(f"wf/{n}.txt")).state for n in range(5)} == {"terminal"}
+        assert {(await world.call_of(f"wf/{n}.txt")).state for n in range(5)} == {"terminal"}
 
 
 async def test_a_call_followed_past_give_up_after_ends_timed_out(tmp_path: Path) -> None:
@@ -282,14 +282,14 @@ async def test_a_call_followed_past_give_up_after_ends_timed_out(tmp_path: Path)
 
         while world.clock.now() < 299:
             world.advance(min(await poller.poll_due(), 299 - world.clock.now()))
-        assert (await world.group_of("wf/stuck.txt")).state == "polling"
+        assert (await world.call_of("wf/stuck.txt")).state == "polling"
         world.advance(30)
         await poller.poll_due()
 
-        group = await world.group_of("wf/stuck.txt")
-        assert group.state == "terminal"
-        assert group.error_reason is not None
-        assert group.error_reason.startswith("timed out")
+        call = await world.call_of("wf/stuck.txt")
+        assert call.state == "terminal"
+        assert call.error_reason is not None
+        assert call.error_reason.startswith("timed out")
 
 
 async def test_v2_polls_each_call_and_reads_its_outputs_once(tmp_path: Path) -> None:

@@ -52,14 +52,14 @@ async def test_runners_claiming_at_once_share_the_work_without_overlap(
     assert await a.open_call_count() == 40
 
 
-async def test_a_held_group_is_not_handed_to_another_runner(
+async def test_a_held_call_is_not_handed_to_another_runner(
     runners: tuple[PostgresStore, PostgresStore],
 ) -> None:
     a, b = runners
     await a.add_files(_files(3), now=1.0, batch_limits={})
     mine = await a.claim_ready(now=1.0, limit=2)
     theirs = await b.claim_ready(now=1.0, limit=10)
-    everything = {g.id for g in await a.ready_groups(now=1.0, limit=10)}
+    everything = {g.id for g in await a.ready_calls(now=1.0, limit=10)}
     assert len(mine) == 2
     assert {g.id for g in theirs} == everything - {g.id for g in mine}
     # given back, it is anyone's
@@ -67,46 +67,46 @@ async def test_a_held_group_is_not_handed_to_another_runner(
     assert {g.id for g in await b.claim_ready(now=1.0, limit=10)} == everything
 
 
-async def test_a_write_to_a_group_another_runner_holds_is_refused_whole(
+async def test_a_write_to_a_call_another_runner_holds_is_refused_whole(
     runners: tuple[PostgresStore, PostgresStore],
 ) -> None:
     a, b = runners
     await a.add_files(_files(2), now=1.0, batch_limits={})
     (held,) = await a.claim_ready(now=1.0, limit=1)
-    (free,) = [g for g in await b.ready_groups(now=1.0, limit=10) if g.id != held.id]
+    (free,) = [g for g in await b.ready_calls(now=1.0, limit=10) if g.id != held.id]
     with pytest.raises(ClaimLostError, match="held by another runner"):
         await b.mark_sending([free.id, held.id], now=2.0)
-    assert (await b.group(free.id)).state == "ready"  # nothing of it was written
-    assert (await b.group(held.id)).state == "ready"
+    assert (await b.call(free.id)).state == "ready"  # nothing of it was written
+    assert (await b.call(held.id)).state == "ready"
     for write in (
         b.mark_submit_later([held.id], not_before=5.0),
         b.mark_unknown([held.id], not_before=5.0),
         b.mark_terminal([Finished(held.id, "failed", None, "x")], now=5.0),
-        b.drop_empty_group(held.id),
+        b.drop_empty_call(held.id),
     ):
         with pytest.raises(ClaimLostError):
             await write
-    file = (await b.files_of_groups([held.id]))[held.id][0]
+    file = (await b.files_of_calls([held.id]))[held.id][0]
     with pytest.raises(ClaimLostError):
         await b.reject_queued_file(file, "vanished")
-    assert (await b.files_of_groups([held.id]))[held.id] == [file]
+    assert (await b.files_of_calls([held.id]))[held.id] == [file]
     await a.mark_sending([held.id], now=2.0)  # its holder may
 
 
-async def test_moving_a_group_on_gives_its_claim_up(
+async def test_moving_a_call_on_gives_its_claim_up(
     runners: tuple[PostgresStore, PostgresStore],
 ) -> None:
     a, b = runners
     await a.add_files(_files(1), now=1.0, batch_limits={})
-    (group,) = await a.claim_ready(now=1.0, limit=1)
-    await a.mark_sending([group.id], now=2.0)
+    (call,) = await a.claim_ready(now=1.0, limit=1)
+    await a.mark_sending([call.id], now=2.0)
     assert await b.claim_due_polls(now=9.0, limit=10) == []
-    await a.mark_submitted(group.id, call_id="c", status=None, now=3.0, next_poll=4.0)
+    await a.mark_submitted(call.id, call_id="c", status=None, now=3.0, next_poll=4.0)
     # any runner polls it now, and only one at a time
     (polled,) = await b.claim_due_polls(now=4.0, limit=10)
     assert await a.claim_due_polls(now=4.0, limit=10) == []
     await b.mark_terminal([Finished(polled.id, "completed", None, None)], now=5.0)
-    assert [g.id for g in await a.claim_terminal(limit=10)] == [group.id]
+    assert [g.id for g in await a.claim_terminal(limit=10)] == [call.id]
 
 
 async def test_a_silent_runner_loses_its_claims_and_its_sends_become_unknown(
@@ -121,7 +121,7 @@ async def test_a_silent_runner_loses_its_claims_and_its_sends_become_unknown(
 
     falls_silent(postgres_url, "a")
     assert await b.expire_runners() == ["a"]
-    lost = await b.group(sending.id)
+    lost = await b.call(sending.id)
     assert (lost.state, lost.not_before) == ("unknown", 0)
     assert [r.id for r in await b.runners()] == ["b"]
     # whoever takes it resolves it by listing; the other is free to send
@@ -133,7 +133,7 @@ async def test_a_silent_runner_loses_its_claims_and_its_sends_become_unknown(
         await a.heartbeat()
     with pytest.raises(ClaimLostError):
         await a.mark_submitted(sending.id, call_id="late", status=None, now=4.0, next_poll=5.0)
-    assert (await b.group(sending.id)).call_id is None
+    assert (await b.call(sending.id)).call_id is None
 
 
 async def test_a_runner_never_declares_itself_dead(
@@ -165,7 +165,7 @@ async def test_a_runner_declared_dead_joins_again_with_nothing_and_stays_fenced(
     # what another runner took meanwhile stays fenced off; what nobody took is free again
     with pytest.raises(ClaimLostError):
         await a.mark_submitted(taken.id, call_id="late", status=None, now=4.0, next_poll=5.0)
-    assert (await b.group(taken.id)).call_id is None
+    assert (await b.call(taken.id)).call_id is None
     assert [g.id for g in await a.claim_ready(now=4.0, limit=10)] == [waiting.id]
 
 
@@ -175,10 +175,10 @@ async def test_a_lease_not_renewed_passes_and_a_heartbeat_renews_it(
     a, b = runners
     await a.add_files(_files(1), now=1.0, batch_limits={})
     await a.claim_ready(now=1.0, limit=1)
-    run_sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
+    run_sql(postgres_url, "UPDATE calls SET lease_until = now() - interval '1 second'")
     await a.heartbeat()
     assert await b.claim_ready(now=1.0, limit=1) == []
-    run_sql(postgres_url, "UPDATE groups SET lease_until = now() - interval '1 second'")
+    run_sql(postgres_url, "UPDATE calls SET lease_until = now() - interval '1 second'")
     (taken,) = await b.claim_ready(now=1.0, limit=1)
     with pytest.raises(ClaimLostError):
         await a.mark_sending([taken.id], now=2.0)
@@ -189,12 +189,12 @@ async def test_a_starting_runner_leaves_another_ones_post_in_flight_alone(
 ) -> None:
     a, b = runners
     await a.add_files(_files(2), now=1.0, batch_limits={})
-    held, unheld = await a.ready_groups(now=1.0, limit=2)
+    held, unheld = await a.ready_calls(now=1.0, limit=2)
     await a.claim_ready(now=1.0, limit=1)
     await a.mark_sending([held.id, unheld.id], now=2.0)
     await b.recover()
-    assert (await b.group(held.id)).state == "sending"  # a is alive and holds it
-    assert (await b.group(unheld.id)).state == "unknown"  # nobody does
+    assert (await b.call(held.id)).state == "sending"  # a is alive and holds it
+    assert (await b.call(unheld.id)).state == "unknown"  # nobody does
 
 
 async def test_a_runner_that_leaves_gives_everything_up(postgres_url: str) -> None:
@@ -204,5 +204,5 @@ async def test_a_runner_that_leaves_gives_everything_up(postgres_url: str) -> No
         await a.mark_sending([first.id], now=2.0)
     async with open_postgres_store(postgres_url, runner_id="b") as b:
         assert [r.id for r in await b.runners()] == ["b"]
-        assert (await b.group(first.id)).state == "unknown"
+        assert (await b.call(first.id)).state == "unknown"
         assert len(await b.claim_ready(now=1.0, limit=10)) == 1

@@ -1,6 +1,6 @@
 """The store contract: what every :class:`runner.store.base.Store` promises, whatever its engine.
 
-One suite, run on each store factory. It follows the lives drawn in ``store/base.py`` — a group
+One suite, run on each store factory. It follows the lives drawn in ``store/base.py`` — a call
 (one bem call) ``open → ready → sending → polling → terminal → done``, with ``unknown`` and the
 way back to ``ready``; a file ``queued | rejected → delivered → done``, ``retried`` as history —
 and checks what the stages read back: orders, pages, counts, names as exact bytes, and what is
@@ -26,11 +26,11 @@ from runner.names import from_raw, raw, shown
 from runner.route import Destination
 from runner.store.base import (
     BatchLimits,
+    CallRow,
     Counts,
     Delivery,
     FileRow,
     Finished,
-    GroupRow,
     KnownFile,
     NewFile,
     NextPoll,
@@ -142,44 +142,44 @@ async def add(
     await store.add_files(files, now=now, batch_limits=limits or {})
 
 
-async def one_ready(store: Store, rel: str, *, now: float = 1.0) -> GroupRow:
-    """A file-mode file, taken: its group is born ready."""
+async def one_ready(store: Store, rel: str, *, now: float = 1.0) -> CallRow:
+    """A file-mode file, taken: its call is born ready."""
     await add(store, [new_file(rel)], now=now)
-    (group,) = [g for g in await store.ready_groups(now=now, limit=1000) if g.group_key == rel]
-    return group
+    (call,) = [g for g in await store.ready_calls(now=now, limit=1000) if g.batch_key == rel]
+    return call
 
 
-async def the_file(store: Store, group_id: int) -> FileRow:
-    (file,) = (await store.files_of_groups([group_id]))[group_id]
+async def the_file(store: Store, call_row_id: int) -> FileRow:
+    (file,) = (await store.files_of_calls([call_row_id]))[call_row_id]
     return file
 
 
-async def to_polling(store: Store, group: GroupRow, *, call_id: str = "c1") -> GroupRow:
-    await store.mark_sending([group.id], now=2.0)
-    await store.mark_submitted(group.id, call_id=call_id, status="pending", now=3.0, next_poll=4.0)
-    return await store.group(group.id)
+async def to_polling(store: Store, call: CallRow, *, call_id: str = "c1") -> CallRow:
+    await store.mark_sending([call.id], now=2.0)
+    await store.mark_submitted(call.id, call_id=call_id, status="pending", now=3.0, next_poll=4.0)
+    return await store.call(call.id)
 
 
-async def to_terminal(store: Store, group: GroupRow, *, status: str = "completed") -> GroupRow:
-    await to_polling(store, group)
-    await store.mark_terminal([Finished(group.id, status, '{"status": "x"}', None)], now=5.0)
-    return await store.group(group.id)
+async def to_terminal(store: Store, call: CallRow, *, status: str = "completed") -> CallRow:
+    await to_polling(store, call)
+    await store.mark_terminal([Finished(call.id, status, '{"status": "x"}', None)], now=5.0)
+    return await store.call(call.id)
 
 
-async def deliver_all(store: Store, group: GroupRow, *, outcome: str = "result") -> None:
-    files = (await store.files_of_groups([group.id]))[group.id]
+async def deliver_all(store: Store, call: CallRow, *, outcome: str = "result") -> None:
+    files = (await store.files_of_calls([call.id]))[call.id]
     await store.mark_delivered(
-        [Delivery(f.id, outcome, None) for f in files], finished_groups=[group.id], now=6.0
+        [Delivery(f.id, outcome, None) for f in files], finished_calls=[call.id], now=6.0
     )
 
 
-# -- a group's life --------------------------------------------------------------------------
+# -- a call's life --------------------------------------------------------------------------
 
 
-async def test_a_file_mode_file_is_a_ready_group_of_its_own(store: Store) -> None:
+async def test_a_file_mode_file_is_a_ready_call_of_its_own(store: Store) -> None:
     await add(store, [new_file("wf/a.txt", size=7), new_file("wf/b.txt", size=9)], now=100.0)
-    a, b = await store.ready_groups(now=100.0, limit=10)
-    assert [(g.group_key, g.mode, g.workflow) for g in (a, b)] == [
+    a, b = await store.ready_calls(now=100.0, limit=10)
+    assert [(g.batch_key, g.mode, g.workflow) for g in (a, b)] == [
         ("wf/a.txt", "file", "wf"),
         ("wf/b.txt", "file", "wf"),
     ]
@@ -189,9 +189,9 @@ async def test_a_file_mode_file_is_a_ready_group_of_its_own(store: Store) -> Non
     assert (a.sent_at, a.submitted_at, a.call_id, a.status, a.finished_at) == (None,) * 5
     assert a.call_reference_id.startswith("bemr-")
     assert a.call_reference_id != b.call_reference_id
-    assert await store.open_groups() == []
+    assert await store.collecting_calls() == []
     file = await the_file(store, a.id)
-    assert (file.rel, file.state, file.group_id, file.size, file.seen_at) == (
+    assert (file.rel, file.state, file.call_row_id, file.size, file.seen_at) == (
         "wf/a.txt",
         "queued",
         a.id,
@@ -202,66 +202,66 @@ async def test_a_file_mode_file_is_a_ready_group_of_its_own(store: Store) -> Non
     assert (file.sha256, file.mtime_ns, file.outcome, file.reason) == ("ab" * 32, 1, None, None)
 
 
-async def test_folder_files_share_one_open_group_until_it_is_closed(store: Store) -> None:
+async def test_folder_files_share_one_collecting_call_until_it_is_closed(store: Store) -> None:
     await add(store, folder_files("wf/f1", 2), now=1.0)
     await add(store, [new_file("wf/f1/late.txt", mode="folder", size=5)], now=4.0)
-    (group,) = await store.open_groups()
-    assert (group.state, group.mode, group.group_key, group.batch) == (
-        "open",
+    (call,) = await store.collecting_calls()
+    assert (call.state, call.mode, call.batch_key, call.batch) == (
+        "collecting",
         "folder",
         "wf/f1",
         True,
     )
-    assert (group.file_count, group.byte_count) == (3, 25)
-    assert (group.opened_at, group.last_added_at) == (1.0, 4.0)
-    assert await store.ready_groups(now=10.0, limit=10) == []
+    assert (call.file_count, call.byte_count) == (3, 25)
+    assert (call.opened_at, call.last_added_at) == (1.0, 4.0)
+    assert await store.ready_calls(now=10.0, limit=10) == []
     assert await store.next_submit_due() is None
 
-    await store.close_group(group.id)
-    assert await store.open_groups() == []
-    (ready,) = await store.ready_groups(now=0.0, limit=10)  # due at once
-    assert (ready.id, ready.state, ready.not_before) == (group.id, "ready", 0)
+    await store.close_batch(call.id)
+    assert await store.collecting_calls() == []
+    (ready,) = await store.ready_calls(now=0.0, limit=10)  # due at once
+    assert (ready.id, ready.state, ready.not_before) == (call.id, "ready", 0)
     assert await store.next_submit_due() == 0
     # a file arriving after the close starts a new call for the same folder
     await add(store, [new_file("wf/f1/later.txt", mode="folder")], now=5.0)
-    (again,) = await store.open_groups()
-    assert again.id != group.id
-    assert again.call_reference_id != group.call_reference_id
+    (again,) = await store.collecting_calls()
+    assert again.id != call.id
+    assert again.call_reference_id != call.call_reference_id
     assert again.file_count == 1
 
 
-async def test_closing_a_group_that_is_not_open_changes_nothing(store: Store) -> None:
-    group = await one_ready(store, "wf/a.txt")
-    polling = await to_polling(store, group)
-    await store.close_group(group.id)
-    assert await store.group(group.id) == polling
+async def test_closing_a_call_that_is_not_collecting_changes_nothing(store: Store) -> None:
+    call = await one_ready(store, "wf/a.txt")
+    polling = await to_polling(store, call)
+    await store.close_batch(call.id)
+    assert await store.call(call.id) == polling
 
 
-async def test_folder_groups_are_kept_apart_by_key(store: Store) -> None:
+async def test_folder_batches_are_kept_apart_by_key(store: Store) -> None:
     await add(store, [*folder_files("wf/a", 2), *folder_files("wf/b", 1)])
-    groups = await store.open_groups()
-    assert [(g.group_key, g.file_count) for g in groups] == [("wf/a", 2), ("wf/b", 1)]
+    calls = await store.collecting_calls()
+    assert [(g.batch_key, g.file_count) for g in calls] == [("wf/a", 2), ("wf/b", 1)]
 
 
 async def test_the_whole_life_of_a_call(store: Store) -> None:
-    group = await one_ready(store, "wf/a.txt")
-    await store.mark_sending([group.id], now=2.0)
-    sending = await store.group(group.id)
+    call = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([call.id], now=2.0)
+    sending = await store.call(call.id)
     assert (sending.state, sending.sent_at, sending.attempts) == ("sending", 2.0, 1)
-    assert await store.ready_groups(now=99.0, limit=10) == []
+    assert await store.ready_calls(now=99.0, limit=10) == []
     assert await store.open_call_count() == 1
 
-    await store.mark_submitted(group.id, call_id="c1", status="pending", now=3.0, next_poll=4.0)
-    polling = await store.group(group.id)
+    await store.mark_submitted(call.id, call_id="c1", status="pending", now=3.0, next_poll=4.0)
+    polling = await store.call(call.id)
     assert (polling.state, polling.call_id, polling.status) == ("polling", "c1", "pending")
     assert (polling.submitted_at, polling.not_before, polling.attempts) == (3.0, 4.0, 0)
     assert await store.next_poll_due() == 4.0
     assert await store.due_polls(now=3.9, limit=10) == []
     (due,) = await store.due_polls(now=4.0, limit=10)
-    assert due.id == group.id
+    assert due.id == call.id
 
-    await store.reschedule_polls([NextPoll(group.id, 10.0, "running")])
-    rescheduled = await store.group(group.id)
+    await store.reschedule_polls([NextPoll(call.id, 10.0, "running")])
+    rescheduled = await store.call(call.id)
     assert (rescheduled.not_before, rescheduled.status, rescheduled.attempts) == (
         10.0,
         "running",
@@ -269,8 +269,8 @@ async def test_the_whole_life_of_a_call(store: Store) -> None:
     )
     assert await store.next_poll_due() == 10.0
 
-    await store.mark_terminal([Finished(group.id, "completed", '{"a": 1}', None)], now=11.0)
-    terminal = await store.group(group.id)
+    await store.mark_terminal([Finished(call.id, "completed", '{"a": 1}', None)], now=11.0)
+    terminal = await store.call(call.id)
     assert (terminal.state, terminal.status, terminal.result_json) == (
         "terminal",
         "completed",
@@ -279,16 +279,16 @@ async def test_the_whole_life_of_a_call(store: Store) -> None:
     assert (terminal.finished_at, terminal.error_reason, terminal.not_before) == (11.0, None, 0)
     assert await store.open_call_count() == 0
     assert await store.next_poll_due() is None
-    assert [g.id for g in await store.terminal_groups(limit=10)] == [group.id]
+    assert [g.id for g in await store.terminal_calls(limit=10)] == [call.id]
 
-    file = await the_file(store, group.id)
-    await store.mark_delivered([], finished_groups=[group.id], now=11.5)
-    assert (await store.group(group.id)).state == "terminal"  # its file has no document yet
+    file = await the_file(store, call.id)
+    await store.mark_delivered([], finished_calls=[call.id], now=11.5)
+    assert (await store.call(call.id)).state == "terminal"  # its file has no document yet
     await store.mark_delivered(
-        [Delivery(file.id, "result", None)], finished_groups=[group.id], now=12.0
+        [Delivery(file.id, "result", None)], finished_calls=[call.id], now=12.0
     )
-    assert (await store.group(group.id)).state == "done"
-    assert await store.terminal_groups(limit=10) == []
+    assert (await store.call(call.id)).state == "done"
+    assert await store.terminal_calls(limit=10) == []
     (delivered,) = await store.delivered_files(limit=10)
     assert (delivered.state, delivered.outcome, delivered.delivered_at) == (
         "delivered",
@@ -298,7 +298,7 @@ async def test_the_whole_life_of_a_call(store: Store) -> None:
     assert await store.unfinished_work() == 1  # the input is not archived yet
 
     await store.mark_done([file.id], now=13.0)
-    done = await the_file(store, group.id)
+    done = await the_file(store, call.id)
     assert (done.state, done.done_at) == ("done", 13.0)
     assert await store.delivered_files(limit=10) == []
     assert await store.unfinished_work() == 0
@@ -307,65 +307,65 @@ async def test_the_whole_life_of_a_call(store: Store) -> None:
 
 
 async def test_an_unknown_outcome_is_resolved_by_adoption(store: Store) -> None:
-    group = await one_ready(store, "wf/a.txt")
-    await store.mark_sending([group.id], now=2.0)
-    await store.mark_unknown([group.id], not_before=5.0)
-    unknown = await store.group(group.id)
+    call = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([call.id], now=2.0)
+    await store.mark_unknown([call.id], not_before=5.0)
+    unknown = await store.call(call.id)
     assert (unknown.state, unknown.not_before, unknown.sent_at) == ("unknown", 5.0, 2.0)
     assert await store.open_call_count() == 1  # it may exist at bem
-    assert await store.ready_groups(now=99.0, limit=10) == []  # never resent blindly
+    assert await store.ready_calls(now=99.0, limit=10) == []  # never resent blindly
     assert await store.due_unknown(now=4.9, limit=10) == []
-    assert [g.id for g in await store.due_unknown(now=5.0, limit=10)] == [group.id]
+    assert [g.id for g in await store.due_unknown(now=5.0, limit=10)] == [call.id]
     assert await store.next_submit_due() == 5.0  # listing is the submitter's work
 
-    await store.mark_submitted(group.id, call_id="found", status="running", now=6.0, next_poll=7.0)
-    adopted = await store.group(group.id)
+    await store.mark_submitted(call.id, call_id="found", status="running", now=6.0, next_poll=7.0)
+    adopted = await store.call(call.id)
     assert (adopted.state, adopted.call_id, adopted.submitted_at) == ("polling", "found", 6.0)
     assert await store.due_unknown(now=99.0, limit=10) == []
 
 
 async def test_an_unknown_outcome_never_created_goes_back_to_ready(store: Store) -> None:
-    group = await one_ready(store, "wf/a.txt")
-    await store.mark_sending([group.id], now=2.0)
-    await store.mark_unknown([group.id], not_before=3.0)
-    await store.mark_submit_later([group.id], not_before=8.0)
-    ready = await store.group(group.id)
+    call = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([call.id], now=2.0)
+    await store.mark_unknown([call.id], not_before=3.0)
+    await store.mark_submit_later([call.id], not_before=8.0)
+    ready = await store.call(call.id)
     assert (ready.state, ready.not_before, ready.attempts) == ("ready", 8.0, 1)
     assert await store.open_call_count() == 0
     assert await store.due_unknown(now=99.0, limit=10) == []
-    assert await store.ready_groups(now=7.9, limit=10) == []
-    assert [g.id for g in await store.ready_groups(now=8.0, limit=10)] == [group.id]
+    assert await store.ready_calls(now=7.9, limit=10) == []
+    assert [g.id for g in await store.ready_calls(now=8.0, limit=10)] == [call.id]
     # sent again: the attempts count on, the reference stays the same
-    await store.mark_sending([group.id], now=9.0)
-    again = await store.group(group.id)
+    await store.mark_sending([call.id], now=9.0)
+    again = await store.call(call.id)
     assert (again.attempts, again.sent_at) == (2, 9.0)
-    assert again.call_reference_id == group.call_reference_id
+    assert again.call_reference_id == call.call_reference_id
 
 
 async def test_a_retried_send_waits_and_counts_its_attempts(store: Store) -> None:
-    group = await one_ready(store, "wf/a.txt")
+    call = await one_ready(store, "wf/a.txt")
     for attempt in (1, 2, 3):
-        await store.mark_sending([group.id], now=float(attempt))
-        await store.mark_submit_later([group.id], not_before=attempt + 10.0)
-        later = await store.group(group.id)
+        await store.mark_sending([call.id], now=float(attempt))
+        await store.mark_submit_later([call.id], not_before=attempt + 10.0)
+        later = await store.call(call.id)
         assert (later.state, later.attempts, later.not_before) == ("ready", attempt, attempt + 10.0)
     assert await store.next_submit_due() == 13.0
-    await store.mark_sending([group.id], now=20.0)
-    await store.mark_submitted(group.id, call_id="c", status=None, now=21.0, next_poll=22.0)
-    assert (await store.group(group.id)).attempts == 0  # polls count from zero
+    await store.mark_sending([call.id], now=20.0)
+    await store.mark_submitted(call.id, call_id="c", status=None, now=21.0, next_poll=22.0)
+    assert (await store.call(call.id)).attempts == 0  # polls count from zero
 
 
 async def test_submitted_at_is_the_first_submission(store: Store) -> None:
-    group = await to_polling(store, await one_ready(store, "wf/a.txt"))
-    await store.mark_submitted(group.id, call_id="c1", status="running", now=30.0, next_poll=31.0)
-    assert (await store.group(group.id)).submitted_at == 3.0
+    call = await to_polling(store, await one_ready(store, "wf/a.txt"))
+    await store.mark_submitted(call.id, call_id="c1", status="running", now=30.0, next_poll=31.0)
+    assert (await store.call(call.id)).submitted_at == 3.0
 
 
 async def test_a_call_bem_rejects_ends_terminal_from_sending(store: Store) -> None:
-    group = await one_ready(store, "wf/a.txt")
-    await store.mark_sending([group.id], now=2.0)
-    await store.mark_terminal([Finished(group.id, "failed", None, "bem rejected it")], now=3.0)
-    terminal = await store.group(group.id)
+    call = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([call.id], now=2.0)
+    await store.mark_terminal([Finished(call.id, "failed", None, "bem rejected it")], now=3.0)
+    terminal = await store.call(call.id)
     assert (terminal.state, terminal.status, terminal.error_reason, terminal.result_json) == (
         "terminal",
         "failed",
@@ -382,7 +382,7 @@ async def test_a_poll_page_ends_some_calls_and_reschedules_the_others(store: Sto
     await store.record_polls(
         [Finished(a.id, "failed", None, "timed out")], [NextPoll(b.id, 9.0, "running")], now=5.0
     )
-    ended, followed = await store.group(a.id), await store.group(b.id)
+    ended, followed = await store.call(a.id), await store.call(b.id)
     assert (ended.state, ended.error_reason, ended.finished_at) == ("terminal", "timed out", 5.0)
     assert (followed.state, followed.not_before, followed.status, followed.attempts) == (
         "polling",
@@ -392,7 +392,7 @@ async def test_a_poll_page_ends_some_calls_and_reschedules_the_others(store: Sto
     )
     # a page where nothing ended only reschedules
     await store.record_polls([], [NextPoll(b.id, 12.0, None)], now=10.0)
-    followed = await store.group(b.id)
+    followed = await store.call(b.id)
     assert (followed.state, followed.not_before, followed.status, followed.attempts) == (
         "polling",
         12.0,
@@ -410,46 +410,46 @@ async def test_recover_turns_only_sending_into_unknown_due_at_once(store: Store)
     unknown = await one_ready(store, "wf/unknown.txt")
     await store.mark_sending([unknown.id], now=2.0)
     await store.mark_unknown([unknown.id], not_before=40.0)
-    before = {g.id: await store.group(g.id) for g in (ready, polling, unknown)}
+    before = {g.id: await store.call(g.id) for g in (ready, polling, unknown)}
 
     await store.recover()
-    recovered = await store.group(sending.id)
+    recovered = await store.call(sending.id)
     assert (recovered.state, recovered.not_before, recovered.sent_at) == ("unknown", 0, 2.0)
     assert recovered.call_reference_id == sending.call_reference_id
-    assert {gid: await store.group(gid) for gid in before} == before
+    assert {gid: await store.call(gid) for gid in before} == before
     assert [g.id for g in await store.due_unknown(now=0.0, limit=10)] == [sending.id]
     await store.recover()  # again: nothing more changes
-    assert await store.group(sending.id) == recovered
+    assert await store.call(sending.id) == recovered
 
 
-async def test_drop_empty_group_ends_it_without_a_call(store: Store) -> None:
+async def test_drop_empty_call_ends_it_without_a_call(store: Store) -> None:
     await add(store, folder_files("wf/f", 1))
-    (group,) = await store.open_groups()
-    await store.close_group(group.id)
-    await store.supersede_file(await the_file(store, group.id))
-    await store.drop_empty_group(group.id)
-    dropped = await store.group(group.id)
+    (call,) = await store.collecting_calls()
+    await store.close_batch(call.id)
+    await store.supersede_file(await the_file(store, call.id))
+    await store.drop_empty_call(call.id)
+    dropped = await store.call(call.id)
     assert (dropped.state, dropped.call_id) == ("done", None)
     assert dropped.error_reason
-    assert await store.ready_groups(now=99.0, limit=10) == []
+    assert await store.ready_calls(now=99.0, limit=10) == []
     assert await store.next_submit_due() is None
-    assert await store.files_of_groups([group.id]) == {group.id: []}
+    assert await store.files_of_calls([call.id]) == {call.id: []}
     assert await store.unfinished_work() == 0
-    assert (await store.counts()).groups == {"done": 1}
+    assert (await store.counts()).calls == {"done": 1}
 
 
-async def test_a_finished_group_with_an_undelivered_file_is_not_done(store: Store) -> None:
+async def test_a_finished_call_with_an_undelivered_file_is_not_done(store: Store) -> None:
     await add(store, folder_files("wf/f", 2))
-    (group,) = await store.open_groups()
-    await store.close_group(group.id)
-    await to_terminal(store, await store.group(group.id))
-    first, _ = (await store.files_of_groups([group.id]))[group.id]
+    (call,) = await store.collecting_calls()
+    await store.close_batch(call.id)
+    await to_terminal(store, await store.call(call.id))
+    first, _ = (await store.files_of_calls([call.id]))[call.id]
     await store.mark_delivered(
-        [Delivery(first.id, "result", None)], finished_groups=[group.id], now=6.0
+        [Delivery(first.id, "result", None)], finished_calls=[call.id], now=6.0
     )
-    assert (await store.group(group.id)).state == "terminal"
-    await deliver_all(store, group)
-    assert (await store.group(group.id)).state == "done"
+    assert (await store.call(call.id)).state == "terminal"
+    await deliver_all(store, call)
+    assert (await store.call(call.id)).state == "done"
 
 
 # -- a file's life ---------------------------------------------------------------------------
@@ -464,7 +464,7 @@ async def test_a_rejected_file_waits_for_its_error_document(store: Store) -> Non
         ],
     )
     empty, unrouted = await store.rejected_files(limit=10)
-    assert (empty.rel, empty.state, empty.reason, empty.group_id) == (
+    assert (empty.rel, empty.state, empty.reason, empty.call_row_id) == (
         "wf/empty.txt",
         "rejected",
         "empty file",
@@ -476,16 +476,16 @@ async def test_a_rejected_file_waits_for_its_error_document(store: Store) -> Non
         None,
         "no route",
     )
-    assert await store.ready_groups(now=99.0, limit=10) == []
-    assert await store.open_groups() == []
-    assert (await store.counts()).groups == {}
+    assert await store.ready_calls(now=99.0, limit=10) == []
+    assert await store.collecting_calls() == []
+    assert (await store.counts()).calls == {}
     assert await store.unfinished_work() == 2
     assert (await store.known_files())["wf/empty.txt"].state == "rejected"
 
     # delivering keeps the reason it was rejected for, unless the delivery gives one
     await store.mark_delivered(
         [Delivery(empty.id, "error", None), Delivery(unrouted.id, "error", "no route at all")],
-        finished_groups=[],
+        finished_calls=[],
         now=3.0,
     )
     assert await store.rejected_files(limit=10) == []
@@ -500,37 +500,41 @@ async def test_a_rejected_file_waits_for_its_error_document(store: Store) -> Non
     assert (await store.counts()).files == {"done:error": 2}
 
 
-async def test_a_queued_file_that_vanished_is_rejected_and_leaves_its_group(store: Store) -> None:
+async def test_a_queued_file_that_vanished_is_rejected_and_leaves_its_call(store: Store) -> None:
     await add(store, folder_files("wf/f", 3, size=10))
-    (group,) = await store.open_groups()
-    gone = (await store.files_of_groups([group.id]))[group.id][1]
+    (call,) = await store.collecting_calls()
+    gone = (await store.files_of_calls([call.id]))[call.id][1]
     await store.reject_queued_file(gone, "the file vanished")
-    shrunk = await store.group(group.id)
+    shrunk = await store.call(call.id)
     assert (shrunk.file_count, shrunk.byte_count) == (2, 20)
-    assert gone.id not in {f.id for f in (await store.files_of_groups([group.id]))[group.id]}
+    assert gone.id not in {f.id for f in (await store.files_of_calls([call.id]))[call.id]}
     (rejected,) = await store.rejected_files(limit=10)
-    assert (rejected.id, rejected.reason, rejected.group_id) == (gone.id, "the file vanished", None)
-    # the group can now finish without it
-    await store.close_group(group.id)
-    await to_terminal(store, await store.group(group.id))
-    await deliver_all(store, group)
-    assert (await store.group(group.id)).state == "done"
+    assert (rejected.id, rejected.reason, rejected.call_row_id) == (
+        gone.id,
+        "the file vanished",
+        None,
+    )
+    # the call can now finish without it
+    await store.close_batch(call.id)
+    await to_terminal(store, await store.call(call.id))
+    await deliver_all(store, call)
+    assert (await store.call(call.id)).state == "done"
 
 
 async def test_a_file_changed_after_it_was_queued_is_superseded(store: Store) -> None:
     await add(store, folder_files("wf/f", 2, size=10))
-    (group,) = await store.open_groups()
-    changed, kept = (await store.files_of_groups([group.id]))[group.id]
+    (call,) = await store.collecting_calls()
+    changed, kept = (await store.files_of_calls([call.id]))[call.id]
     await store.supersede_file(changed)
-    shrunk = await store.group(group.id)
+    shrunk = await store.call(call.id)
     assert (shrunk.file_count, shrunk.byte_count) == (1, 10)
-    assert (await store.files_of_groups([group.id]))[group.id] == [kept]
+    assert (await store.files_of_calls([call.id]))[call.id] == [kept]
     # the path is no longer known, so intake takes it anew; the old row is history
     assert changed.rel not in await store.known_files()
     assert (await store.counts()).files == {"queued": 1, "retried": 1}
     await add(store, [new_file(changed.rel, mode="folder", size=12, mtime_ns=2)], now=2.0)
     assert (await store.known_files())[changed.rel] == KnownFile(12, 2, "queued")
-    assert await store.unfinished_work() == 3  # the group and two queued files
+    assert await store.unfinished_work() == 3  # the call and two queued files
 
 
 async def test_a_path_has_at_most_one_unfinished_row(
@@ -538,7 +542,7 @@ async def test_a_path_has_at_most_one_unfinished_row(
 ) -> None:
     shared = request.node.callspec.params["store_factory"] == "postgresql-shared"
     await add(store, [new_file("wf/rejected.txt", reason="empty")])
-    group = await one_ready(store, "wf/a.txt")
+    call = await one_ready(store, "wf/a.txt")
 
     async def taking_again_fails(rel: str, state: str) -> None:
         before = await store.counts()
@@ -553,31 +557,31 @@ async def test_a_path_has_at_most_one_unfinished_row(
 
     await taking_again_fails("wf/a.txt", "queued")
     await taking_again_fails("wf/rejected.txt", "rejected")
-    await to_terminal(store, group)
-    await deliver_all(store, group)
+    await to_terminal(store, call)
+    await deliver_all(store, call)
     await taking_again_fails("wf/a.txt", "delivered")
 
 
 async def test_a_finished_path_can_be_taken_again_and_the_latest_row_is_known(
     store: Store,
 ) -> None:
-    group = await to_terminal(store, await one_ready(store, "wf/a.txt"))
-    await deliver_all(store, group)
-    await store.mark_done([(await the_file(store, group.id)).id], now=7.0)
+    call = await to_terminal(store, await one_ready(store, "wf/a.txt"))
+    await deliver_all(store, call)
+    await store.mark_done([(await the_file(store, call.id)).id], now=7.0)
     await add(store, [new_file("wf/a.txt", size=20, mtime_ns=5)], now=8.0)
     assert await store.known_files() == {"wf/a.txt": KnownFile(20, 5, "queued")}
     assert (await store.counts()).files == {"done:result": 1, "queued": 1}
 
 
 async def test_retry_retires_failed_files_so_they_can_come_back(store: Store) -> None:
-    group = await to_terminal(store, await one_ready(store, "wf/bad.txt"), status="failed")
-    await deliver_all(store, group, outcome="error")
+    call = await to_terminal(store, await one_ready(store, "wf/bad.txt"), status="failed")
+    await deliver_all(store, call, outcome="error")
     await add(store, [new_file("wf/rej.txt", reason="empty")], now=2.0)
     rejected = (await store.rejected_files(limit=10))[0]
-    await store.mark_delivered([Delivery(rejected.id, "error", None)], finished_groups=[], now=3.0)
+    await store.mark_delivered([Delivery(rejected.id, "error", None)], finished_calls=[], now=3.0)
     ok = await to_terminal(store, await one_ready(store, "wf/ok.txt"))
     await deliver_all(store, ok)
-    files = [await the_file(store, group.id), rejected, await the_file(store, ok.id)]
+    files = [await the_file(store, call.id), rejected, await the_file(store, ok.id)]
     await store.mark_done([f.id for f in files], now=9.0)
 
     failed = await store.failed_files()
@@ -598,7 +602,7 @@ async def test_retry_retires_failed_files_so_they_can_come_back(store: Store) ->
 
 
 async def test_empty_writes_change_nothing(store: Store) -> None:
-    group = await one_ready(store, "wf/a.txt")
+    call = await one_ready(store, "wf/a.txt")
     before = await store.counts()
     await store.add_files([], now=2.0, batch_limits={})
     await store.mark_sending([], now=2.0)
@@ -607,21 +611,21 @@ async def test_empty_writes_change_nothing(store: Store) -> None:
     await store.mark_terminal([], now=2.0)
     await store.record_polls([], [], now=2.0)
     await store.reschedule_polls([])
-    await store.mark_delivered([], finished_groups=[], now=2.0)
+    await store.mark_delivered([], finished_calls=[], now=2.0)
     await store.mark_done([], now=2.0)
     await store.mark_retried([])
     assert await store.counts() == before
-    assert await store.group(group.id) == group
-    assert await store.files_of_groups([]) == {}
+    assert await store.call(call.id) == call
+    assert await store.files_of_calls([]) == {}
 
 
-async def test_an_unknown_group_id_is_a_store_error(store: Store) -> None:
+async def test_an_unknown_call_row_id_is_a_store_error(store: Store) -> None:
     with pytest.raises(StoreError):
-        await store.group(424242)
+        await store.call(424242)
 
 
 async def test_a_new_store_is_empty_and_sound(store: Store) -> None:
-    assert await store.counts() == Counts(files={}, groups={}, open_calls=0)
+    assert await store.counts() == Counts(files={}, calls={}, open_calls=0)
     assert await store.unfinished_work() == 0
     assert await store.known_files() == {}
     assert await store.next_poll_due() is None
@@ -634,12 +638,12 @@ async def test_a_new_store_is_empty_and_sound(store: Store) -> None:
 
 async def test_a_window_closes_when_the_next_file_would_pass_max_files(store: Store) -> None:
     await add(store, window_files("window:0", 5), limits={"window:0": (2, 10**9)})
-    ready = await store.ready_groups(now=1.0, limit=10)
+    ready = await store.ready_calls(now=1.0, limit=10)
     assert [g.file_count for g in ready] == [2, 2]
-    (still_open,) = await store.open_groups()
-    assert (still_open.file_count, still_open.group_key) == (1, "window:0")
-    groups = await store.files_of_groups([g.id for g in [*ready, still_open]])
-    assert [[f.rel for f in groups[g.id]] for g in [*ready, still_open]] == [
+    (still_open,) = await store.collecting_calls()
+    assert (still_open.file_count, still_open.batch_key) == (1, "window:0")
+    calls = await store.files_of_calls([g.id for g in [*ready, still_open]])
+    assert [[f.rel for f in calls[g.id]] for g in [*ready, still_open]] == [
         ["w/window:0-0.txt", "w/window:0-1.txt"],
         ["w/window:0-2.txt", "w/window:0-3.txt"],
         ["w/window:0-4.txt"],
@@ -649,9 +653,9 @@ async def test_a_window_closes_when_the_next_file_would_pass_max_files(store: St
 async def test_a_window_closes_when_the_next_file_would_pass_max_bytes(store: Store) -> None:
     limits = {"window:0": (100, 25)}
     await add(store, window_files("window:0", 5, sizes=[10, 15, 1, 30, 10]), limits=limits)
-    ready = await store.ready_groups(now=1.0, limit=10)
-    (still_open,) = await store.open_groups()
-    # 10+15 fits exactly; 1 starts anew; 30 alone is too big for any group and goes alone
+    ready = await store.ready_calls(now=1.0, limit=10)
+    (still_open,) = await store.collecting_calls()
+    # 10+15 fits exactly; 1 starts anew; 30 alone is too big for any call and goes alone
     assert [(g.file_count, g.byte_count) for g in ready] == [(2, 25), (1, 1), (1, 30)]
     assert (still_open.file_count, still_open.byte_count) == (1, 10)
 
@@ -665,8 +669,8 @@ async def test_window_limits_hold_across_separate_intake_passes(store: Store) ->
             now=float(n),
             limits=limits,
         )
-    ready = await store.ready_groups(now=99.0, limit=10)
-    (still_open,) = await store.open_groups()
+    ready = await store.ready_calls(now=99.0, limit=10)
+    (still_open,) = await store.collecting_calls()
     assert [g.file_count for g in ready] == [3, 3]
     assert (still_open.file_count, still_open.opened_at) == (1, 6.0)
     assert [g.opened_at for g in ready] == [0.0, 3.0]
@@ -675,10 +679,10 @@ async def test_window_limits_hold_across_separate_intake_passes(store: Store) ->
 async def test_window_limits_apply_per_key_and_only_to_listed_keys(store: Store) -> None:
     files = [*window_files("window:0", 4), *window_files("window:1", 4), *folder_files("wf/f", 4)]
     await add(store, files, limits={"window:0": (2, 10**9), "window:1": (3, 10**9)})
-    ready = await store.ready_groups(now=1.0, limit=10)
-    assert sorted((g.group_key, g.file_count) for g in ready) == [("window:0", 2), ("window:1", 3)]
-    still_open = await store.open_groups()
-    assert sorted((g.group_key, g.file_count) for g in still_open) == [
+    ready = await store.ready_calls(now=1.0, limit=10)
+    assert sorted((g.batch_key, g.file_count) for g in ready) == [("window:0", 2), ("window:1", 3)]
+    still_open = await store.collecting_calls()
+    assert sorted((g.batch_key, g.file_count) for g in still_open) == [
         ("wf/f", 4),
         ("window:0", 2),
         ("window:1", 1),
@@ -688,14 +692,14 @@ async def test_window_limits_apply_per_key_and_only_to_listed_keys(store: Store)
 # -- orders and pages ------------------------------------------------------------------------
 
 
-async def test_ready_groups_come_by_due_time_then_age_a_page_at_a_time(store: Store) -> None:
-    groups = [await one_ready(store, f"wf/{n}.txt") for n in range(5)]
-    await store.mark_submit_later([groups[0].id], not_before=3.0)
-    await store.mark_submit_later([groups[3].id], not_before=2.0)
-    order = [groups[n].id for n in (1, 2, 4, 3, 0)]
-    assert [g.id for g in await store.ready_groups(now=1.0, limit=10)] == order[:3]
+async def test_ready_calls_come_by_due_time_then_age_a_page_at_a_time(store: Store) -> None:
+    calls = [await one_ready(store, f"wf/{n}.txt") for n in range(5)]
+    await store.mark_submit_later([calls[0].id], not_before=3.0)
+    await store.mark_submit_later([calls[3].id], not_before=2.0)
+    order = [calls[n].id for n in (1, 2, 4, 3, 0)]
+    assert [g.id for g in await store.ready_calls(now=1.0, limit=10)] == order[:3]
     seen: list[int] = []
-    while page := await store.ready_groups(now=5.0, limit=2):
+    while page := await store.ready_calls(now=5.0, limit=2):
         assert len(page) <= 2
         seen += [g.id for g in page]
         await store.mark_sending([g.id for g in page], now=5.0)
@@ -703,11 +707,11 @@ async def test_ready_groups_come_by_due_time_then_age_a_page_at_a_time(store: St
 
 
 async def test_due_polls_come_by_due_time_a_page_at_a_time(store: Store) -> None:
-    groups = [await to_polling(store, await one_ready(store, f"wf/{n}.txt")) for n in range(5)]
-    for n, group in enumerate(groups):
-        await store.reschedule_polls([NextPoll(group.id, 10.0 + (n * 3) % 5, None)])
+    calls = [await to_polling(store, await one_ready(store, f"wf/{n}.txt")) for n in range(5)]
+    for n, call in enumerate(calls):
+        await store.reschedule_polls([NextPoll(call.id, 10.0 + (n * 3) % 5, None)])
     due_times = [10.0 + (n * 3) % 5 for n in range(5)]
-    expected = [g.id for _, g in sorted(zip(due_times, groups, strict=True), key=lambda p: p[0])]
+    expected = [g.id for _, g in sorted(zip(due_times, calls, strict=True), key=lambda p: p[0])]
     assert [g.id for g in await store.due_polls(now=11.0, limit=10)] == expected[:2]
     seen: list[int] = []
     while page := await store.due_polls(now=20.0, limit=2):
@@ -719,30 +723,30 @@ async def test_due_polls_come_by_due_time_a_page_at_a_time(store: Store) -> None
 
 
 async def test_due_unknown_comes_by_age_a_page_at_a_time(store: Store) -> None:
-    groups = [await one_ready(store, f"wf/{n}.txt") for n in range(5)]
-    await store.mark_sending([g.id for g in groups], now=2.0)
-    await store.mark_unknown([g.id for g in reversed(groups)], not_before=3.0)
+    calls = [await one_ready(store, f"wf/{n}.txt") for n in range(5)]
+    await store.mark_sending([g.id for g in calls], now=2.0)
+    await store.mark_unknown([g.id for g in reversed(calls)], not_before=3.0)
     assert await store.next_submit_due() == 3.0
     seen: list[int] = []
     while page := await store.due_unknown(now=3.0, limit=2):
         assert len(page) <= 2
         seen += [g.id for g in page]
         await store.mark_unknown([g.id for g in page], not_before=50.0)
-    assert seen == [g.id for g in groups]
+    assert seen == [g.id for g in calls]
 
 
-async def test_terminal_groups_come_by_finish_time_a_page_at_a_time(store: Store) -> None:
-    groups = [await to_polling(store, await one_ready(store, f"wf/{n}.txt")) for n in range(5)]
+async def test_terminal_calls_come_by_finish_time_a_page_at_a_time(store: Store) -> None:
+    calls = [await to_polling(store, await one_ready(store, f"wf/{n}.txt")) for n in range(5)]
     finish = [7.0, 5.0, 9.0, 5.0, 6.0]
-    for group, at in zip(groups, finish, strict=True):
-        await store.mark_terminal([Finished(group.id, "completed", None, None)], now=at)
-    expected = [groups[n].id for n in (1, 3, 4, 0, 2)]
+    for call, at in zip(calls, finish, strict=True):
+        await store.mark_terminal([Finished(call.id, "completed", None, None)], now=at)
+    expected = [calls[n].id for n in (1, 3, 4, 0, 2)]
     seen: list[int] = []
-    while page := await store.terminal_groups(limit=2):
+    while page := await store.terminal_calls(limit=2):
         assert len(page) <= 2
         seen += [g.id for g in page]
-        for group in page:
-            await deliver_all(store, group)
+        for call in page:
+            await deliver_all(store, call)
     assert seen == expected
 
 
@@ -758,7 +762,7 @@ async def test_file_lists_come_by_age_a_page_at_a_time(store: Store) -> None:
     while page := await store.rejected_files(limit=2):
         seen += [f.id for f in page]
         await store.mark_delivered(
-            [Delivery(f.id, "error", None) for f in page], finished_groups=[], now=2.0
+            [Delivery(f.id, "error", None) for f in page], finished_calls=[], now=2.0
         )
     assert seen == ids
     seen = []
@@ -771,22 +775,22 @@ async def test_file_lists_come_by_age_a_page_at_a_time(store: Store) -> None:
     assert [f.id for f in await store.failed_files()] == ids
 
 
-async def test_files_of_groups_answers_for_every_group_asked(store: Store) -> None:
+async def test_files_of_calls_answers_for_every_call_asked(store: Store) -> None:
     await add(store, [*folder_files("wf/a", 3), *folder_files("wf/b", 2)])
-    a, b = await store.open_groups()
-    files = await store.files_of_groups([b.id, a.id, 999_999])
+    a, b = await store.collecting_calls()
+    files = await store.files_of_calls([b.id, a.id, 999_999])
     assert set(files) == {a.id, b.id, 999_999}
     assert [f.rel for f in files[a.id]] == ["wf/a/0.txt", "wf/a/1.txt", "wf/a/2.txt"]
     assert [f.rel for f in files[b.id]] == ["wf/b/0.txt", "wf/b/1.txt"]
     assert files[999_999] == []
-    assert all(f.group_id == a.id for f in files[a.id])
+    assert all(f.call_row_id == a.id for f in files[a.id])
 
 
 # -- counts ----------------------------------------------------------------------------------
 
 
 async def test_counts_open_calls_and_unfinished_work_follow_every_state(store: Store) -> None:
-    await add(store, folder_files("wf/open", 2))  # an open group, 2 queued
+    await add(store, folder_files("wf/open", 2))  # a collecting call, 2 queued
     await one_ready(store, "wf/ready.txt")
     sending = await one_ready(store, "wf/sending.txt")
     await store.mark_sending([sending.id], now=2.0)
@@ -803,8 +807,8 @@ async def test_counts_open_calls_and_unfinished_work_follow_every_state(store: S
     await add(store, [new_file("wf/rejected.txt", reason="empty")])
 
     counts = await store.counts()
-    assert counts.groups == {
-        "open": 1,
+    assert counts.calls == {
+        "collecting": 1,
         "ready": 1,
         "sending": 1,
         "unknown": 1,
@@ -814,7 +818,7 @@ async def test_counts_open_calls_and_unfinished_work_follow_every_state(store: S
     }
     assert counts.files == {"queued": 7, "rejected": 1, "delivered:error": 1, "done:result": 1}
     assert counts.open_calls == 3 == await store.open_call_count()
-    # every group not done, and every file not done
+    # every call not done, and every file not done
     assert await store.unfinished_work() == 6 + 9
 
 
@@ -841,18 +845,18 @@ async def test_strange_names_come_back_as_the_same_bytes_and_stay_distinct(store
     known = await store.known_files()
     assert {raw(rel) for rel in known} == {b"wf/" + name for name in STRANGE_NAMES}
     assert all(known[rel].size == n + 1 for n, rel in enumerate(rels))
-    ready = await store.ready_groups(now=1.0, limit=100)
-    assert [g.group_key for g in ready] == rels
-    files = await store.files_of_groups([g.id for g in ready])
+    ready = await store.ready_calls(now=1.0, limit=100)
+    assert [g.batch_key for g in ready] == rels
+    files = await store.files_of_calls([g.id for g in ready])
     assert [files[g.id][0].rel for g in ready] == rels
 
 
-async def test_strange_folder_names_key_their_groups_exactly(store: Store) -> None:
+async def test_strange_folder_names_key_their_batches_exactly(store: Store) -> None:
     folders = [from_raw(b"wf/" + name) for name in STRANGE_NAMES]
     await add(store, [f for folder in folders for f in folder_files(folder, 2)])
-    groups = await store.open_groups()
-    assert sorted(raw(g.group_key) for g in groups) == sorted(raw(f) for f in folders)
-    assert all(g.file_count == 2 for g in groups)
+    calls = await store.collecting_calls()
+    assert sorted(raw(g.batch_key) for g in calls) == sorted(raw(f) for f in folders)
+    assert all(g.file_count == 2 for g in calls)
 
 
 async def test_a_strange_name_survives_rejection_errors_and_retry(store: Store) -> None:
@@ -860,7 +864,7 @@ async def test_a_strange_name_survives_rejection_errors_and_retry(store: Store) 
     await add(store, [new_file(rel, reason="empty file")])
     (rejected,) = await store.rejected_files(limit=10)
     assert rejected.rel == rel
-    await store.mark_delivered([Delivery(rejected.id, "error", None)], finished_groups=[], now=2.0)
+    await store.mark_delivered([Delivery(rejected.id, "error", None)], finished_calls=[], now=2.0)
     (delivered,) = await store.delivered_files(limit=10)
     assert delivered.rel == rel
     await store.mark_done([rejected.id], now=3.0)
@@ -886,13 +890,13 @@ async def test_any_name_round_trips_exactly(
     prefix = f"wf/{os.urandom(8).hex()}/{from_raw(folder)}"
     rels = [f"{prefix}/{from_raw(leaf)}" for leaf in leaves]
     await add(store, [new_file(rel, mode="folder") for rel in rels])
-    (group,) = [g for g in await store.open_groups() if g.group_key == prefix]
-    assert raw(group.group_key) == raw(prefix)
-    stored = (await store.files_of_groups([group.id]))[group.id]
+    (call,) = [g for g in await store.collecting_calls() if g.batch_key == prefix]
+    assert raw(call.batch_key) == raw(prefix)
+    stored = (await store.files_of_calls([call.id]))[call.id]
     assert [raw(f.rel) for f in stored] == [raw(rel) for rel in rels]
     known = await store.known_files()
     assert all(rel in known for rel in rels)
-    await store.close_group(group.id)
+    await store.close_batch(call.id)
 
 
 _text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=200)
@@ -905,9 +909,9 @@ _text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"
 )
 @given(reason=_text, status=_text, result=_text)
 async def test_any_text_round_trips(store: Store, reason: str, status: str, result: str) -> None:
-    group = await to_polling(store, await one_ready(store, f"wf/{os.urandom(8).hex()}"))
-    await store.mark_terminal([Finished(group.id, status, result, reason)], now=5.0)
-    ended = await store.group(group.id)
+    call = await to_polling(store, await one_ready(store, f"wf/{os.urandom(8).hex()}"))
+    await store.mark_terminal([Finished(call.id, status, result, reason)], now=5.0)
+    ended = await store.call(call.id)
     assert (ended.status, ended.result_json, ended.error_reason) == (status, result, reason)
 
 
@@ -917,42 +921,42 @@ async def test_any_text_round_trips(store: Store, reason: str, status: str, resu
 
 
 async def test_claims_hand_out_what_the_lists_show_in_their_order(store: Store) -> None:
-    groups = [await one_ready(store, f"wf/{n}.txt") for n in range(4)]
-    await store.mark_submit_later([groups[0].id], not_before=2.0)
-    assert await store.claim_ready(now=5.0, limit=3) == await store.ready_groups(now=5.0, limit=3)
+    calls = [await one_ready(store, f"wf/{n}.txt") for n in range(4)]
+    await store.mark_submit_later([calls[0].id], not_before=2.0)
+    assert await store.claim_ready(now=5.0, limit=3) == await store.ready_calls(now=5.0, limit=3)
     assert [g.id for g in await store.claim_ready(now=5.0, limit=10)] == [
-        groups[n].id for n in (1, 2, 3, 0)
+        calls[n].id for n in (1, 2, 3, 0)
     ]
-    await store.mark_sending([groups[0].id, groups[1].id], now=6.0)
-    await store.mark_unknown([groups[1].id, groups[0].id], not_before=7.0)
+    await store.mark_sending([calls[0].id, calls[1].id], now=6.0)
+    await store.mark_unknown([calls[1].id, calls[0].id], not_before=7.0)
     assert [g.id for g in await store.claim_due_unknown(now=7.0, limit=10)] == [
-        groups[0].id,
-        groups[1].id,
+        calls[0].id,
+        calls[1].id,
     ]
     assert await store.claim_due_unknown(now=6.9, limit=10) == []
-    for n, group in enumerate(groups[2:]):
-        await store.mark_sending([group.id], now=8.0)
+    for n, call in enumerate(calls[2:]):
+        await store.mark_sending([call.id], now=8.0)
         await store.mark_submitted(
-            group.id, call_id=f"c{n}", status=None, now=8.0, next_poll=10.0 - n
+            call.id, call_id=f"c{n}", status=None, now=8.0, next_poll=10.0 - n
         )
     assert [g.id for g in await store.claim_due_polls(now=10.0, limit=10)] == [
-        groups[3].id,
-        groups[2].id,
+        calls[3].id,
+        calls[2].id,
     ]
-    assert [g.id for g in await store.claim_due_polls(now=9.5, limit=1)] == [groups[3].id]
-    await store.mark_terminal([Finished(groups[2].id, "completed", None, None)], now=11.0)
-    await store.mark_terminal([Finished(groups[3].id, "completed", None, None)], now=10.5)
-    assert [g.id for g in await store.claim_terminal(limit=10)] == [groups[3].id, groups[2].id]
+    assert [g.id for g in await store.claim_due_polls(now=9.5, limit=1)] == [calls[3].id]
+    await store.mark_terminal([Finished(calls[2].id, "completed", None, None)], now=11.0)
+    await store.mark_terminal([Finished(calls[3].id, "completed", None, None)], now=10.5)
+    assert [g.id for g in await store.claim_terminal(limit=10)] == [calls[3].id, calls[2].id]
 
 
 async def test_a_claimed_call_lives_its_whole_life_under_its_claim(store: Store) -> None:
     await one_ready(store, "wf/a.txt")
-    (group,) = await store.claim_ready(now=1.0, limit=10)
-    assert await store.claim_ready(now=1.0, limit=10) == [group]  # held, and handed back
-    await store.mark_sending([group.id], now=2.0)
+    (call,) = await store.claim_ready(now=1.0, limit=10)
+    assert await store.claim_ready(now=1.0, limit=10) == [call]  # held, and handed back
+    await store.mark_sending([call.id], now=2.0)
     assert [(r.calls_held, r.pid) for r in await store.runners()] == [(1, os.getpid())]
     await store.heartbeat()
-    await store.mark_submitted(group.id, call_id="c1", status=None, now=3.0, next_poll=4.0)
+    await store.mark_submitted(call.id, call_id="c1", status=None, now=3.0, next_poll=4.0)
     (polled,) = await store.claim_due_polls(now=4.0, limit=10)
     await store.record_polls([], [NextPoll(polled.id, 5.0, "running")], now=4.0)
     (polled,) = await store.claim_due_polls(now=5.0, limit=10)
@@ -961,7 +965,7 @@ async def test_a_claimed_call_lives_its_whole_life_under_its_claim(store: Store)
     await store.release([ended.id])
     (ended,) = await store.claim_terminal(limit=10)
     await deliver_all(store, ended)
-    assert (await store.group(group.id)).state == "done"
+    assert (await store.call(call.id)).state == "done"
     assert await store.expire_runners() == []
     (runner,) = await store.runners()
     assert runner.calls_held == 0
@@ -994,16 +998,16 @@ async def _take(store: Store, j: Journey) -> None:
             new_file("wf/r.txt", reason="empty"),
         ],
     )
-    (a,) = await store.ready_groups(now=1.0, limit=10)
-    (b,) = await store.open_groups()
+    (a,) = await store.ready_calls(now=1.0, limit=10)
+    (b,) = await store.collecting_calls()
     j.ids.update(a=a.id, b=b.id)
-    by_group = await store.files_of_groups([a.id, b.id])
-    j.files.update(a=[f.id for f in by_group[a.id]], b=[f.id for f in by_group[b.id]])
+    by_call = await store.files_of_calls([a.id, b.id])
+    j.files.update(a=[f.id for f in by_call[a.id]], b=[f.id for f in by_call[b.id]])
     j.files["r"] = [f.id for f in await store.rejected_files(limit=10)]
 
 
 async def _close(store: Store, j: Journey) -> None:
-    await store.close_group(j.ids["b"])
+    await store.close_batch(j.ids["b"])
 
 
 async def _send_both(store: Store, j: Journey) -> None:
@@ -1041,7 +1045,7 @@ async def _poll_page(store: Store, j: Journey) -> None:
 async def _deliver_a_and_rejected(store: Store, j: Journey) -> None:
     await store.mark_delivered(
         [Delivery(j.files["a"][0], "result", None), Delivery(j.files["r"][0], "error", None)],
-        finished_groups=[j.ids["a"]],
+        finished_calls=[j.ids["a"]],
         now=7.0,
     )
 
@@ -1057,7 +1061,7 @@ async def _b_ends(store: Store, j: Journey) -> None:
 async def _deliver_b(store: Store, j: Journey) -> None:
     await store.mark_delivered(
         [Delivery(fid, "error", None) for fid in j.files["b"]],
-        finished_groups=[j.ids["b"]],
+        finished_calls=[j.ids["b"]],
         now=10.0,
     )
 
@@ -1085,29 +1089,29 @@ JOURNEY: list[Step] = [
 
 
 async def snapshot(store: Store, j: Journey) -> dict[str, Any]:
-    """Everything the stages can read back about the journey's groups and files."""
-    group_ids = sorted(j.ids.values())
+    """Everything the stages can read back about the journey's calls and files."""
+    call_row_ids = sorted(j.ids.values())
     return {
-        "groups": [await store.group(gid) for gid in group_ids],
-        "files": await store.files_of_groups(group_ids),
+        "calls": [await store.call(gid) for gid in call_row_ids],
+        "files": await store.files_of_calls(call_row_ids),
         "rejected": await store.rejected_files(limit=100),
         "delivered": await store.delivered_files(limit=100),
         "failed": await store.failed_files(),
         "known": await store.known_files(),
         "counts": await store.counts(),
         "unfinished": await store.unfinished_work(),
-        "ready": await store.ready_groups(now=100.0, limit=100),
+        "ready": await store.ready_calls(now=100.0, limit=100),
         "unknown": await store.due_unknown(now=100.0, limit=100),
         "polls": await store.due_polls(now=100.0, limit=100),
-        "terminal": await store.terminal_groups(limit=100),
+        "terminal": await store.terminal_calls(limit=100),
     }
 
 
-def after_recovery(groups: list[GroupRow]) -> list[GroupRow]:
+def after_recovery(calls: list[CallRow]) -> list[CallRow]:
     """What ``recover`` promises: a POST that may have been in flight is an unknown outcome."""
     return [
         dataclasses.replace(g, state="unknown", not_before=0) if g.state == "sending" else g
-        for g in groups
+        for g in calls
     ]
 
 
@@ -1124,12 +1128,12 @@ async def test_a_crash_between_any_two_writes_keeps_every_write_before_it(
     async with store_factory.open() as store:
         await store.recover()
         recovered = await snapshot(store, journey)
-        assert recovered["groups"] == after_recovery(before["groups"])
+        assert recovered["calls"] == after_recovery(before["calls"])
         for key in ("files", "rejected", "delivered", "failed", "known", "terminal", "polls"):
             assert recovered[key] == before[key], key
         assert recovered["unfinished"] == before["unfinished"]
         assert recovered["counts"].files == before["counts"].files
-        sending = [g.id for g in before["groups"] if g.state == "sending"]
+        sending = [g.id for g in before["calls"] if g.state == "sending"]
         assert [g.id for g in recovered["unknown"]] == sorted(
             {g.id for g in before["unknown"]} | set(sending)
         )
@@ -1178,19 +1182,19 @@ def content_file(
     )
 
 
-async def ready_with(store: Store, new: NewFile, *, now: float = 1.0) -> GroupRow:
+async def ready_with(store: Store, new: NewFile, *, now: float = 1.0) -> CallRow:
     await add(store, [new], now=now)
-    (group,) = [g for g in await store.ready_groups(now=1e9, limit=1000) if g.group_key == new.rel]
-    return group
+    (call,) = [g for g in await store.ready_calls(now=1e9, limit=1000) if g.batch_key == new.rel]
+    return call
 
 
 async def completed(
-    store: Store, group: GroupRow, *, call_id: str = "c1", outcome: str = "result"
+    store: Store, call: CallRow, *, call_id: str = "c1", outcome: str = "result"
 ) -> None:
-    """The group's call completed and its documents were written as ``outcome``."""
-    await to_polling(store, group, call_id=call_id)
-    await store.mark_terminal([Finished(group.id, "completed", '{"outputs": []}', None)], now=5.0)
-    await deliver_all(store, group, outcome=outcome)
+    """The call's bem call completed and its documents were written as ``outcome``."""
+    await to_polling(store, call, call_id=call_id)
+    await store.mark_terminal([Finished(call.id, "completed", '{"outputs": []}', None)], now=5.0)
+    await deliver_all(store, call, outcome=outcome)
 
 
 async def test_a_completed_result_is_reused_by_a_single_file_of_the_same_content(
@@ -1204,7 +1208,7 @@ async def test_a_completed_result_is_reused_by_a_single_file_of_the_same_content
     second = await ready_with(store, content_file("wf/copy/b.txt"), now=8.0)
     settled = await store.settle_duplicates([second.id], now=9.0)
     assert (settled.reused, settled.waiting) == ([second.id], [])
-    reused = await store.group(second.id)
+    reused = await store.call(second.id)
     assert (reused.state, reused.status, reused.call_id, reused.reused_file_id) == (
         "terminal",
         "completed",
@@ -1212,20 +1216,20 @@ async def test_a_completed_result_is_reused_by_a_single_file_of_the_same_content
         source.id,
     )
     assert (reused.finished_at, reused.submitted_at, reused.sent_at) == (9.0, None, None)
-    assert await store.ready_groups(now=1e9, limit=10) == []
+    assert await store.ready_calls(now=1e9, limit=10) == []
     assert await store.open_call_count() == 0
-    assert [g.id for g in await store.terminal_groups(limit=10)] == [second.id]
+    assert [g.id for g in await store.terminal_calls(limit=10)] == [second.id]
     sources = await store.reuse_sources([source.id, source.id])
     assert list(sources) == [source.id]
     call, files = sources[source.id]
-    assert (call, [f.id for f in files]) == (await store.group(first.id), [source.id])
+    assert (call, [f.id for f in files]) == (await store.call(first.id), [source.id])
 
     await deliver_all(store, reused)
     counts = await store.counts()
     assert counts.reused == 1
-    assert counts.groups == {"done": 1}  # a reuse is no call
+    assert counts.calls == {"done": 1}  # a reuse is no call
     assert counts.files == {"done:result": 1, "delivered:result": 1}
-    assert (await store.group(second.id)).state == "done"
+    assert (await store.call(second.id)).state == "done"
 
 
 async def test_a_result_is_reused_only_for_the_same_content_workflow_and_input_type(
@@ -1240,7 +1244,7 @@ async def test_a_result_is_reused_only_for_the_same_content_workflow_and_input_t
     ]
     settled = await store.settle_duplicates([g.id for g in others], now=9.0)
     assert (settled.reused, settled.waiting) == ([], [])
-    assert [g.state for g in [await store.group(g.id) for g in others]] == ["ready"] * 3
+    assert [g.state for g in [await store.call(g.id) for g in others]] == ["ready"] * 3
 
 
 async def test_a_failed_result_is_never_reused(store: Store) -> None:
@@ -1253,7 +1257,7 @@ async def test_a_failed_result_is_never_reused(store: Store) -> None:
     third = await ready_with(store, content_file("wf/c.txt"))
     settled = await store.settle_duplicates([third.id], now=9.0)
     assert (settled.reused, settled.waiting) == ([], [])
-    assert (await store.group(third.id)).state == "ready"
+    assert (await store.call(third.id)).state == "ready"
 
 
 async def test_a_reused_result_is_not_a_source_itself(store: Store) -> None:
@@ -1262,10 +1266,10 @@ async def test_a_reused_result_is_not_a_source_itself(store: Store) -> None:
     source = await the_file(store, first.id)
     second = await ready_with(store, content_file("wf/b.txt"))
     await store.settle_duplicates([second.id], now=9.0)
-    await deliver_all(store, await store.group(second.id))
+    await deliver_all(store, await store.call(second.id))
     third = await ready_with(store, content_file("wf/c.txt"))
     assert (await store.settle_duplicates([third.id], now=10.0)).reused == [third.id]
-    assert (await store.group(third.id)).reused_file_id == source.id  # the original, always
+    assert (await store.call(third.id)).reused_file_id == source.id  # the original, always
 
 
 async def test_same_content_in_flight_waits_and_is_woken_by_its_delivery(store: Store) -> None:
@@ -1274,18 +1278,18 @@ async def test_same_content_in_flight_waits_and_is_woken_by_its_delivery(store: 
     second = await ready_with(store, content_file("wf/b.txt"))
     settled = await store.settle_duplicates([second.id], now=4.0)
     assert (settled.reused, settled.waiting) == ([], [second.id])
-    assert (await store.group(second.id)).state == "waiting"
-    assert await store.ready_groups(now=1e9, limit=10) == []
+    assert (await store.call(second.id)).state == "waiting"
+    assert await store.ready_calls(now=1e9, limit=10) == []
     assert await store.next_submit_due() is None
-    assert await store.unfinished_work() == 4  # two groups, two queued files
-    assert (await store.counts()).groups == {"polling": 1, "waiting": 1}
+    assert await store.unfinished_work() == 4  # two calls, two queued files
+    assert (await store.counts()).calls == {"polling": 1, "waiting": 1}
     # deciding again changes nothing: it is not ready
     assert await store.settle_duplicates([second.id], now=4.5) == Settled([], [])
 
     await store.mark_terminal([Finished(first.id, "completed", '{"outputs": []}', None)], now=5.0)
-    assert (await store.group(second.id)).state == "waiting"  # no document yet
+    assert (await store.call(second.id)).state == "waiting"  # no document yet
     await deliver_all(store, first)
-    woken = await store.group(second.id)
+    woken = await store.call(second.id)
     assert (woken.state, woken.not_before) == ("ready", 0)
     assert (await store.settle_duplicates([second.id], now=7.0)).reused == [second.id]
 
@@ -1298,19 +1302,19 @@ async def test_waiters_for_a_failed_file_wake_and_the_oldest_is_sent(store: Stor
     assert sorted(settled.waiting) == [g.id for g in waiters]
     await store.mark_terminal([Finished(first.id, "failed", None, "bem failed it")], now=5.0)
     await deliver_all(store, first, outcome="error")
-    assert [g.id for g in await store.ready_groups(now=6.0, limit=10)] == [g.id for g in waiters]
+    assert [g.id for g in await store.ready_calls(now=6.0, limit=10)] == [g.id for g in waiters]
     settled = await store.settle_duplicates([g.id for g in waiters], now=6.0)
     assert (settled.reused, settled.waiting) == ([], [g.id for g in waiters[1:]])
-    assert [g.id for g in await store.ready_groups(now=6.0, limit=10)] == [waiters[0].id]
+    assert [g.id for g in await store.ready_calls(now=6.0, limit=10)] == [waiters[0].id]
 
 
 async def test_of_ready_files_of_one_content_only_the_oldest_goes(store: Store) -> None:
-    groups = [await ready_with(store, content_file(f"wf/{n}.txt")) for n in range(3)]
+    calls = [await ready_with(store, content_file(f"wf/{n}.txt")) for n in range(3)]
     # asked for the younger ones only, they still wait for the oldest
-    assert (await store.settle_duplicates([groups[2].id], now=2.0)).waiting == [groups[2].id]
-    settled = await store.settle_duplicates([g.id for g in groups], now=2.0)
-    assert (settled.reused, settled.waiting) == ([], [groups[1].id])
-    assert [g.id for g in await store.ready_groups(now=2.0, limit=10)] == [groups[0].id]
+    assert (await store.settle_duplicates([calls[2].id], now=2.0)).waiting == [calls[2].id]
+    settled = await store.settle_duplicates([g.id for g in calls], now=2.0)
+    assert (settled.reused, settled.waiting) == ([], [calls[1].id])
+    assert [g.id for g in await store.ready_calls(now=2.0, limit=10)] == [calls[0].id]
 
 
 async def test_a_batch_is_never_shortened_but_its_results_are_reused(store: Store) -> None:
@@ -1321,20 +1325,20 @@ async def test_a_batch_is_never_shortened_but_its_results_are_reused(store: Stor
             content_file("wf/f/2.txt", mode="folder"),
         ],
     )
-    (folder,) = await store.open_groups()
+    (folder,) = await store.collecting_calls()
     single = await ready_with(store, content_file("wf/alone.txt"))
     # the open folder holds the same content: the single file waits for it
     assert (await store.settle_duplicates([single.id], now=2.0)).waiting == [single.id]
-    await store.close_group(folder.id)
+    await store.close_batch(folder.id)
     assert await store.settle_duplicates([folder.id], now=2.0) == Settled([], [])
-    assert (await store.group(folder.id)).state == "ready"
+    assert (await store.call(folder.id)).state == "ready"
     # ready, the batch goes first though it is younger: a batch never waits
     await store.recover()
     assert (await store.settle_duplicates([single.id], now=2.0)).waiting == [single.id]
-    await completed(store, await store.group(folder.id), call_id="batch")
-    (item,) = [f for f in (await store.files_of_groups([folder.id]))[folder.id] if f.sha256 == SAME]
+    await completed(store, await store.call(folder.id), call_id="batch")
+    (item,) = [f for f in (await store.files_of_calls([folder.id]))[folder.id] if f.sha256 == SAME]
     assert (await store.settle_duplicates([single.id], now=7.0)).reused == [single.id]
-    assert (await store.group(single.id)).reused_file_id == item.id
+    assert (await store.call(single.id)).reused_file_id == item.id
     call, files = (await store.reuse_sources([item.id]))[item.id]
     assert (call.id, call.batch, len(files)) == (folder.id, True, 2)
 
@@ -1344,19 +1348,19 @@ async def test_a_superseded_leader_wakes_its_waiters(store: Store) -> None:
     waiter = await ready_with(store, content_file("wf/b.txt"))
     assert (await store.settle_duplicates([waiter.id], now=2.0)).waiting == [waiter.id]
     await store.supersede_file(await the_file(store, leader.id))
-    assert (await store.group(waiter.id)).state == "ready"
+    assert (await store.call(waiter.id)).state == "ready"
 
 
-async def test_recover_wakes_every_waiting_group(store_factory: StoreFactory) -> None:
+async def test_recover_wakes_every_waiting_call(store_factory: StoreFactory) -> None:
     async with store_factory.open() as store:
         leader = await ready_with(store, content_file("wf/a.txt"))
         await to_polling(store, leader)
         waiter = await ready_with(store, content_file("wf/b.txt"))
         await store.settle_duplicates([waiter.id], now=4.0)
     async with store_factory.open() as store:
-        assert (await store.group(waiter.id)).state == "waiting"  # kept across a restart
+        assert (await store.call(waiter.id)).state == "waiting"  # kept across a restart
         await store.recover()
-        assert (await store.group(waiter.id)).state == "ready"
+        assert (await store.call(waiter.id)).state == "ready"
         # and deciding again, it waits again: its leader is still out
         assert (await store.settle_duplicates([waiter.id], now=5.0)).waiting == [waiter.id]
 
@@ -1371,10 +1375,10 @@ async def test_a_reuse_decided_before_a_crash_is_kept_and_costs_no_call(
         await store.settle_duplicates([second.id], now=9.0)
     async with store_factory.open() as store:  # crashed before its document was written
         await store.recover()
-        assert await store.ready_groups(now=1e9, limit=10) == []
+        assert await store.ready_calls(now=1e9, limit=10) == []
         assert await store.due_unknown(now=1e9, limit=10) == []
         source = await the_file(store, first.id)
-        (terminal,) = await store.terminal_groups(limit=10)
+        (terminal,) = await store.terminal_calls(limit=10)
         assert (terminal.id, terminal.reused_file_id) == (second.id, source.id)
         assert await store.settle_duplicates([second.id], now=10.0) == Settled([], [])
 
@@ -1397,4 +1401,4 @@ async def test_wake_ups_open_and_close_around_writes(store: Store) -> None:
         await one_ready(store, "wf/a.txt")
     async with store.wake_ups():
         pass
-    assert len(await store.ready_groups(now=1.0, limit=10)) == 1
+    assert len(await store.ready_calls(now=1.0, limit=10)) == 1

@@ -152,15 +152,15 @@ async def test_names_are_stored_as_their_exact_bytes(postgres_url: str) -> None:
     async with open_postgres_store(postgres_url) as store:
         await store.add_files([_new_file(rel)], now=1.0, batch_limits={})
     assert run_sql(postgres_url, "SELECT rel FROM files") == [(b"wf/caf\xe9 \xff.txt",)]
-    assert run_sql(postgres_url, "SELECT group_key FROM groups") == [(b"wf/caf\xe9 \xff.txt",)]
+    assert run_sql(postgres_url, "SELECT batch_key FROM calls") == [(b"wf/caf\xe9 \xff.txt",)]
 
 
 async def test_a_nul_in_a_message_from_bem_does_not_stop_the_store(postgres_url: str) -> None:
     async with open_postgres_store(postgres_url) as store:
         await store.add_files([_new_file("wf/a")], now=1.0, batch_limits={})
-        (group,) = await store.ready_groups(now=1.0, limit=1)
-        await store.mark_terminal([Finished(group.id, "failed", None, "bad\0byte")], now=2.0)
-        assert (await store.group(group.id)).error_reason == "bad\ufffdbyte"
+        (call,) = await store.ready_calls(now=1.0, limit=1)
+        await store.mark_terminal([Finished(call.id, "failed", None, "bad\0byte")], now=2.0)
+        assert (await store.call(call.id)).error_reason == "bad\ufffdbyte"
 
 
 # -- passwords ----------------------------------------------------------------------------------

@@ -36,11 +36,11 @@ async def test_each_step_of_a_call_wakes_the_stage_that_takes_it_next(
     async with a.wake_ups() as wakes:
         await b.add_files([_file("wf/x")], now=1.0, batch_limits={})
         assert {await _next(wakes), await _next(wakes)} == {"submit", "deliver"}
-        (group,) = await b.claim_ready(now=1.0, limit=1)
-        await b.mark_sending([group.id], now=2.0)  # nothing for anyone else yet
-        await b.mark_submitted(group.id, call_id="c", status=None, now=3.0, next_poll=4.0)
+        (call,) = await b.claim_ready(now=1.0, limit=1)
+        await b.mark_sending([call.id], now=2.0)  # nothing for anyone else yet
+        await b.mark_submitted(call.id, call_id="c", status=None, now=3.0, next_poll=4.0)
         assert await _next(wakes) == "poll"
-        await b.mark_terminal([Finished(group.id, "completed", None, None)], now=5.0)
+        await b.mark_terminal([Finished(call.id, "completed", None, None)], now=5.0)
         assert [await _next(wakes), await _next(wakes)] == ["deliver", "submit"]
 
 
@@ -51,8 +51,8 @@ async def test_a_runner_is_not_woken_by_its_own_writes(
     async with a.wake_ups() as wakes:
         await a.add_files([_file("wf/mine")], now=1.0, batch_limits={})
         await b.add_files([_file("wf/f/theirs", mode="folder")], now=1.0, batch_limits={})
-        (folder,) = await b.open_groups()
-        await b.close_group(folder.id)
+        (folder,) = await b.collecting_calls()
+        await b.close_batch(folder.id)
         # a's own add came first, yet the first news is b's
         assert [await _next(wakes) for _ in range(3)] == ["submit", "deliver", "submit"]
 

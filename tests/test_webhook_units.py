@@ -137,16 +137,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield opened
 
 
-async def submitted_group(store: Store, name: str, *, call_id: str | None) -> int:
-    destination = Destination(workflow="wf", mode="file", group_key=name, item_reference_id=name)
+async def submitted_call(store: Store, name: str, *, call_id: str | None) -> int:
+    destination = Destination(workflow="wf", mode="file", batch_key=name, item_reference_id=name)
     await store.add_files(
         [NewFile(name, 1, 1, None, "text", destination)], now=0.0, batch_limits={}
     )
-    group = (await store.ready_groups(now=1.0, limit=100))[-1]
-    await store.mark_sending([group.id], now=1.0)
+    call = (await store.ready_calls(now=1.0, limit=100))[-1]
+    await store.mark_sending([call.id], now=1.0)
     if call_id is not None:
-        await store.mark_submitted(group.id, call_id=call_id, status=None, now=2.0, next_poll=500)
-    return group.id
+        await store.mark_submitted(call.id, call_id=call_id, status=None, now=2.0, next_poll=500)
+    return call.id
 
 
 def hook_event(event_id: str, call_id: str | None, reference: str | None = None) -> WebhookEvent:
@@ -155,32 +155,32 @@ def hook_event(event_id: str, call_id: str | None, reference: str | None = None)
 
 @pytest.mark.anyio
 async def test_an_event_marks_its_call_once(store: Store) -> None:
-    gid = await submitted_group(store, "a", call_id="call_a")
+    gid = await submitted_call(store, "a", call_id="call_a")
     first = await store.record_webhook_event(hook_event("e1", "call_a"), now=10, confirm_at=10.2)
-    assert (first.duplicate, first.group_id, first.submitted_at) == (False, gid, 2.0)
-    group = await store.group(gid)
-    assert (group.not_before, group.event_at) == (10.2, 10)
+    assert (first.duplicate, first.call_row_id, first.submitted_at) == (False, gid, 2.0)
+    call = await store.call(gid)
+    assert (call.not_before, call.event_at) == (10.2, 10)
     again = await store.record_webhook_event(hook_event("e1", "call_a"), now=20, confirm_at=20.2)
     assert again.duplicate
-    assert (await store.group(gid)).event_at == 10
+    assert (await store.call(gid)).event_at == 10
     assert await store.webhook_event_counts() == {"matched": 1}
 
 
 @pytest.mark.anyio
 async def test_early_events_are_claimed_when_the_call_is_recorded(store: Store) -> None:
-    gid = await submitted_group(store, "b", call_id=None)
-    group = await store.group(gid)
+    gid = await submitted_call(store, "b", call_id=None)
+    call = await store.call(gid)
     early = await store.record_webhook_event(hook_event("e1", "call_b"), now=5, confirm_at=5.2)
-    by_reference = hook_event("e2", None, group.call_reference_id)
+    by_reference = hook_event("e2", None, call.call_reference_id)
     await store.record_webhook_event(by_reference, now=5, confirm_at=5.2)
-    assert early.group_id is None
+    assert early.call_row_id is None
     assert await store.webhook_event_counts() == {"pending": 2}
     await store.mark_submitted(gid, call_id="call_b", status=None, now=6, next_poll=900)
     claimed = await store.claim_webhook_events(
-        gid, call_id="call_b", call_reference_id=group.call_reference_id, now=6, confirm_at=6.2
+        gid, call_id="call_b", call_reference_id=call.call_reference_id, now=6, confirm_at=6.2
     )
     assert claimed == 2
-    assert (await store.group(gid)).not_before == 6.2
+    assert (await store.call(gid)).not_before == 6.2
     assert await store.webhook_event_counts() == {"matched": 2}
 
 
@@ -197,15 +197,15 @@ async def test_unmatched_events_are_dropped_then_forgotten(store: Store) -> None
 
 @pytest.mark.anyio
 async def test_an_event_during_a_poll_is_not_postponed_by_it(store: Store) -> None:
-    gid = await submitted_group(store, "c", call_id="call_c")
-    read = await store.group(gid)  # the poller reads the group, then sends its GET...
+    gid = await submitted_call(store, "c", call_id="call_c")
+    read = await store.call(gid)  # the poller reads the call, then sends its GET...
     await store.record_webhook_event(hook_event("e", "call_c"), now=30, confirm_at=30.2)
     seen = read.event_at or 0.0
     await store.reschedule_polls([NextPoll(gid, 800.0, "running", seen_event_at=seen)])
-    assert (await store.group(gid)).not_before == 30.2  # ...and its answer keeps the event's
-    read = await store.group(gid)
+    assert (await store.call(gid)).not_before == 30.2  # ...and its answer keeps the event's
+    read = await store.call(gid)
     await store.reschedule_polls([NextPoll(gid, 40.0, "running", seen_event_at=read.event_at)])
-    assert (await store.group(gid)).not_before == 40.0  # nothing new: the poller's time
+    assert (await store.call(gid)).not_before == 40.0  # nothing new: the poller's time
 
 
 # -- configuration ----------------------------------------------------------------------------

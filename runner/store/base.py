@@ -3,18 +3,18 @@
 SQLite (:mod:`runner.store.sqlite`) is the embedded default. The interface speaks in rows and
 state transitions, not SQL, so a PostgreSQL store shared by several runners can be added beside it.
 
-A group is one bem call. Its life::
+A call is one bem call. Its life::
 
     open ──close──▶ ready ──▶ sending ──▶ polling ──▶ terminal ──▶ done
                       ▲          │  ▲                    ▲
                       │          ▼  │ (found by listing) │ (rejected by bem, timed out)
                       └──────  unknown ─────────────────-┘
 
-With content dedupe (:mod:`runner.dedupe`) a ready single-file group may instead go to
+With content dedupe (:mod:`runner.dedupe`) a ready single-file call may instead go to
 ``waiting`` (for another file of the same content; woken back to ``ready``) or straight to
 ``terminal`` with ``reused_file_id`` set: no call, its document copied from that file's result.
 
-A file's life: ``queued`` (in a group) or ``rejected`` (never sent) → ``delivered`` (its outbox
+A file's life: ``queued`` (in a call) or ``rejected`` (never sent) → ``delivered`` (its outbox
 document is written) → ``done`` (archived, deleted or kept). ``retried`` rows are history.
 """
 
@@ -32,26 +32,26 @@ DEFAULT_LEASE_SECONDS = 30.0
 """``store.lease_seconds``: a runner silent this long loses its claims to the others."""
 CALL_REFERENCE_PREFIX = "bemr-"
 
-GroupState = Literal[
-    "open", "ready", "waiting", "sending", "unknown", "polling", "terminal", "done"
+CallState = Literal[
+    "collecting", "ready", "waiting", "sending", "unknown", "polling", "terminal", "done"
 ]
 FileState = Literal["queued", "rejected", "delivered", "done", "retried"]
 BatchLimits = Mapping[str, tuple[int, int]]
-"""``window`` group key → (max files, max bytes); a file that would overflow starts a new group."""
+"""``window`` batch key → (max files, max bytes); a file that would overflow starts a new call."""
 
 
 def new_call_reference_id() -> str:
-    """The ``callReferenceID`` a group is born with: unique, and recognisably this runner's."""
+    """The ``callReferenceID`` a call is born with: unique, and recognisably this runner's."""
     return f"{CALL_REFERENCE_PREFIX}{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
-class GroupRow:
+class CallRow:
     id: int
     call_reference_id: str
     workflow: str
     mode: str
-    group_key: str
+    batch_key: str
     state: str
     opened_at: float
     last_added_at: float
@@ -69,7 +69,7 @@ class GroupRow:
     event_at: float | None = None
     """When the latest webhook event for this call was recorded (None: none yet)."""
     reused_file_id: int | None = None
-    """Content dedupe: the file whose completed result this group reuses (no call was made)."""
+    """Content dedupe: the file whose completed result this call reuses (no bem call was made)."""
 
     @property
     def batch(self) -> bool:
@@ -86,7 +86,7 @@ class FileRow:
     input_type: str | None
     workflow: str | None
     item_reference_id: str | None
-    group_id: int | None
+    call_row_id: int | None
     state: str
     outcome: str | None
     reason: str | None
@@ -123,7 +123,7 @@ class KnownFile:
 class Finished:
     """A call that reached its end: bem's final status, the call as JSON, or why it failed."""
 
-    group_id: int
+    call_row_id: int
     status: str
     result_json: str | None
     error_reason: str | None
@@ -131,11 +131,11 @@ class Finished:
 
 @dataclass(frozen=True)
 class NextPoll:
-    group_id: int
+    call_row_id: int
     not_before: float
     status: str | None
     seen_event_at: float | None = None
-    """The group's ``event_at`` as the poller read it (0.0: none). An event recorded since then
+    """The call's ``event_at`` as the poller read it (0.0: none). An event recorded since then
     keeps its earlier confirmation time; None: ``not_before`` is taken as it is."""
 
 
@@ -155,8 +155,8 @@ class EventRecorded:
 
     duplicate: bool
     """Its eventID was recorded before: nothing changed."""
-    group_id: int | None
-    """The group whose call it marked for confirmation; None: none (yet, or no longer)."""
+    call_row_id: int | None
+    """The call whose bem call it marked for confirmation; None: none (yet, or no longer)."""
     submitted_at: float | None
     """When that call was submitted, to learn how long calls take to produce events."""
 
@@ -173,8 +173,8 @@ class Delivery:
 @dataclass(frozen=True)
 class Counts:
     files: dict[str, int]
-    groups: dict[str, int]
-    """Calls by state (groups that reused a result are no calls and not counted here)."""
+    calls: dict[str, int]
+    """Calls by state (calls that reused a result are no bem calls and not counted here)."""
     open_calls: int
     reused: int = 0
     """Files whose document was copied from an earlier completed result (content dedupe)."""
@@ -182,31 +182,31 @@ class Counts:
 
 @dataclass(frozen=True)
 class Settled:
-    """What :meth:`Store.settle_duplicates` did with the groups it was given."""
+    """What :meth:`Store.settle_duplicates` did with the calls it was given."""
 
     reused: list[int]
-    """Groups ended without a call: their documents come from an earlier result."""
+    """Calls ended without a bem call: their documents come from an earlier result."""
     waiting: list[int]
-    """Groups waiting for another file of the same content."""
+    """Calls waiting for another file of the same content."""
 
 
-CallAsDelivered = tuple[GroupRow, list[FileRow]]
+CallAsDelivered = tuple[CallRow, list[FileRow]]
 """A finished call and the files its documents were made for (see ``reuse_sources``)."""
 
 
 def calls_as_delivered(
-    sources: Sequence[FileRow], groups: Sequence[GroupRow], call_files: Sequence[FileRow]
+    sources: Sequence[FileRow], calls: Sequence[CallRow], call_files: Sequence[FileRow]
 ) -> dict[int, CallAsDelivered]:
     """Each source file's call and that call's files, from the rows a store read for them."""
-    by_id = {g.id: g for g in groups}
+    by_id = {g.id: g for g in calls}
     files: dict[int, list[FileRow]] = {gid: [] for gid in by_id}
     for file in call_files:
-        assert file.group_id is not None
-        files[file.group_id].append(file)
+        assert file.call_row_id is not None
+        files[file.call_row_id].append(file)
     return {
-        f.id: (by_id[f.group_id], files[f.group_id])
+        f.id: (by_id[f.call_row_id], files[f.call_row_id])
         for f in sources
-        if f.group_id is not None and f.group_id in by_id
+        if f.call_row_id is not None and f.call_row_id in by_id
     }
 
 
@@ -237,34 +237,34 @@ class Store(Protocol):
     async def add_files(
         self, files: list[NewFile], *, now: float, batch_limits: BatchLimits
     ) -> None: ...
-    async def open_groups(self) -> list[GroupRow]: ...
-    async def close_group(self, group_id: int) -> None: ...
-    async def ready_groups(self, *, now: float, limit: int) -> list[GroupRow]: ...
-    async def group(self, group_id: int) -> GroupRow: ...
-    async def files_of_groups(self, group_ids: Sequence[int]) -> dict[int, list[FileRow]]: ...
+    async def collecting_calls(self) -> list[CallRow]: ...
+    async def close_batch(self, call_row_id: int) -> None: ...
+    async def ready_calls(self, *, now: float, limit: int) -> list[CallRow]: ...
+    async def call(self, call_row_id: int) -> CallRow: ...
+    async def files_of_calls(self, call_row_ids: Sequence[int]) -> dict[int, list[FileRow]]: ...
     async def supersede_file(self, file: FileRow) -> None: ...
     async def reject_queued_file(self, file: FileRow, reason: str) -> None: ...
-    async def drop_empty_group(self, group_id: int) -> None: ...
-    async def mark_sending(self, group_ids: list[int], *, now: float) -> None: ...
+    async def drop_empty_call(self, call_row_id: int) -> None: ...
+    async def mark_sending(self, call_row_ids: list[int], *, now: float) -> None: ...
     async def mark_submitted(
-        self, group_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
+        self, call_row_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
     ) -> None: ...
-    async def mark_submit_later(self, group_ids: list[int], *, not_before: float) -> None: ...
-    async def mark_unknown(self, group_ids: list[int], *, not_before: float) -> None: ...
+    async def mark_submit_later(self, call_row_ids: list[int], *, not_before: float) -> None: ...
+    async def mark_unknown(self, call_row_ids: list[int], *, not_before: float) -> None: ...
     async def mark_terminal(self, finished: Sequence[Finished], *, now: float) -> None: ...
     async def record_polls(
         self, finished: Sequence[Finished], next_polls: Sequence[NextPoll], *, now: float
     ) -> None: ...
-    async def due_polls(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def due_polls(self, *, now: float, limit: int) -> list[CallRow]: ...
     async def reschedule_polls(self, next_polls: Sequence[NextPoll]) -> None: ...
-    async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]: ...
+    async def due_unknown(self, *, now: float, limit: int) -> list[CallRow]: ...
     async def next_poll_due(self) -> float | None: ...
     async def next_submit_due(self) -> float | None: ...
-    async def terminal_groups(self, *, limit: int) -> list[GroupRow]: ...
+    async def terminal_calls(self, *, limit: int) -> list[CallRow]: ...
     async def rejected_files(self, *, limit: int) -> list[FileRow]: ...
     async def delivered_files(self, *, limit: int) -> list[FileRow]: ...
     async def mark_delivered(
-        self, deliveries: Sequence[Delivery], *, finished_groups: Sequence[int], now: float
+        self, deliveries: Sequence[Delivery], *, finished_calls: Sequence[int], now: float
     ) -> None: ...
     async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None: ...
     async def counts(self) -> Counts: ...
@@ -275,11 +275,11 @@ class Store(Protocol):
     async def mark_retried(self, file_ids: list[int]) -> None: ...
     async def integrity_check(self) -> str: ...
     # -- content dedupe (SQLite schema 4, PostgreSQL schema 5) --
-    async def settle_duplicates(self, group_ids: Sequence[int], *, now: float) -> Settled:
-        """Decide, in one transaction, which of these ready single-file groups reuse an earlier
+    async def settle_duplicates(self, call_row_ids: Sequence[int], *, now: float) -> Settled:
+        """Decide, in one transaction, which of these ready single-file calls reuse an earlier
         completed result (ended ``terminal``, no call) or wait for a file of the same content
         (``waiting``), by :func:`runner.dedupe.decide`; the rest stay ready to be sent. A
-        waiting group is woken (``ready``) when a file of its content is delivered or
+        waiting call is woken (``ready``) when a file of its content is delivered or
         superseded, and by :meth:`recover`."""
         ...
 
@@ -293,7 +293,13 @@ class Store(Protocol):
         self, event: WebhookEvent, *, now: float, confirm_at: float
     ) -> EventRecorded: ...
     async def claim_webhook_events(
-        self, group_id: int, *, call_id: str, call_reference_id: str, now: float, confirm_at: float
+        self,
+        call_row_id: int,
+        *,
+        call_id: str,
+        call_reference_id: str,
+        now: float,
+        confirm_at: float,
     ) -> int: ...
     async def expire_webhook_events(
         self, *, received_before: float, purge_before: float
@@ -302,15 +308,15 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     # -- several runners on one store ------------------------------------------------------
-    # A claim gives one runner a group for one stage; every write to a group checks that the
+    # A claim gives one runner a call for one stage; every write to a call checks that the
     # writer still holds it (or that nobody does) and raises ClaimLostError otherwise, and
-    # every write that moves a group on gives its claim up. A store one process owns (SQLite)
+    # every write that moves a call on gives its claim up. A store one process owns (SQLite)
     # holds every claim: each ``claim_*`` is its list method, and it has one runner.
-    async def claim_ready(self, *, now: float, limit: int) -> list[GroupRow]: ...
-    async def claim_due_unknown(self, *, now: float, limit: int) -> list[GroupRow]: ...
-    async def claim_due_polls(self, *, now: float, limit: int) -> list[GroupRow]: ...
-    async def claim_terminal(self, *, limit: int) -> list[GroupRow]: ...
-    async def release(self, group_ids: Sequence[int]) -> None: ...
+    async def claim_ready(self, *, now: float, limit: int) -> list[CallRow]: ...
+    async def claim_due_unknown(self, *, now: float, limit: int) -> list[CallRow]: ...
+    async def claim_due_polls(self, *, now: float, limit: int) -> list[CallRow]: ...
+    async def claim_terminal(self, *, limit: int) -> list[CallRow]: ...
+    async def release(self, call_row_ids: Sequence[int]) -> None: ...
     async def join(self) -> None:
         """Be one of the store's runners again (after :meth:`heartbeat` found this one declared
         dead): a fresh lease, no claims."""

@@ -6,7 +6,7 @@ meaning as the SQLite store (the store contract suite runs on both). File names 
 - where to connect, and the password: :mod:`.postgres_target`
 - the schema, its migration and its owner: :mod:`.postgres_setup`
 - statements, transactions and fencing: :mod:`.postgres_plumbing`
-- taking files into groups: :mod:`.postgres_intake`
+- taking files into calls: :mod:`.postgres_intake`
 - claims and runners: :mod:`.postgres_claims`
 - the shared rate budget: :mod:`.postgres_budget`
 - wake-ups between runners: :mod:`.postgres_wake`
@@ -29,11 +29,11 @@ from runner.errors import StoreError, StoreUnavailableError
 from runner.names import from_raw
 from runner.store.base import (
     DEFAULT_LEASE_SECONDS,
+    CallRow,
     Counts,
     Delivery,
     FileRow,
     Finished,
-    GroupRow,
     KnownFile,
     NextPoll,
 )
@@ -162,7 +162,7 @@ class PostgresStore(
 
     async def recover(self) -> None:
         """A POST that was in flight when the last process died has an unknown outcome; a
-        group waiting for a duplicate's result looks again (a wake-up may have been lost)."""
+        call waiting for a duplicate's result looks again (a wake-up may have been lost)."""
         async with self._transaction("recover_sending") as conn:
             await conn.execute(QUERIES["recover_sending"], {"me": self._me})
             await conn.execute(QUERIES["wake_all_waiting"])
@@ -174,59 +174,63 @@ class PostgresStore(
             for row in rows
         }
 
-    async def open_groups(self) -> list[GroupRow]:
-        return await self._rows(GroupRow, "open_groups", {})
+    async def collecting_calls(self) -> list[CallRow]:
+        return await self._rows(CallRow, "collecting_calls", {})
 
-    async def close_group(self, group_id: int) -> None:
-        await self._write("close_group", [{"id": group_id}])
+    async def close_batch(self, call_row_id: int) -> None:
+        await self._write("close_batch", [{"id": call_row_id}])
 
     # -- submit -----------------------------------------------------------------------------
 
-    async def group(self, group_id: int) -> GroupRow:
-        rows = await self._rows(GroupRow, "group_by_id", {"id": group_id})
+    async def call(self, call_row_id: int) -> CallRow:
+        rows = await self._rows(CallRow, "call_by_id", {"id": call_row_id})
         if not rows:
-            raise StoreError(f"{self._target.shown}: no group {group_id}")
+            raise StoreError(f"{self._target.shown}: no call {call_row_id}")
         return rows[0]
 
-    async def files_of_groups(self, group_ids: Sequence[int]) -> dict[int, list[FileRow]]:
-        """The files of many groups with one query, by group."""
-        by_group: dict[int, list[FileRow]] = {gid: [] for gid in group_ids}
-        if not group_ids:
-            return by_group
-        rows = await self._rows(FileRow, "files_of_groups", {"group_ids": list(group_ids)})
+    async def files_of_calls(self, call_row_ids: Sequence[int]) -> dict[int, list[FileRow]]:
+        """The files of many calls with one query, by call."""
+        by_call: dict[int, list[FileRow]] = {gid: [] for gid in call_row_ids}
+        if not call_row_ids:
+            return by_call
+        rows = await self._rows(FileRow, "files_of_calls", {"call_row_ids": list(call_row_ids)})
         for row in rows:
-            assert row.group_id is not None
-            by_group[row.group_id].append(row)
-        return by_group
+            assert row.call_row_id is not None
+            by_call[row.call_row_id].append(row)
+        return by_call
 
     async def supersede_file(self, file: FileRow) -> None:
-        """The file changed after it was queued: drop it from its group; it will be taken anew."""
+        """The file changed after it was queued: drop it from its call; it will be taken anew."""
         async with self._transaction("supersede_file") as conn, conn.cursor() as cursor:
-            if file.group_id is not None:
-                await self._many(cursor, "shrink_group", [{"id": file.group_id, "size": file.size}])
+            if file.call_row_id is not None:
+                await self._many(
+                    cursor, "shrink_call", [{"id": file.call_row_id, "size": file.size}]
+                )
             await cursor.execute(QUERIES["supersede_file"], {"id": file.id})
             await self._wake_duplicates(conn, [file.id])
 
     async def reject_queued_file(self, file: FileRow, reason: str) -> None:
         async with self._transaction("reject_file") as conn, conn.cursor() as cursor:
-            if file.group_id is not None:
-                await self._many(cursor, "shrink_group", [{"id": file.group_id, "size": file.size}])
+            if file.call_row_id is not None:
+                await self._many(
+                    cursor, "shrink_call", [{"id": file.call_row_id, "size": file.size}]
+                )
             await cursor.execute(QUERIES["reject_file"], _clean({"id": file.id, "reason": reason}))
 
-    async def drop_empty_group(self, group_id: int) -> None:
-        await self._write("drop_empty_group", [{"id": group_id}])
+    async def drop_empty_call(self, call_row_id: int) -> None:
+        await self._write("drop_empty_call", [{"id": call_row_id}])
 
-    async def mark_sending(self, group_ids: list[int], *, now: float) -> None:
-        await self._write("mark_sending", ({"id": gid, "now": now} for gid in group_ids))
+    async def mark_sending(self, call_row_ids: list[int], *, now: float) -> None:
+        await self._write("mark_sending", ({"id": gid, "now": now} for gid in call_row_ids))
 
     async def mark_submitted(
-        self, group_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
+        self, call_row_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
     ) -> None:
         await self._write(
             "mark_submitted",
             [
                 {
-                    "id": group_id,
+                    "id": call_row_id,
                     "call_id": call_id,
                     "status": status,
                     "now": now,
@@ -235,14 +239,14 @@ class PostgresStore(
             ],
         )
 
-    async def mark_submit_later(self, group_ids: list[int], *, not_before: float) -> None:
+    async def mark_submit_later(self, call_row_ids: list[int], *, not_before: float) -> None:
         await self._write(
-            "mark_submit_later", ({"id": gid, "not_before": not_before} for gid in group_ids)
+            "mark_submit_later", ({"id": gid, "not_before": not_before} for gid in call_row_ids)
         )
 
-    async def mark_unknown(self, group_ids: list[int], *, not_before: float) -> None:
+    async def mark_unknown(self, call_row_ids: list[int], *, not_before: float) -> None:
         await self._write(
-            "mark_unknown", ({"id": gid, "not_before": not_before} for gid in group_ids)
+            "mark_unknown", ({"id": gid, "not_before": not_before} for gid in call_row_ids)
         )
 
     async def mark_terminal(self, finished: Sequence[Finished], *, now: float) -> None:
@@ -261,7 +265,7 @@ class PostgresStore(
                 "mark_terminal",
                 [
                     {
-                        "id": f.group_id,
+                        "id": f.call_row_id,
                         "status": f.status,
                         "result_json": f.result_json,
                         "error_reason": f.error_reason,
@@ -283,7 +287,7 @@ class PostgresStore(
         return float(value) if value is not None else None
 
     async def next_submit_due(self) -> float | None:
-        """When the next ready or unknown group is due (an unknown one is listed, not sent)."""
+        """When the next ready or unknown call is due (an unknown one is listed, not sent)."""
         value = await self._scalar("next_submit_due")
         return float(value) if value is not None else None
 
@@ -296,10 +300,10 @@ class PostgresStore(
         return await self._rows(FileRow, "delivered_files", {"limit": limit})
 
     async def mark_delivered(
-        self, deliveries: Sequence[Delivery], *, finished_groups: Sequence[int], now: float
+        self, deliveries: Sequence[Delivery], *, finished_calls: Sequence[int], now: float
     ) -> None:
-        """Files whose documents are written; groups with no file left to deliver are done."""
-        if not deliveries and not finished_groups:
+        """Files whose documents are written; calls with no file left to deliver are done."""
+        if not deliveries and not finished_calls:
             return
         async with self._transaction("mark_delivered") as conn, conn.cursor() as cursor:
             if deliveries:
@@ -311,8 +315,8 @@ class PostgresStore(
                         for d in deliveries
                     ],
                 )
-            if finished_groups:
-                await self._many(cursor, "mark_group_done", [{"id": g} for g in finished_groups])
+            if finished_calls:
+                await self._many(cursor, "mark_call_done", [{"id": g} for g in finished_calls])
             await self._wake_duplicates(conn, [d.file_id for d in deliveries])
 
     async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
@@ -326,10 +330,10 @@ class PostgresStore(
             state, outcome, count = row["state"], row["outcome"], int(row["count"])
             key = f"{state}:{outcome}" if state in ("delivered", "done") and outcome else state
             files[key] = files.get(key, 0) + count
-        groups = {row["state"]: int(row["count"]) for row in await self._fetch("count_groups")}
+        calls = {row["state"]: int(row["count"]) for row in await self._fetch("count_calls")}
         return Counts(
             files=files,
-            groups=groups,
+            calls=calls,
             open_calls=await self.open_call_count(),
             reused=int(await self._scalar("count_reused") or 0),
         )
@@ -353,7 +357,7 @@ class PostgresStore(
 def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
     return [
         {
-            "id": n.group_id,
+            "id": n.call_row_id,
             "not_before": n.not_before,
             "status": n.status,
             "seen_event_at": n.seen_event_at,

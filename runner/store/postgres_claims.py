@@ -1,11 +1,11 @@
 """Several runners on one PostgreSQL store: claims, leases, heartbeats and expiry.
 
-A claim (``claimed_by``, ``lease_until``) gives one runner a group for one stage; it is taken
+A claim (``claimed_by``, ``lease_until``) gives one runner a call for one stage; it is taken
 with ``FOR UPDATE SKIP LOCKED``, so runners claiming at once never wait on nor share a row, and
-timed by the database's clock. Every write that moves a group on gives its claim up, and every
+timed by the database's clock. Every write that moves a call on gives its claim up, and every
 write checks the writer still holds it (:data:`~runner.store.postgres_plumbing.FENCED`). A
 runner silent past its lease is expired by the others: its claims are freed and its ``sending``
-groups become ``unknown``, to be resolved by listing by whoever claims them.
+calls become ``unknown``, to be resolved by listing by whoever claims them.
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from runner.errors import ClaimLostError
-from runner.store.base import GroupRow, RunnerRow
+from runner.store.base import CallRow, RunnerRow
 from runner.store.postgres_plumbing import ALL_STAGES, QUERIES, PostgresPlumbing, _column
 
 
 class PostgresClaims(PostgresPlumbing):
     # the lists the claims replace, for a store that one process owns
-    async def ready_groups(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "ready_groups", {"now": now, "limit": limit})
+    async def ready_calls(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "ready_calls", {"now": now, "limit": limit})
 
-    async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "due_unknown", {"now": now, "limit": limit})
+    async def due_unknown(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "due_unknown", {"now": now, "limit": limit})
 
-    async def due_polls(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "due_polls", {"now": now, "limit": limit})
+    async def due_polls(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "due_polls", {"now": now, "limit": limit})
 
-    async def terminal_groups(self, *, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "terminal_groups", {"limit": limit})
+    async def terminal_calls(self, *, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "terminal_calls", {"limit": limit})
 
     async def open_call_count(self) -> int:
         return int(await self._scalar("open_call_count") or 0)
@@ -44,42 +44,42 @@ class PostgresClaims(PostgresPlumbing):
     # -- several runners --------------------------------------------------------------------
     # Without a runner id this store owns its database, so a claim is the list it replaces.
 
-    async def claim_ready(self, *, now: float, limit: int) -> list[GroupRow]:
+    async def claim_ready(self, *, now: float, limit: int) -> list[CallRow]:
         if self._me is None:
-            return await self.ready_groups(now=now, limit=limit)
+            return await self.ready_calls(now=now, limit=limit)
         rows = await self._claim("claim_ready", {"now": now, "limit": limit})
         return sorted(rows, key=lambda g: (g.not_before, g.id))
 
-    async def claim_due_unknown(self, *, now: float, limit: int) -> list[GroupRow]:
+    async def claim_due_unknown(self, *, now: float, limit: int) -> list[CallRow]:
         if self._me is None:
             return await self.due_unknown(now=now, limit=limit)
         rows = await self._claim("claim_due_unknown", {"now": now, "limit": limit})
         return sorted(rows, key=lambda g: g.id)
 
-    async def claim_due_polls(self, *, now: float, limit: int) -> list[GroupRow]:
+    async def claim_due_polls(self, *, now: float, limit: int) -> list[CallRow]:
         if self._me is None:
             return await self.due_polls(now=now, limit=limit)
         rows = await self._claim("claim_due_polls", {"now": now, "limit": limit})
         return sorted(rows, key=lambda g: (g.not_before, g.id))
 
-    async def claim_terminal(self, *, limit: int) -> list[GroupRow]:
+    async def claim_terminal(self, *, limit: int) -> list[CallRow]:
         if self._me is None:
-            return await self.terminal_groups(limit=limit)
+            return await self.terminal_calls(limit=limit)
         rows = await self._claim("claim_terminal", {"limit": limit})
         return sorted(rows, key=lambda g: (g.finished_at or 0.0, g.id))
 
-    async def _claim(self, name: str, params: Mapping[str, Any]) -> list[GroupRow]:
-        names = [f.name for f in fields(GroupRow)]
+    async def _claim(self, name: str, params: Mapping[str, Any]) -> list[CallRow]:
+        names = [f.name for f in fields(CallRow)]
         async with self._transaction(name) as conn, conn.cursor(row_factory=dict_row) as cursor:
             await cursor.execute(QUERIES[name], {**params, "me": self._me, "lease": self._lease})
             rows = await cursor.fetchall()
-        return [GroupRow(**{key: _column(key, row[key]) for key in names}) for row in rows]
+        return [CallRow(**{key: _column(key, row[key]) for key in names}) for row in rows]
 
-    async def release(self, group_ids: Sequence[int]) -> None:
-        if self._me is None or not group_ids:
+    async def release(self, call_row_ids: Sequence[int]) -> None:
+        if self._me is None or not call_row_ids:
             return
         async with self._transaction("release") as conn:
-            await conn.execute(QUERIES["release"], {"ids": list(group_ids), "me": self._me})
+            await conn.execute(QUERIES["release"], {"ids": list(call_row_ids), "me": self._me})
 
     async def join(self) -> None:
         if self._me is None:

@@ -2,7 +2,7 @@
 
 A decision and every wake-up hold one transaction-scoped advisory lock: without it, a delivery
 committed while a decision was reading could wake nobody (the waiter was not written yet), and
-the waiter would wait until the next start. Groups another runner holds are not decided.
+the waiter would wait until the next start. Calls another runner holds are not decided.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from runner.dedupe import Candidate, ContentKey, Peer, Source, content_key, decide
-from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled, calls_as_delivered
+from runner.store.base import CallAsDelivered, CallRow, FileRow, Settled, calls_as_delivered
 from runner.store.postgres_plumbing import QUERIES, Connection, PostgresPlumbing
 
 DEDUPE_LOCK = 0x62656D03
@@ -21,16 +21,16 @@ DEDUPE_LOCK = 0x62656D03
 
 
 class PostgresDedupe(PostgresPlumbing):
-    async def settle_duplicates(self, group_ids: Sequence[int], *, now: float) -> Settled:
-        if not group_ids:
+    async def settle_duplicates(self, call_row_ids: Sequence[int], *, now: float) -> Settled:
+        if not call_row_ids:
             return Settled(reused=[], waiting=[])
         async with self._transaction("settle_duplicates") as conn:
             await _lock(conn)
             rows = await _all(
-                conn, "dedupe_candidates", {"group_ids": list(group_ids), "me": self._me}
+                conn, "dedupe_candidates", {"call_row_ids": list(call_row_ids), "me": self._me}
             )
             candidates = [
-                Candidate(r["group_id"], key)
+                Candidate(r["call_row_id"], key)
                 for r in rows
                 if (key := content_key(r["sha256"], r["workflow"], r["input_type"])) is not None
             ]
@@ -52,17 +52,17 @@ class PostgresDedupe(PostgresPlumbing):
             for r in await _all(conn, "dedupe_peers", arrays):
                 key = ContentKey(r["sha256"], r["workflow"], r["input_type"])
                 peers.setdefault(key, []).append(
-                    Peer(r["group_id"], r["state"], r["mode"] != "file")
+                    Peer(r["call_row_id"], r["state"], r["mode"] != "file")
                 )
             decisions = decide(candidates, sources, peers)
             reused = [d for d in decisions if d.action == "reuse" and d.source is not None]
-            waiting = [d.group_id for d in decisions if d.action == "wait"]
+            waiting = [d.call_row_id for d in decisions if d.action == "wait"]
             async with conn.cursor() as cursor:
                 if reused:
                     await cursor.executemany(
                         QUERIES["mark_reused"],
                         [
-                            {"id": d.group_id, "source": d.source.file_id}
+                            {"id": d.call_row_id, "source": d.source.file_id}
                             | {"call_id": d.source.call_id, "now": now}
                             for d in reused
                             if d.source is not None
@@ -72,20 +72,20 @@ class PostgresDedupe(PostgresPlumbing):
                     await cursor.executemany(
                         QUERIES["mark_waiting"], [{"id": gid} for gid in waiting]
                     )
-        return Settled(reused=[d.group_id for d in reused], waiting=waiting)
+        return Settled(reused=[d.call_row_id for d in reused], waiting=waiting)
 
     async def reuse_sources(self, file_ids: Sequence[int]) -> dict[int, CallAsDelivered]:
         if not file_ids:
             return {}
         sources = await self._rows(FileRow, "files_by_id", {"file_ids": sorted(set(file_ids))})
-        group_ids = sorted({f.group_id for f in sources if f.group_id is not None})
-        groups = await self._rows(GroupRow, "groups_by_id", {"group_ids": group_ids})
-        call_files = await self._rows(FileRow, "call_files", {"group_ids": group_ids})
-        return calls_as_delivered(sources, groups, call_files)
+        call_row_ids = sorted({f.call_row_id for f in sources if f.call_row_id is not None})
+        calls = await self._rows(CallRow, "calls_by_id", {"call_row_ids": call_row_ids})
+        call_files = await self._rows(FileRow, "call_files", {"call_row_ids": call_row_ids})
+        return calls_as_delivered(sources, calls, call_files)
 
     @staticmethod
     async def _wake_duplicates(conn: Connection, file_ids: Sequence[int]) -> None:
-        """Waiting groups of these files' contents go back to ready, under the dedupe lock."""
+        """Waiting calls of these files' contents go back to ready, under the dedupe lock."""
         if file_ids:
             await _lock(conn)
             await conn.execute(QUERIES["wake_duplicates"], {"file_ids": list(file_ids)})

@@ -1,8 +1,8 @@
-"""Taking files into a PostgreSQL store: each file's group found, opened, filled or closed.
+"""Taking files into a PostgreSQL store: each file's call found, opened, filled or closed.
 
-A file-mode file's group is born ready, all of them in one pipelined statement; a folder's or
-window's open group is locked (``FOR UPDATE``) and filled in memory, a full window closed and
-another opened, and the sizes written once per group.
+A file-mode file's call is born ready, all of them in one pipelined statement; a folder's or
+window's collecting call is locked (``FOR UPDATE``) and filled in memory, a full window closed and
+another opened, and the sizes written once per call.
 
 Runners sharing the store all scan one inbox, so each may hand over a file another one took:
 their intakes run one at a time (an advisory lock), and a file whose path another runner is
@@ -22,18 +22,18 @@ INTAKE_LOCK = 0x62656D04
 
 
 @dataclass
-class _OpenGroup:
+class _CollectingCall:
     id: int
     file_count: int
     byte_count: int
 
 
-def window_is_full(group: _OpenGroup, size: int, limits: tuple[int, int]) -> bool:
-    """Whether a file of ``size`` bytes would overflow the group (a lone file always fits)."""
+def window_is_full(call: _CollectingCall, size: int, limits: tuple[int, int]) -> bool:
+    """Whether a file of ``size`` bytes would overflow the call (a lone file always fits)."""
     max_files, max_bytes = limits
-    if group.file_count >= max_files:
+    if call.file_count >= max_files:
         return True
-    return group.file_count > 0 and group.byte_count + size > max_bytes
+    return call.file_count > 0 and call.byte_count + size > max_bytes
 
 
 class PostgresIntake(PostgresPlumbing):
@@ -47,21 +47,21 @@ class PostgresIntake(PostgresPlumbing):
                 files = await _not_taken(conn, files)
                 if not files:
                     return
-            group_ids = await self._groups_for(conn, files, now, batch_limits)
+            call_row_ids = await self._calls_for(conn, files, now, batch_limits)
             async with conn.cursor() as cursor:
                 await cursor.executemany(
                     QUERIES["insert_file"],
                     [
                         _file_params(new, gid, now)
-                        for new, gid in zip(files, group_ids, strict=True)
+                        for new, gid in zip(files, call_row_ids, strict=True)
                     ],
                 )
 
-    async def _groups_for(
+    async def _calls_for(
         self, conn: Connection, files: list[NewFile], now: float, batch_limits: BatchLimits
     ) -> list[int | None]:
-        """The group of each file (None for a rejected one), creating and closing groups."""
-        group_ids: list[int | None] = [None] * len(files)
+        """The call of each file (None for a rejected one), creating and closing calls."""
+        call_row_ids: list[int | None] = [None] * len(files)
         alone: list[int] = []
         batched: dict[str, list[int]] = {}
         for index, new in enumerate(files):
@@ -70,32 +70,32 @@ class PostgresIntake(PostgresPlumbing):
             if new.destination.mode == "file":
                 alone.append(index)
             else:
-                batched.setdefault(new.destination.group_key, []).append(index)
+                batched.setdefault(new.destination.batch_key, []).append(index)
         born = await self._born_ready(conn, files, alone, now)
-        for index, group_id in zip(alone, born, strict=True):
-            group_ids[index] = group_id
+        for index, call_row_id in zip(alone, born, strict=True):
+            call_row_ids[index] = call_row_id
         for key, indexes in batched.items():
             members = [files[i] for i in indexes]
             filled = await self._fill_open(conn, key, members, now, batch_limits.get(key))
-            for index, group_id in zip(indexes, filled, strict=True):
-                group_ids[index] = group_id
-        return group_ids
+            for index, call_row_id in zip(indexes, filled, strict=True):
+                call_row_ids[index] = call_row_id
+        return call_row_ids
 
     async def _born_ready(
         self, conn: Connection, files: list[NewFile], indexes: list[int], now: float
     ) -> list[int]:
-        """A ready group of its own for each file-mode file, in one pipelined statement."""
+        """A ready call of its own for each file-mode file, in one pipelined statement."""
         if not indexes:
             return []
         params = []
         for index in indexes:
             new = files[index]
             assert new.destination is not None
-            params.append(_group_params(new.destination.workflow, "file", new.rel, "ready", now))
+            params.append(_call_params(new.destination.workflow, "file", new.rel, "ready", now))
             params[-1].update(file_count=1, byte_count=new.size)
         ids: list[int] = []
         async with conn.cursor() as cursor:
-            await cursor.executemany(QUERIES["insert_group"], params, returning=True)
+            await cursor.executemany(QUERIES["insert_call"], params, returning=True)
             while True:
                 row = await cursor.fetchone()
                 assert row is not None
@@ -112,11 +112,11 @@ class PostgresIntake(PostgresPlumbing):
         now: float,
         limits: tuple[int, int] | None,
     ) -> list[int]:
-        """Add files to the open group of ``key``; a full window is closed and another opened."""
-        cursor = await conn.execute(QUERIES["open_group_by_key"], {"group_key": raw(key)})
+        """Add files to the batch of ``key``; a full window is closed and another opened."""
+        cursor = await conn.execute(QUERIES["collecting_call_by_key"], {"batch_key": raw(key)})
         row = await cursor.fetchone()
-        current = _OpenGroup(*row) if row is not None else None
-        touched: dict[int, _OpenGroup] = {}
+        current = _CollectingCall(*row) if row is not None else None
+        touched: dict[int, _CollectingCall] = {}
         ids: list[int] = []
         for new in files:
             assert new.destination is not None
@@ -125,24 +125,24 @@ class PostgresIntake(PostgresPlumbing):
                 and limits is not None
                 and window_is_full(current, new.size, limits)
             ):
-                await conn.execute(QUERIES["close_group"], {"id": current.id})
+                await conn.execute(QUERIES["close_batch"], {"id": current.id})
                 current = None
             if current is None:
-                params = _group_params(
-                    new.destination.workflow, new.destination.mode, key, "open", now
+                params = _call_params(
+                    new.destination.workflow, new.destination.mode, key, "collecting", now
                 )
                 params.update(file_count=0, byte_count=0)
-                cursor = await conn.execute(QUERIES["insert_group"], params)
+                cursor = await conn.execute(QUERIES["insert_call"], params)
                 inserted = await cursor.fetchone()
                 assert inserted is not None
-                current = _OpenGroup(int(inserted[0]), 0, 0)
+                current = _CollectingCall(int(inserted[0]), 0, 0)
             current.file_count += 1
             current.byte_count += new.size
             touched[current.id] = current
             ids.append(current.id)
         async with conn.cursor() as update:
             await update.executemany(
-                QUERIES["set_group_size"],
+                QUERIES["set_batch_size"],
                 [
                     {"id": g.id, "file_count": g.file_count, "byte_count": g.byte_count, "now": now}
                     for g in touched.values()
@@ -167,18 +167,18 @@ async def _not_taken(conn: Connection, files: list[NewFile]) -> list[NewFile]:
     return [f for f in files if raw(f.rel) not in taken]
 
 
-def _group_params(workflow: str, mode: str, key: str, state: str, now: float) -> dict[str, Any]:
+def _call_params(workflow: str, mode: str, key: str, state: str, now: float) -> dict[str, Any]:
     return {
         "call_reference_id": new_call_reference_id(),
         "workflow": workflow,
         "mode": mode,
-        "group_key": raw(key),
+        "batch_key": raw(key),
         "state": state,
         "now": now,
     }
 
 
-def _file_params(new: NewFile, group_id: int | None, now: float) -> dict[str, Any]:
+def _file_params(new: NewFile, call_row_id: int | None, now: float) -> dict[str, Any]:
     destination = new.destination
     return _clean(
         {
@@ -189,8 +189,8 @@ def _file_params(new: NewFile, group_id: int | None, now: float) -> dict[str, An
             "input_type": new.input_type,
             "workflow": destination.workflow if destination else None,
             "item_reference_id": destination.item_reference_id if destination else None,
-            "group_id": group_id,
-            "state": "queued" if group_id is not None else "rejected",
+            "call_row_id": call_row_id,
+            "state": "queued" if call_row_id is not None else "rejected",
             "reason": new.reason,
             "seen_at": now,
         }

@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from runner import faults
 from runner.errors import ClaimLostError, StoreError, StoreUnavailableError
 from runner.names import from_raw
-from runner.store.base import DEFAULT_LEASE_SECONDS, FileRow, GroupRow
+from runner.store.base import DEFAULT_LEASE_SECONDS, CallRow, FileRow
 from runner.store.named_sql import load_queries
 from runner.store.postgres_target import Target
 
@@ -29,8 +29,8 @@ FENCED = frozenset(
         "mark_unknown",
         "mark_terminal",
         "reschedule_poll",
-        "drop_empty_group",
-        "shrink_group",
+        "drop_empty_call",
+        "shrink_call",
         "mark_delivered",
     }
 )
@@ -38,7 +38,7 @@ FENCED = frozenset(
 ALL_STAGES = ("submit", "poll", "deliver")
 WAKES: dict[str, tuple[str, ...]] = {
     "add_files": ("submit", "deliver"),
-    "close_group": ("submit",),
+    "close_batch": ("submit",),
     "recover_sending": ("submit",),
     "mark_submit_later": ("submit",),
     "mark_unknown": ("submit",),
@@ -50,8 +50,8 @@ WAKES: dict[str, tuple[str, ...]] = {
     "leave_runner": ALL_STAGES,
 }
 """The stages of other runners that a write (by its label) gives work to; told on commit."""
-_NAME_COLUMNS = ("rel", "group_key")
-Row = TypeVar("Row", GroupRow, FileRow)
+_NAME_COLUMNS = ("rel", "batch_key")
+Row = TypeVar("Row", CallRow, FileRow)
 Connection = psycopg.AsyncConnection[Any]
 
 
@@ -130,7 +130,7 @@ class PostgresPlumbing:
         if name in FENCED and cursor.rowcount < len(params):
             raise ClaimLostError(
                 f"{self._target.shown}: {name}: {len(params) - cursor.rowcount} of "
-                f"{len(params)} groups are held by another runner (or gone); nothing written"
+                f"{len(params)} calls are held by another runner (or gone); nothing written"
             )
 
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:

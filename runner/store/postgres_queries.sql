@@ -1,5 +1,5 @@
 -- Every SQL statement of the PostgreSQL store, by name. Loaded once by runner/store/postgres.py.
--- Parameters are psycopg's: %(name)s. File names (files.rel, groups.group_key) are BYTEA: the
+-- Parameters are psycopg's: %(name)s. File names (files.rel, calls.batch_key) are BYTEA: the
 -- exact bytes of the path, whatever the file system allowed (see runner/names.py).
 
 -- name: schema_1
@@ -100,7 +100,7 @@ LIMIT 1;
 
 -- name: tables
 SELECT c.relname FROM pg_class c
-WHERE c.relkind IN ('r', 'p', 'v') AND c.relname IN ('meta', 'groups', 'files')
+WHERE c.relkind IN ('r', 'p', 'v') AND c.relname IN ('meta', 'groups', 'calls', 'files')
   AND pg_catalog.pg_table_is_visible(c.oid);
 
 -- name: schema_version
@@ -111,7 +111,7 @@ SELECT value FROM meta WHERE key = 'application';
 
 -- name: recover_sending
 -- a POST another live runner has in flight is its own business
-UPDATE groups SET state = 'unknown', not_before = 0, claimed_by = NULL, lease_until = NULL
+UPDATE calls SET state = 'unknown', not_before = 0, claimed_by = NULL, lease_until = NULL
 WHERE state = 'sending' AND (claimed_by IS NULL OR claimed_by IS NOT DISTINCT FROM %(me)s
                              OR claimed_by NOT IN (SELECT id FROM runners));
 
@@ -121,9 +121,9 @@ WHERE state <> 'retried' ORDER BY rel, id DESC;
 
 -- name: insert_file
 INSERT INTO files (rel, size, mtime_ns, sha256, input_type, workflow, item_reference_id,
-                   group_id, state, reason, seen_at)
+                   call_row_id, state, reason, seen_at)
 VALUES (%(rel)s, %(size)s, %(mtime_ns)s, %(sha256)s, %(input_type)s, %(workflow)s,
-        %(item_reference_id)s, %(group_id)s, %(state)s, %(reason)s, %(seen_at)s);
+        %(item_reference_id)s, %(call_row_id)s, %(state)s, %(reason)s, %(seen_at)s);
 
 -- name: intake_lock
 -- Runners taking files at once take them one after the other: each sees what the last one took.
@@ -139,75 +139,75 @@ WHERE f.state NOT IN ('done', 'retried')
    OR (f.state = 'done' AND f.size = k.size AND f.mtime_ns = k.mtime_ns
        AND f.sha256 IS NOT DISTINCT FROM k.sha256);
 
--- name: open_group_by_key
-SELECT id, file_count, byte_count FROM groups
-WHERE group_key = %(group_key)s AND state = 'open' FOR UPDATE;
+-- name: collecting_call_by_key
+SELECT id, file_count, byte_count FROM calls
+WHERE batch_key = %(batch_key)s AND state = 'collecting' FOR UPDATE;
 
--- name: insert_group
-INSERT INTO groups (call_reference_id, workflow, mode, group_key, state, opened_at, last_added_at,
+-- name: insert_call
+INSERT INTO calls (call_reference_id, workflow, mode, batch_key, state, opened_at, last_added_at,
                     file_count, byte_count)
-VALUES (%(call_reference_id)s, %(workflow)s, %(mode)s, %(group_key)s, %(state)s, %(now)s, %(now)s,
+VALUES (%(call_reference_id)s, %(workflow)s, %(mode)s, %(batch_key)s, %(state)s, %(now)s, %(now)s,
         %(file_count)s, %(byte_count)s)
 RETURNING id;
 
--- name: set_group_size
-UPDATE groups SET file_count = %(file_count)s, byte_count = %(byte_count)s,
+-- name: set_batch_size
+UPDATE calls SET file_count = %(file_count)s, byte_count = %(byte_count)s,
        last_added_at = %(now)s
 WHERE id = %(id)s;
 
--- name: open_groups
-SELECT * FROM groups WHERE state = 'open' ORDER BY id;
+-- name: collecting_calls
+SELECT * FROM calls WHERE state = 'collecting' ORDER BY id;
 
--- name: close_group
-UPDATE groups SET state = 'ready', not_before = 0 WHERE id = %(id)s AND state = 'open';
+-- name: close_batch
+UPDATE calls SET state = 'ready', not_before = 0 WHERE id = %(id)s AND state = 'collecting';
 
--- name: ready_groups
-SELECT * FROM groups WHERE state = 'ready' AND not_before <= %(now)s
+-- name: ready_calls
+SELECT * FROM calls WHERE state = 'ready' AND not_before <= %(now)s
 ORDER BY not_before, id LIMIT %(limit)s;
 
--- name: group_by_id
-SELECT * FROM groups WHERE id = %(id)s;
+-- name: call_by_id
+SELECT * FROM calls WHERE id = %(id)s;
 
--- name: files_of_groups
-SELECT * FROM files WHERE group_id = ANY(%(group_ids)s) AND state <> 'retried'
-ORDER BY group_id, id;
+-- name: files_of_calls
+SELECT * FROM files WHERE call_row_id = ANY(%(call_row_ids)s) AND state <> 'retried'
+ORDER BY call_row_id, id;
 
 -- name: mark_sending
-UPDATE groups SET state = 'sending', sent_at = %(now)s, attempts = attempts + 1
+UPDATE calls SET state = 'sending', sent_at = %(now)s, attempts = attempts + 1
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_submitted
-UPDATE groups SET state = 'polling', call_id = %(call_id)s, status = %(status)s,
+UPDATE calls SET state = 'polling', call_id = %(call_id)s, status = %(status)s,
        submitted_at = coalesce(submitted_at, %(now)s), not_before = %(next_poll)s, attempts = 0,
        claimed_by = NULL, lease_until = NULL
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_submit_later
-UPDATE groups SET state = 'ready', not_before = %(not_before)s, claimed_by = NULL, lease_until = NULL
+UPDATE calls SET state = 'ready', not_before = %(not_before)s, claimed_by = NULL, lease_until = NULL
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_unknown
-UPDATE groups SET state = 'unknown', not_before = %(not_before)s, claimed_by = NULL, lease_until = NULL
+UPDATE calls SET state = 'unknown', not_before = %(not_before)s, claimed_by = NULL, lease_until = NULL
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_terminal
-UPDATE groups SET state = 'terminal', status = %(status)s, result_json = %(result_json)s,
+UPDATE calls SET state = 'terminal', status = %(status)s, result_json = %(result_json)s,
        error_reason = %(error_reason)s, finished_at = %(now)s, not_before = 0, claimed_by = NULL, lease_until = NULL
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: due_polls
-SELECT * FROM groups WHERE state = 'polling' AND not_before <= %(now)s
+SELECT * FROM calls WHERE state = 'polling' AND not_before <= %(now)s
 ORDER BY not_before, id LIMIT %(limit)s;
 
 -- name: next_poll_due
-SELECT min(not_before) FROM groups WHERE state = 'polling';
+SELECT min(not_before) FROM calls WHERE state = 'polling';
 
 -- name: next_submit_due
-SELECT min(not_before) FROM groups WHERE state IN ('ready', 'unknown');
+SELECT min(not_before) FROM calls WHERE state IN ('ready', 'unknown');
 
 -- name: reschedule_poll
--- An event recorded after the poller read the group (seen_event_at) keeps its earlier time.
-UPDATE groups SET
+-- An event recorded after the poller read the call (seen_event_at) keeps its earlier time.
+UPDATE calls SET
     not_before = CASE
         WHEN %(seen_event_at)s::double precision IS NOT NULL
              AND event_at > %(seen_event_at)s::double precision
@@ -216,11 +216,11 @@ UPDATE groups SET
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: due_unknown
-SELECT * FROM groups WHERE state = 'unknown' AND not_before <= %(now)s
+SELECT * FROM calls WHERE state = 'unknown' AND not_before <= %(now)s
 ORDER BY id LIMIT %(limit)s;
 
--- name: terminal_groups
-SELECT * FROM groups WHERE state = 'terminal' ORDER BY finished_at, id LIMIT %(limit)s;
+-- name: terminal_calls
+SELECT * FROM calls WHERE state = 'terminal' ORDER BY finished_at, id LIMIT %(limit)s;
 
 -- name: rejected_files
 SELECT * FROM files WHERE state = 'rejected' ORDER BY id LIMIT %(limit)s;
@@ -232,49 +232,49 @@ SELECT * FROM files WHERE state = 'delivered' ORDER BY id LIMIT %(limit)s;
 UPDATE files SET state = 'retried' WHERE id = %(id)s;
 
 -- name: reject_file
-UPDATE files SET state = 'rejected', reason = %(reason)s, group_id = NULL WHERE id = %(id)s;
+UPDATE files SET state = 'rejected', reason = %(reason)s, call_row_id = NULL WHERE id = %(id)s;
 
--- name: shrink_group
-UPDATE groups SET file_count = file_count - 1, byte_count = byte_count - %(size)s
+-- name: shrink_call
+UPDATE calls SET file_count = file_count - 1, byte_count = byte_count - %(size)s
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_delivered
--- A rejected file is in no group, so nobody's claim: shared, once another runner delivered it,
+-- A rejected file is in no call, so nobody's claim: shared, once another runner delivered it,
 -- it is fenced off.
 UPDATE files SET state = 'delivered', outcome = %(outcome)s, reason = coalesce(%(reason)s, reason),
        delivered_at = %(now)s
-WHERE id = %(id)s AND (group_id IS NOT NULL OR %(me)s::text IS NULL OR state = 'rejected')
-  AND (group_id IS NULL OR EXISTS (
-    SELECT 1 FROM groups g WHERE g.id = files.group_id
+WHERE id = %(id)s AND (call_row_id IS NOT NULL OR %(me)s::text IS NULL OR state = 'rejected')
+  AND (call_row_id IS NULL OR EXISTS (
+    SELECT 1 FROM calls g WHERE g.id = files.call_row_id
       AND (g.claimed_by IS NULL OR g.claimed_by = %(me)s)));
 
 -- name: mark_done
 UPDATE files SET state = 'done', done_at = %(now)s WHERE id = %(id)s;
 
--- name: mark_group_done
-UPDATE groups SET state = 'done', claimed_by = NULL, lease_until = NULL WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s) AND NOT EXISTS (
-    SELECT 1 FROM files WHERE group_id = %(id)s AND state IN ('queued', 'rejected'));
+-- name: mark_call_done
+UPDATE calls SET state = 'done', claimed_by = NULL, lease_until = NULL WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s) AND NOT EXISTS (
+    SELECT 1 FROM files WHERE call_row_id = %(id)s AND state IN ('queued', 'rejected'));
 
--- name: drop_empty_group
-UPDATE groups SET state = 'done', error_reason = 'no files left to send', claimed_by = NULL, lease_until = NULL
+-- name: drop_empty_call
+UPDATE calls SET state = 'done', error_reason = 'no files left to send', claimed_by = NULL, lease_until = NULL
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: count_files
 SELECT state, outcome, count(*) FROM files GROUP BY state, outcome;
 
--- name: count_groups
-SELECT state, count(*) FROM groups WHERE reused_file_id IS NULL GROUP BY state;
+-- name: count_calls
+SELECT state, count(*) FROM calls WHERE reused_file_id IS NULL GROUP BY state;
 
 -- name: count_reused
-SELECT count(*) FROM files f JOIN groups g ON g.id = f.group_id
+SELECT count(*) FROM files f JOIN calls g ON g.id = f.call_row_id
 WHERE g.reused_file_id IS NOT NULL AND f.state IN ('delivered', 'done');
 
 -- name: open_call_count
-SELECT count(*) FROM groups WHERE state IN ('sending', 'unknown', 'polling');
+SELECT count(*) FROM calls WHERE state IN ('sending', 'unknown', 'polling');
 
 -- name: unfinished_work
 SELECT
-    (SELECT count(*) FROM groups WHERE state <> 'done') +
+    (SELECT count(*) FROM calls WHERE state <> 'done') +
     (SELECT count(*) FROM files WHERE state IN ('queued', 'rejected', 'delivered'));
 
 -- name: recent_errors
@@ -285,48 +285,48 @@ WHERE outcome = 'error' AND state IN ('delivered', 'done') ORDER BY id DESC LIMI
 SELECT * FROM files WHERE outcome = 'error' AND state = 'done' ORDER BY id;
 
 -- name: integrity_check
-SELECT count(*) FROM groups g
+SELECT count(*) FROM calls g
 WHERE g.state NOT IN ('done')
   AND g.file_count <> (SELECT count(*) FROM files f
-                       WHERE f.group_id = g.id AND f.state NOT IN ('retried', 'rejected'));
+                       WHERE f.call_row_id = g.id AND f.state NOT IN ('retried', 'rejected'));
 
--- Claims: a group is free when nobody holds it, its holder is this runner, or the lease passed.
+-- Claims: a call is free when nobody holds it, its holder is this runner, or the lease passed.
 -- The database's clock times every lease, never a host's.
 
 -- name: claim_ready
-UPDATE groups SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
+UPDATE calls SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
 WHERE id IN (
-    SELECT id FROM groups WHERE state = 'ready' AND not_before <= %(now)s
+    SELECT id FROM calls WHERE state = 'ready' AND not_before <= %(now)s
       AND (claimed_by IS NULL OR claimed_by = %(me)s OR lease_until < now())
     ORDER BY not_before, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
 RETURNING *;
 
 -- name: claim_due_unknown
-UPDATE groups SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
+UPDATE calls SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
 WHERE id IN (
-    SELECT id FROM groups WHERE state = 'unknown' AND not_before <= %(now)s
+    SELECT id FROM calls WHERE state = 'unknown' AND not_before <= %(now)s
       AND (claimed_by IS NULL OR claimed_by = %(me)s OR lease_until < now())
     ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
 RETURNING *;
 
 -- name: claim_due_polls
-UPDATE groups SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
+UPDATE calls SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
 WHERE id IN (
-    SELECT id FROM groups WHERE state = 'polling' AND not_before <= %(now)s
+    SELECT id FROM calls WHERE state = 'polling' AND not_before <= %(now)s
       AND (claimed_by IS NULL OR claimed_by = %(me)s OR lease_until < now())
     ORDER BY not_before, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
 RETURNING *;
 
 -- name: claim_terminal
-UPDATE groups SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
+UPDATE calls SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(lease)s)
 WHERE id IN (
-    SELECT id FROM groups WHERE state = 'terminal'
+    SELECT id FROM calls WHERE state = 'terminal'
       AND (claimed_by IS NULL OR claimed_by = %(me)s OR lease_until < now())
     ORDER BY finished_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
 RETURNING *;
 
 -- name: release
-UPDATE groups SET claimed_by = NULL, lease_until = NULL
+UPDATE calls SET claimed_by = NULL, lease_until = NULL
 WHERE id = ANY(%(ids)s) AND claimed_by = %(me)s;
 
 -- name: join_runner
@@ -336,7 +336,7 @@ ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
 
 -- name: leave_runner
 WITH gone AS (DELETE FROM runners WHERE id = %(me)s RETURNING id)
-UPDATE groups SET state = CASE WHEN state = 'sending' THEN 'unknown' ELSE state END,
+UPDATE calls SET state = CASE WHEN state = 'sending' THEN 'unknown' ELSE state END,
        not_before = CASE WHEN state = 'sending' THEN 0 ELSE not_before END,
        claimed_by = NULL, lease_until = NULL
 WHERE claimed_by IN (SELECT id FROM gone);
@@ -345,7 +345,7 @@ WHERE claimed_by IN (SELECT id FROM gone);
 UPDATE runners SET heartbeat_at = now() WHERE id = %(me)s RETURNING id;
 
 -- name: renew_claims
-UPDATE groups SET lease_until = now() + make_interval(secs => %(lease)s) WHERE claimed_by = %(me)s;
+UPDATE calls SET lease_until = now() + make_interval(secs => %(lease)s) WHERE claimed_by = %(me)s;
 
 -- name: expire_runners
 -- never the caller itself: its own heartbeat, just before, says it lives
@@ -354,7 +354,7 @@ WITH dead AS (
                           AND id IS DISTINCT FROM %(me)s
     RETURNING id),
 freed AS (
-    UPDATE groups SET state = CASE WHEN state = 'sending' THEN 'unknown' ELSE state END,
+    UPDATE calls SET state = CASE WHEN state = 'sending' THEN 'unknown' ELSE state END,
            not_before = CASE WHEN state = 'sending' THEN 0 ELSE not_before END,
            claimed_by = NULL, lease_until = NULL
     WHERE claimed_by IN (SELECT id FROM dead)
@@ -364,7 +364,7 @@ SELECT id FROM dead ORDER BY id;
 -- name: runners
 SELECT r.id, r.host, r.pid, extract(epoch FROM r.started_at)::float8 AS started_at,
        extract(epoch FROM r.heartbeat_at)::float8 AS heartbeat_at,
-       (SELECT count(*) FROM groups g WHERE g.claimed_by = r.id
+       (SELECT count(*) FROM calls g WHERE g.claimed_by = r.id
           AND g.state IN ('sending', 'unknown', 'polling')) AS calls_held
 FROM runners r ORDER BY r.id;
 
@@ -433,24 +433,24 @@ INSERT INTO webhook_events (event_id, event_type, call_id, reference_id, state, 
 VALUES (%(event_id)s, %(event_type)s, %(call_id)s, %(reference_id)s, 'pending', %(now)s)
 ON CONFLICT (event_id) DO NOTHING;
 
--- name: group_of_call
+-- name: call_row_of_call
 -- Locked, so an event and the recording of its call never miss each other.
-SELECT id, state, submitted_at FROM groups WHERE call_id = %(call_id)s
+SELECT id, state, submitted_at FROM calls WHERE call_id = %(call_id)s
 ORDER BY id DESC LIMIT 1 FOR UPDATE;
 
 -- name: mark_for_confirmation
-UPDATE groups SET event_at = %(now)s, not_before = least(not_before, %(confirm_at)s)
+UPDATE calls SET event_at = %(now)s, not_before = least(not_before, %(confirm_at)s)
 WHERE id = %(id)s AND state = 'polling';
 
 -- name: match_webhook_event
-UPDATE webhook_events SET state = 'matched', group_id = %(group_id)s
+UPDATE webhook_events SET state = 'matched', call_row_id = %(call_row_id)s
 WHERE event_id = %(event_id)s;
 
--- name: lock_group
-SELECT id FROM groups WHERE id = %(group_id)s FOR UPDATE;
+-- name: lock_call
+SELECT id FROM calls WHERE id = %(call_row_id)s FOR UPDATE;
 
 -- name: claim_webhook_events
-UPDATE webhook_events SET state = 'matched', group_id = %(group_id)s
+UPDATE webhook_events SET state = 'matched', call_row_id = %(call_row_id)s
 WHERE state = 'pending' AND (call_id = %(call_id)s OR reference_id = %(call_reference_id)s);
 
 -- name: expire_webhook_events
@@ -468,6 +468,31 @@ SELECT state, count(*) AS count FROM webhook_events GROUP BY state;
 ALTER TABLE groups ADD COLUMN reused_file_id BIGINT REFERENCES files (id);
 CREATE INDEX files_by_content ON files (sha256, workflow, input_type);
 
+-- name: schema_6
+-- One word for the store's unit of work: the row that becomes one bem call is a call. The table
+-- ``groups`` is ``calls``, a file's ``group_id`` its ``call_row_id`` (``call_id`` stays bem's
+-- callID), a batch's ``group_key`` its ``batch_key``, and a call still taking files is
+-- ``collecting`` (``open`` is said of calls open at bem). Indexes, constraints and the id
+-- sequence follow the table's name.
+ALTER TABLE groups RENAME TO calls;
+ALTER TABLE calls RENAME COLUMN group_key TO batch_key;
+ALTER TABLE files RENAME COLUMN group_id TO call_row_id;
+ALTER TABLE webhook_events RENAME COLUMN group_id TO call_row_id;
+ALTER SEQUENCE groups_id_seq RENAME TO calls_id_seq;
+ALTER INDEX groups_pkey RENAME TO calls_pkey;
+ALTER INDEX groups_call_reference_id_key RENAME TO calls_call_reference_id_key;
+ALTER TABLE calls RENAME CONSTRAINT groups_reused_file_id_fkey TO calls_reused_file_id_fkey;
+ALTER TABLE files RENAME CONSTRAINT files_group_id_fkey TO files_call_row_id_fkey;
+ALTER TABLE webhook_events
+    RENAME CONSTRAINT webhook_events_group_id_fkey TO webhook_events_call_row_id_fkey;
+ALTER INDEX groups_state_due RENAME TO calls_state_due;
+ALTER INDEX groups_by_call_id RENAME TO calls_by_call_id;
+ALTER INDEX groups_by_claim RENAME TO calls_by_claim;
+ALTER INDEX files_by_group RENAME TO files_by_call;
+DROP INDEX groups_one_open_per_key;
+UPDATE calls SET state = 'collecting' WHERE state = 'open';
+CREATE UNIQUE INDEX calls_one_collecting_per_key ON calls (batch_key) WHERE state = 'collecting';
+
 -- Content dedupe (runner/dedupe.py decides; these read its facts and apply its decisions).
 -- Deciding and waking hold one advisory lock, so a delivery never slips between what a
 -- decision read and what it wrote. Keys come as three arrays: sha256s, workflows, input types.
@@ -476,9 +501,9 @@ CREATE INDEX files_by_content ON files (sha256, workflow, input_type);
 SELECT pg_advisory_xact_lock(%(purpose)s, hashtext(current_schema()));
 
 -- name: dedupe_candidates
-SELECT g.id AS group_id, f.sha256, f.workflow, f.input_type FROM groups g
-JOIN files f ON f.group_id = g.id AND f.state = 'queued'
-WHERE g.id = ANY(%(group_ids)s) AND g.state = 'ready' AND g.mode = 'file'
+SELECT g.id AS call_row_id, f.sha256, f.workflow, f.input_type FROM calls g
+JOIN files f ON f.call_row_id = g.id AND f.state = 'queued'
+WHERE g.id = ANY(%(call_row_ids)s) AND g.state = 'ready' AND g.mode = 'file'
   AND (g.claimed_by IS NULL OR g.claimed_by IS NOT DISTINCT FROM %(me)s)
 ORDER BY g.id;
 
@@ -488,51 +513,51 @@ SELECT k.sha256, k.workflow, k.input_type, s.id AS file_id, g.call_id
 FROM unnest(%(shas)s::text[], %(workflows)s::text[], %(input_types)s::text[])
      AS k (sha256, workflow, input_type)
 JOIN files s ON s.id = (
-    SELECT f.id FROM files f JOIN groups c ON c.id = f.group_id
+    SELECT f.id FROM files f JOIN calls c ON c.id = f.call_row_id
     WHERE f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
       AND f.outcome = 'result' AND f.state IN ('delivered', 'done')
       AND c.status = 'completed' AND c.reused_file_id IS NULL AND c.call_id IS NOT NULL
     ORDER BY f.id DESC LIMIT 1)
-JOIN groups g ON g.id = s.group_id;
+JOIN calls g ON g.id = s.call_row_id;
 
 -- name: dedupe_peers
-SELECT f.sha256, f.workflow, f.input_type, g.id AS group_id, g.state, g.mode
+SELECT f.sha256, f.workflow, f.input_type, g.id AS call_row_id, g.state, g.mode
 FROM unnest(%(shas)s::text[], %(workflows)s::text[], %(input_types)s::text[])
      AS k (sha256, workflow, input_type)
 JOIN files f ON f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
-JOIN groups g ON g.id = f.group_id
+JOIN calls g ON g.id = f.call_row_id
 WHERE f.state = 'queued';
 
 -- name: mark_reused
-UPDATE groups SET state = 'terminal', status = 'completed', call_id = %(call_id)s,
+UPDATE calls SET state = 'terminal', status = 'completed', call_id = %(call_id)s,
        reused_file_id = %(source)s, finished_at = %(now)s, not_before = 0,
        claimed_by = NULL, lease_until = NULL
 WHERE id = %(id)s AND state = 'ready';
 
 -- name: mark_waiting
-UPDATE groups SET state = 'waiting', claimed_by = NULL, lease_until = NULL
+UPDATE calls SET state = 'waiting', claimed_by = NULL, lease_until = NULL
 WHERE id = %(id)s AND state = 'ready';
 
 -- name: wake_duplicates
--- Groups waiting for the content of these files (delivered, or gone from their groups).
-UPDATE groups SET state = 'ready', not_before = 0
+-- Calls waiting for the content of these files (delivered, or gone from their calls).
+UPDATE calls SET state = 'ready', not_before = 0
 WHERE state = 'waiting' AND EXISTS (
     SELECT 1 FROM files w JOIN files d
       ON d.sha256 = w.sha256 AND d.workflow = w.workflow AND d.input_type = w.input_type
-    WHERE w.group_id = groups.id AND w.state = 'queued' AND d.id = ANY(%(file_ids)s));
+    WHERE w.call_row_id = calls.id AND w.state = 'queued' AND d.id = ANY(%(file_ids)s));
 
 -- name: wake_all_waiting
-UPDATE groups SET state = 'ready', not_before = 0 WHERE state = 'waiting';
+UPDATE calls SET state = 'ready', not_before = 0 WHERE state = 'waiting';
 
 -- name: files_by_id
 SELECT * FROM files WHERE id = ANY(%(file_ids)s);
 
 -- name: call_files
 -- The files a finished call's documents were made for: its files then, even those retried since
--- (a retried file had its document), never one that left the group before it was sent.
+-- (a retried file had its document), never one that left the call before it was sent.
 SELECT * FROM files
-WHERE group_id = ANY(%(group_ids)s) AND (state <> 'retried' OR delivered_at IS NOT NULL)
-ORDER BY group_id, id;
+WHERE call_row_id = ANY(%(call_row_ids)s) AND (state <> 'retried' OR delivered_at IS NOT NULL)
+ORDER BY call_row_id, id;
 
--- name: groups_by_id
-SELECT * FROM groups WHERE id = ANY(%(group_ids)s);
+-- name: calls_by_id
+SELECT * FROM calls WHERE id = ANY(%(call_row_ids)s);

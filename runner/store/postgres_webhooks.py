@@ -1,6 +1,6 @@
 """Webhook events in the PostgreSQL store: recorded once, matched to their calls.
 
-The group row is locked while an event is matched or a call claims its pending events, so an
+The call row is locked while an event is matched or a bem call claims its pending events, so an
 event arriving while its call is being recorded is never missed by both.
 """
 
@@ -15,7 +15,7 @@ class PostgresWebhooks(PostgresPlumbing):
         self, event: WebhookEvent, *, now: float, confirm_at: float
     ) -> EventRecorded:
         """Record ``event`` once (by eventID); mark its call for confirmation by ``confirm_at``."""
-        nothing = EventRecorded(duplicate=False, group_id=None, submitted_at=None)
+        nothing = EventRecorded(duplicate=False, call_row_id=None, submitted_at=None)
         async with self._transaction("record_webhook_event") as conn:
             cursor = await conn.execute(
                 QUERIES["insert_webhook_event"],
@@ -28,40 +28,53 @@ class PostgresWebhooks(PostgresPlumbing):
                 },
             )
             if cursor.rowcount == 0:
-                return EventRecorded(duplicate=True, group_id=None, submitted_at=None)
+                return EventRecorded(duplicate=True, call_row_id=None, submitted_at=None)
             if event.call_id is None:
                 return nothing
-            cursor = await conn.execute(QUERIES["group_of_call"], {"call_id": event.call_id})
-            group = await cursor.fetchone()
-            if group is None:
+            cursor = await conn.execute(QUERIES["call_row_of_call"], {"call_id": event.call_id})
+            call = await cursor.fetchone()
+            if call is None:
                 return nothing
-            group_id, state, submitted_at = group
+            call_row_id, state, submitted_at = call
             await conn.execute(
-                QUERIES["match_webhook_event"], {"event_id": event.event_id, "group_id": group_id}
+                QUERIES["match_webhook_event"],
+                {"event_id": event.event_id, "call_row_id": call_row_id},
             )
             if state != "polling":
                 return nothing
             await conn.execute(
                 QUERIES["mark_for_confirmation"],
-                {"id": group_id, "now": now, "confirm_at": confirm_at},
+                {"id": call_row_id, "now": now, "confirm_at": confirm_at},
             )
-            return EventRecorded(duplicate=False, group_id=int(group_id), submitted_at=submitted_at)
+            return EventRecorded(
+                duplicate=False, call_row_id=int(call_row_id), submitted_at=submitted_at
+            )
 
     async def claim_webhook_events(
-        self, group_id: int, *, call_id: str, call_reference_id: str, now: float, confirm_at: float
+        self,
+        call_row_id: int,
+        *,
+        call_id: str,
+        call_reference_id: str,
+        now: float,
+        confirm_at: float,
     ) -> int:
         """Pending events of a call just recorded: marked for confirmation by ``confirm_at``."""
         async with self._transaction("claim_webhook_events") as conn:
-            await conn.execute(QUERIES["lock_group"], {"group_id": group_id})
+            await conn.execute(QUERIES["lock_call"], {"call_row_id": call_row_id})
             cursor = await conn.execute(
                 QUERIES["claim_webhook_events"],
-                {"group_id": group_id, "call_id": call_id, "call_reference_id": call_reference_id},
+                {
+                    "call_row_id": call_row_id,
+                    "call_id": call_id,
+                    "call_reference_id": call_reference_id,
+                },
             )
             claimed = cursor.rowcount
             if claimed:
                 await conn.execute(
                     QUERIES["mark_for_confirmation"],
-                    {"id": group_id, "now": now, "confirm_at": confirm_at},
+                    {"id": call_row_id, "now": now, "confirm_at": confirm_at},
                 )
         return max(0, claimed)
 

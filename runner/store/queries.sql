@@ -85,6 +85,27 @@ ALTER TABLE groups ADD COLUMN reused_file_id INTEGER REFERENCES files (id);
 CREATE INDEX files_by_content ON files (sha256, workflow, input_type);
 UPDATE meta SET value = '4' WHERE key = 'schema_version';
 
+-- name: schema_5
+-- One word for the store's unit of work: the row that becomes one bem call is a call. The table
+-- ``groups`` is ``calls``, a file's ``group_id`` its ``call_row_id`` (``call_id`` stays bem's
+-- callID), a batch's ``group_key`` its ``batch_key``, and a call still taking files is
+-- ``collecting`` (``open`` is said of calls open at bem). SQLite renames no index: each is made
+-- again under its new name.
+ALTER TABLE groups RENAME TO calls;
+ALTER TABLE calls RENAME COLUMN group_key TO batch_key;
+ALTER TABLE files RENAME COLUMN group_id TO call_row_id;
+ALTER TABLE webhook_events RENAME COLUMN group_id TO call_row_id;
+DROP INDEX groups_state_due;
+CREATE INDEX calls_state_due ON calls (state, not_before);
+DROP INDEX groups_one_open_per_key;
+UPDATE calls SET state = 'collecting' WHERE state = 'open';
+CREATE UNIQUE INDEX calls_one_collecting_per_key ON calls (batch_key) WHERE state = 'collecting';
+DROP INDEX groups_by_call_id;
+CREATE INDEX calls_by_call_id ON calls (call_id);
+DROP INDEX files_by_group;
+CREATE INDEX files_by_call ON files (call_row_id);
+UPDATE meta SET value = '5' WHERE key = 'schema_version';
+
 -- name: schema_version
 SELECT value FROM meta WHERE key = 'schema_version';
 
@@ -95,7 +116,7 @@ SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta';
 SELECT count(*) FROM sqlite_master WHERE type = 'table';
 
 -- name: recover_sending
-UPDATE groups SET state = 'unknown', not_before = 0 WHERE state = 'sending';
+UPDATE calls SET state = 'unknown', not_before = 0 WHERE state = 'sending';
 
 -- name: known_files
 SELECT rel, size, mtime_ns, state FROM files
@@ -103,69 +124,69 @@ WHERE state <> 'retried' AND id IN (SELECT max(id) FROM files WHERE state <> 're
 
 -- name: insert_file
 INSERT INTO files (rel, size, mtime_ns, sha256, input_type, workflow, item_reference_id,
-                   group_id, state, reason, seen_at)
+                   call_row_id, state, reason, seen_at)
 VALUES (:rel, :size, :mtime_ns, :sha256, :input_type, :workflow, :item_reference_id,
-        :group_id, :state, :reason, :seen_at);
+        :call_row_id, :state, :reason, :seen_at);
 
--- name: open_group_by_key
-SELECT id, file_count, byte_count FROM groups WHERE group_key = :group_key AND state = 'open';
+-- name: collecting_call_by_key
+SELECT id, file_count, byte_count FROM calls WHERE batch_key = :batch_key AND state = 'collecting';
 
--- name: insert_group
-INSERT INTO groups (call_reference_id, workflow, mode, group_key, state, opened_at, last_added_at)
-VALUES (:call_reference_id, :workflow, :mode, :group_key, :state, :now, :now);
+-- name: insert_call
+INSERT INTO calls (call_reference_id, workflow, mode, batch_key, state, opened_at, last_added_at)
+VALUES (:call_reference_id, :workflow, :mode, :batch_key, :state, :now, :now);
 
--- name: add_to_group
-UPDATE groups SET file_count = file_count + 1, byte_count = byte_count + :size, last_added_at = :now
+-- name: add_to_batch
+UPDATE calls SET file_count = file_count + 1, byte_count = byte_count + :size, last_added_at = :now
 WHERE id = :id;
 
--- name: open_groups
-SELECT * FROM groups WHERE state = 'open' ORDER BY id;
+-- name: collecting_calls
+SELECT * FROM calls WHERE state = 'collecting' ORDER BY id;
 
--- name: close_group
-UPDATE groups SET state = 'ready', not_before = 0 WHERE id = :id AND state = 'open';
+-- name: close_batch
+UPDATE calls SET state = 'ready', not_before = 0 WHERE id = :id AND state = 'collecting';
 
--- name: ready_groups
-SELECT * FROM groups WHERE state = 'ready' AND not_before <= :now ORDER BY not_before, id LIMIT :limit;
+-- name: ready_calls
+SELECT * FROM calls WHERE state = 'ready' AND not_before <= :now ORDER BY not_before, id LIMIT :limit;
 
--- name: group_by_id
-SELECT * FROM groups WHERE id = :id;
+-- name: call_by_id
+SELECT * FROM calls WHERE id = :id;
 
--- name: files_of_groups
+-- name: files_of_calls
 SELECT * FROM files
-WHERE group_id IN (SELECT value FROM json_each(:group_ids)) AND state <> 'retried'
-ORDER BY group_id, id;
+WHERE call_row_id IN (SELECT value FROM json_each(:call_row_ids)) AND state <> 'retried'
+ORDER BY call_row_id, id;
 
 -- name: mark_sending
-UPDATE groups SET state = 'sending', sent_at = :now, attempts = attempts + 1 WHERE id = :id;
+UPDATE calls SET state = 'sending', sent_at = :now, attempts = attempts + 1 WHERE id = :id;
 
 -- name: mark_submitted
-UPDATE groups SET state = 'polling', call_id = :call_id, status = :status,
+UPDATE calls SET state = 'polling', call_id = :call_id, status = :status,
        submitted_at = coalesce(submitted_at, :now), not_before = :next_poll, attempts = 0
 WHERE id = :id;
 
 -- name: mark_submit_later
-UPDATE groups SET state = 'ready', not_before = :not_before WHERE id = :id;
+UPDATE calls SET state = 'ready', not_before = :not_before WHERE id = :id;
 
 -- name: mark_unknown
-UPDATE groups SET state = 'unknown', not_before = :not_before WHERE id = :id;
+UPDATE calls SET state = 'unknown', not_before = :not_before WHERE id = :id;
 
 -- name: mark_terminal
-UPDATE groups SET state = 'terminal', status = :status, result_json = :result_json,
+UPDATE calls SET state = 'terminal', status = :status, result_json = :result_json,
        error_reason = :error_reason, finished_at = :now, not_before = 0
 WHERE id = :id;
 
 -- name: due_polls
-SELECT * FROM groups WHERE state = 'polling' AND not_before <= :now ORDER BY not_before LIMIT :limit;
+SELECT * FROM calls WHERE state = 'polling' AND not_before <= :now ORDER BY not_before LIMIT :limit;
 
 -- name: next_poll_due
-SELECT min(not_before) FROM groups WHERE state = 'polling';
+SELECT min(not_before) FROM calls WHERE state = 'polling';
 
 -- name: next_submit_due
-SELECT min(not_before) FROM groups WHERE state IN ('ready', 'unknown');
+SELECT min(not_before) FROM calls WHERE state IN ('ready', 'unknown');
 
 -- name: reschedule_poll
--- An event recorded after the poller read the group (:seen_event_at) keeps its earlier time.
-UPDATE groups SET
+-- An event recorded after the poller read the call (:seen_event_at) keeps its earlier time.
+UPDATE calls SET
     not_before = CASE
         WHEN :seen_event_at IS NOT NULL AND event_at > :seen_event_at
         THEN min(not_before, :not_before) ELSE :not_before END,
@@ -173,10 +194,10 @@ UPDATE groups SET
 WHERE id = :id;
 
 -- name: due_unknown
-SELECT * FROM groups WHERE state = 'unknown' AND not_before <= :now ORDER BY id LIMIT :limit;
+SELECT * FROM calls WHERE state = 'unknown' AND not_before <= :now ORDER BY id LIMIT :limit;
 
--- name: terminal_groups
-SELECT * FROM groups WHERE state = 'terminal' ORDER BY finished_at, id LIMIT :limit;
+-- name: terminal_calls
+SELECT * FROM calls WHERE state = 'terminal' ORDER BY finished_at, id LIMIT :limit;
 
 -- name: rejected_files
 SELECT * FROM files WHERE state = 'rejected' ORDER BY id LIMIT :limit;
@@ -188,10 +209,10 @@ SELECT * FROM files WHERE state = 'delivered' ORDER BY id LIMIT :limit;
 UPDATE files SET state = 'retried' WHERE id = :id;
 
 -- name: reject_file
-UPDATE files SET state = 'rejected', reason = :reason, group_id = NULL WHERE id = :id;
+UPDATE files SET state = 'rejected', reason = :reason, call_row_id = NULL WHERE id = :id;
 
--- name: shrink_group
-UPDATE groups SET file_count = file_count - 1, byte_count = byte_count - :size WHERE id = :id;
+-- name: shrink_call
+UPDATE calls SET file_count = file_count - 1, byte_count = byte_count - :size WHERE id = :id;
 
 -- name: mark_delivered
 UPDATE files SET state = 'delivered', outcome = :outcome, reason = coalesce(:reason, reason),
@@ -201,29 +222,29 @@ WHERE id = :id;
 -- name: mark_done
 UPDATE files SET state = 'done', done_at = :now WHERE id = :id;
 
--- name: mark_group_done
-UPDATE groups SET state = 'done' WHERE id = :id AND NOT EXISTS (
-    SELECT 1 FROM files WHERE group_id = :id AND state IN ('queued', 'rejected'));
+-- name: mark_call_done
+UPDATE calls SET state = 'done' WHERE id = :id AND NOT EXISTS (
+    SELECT 1 FROM files WHERE call_row_id = :id AND state IN ('queued', 'rejected'));
 
--- name: drop_empty_group
-UPDATE groups SET state = 'done', error_reason = 'no files left to send' WHERE id = :id;
+-- name: drop_empty_call
+UPDATE calls SET state = 'done', error_reason = 'no files left to send' WHERE id = :id;
 
 -- name: count_files
 SELECT state, outcome, count(*) FROM files GROUP BY state, outcome;
 
--- name: count_groups
-SELECT state, count(*) FROM groups WHERE reused_file_id IS NULL GROUP BY state;
+-- name: count_calls
+SELECT state, count(*) FROM calls WHERE reused_file_id IS NULL GROUP BY state;
 
 -- name: count_reused
-SELECT count(*) FROM files f JOIN groups g ON g.id = f.group_id
+SELECT count(*) FROM files f JOIN calls g ON g.id = f.call_row_id
 WHERE g.reused_file_id IS NOT NULL AND f.state IN ('delivered', 'done');
 
 -- name: open_call_count
-SELECT count(*) FROM groups WHERE state IN ('sending', 'unknown', 'polling');
+SELECT count(*) FROM calls WHERE state IN ('sending', 'unknown', 'polling');
 
 -- name: unfinished_work
 SELECT
-    (SELECT count(*) FROM groups WHERE state NOT IN ('done')) +
+    (SELECT count(*) FROM calls WHERE state NOT IN ('done')) +
     (SELECT count(*) FROM files WHERE state IN ('queued', 'rejected', 'delivered'));
 
 -- name: recent_errors
@@ -238,18 +259,18 @@ INSERT INTO webhook_events (event_id, event_type, call_id, reference_id, state, 
 VALUES (:event_id, :event_type, :call_id, :reference_id, 'pending', :now)
 ON CONFLICT (event_id) DO NOTHING;
 
--- name: group_of_call
-SELECT id, state, submitted_at FROM groups WHERE call_id = :call_id ORDER BY id DESC LIMIT 1;
+-- name: call_row_of_call
+SELECT id, state, submitted_at FROM calls WHERE call_id = :call_id ORDER BY id DESC LIMIT 1;
 
 -- name: mark_for_confirmation
-UPDATE groups SET event_at = :now, not_before = min(not_before, :confirm_at)
+UPDATE calls SET event_at = :now, not_before = min(not_before, :confirm_at)
 WHERE id = :id AND state = 'polling';
 
 -- name: match_webhook_event
-UPDATE webhook_events SET state = 'matched', group_id = :group_id WHERE event_id = :event_id;
+UPDATE webhook_events SET state = 'matched', call_row_id = :call_row_id WHERE event_id = :event_id;
 
 -- name: claim_webhook_events
-UPDATE webhook_events SET state = 'matched', group_id = :group_id
+UPDATE webhook_events SET state = 'matched', call_row_id = :call_row_id
 WHERE state = 'pending' AND (call_id = :call_id OR reference_id = :call_reference_id);
 
 -- name: expire_webhook_events
@@ -265,9 +286,9 @@ SELECT state, count(*) FROM webhook_events GROUP BY state;
 -- :keys is a JSON array of [sha256, workflow, input_type].
 
 -- name: dedupe_candidates
-SELECT g.id AS group_id, f.sha256, f.workflow, f.input_type FROM groups g
-JOIN files f ON f.group_id = g.id AND f.state = 'queued'
-WHERE g.id IN (SELECT value FROM json_each(:group_ids)) AND g.state = 'ready' AND g.mode = 'file'
+SELECT g.id AS call_row_id, f.sha256, f.workflow, f.input_type FROM calls g
+JOIN files f ON f.call_row_id = g.id AND f.state = 'queued'
+WHERE g.id IN (SELECT value FROM json_each(:call_row_ids)) AND g.state = 'ready' AND g.mode = 'file'
 ORDER BY g.id;
 
 -- name: dedupe_sources
@@ -279,54 +300,54 @@ WITH keys AS (
 SELECT k.sha256, k.workflow, k.input_type, s.id AS file_id, g.call_id
 FROM keys k
 JOIN files s ON s.id = (
-    SELECT f.id FROM files f JOIN groups c ON c.id = f.group_id
+    SELECT f.id FROM files f JOIN calls c ON c.id = f.call_row_id
     WHERE f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
       AND f.outcome = 'result' AND f.state IN ('delivered', 'done')
       AND c.status = 'completed' AND c.reused_file_id IS NULL AND c.call_id IS NOT NULL
     ORDER BY f.id DESC LIMIT 1)
-JOIN groups g ON g.id = s.group_id;
+JOIN calls g ON g.id = s.call_row_id;
 
 -- name: dedupe_peers
 WITH keys AS (
     SELECT json_extract(value, '$[0]') AS sha256, json_extract(value, '$[1]') AS workflow,
            json_extract(value, '$[2]') AS input_type
     FROM json_each(:keys))
-SELECT f.sha256, f.workflow, f.input_type, g.id AS group_id, g.state, g.mode
+SELECT f.sha256, f.workflow, f.input_type, g.id AS call_row_id, g.state, g.mode
 FROM keys k
 JOIN files f ON f.sha256 = k.sha256 AND f.workflow = k.workflow AND f.input_type = k.input_type
-JOIN groups g ON g.id = f.group_id
+JOIN calls g ON g.id = f.call_row_id
 WHERE f.state = 'queued';
 
 -- name: mark_reused
-UPDATE groups SET state = 'terminal', status = 'completed', call_id = :call_id,
+UPDATE calls SET state = 'terminal', status = 'completed', call_id = :call_id,
        reused_file_id = :source, finished_at = :now, not_before = 0
 WHERE id = :id AND state = 'ready';
 
 -- name: mark_waiting
-UPDATE groups SET state = 'waiting' WHERE id = :id AND state = 'ready';
+UPDATE calls SET state = 'waiting' WHERE id = :id AND state = 'ready';
 
 -- name: wake_duplicates
--- Groups waiting for the content of these files (delivered, or gone from their groups).
-UPDATE groups SET state = 'ready', not_before = 0
+-- Calls waiting for the content of these files (delivered, or gone from their calls).
+UPDATE calls SET state = 'ready', not_before = 0
 WHERE state = 'waiting' AND EXISTS (
     SELECT 1 FROM files w JOIN files d
       ON d.sha256 = w.sha256 AND d.workflow = w.workflow AND d.input_type = w.input_type
-    WHERE w.group_id = groups.id AND w.state = 'queued'
+    WHERE w.call_row_id = calls.id AND w.state = 'queued'
       AND d.id IN (SELECT value FROM json_each(:file_ids)));
 
 -- name: wake_all_waiting
-UPDATE groups SET state = 'ready', not_before = 0 WHERE state = 'waiting';
+UPDATE calls SET state = 'ready', not_before = 0 WHERE state = 'waiting';
 
 -- name: files_by_id
 SELECT * FROM files WHERE id IN (SELECT value FROM json_each(:file_ids));
 
 -- name: call_files
 -- The files a finished call's documents were made for: its files then, even those retried since
--- (a retried file had its document), never one that left the group before it was sent.
+-- (a retried file had its document), never one that left the call before it was sent.
 SELECT * FROM files
-WHERE group_id IN (SELECT value FROM json_each(:group_ids))
+WHERE call_row_id IN (SELECT value FROM json_each(:call_row_ids))
   AND (state <> 'retried' OR delivered_at IS NOT NULL)
-ORDER BY group_id, id;
+ORDER BY call_row_id, id;
 
--- name: groups_by_id
-SELECT * FROM groups WHERE id IN (SELECT value FROM json_each(:group_ids));
+-- name: calls_by_id
+SELECT * FROM calls WHERE id IN (SELECT value FROM json_each(:call_row_ids));

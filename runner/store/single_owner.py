@@ -15,14 +15,14 @@ from typing import Protocol
 
 import anyio
 
-from runner.store.base import GroupRow, RunnerRow, Tokens
+from runner.store.base import CallRow, RunnerRow, Tokens
 
 
 class _Lists(Protocol):
-    async def ready_groups(self, *, now: float, limit: int) -> list[GroupRow]: ...
-    async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]: ...
-    async def due_polls(self, *, now: float, limit: int) -> list[GroupRow]: ...
-    async def terminal_groups(self, *, limit: int) -> list[GroupRow]: ...
+    async def ready_calls(self, *, now: float, limit: int) -> list[CallRow]: ...
+    async def due_unknown(self, *, now: float, limit: int) -> list[CallRow]: ...
+    async def due_polls(self, *, now: float, limit: int) -> list[CallRow]: ...
+    async def terminal_calls(self, *, limit: int) -> list[CallRow]: ...
     async def open_call_count(self) -> int: ...
 
 
@@ -30,19 +30,19 @@ _STARTED_AT = time.time()
 
 
 class SingleOwner:
-    async def claim_ready(self: _Lists, *, now: float, limit: int) -> list[GroupRow]:
-        return await self.ready_groups(now=now, limit=limit)
+    async def claim_ready(self: _Lists, *, now: float, limit: int) -> list[CallRow]:
+        return await self.ready_calls(now=now, limit=limit)
 
-    async def claim_due_unknown(self: _Lists, *, now: float, limit: int) -> list[GroupRow]:
+    async def claim_due_unknown(self: _Lists, *, now: float, limit: int) -> list[CallRow]:
         return await self.due_unknown(now=now, limit=limit)
 
-    async def claim_due_polls(self: _Lists, *, now: float, limit: int) -> list[GroupRow]:
+    async def claim_due_polls(self: _Lists, *, now: float, limit: int) -> list[CallRow]:
         return await self.due_polls(now=now, limit=limit)
 
-    async def claim_terminal(self: _Lists, *, limit: int) -> list[GroupRow]:
-        return await self.terminal_groups(limit=limit)
+    async def claim_terminal(self: _Lists, *, limit: int) -> list[CallRow]:
+        return await self.terminal_calls(limit=limit)
 
-    async def release(self, group_ids: Sequence[int]) -> None:
+    async def release(self, call_row_ids: Sequence[int]) -> None:
         return None
 
     async def join(self) -> None:

@@ -5,7 +5,7 @@ roll back behind an outbox rename that already happened, hence ``synchronous=FUL
 
 - opening, the schema and its migration: :mod:`.sqlite_setup`
 - statements and transactions: :mod:`.sqlite_plumbing`
-- taking files into groups: :mod:`.sqlite_intake`
+- taking files into calls: :mod:`.sqlite_intake`
 - content dedupe: :mod:`.sqlite_dedupe`
 - webhook events: :mod:`.sqlite_webhooks`
 - claims, runners and the rate budget of a store with one owner: :mod:`.single_owner`
@@ -24,7 +24,7 @@ import anyio
 
 from runner.errors import StoreError
 from runner.names import from_raw
-from runner.store.base import Counts, Delivery, FileRow, Finished, GroupRow, NextPoll
+from runner.store.base import CallRow, Counts, Delivery, FileRow, Finished, NextPoll
 from runner.store.lock import state_owner
 from runner.store.single_owner import SingleOwner
 from runner.store.sqlite_dedupe import SqliteDedupe
@@ -60,52 +60,58 @@ async def open_sqlite_store(path: Path, *, read_only: bool = False) -> AsyncIter
 class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, SingleOwner):
     # -- submit -----------------------------------------------------------------------------
 
-    async def ready_groups(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "ready_groups", {"now": now, "limit": limit})
+    async def ready_calls(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "ready_calls", {"now": now, "limit": limit})
 
-    async def group(self, group_id: int) -> GroupRow:
-        rows = await self._rows(GroupRow, "group_by_id", {"id": group_id})
+    async def call(self, call_row_id: int) -> CallRow:
+        rows = await self._rows(CallRow, "call_by_id", {"id": call_row_id})
         if not rows:
-            raise StoreError(f"{self._path}: no group {group_id}")
+            raise StoreError(f"{self._path}: no call {call_row_id}")
         return rows[0]
 
-    async def files_of_groups(self, group_ids: Sequence[int]) -> dict[int, list[FileRow]]:
-        """The files of many groups with one query, by group."""
-        by_group: dict[int, list[FileRow]] = {gid: [] for gid in group_ids}
-        rows = await self._rows(FileRow, "files_of_groups", {"group_ids": json.dumps(group_ids)})
+    async def files_of_calls(self, call_row_ids: Sequence[int]) -> dict[int, list[FileRow]]:
+        """The files of many calls with one query, by call."""
+        by_call: dict[int, list[FileRow]] = {gid: [] for gid in call_row_ids}
+        rows = await self._rows(
+            FileRow, "files_of_calls", {"call_row_ids": json.dumps(call_row_ids)}
+        )
         for row in rows:
-            assert row.group_id is not None
-            by_group[row.group_id].append(row)
-        return by_group
+            assert row.call_row_id is not None
+            by_call[row.call_row_id].append(row)
+        return by_call
 
     async def supersede_file(self, file: FileRow) -> None:
-        """The file changed after it was queued: drop it from its group; it will be taken anew."""
+        """The file changed after it was queued: drop it from its call; it will be taken anew."""
         async with self._transaction("supersede_file") as db:
             await db.execute(QUERIES["supersede_file"], {"id": file.id})
-            if file.group_id is not None:
-                await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})
+            if file.call_row_id is not None:
+                await db.execute(
+                    QUERIES["shrink_call"], {"id": file.call_row_id, "size": file.size}
+                )
             await self._wake_duplicates(db, [file.id])
 
     async def reject_queued_file(self, file: FileRow, reason: str) -> None:
         async with self._transaction("reject_file") as db:
             await db.execute(QUERIES["reject_file"], {"id": file.id, "reason": reason})
-            if file.group_id is not None:
-                await db.execute(QUERIES["shrink_group"], {"id": file.group_id, "size": file.size})
+            if file.call_row_id is not None:
+                await db.execute(
+                    QUERIES["shrink_call"], {"id": file.call_row_id, "size": file.size}
+                )
 
-    async def drop_empty_group(self, group_id: int) -> None:
-        await self._write("drop_empty_group", [{"id": group_id}])
+    async def drop_empty_call(self, call_row_id: int) -> None:
+        await self._write("drop_empty_call", [{"id": call_row_id}])
 
-    async def mark_sending(self, group_ids: list[int], *, now: float) -> None:
-        await self._write("mark_sending", ({"id": gid, "now": now} for gid in group_ids))
+    async def mark_sending(self, call_row_ids: list[int], *, now: float) -> None:
+        await self._write("mark_sending", ({"id": gid, "now": now} for gid in call_row_ids))
 
     async def mark_submitted(
-        self, group_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
+        self, call_row_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
     ) -> None:
         await self._write(
             "mark_submitted",
             [
                 {
-                    "id": group_id,
+                    "id": call_row_id,
                     "call_id": call_id,
                     "status": status,
                     "now": now,
@@ -114,14 +120,14 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
             ],
         )
 
-    async def mark_submit_later(self, group_ids: list[int], *, not_before: float) -> None:
+    async def mark_submit_later(self, call_row_ids: list[int], *, not_before: float) -> None:
         await self._write(
-            "mark_submit_later", ({"id": gid, "not_before": not_before} for gid in group_ids)
+            "mark_submit_later", ({"id": gid, "not_before": not_before} for gid in call_row_ids)
         )
 
-    async def mark_unknown(self, group_ids: list[int], *, not_before: float) -> None:
+    async def mark_unknown(self, call_row_ids: list[int], *, not_before: float) -> None:
         await self._write(
-            "mark_unknown", ({"id": gid, "not_before": not_before} for gid in group_ids)
+            "mark_unknown", ({"id": gid, "not_before": not_before} for gid in call_row_ids)
         )
 
     async def mark_terminal(self, finished: Sequence[Finished], *, now: float) -> None:
@@ -139,7 +145,7 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
                 QUERIES["mark_terminal"],
                 [
                     {
-                        "id": f.group_id,
+                        "id": f.call_row_id,
                         "status": f.status,
                         "result_json": f.result_json,
                         "error_reason": f.error_reason,
@@ -152,29 +158,29 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
 
     # -- poll -------------------------------------------------------------------------------
 
-    async def due_polls(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "due_polls", {"now": now, "limit": limit})
+    async def due_polls(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "due_polls", {"now": now, "limit": limit})
 
     async def reschedule_polls(self, next_polls: Sequence[NextPoll]) -> None:
         if next_polls:
             await self._write("reschedule_poll", _next_poll_rows(next_polls))
 
-    async def due_unknown(self, *, now: float, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "due_unknown", {"now": now, "limit": limit})
+    async def due_unknown(self, *, now: float, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "due_unknown", {"now": now, "limit": limit})
 
     async def next_poll_due(self) -> float | None:
         value = await self._scalar("next_poll_due")
         return float(value) if value is not None else None
 
     async def next_submit_due(self) -> float | None:
-        """When the next ready or unknown group is due (an unknown one is listed, not sent)."""
+        """When the next ready or unknown call is due (an unknown one is listed, not sent)."""
         value = await self._scalar("next_submit_due")
         return float(value) if value is not None else None
 
     # -- deliver ----------------------------------------------------------------------------
 
-    async def terminal_groups(self, *, limit: int) -> list[GroupRow]:
-        return await self._rows(GroupRow, "terminal_groups", {"limit": limit})
+    async def terminal_calls(self, *, limit: int) -> list[CallRow]:
+        return await self._rows(CallRow, "terminal_calls", {"limit": limit})
 
     async def rejected_files(self, *, limit: int) -> list[FileRow]:
         return await self._rows(FileRow, "rejected_files", {"limit": limit})
@@ -183,9 +189,9 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
         return await self._rows(FileRow, "delivered_files", {"limit": limit})
 
     async def mark_delivered(
-        self, deliveries: Sequence[Delivery], *, finished_groups: Sequence[int], now: float
+        self, deliveries: Sequence[Delivery], *, finished_calls: Sequence[int], now: float
     ) -> None:
-        """Files whose documents are written; groups with no file left to deliver are done."""
+        """Files whose documents are written; calls with no file left to deliver are done."""
         async with self._transaction("mark_delivered") as db:
             await db.executemany(
                 QUERIES["mark_delivered"],
@@ -194,7 +200,7 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
                     for d in deliveries
                 ],
             )
-            await db.executemany(QUERIES["mark_group_done"], [{"id": g} for g in finished_groups])
+            await db.executemany(QUERIES["mark_call_done"], [{"id": g} for g in finished_calls])
             await self._wake_duplicates(db, [d.file_id for d in deliveries])
 
     async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
@@ -208,10 +214,10 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
         for state, outcome, count in await self._fetch("count_files"):
             key = f"{state}:{outcome}" if state in ("delivered", "done") and outcome else state
             files[key] = files.get(key, 0) + count
-        groups = {state: count for state, count in await self._fetch("count_groups")}
+        calls = {state: count for state, count in await self._fetch("count_calls")}
         return Counts(
             files=files,
-            groups=groups,
+            calls=calls,
             open_calls=await self.open_call_count(),
             reused=int(await self._scalar("count_reused") or 0),
         )
@@ -238,7 +244,7 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
 def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
     return [
         {
-            "id": n.group_id,
+            "id": n.call_row_id,
             "not_before": n.not_before,
             "status": n.status,
             "seen_event_at": n.seen_event_at,

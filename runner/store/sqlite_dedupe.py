@@ -13,16 +13,16 @@ from typing import Any
 import aiosqlite
 
 from runner.dedupe import Candidate, ContentKey, Peer, Source, content_key, decide
-from runner.store.base import CallAsDelivered, FileRow, GroupRow, Settled, calls_as_delivered
+from runner.store.base import CallAsDelivered, CallRow, FileRow, Settled, calls_as_delivered
 from runner.store.sqlite_plumbing import QUERIES, SqlitePlumbing
 
 
 class SqliteDedupe(SqlitePlumbing):
-    async def settle_duplicates(self, group_ids: Sequence[int], *, now: float) -> Settled:
-        if not group_ids:
+    async def settle_duplicates(self, call_row_ids: Sequence[int], *, now: float) -> Settled:
+        if not call_row_ids:
             return Settled(reused=[], waiting=[])
         async with self._transaction("settle_duplicates") as db:
-            candidates = await _candidates(db, group_ids)
+            candidates = await _candidates(db, call_row_ids)
             if not candidates:
                 return Settled(reused=[], waiting=[])
             keys = json.dumps(sorted({_key_list(c.key) for c in candidates}))
@@ -36,47 +36,49 @@ class SqliteDedupe(SqlitePlumbing):
             for r in await _all(db, "dedupe_peers", {"keys": keys}):
                 key = ContentKey(r["sha256"], r["workflow"], r["input_type"])
                 peers.setdefault(key, []).append(
-                    Peer(r["group_id"], r["state"], r["mode"] != "file")
+                    Peer(r["call_row_id"], r["state"], r["mode"] != "file")
                 )
             decisions = decide(candidates, sources, peers)
             reused = [d for d in decisions if d.action == "reuse"]
-            waiting = [d.group_id for d in decisions if d.action == "wait"]
+            waiting = [d.call_row_id for d in decisions if d.action == "wait"]
             await db.executemany(
                 QUERIES["mark_reused"],
                 [
-                    {"id": d.group_id, "source": d.source.file_id, "call_id": d.source.call_id}
+                    {"id": d.call_row_id, "source": d.source.file_id, "call_id": d.source.call_id}
                     | {"now": now}
                     for d in reused
                     if d.source is not None
                 ],
             )
             await db.executemany(QUERIES["mark_waiting"], [{"id": gid} for gid in waiting])
-        return Settled(reused=[d.group_id for d in reused], waiting=waiting)
+        return Settled(reused=[d.call_row_id for d in reused], waiting=waiting)
 
     async def reuse_sources(self, file_ids: Sequence[int]) -> dict[int, CallAsDelivered]:
         if not file_ids:
             return {}
         wanted = json.dumps(sorted(set(file_ids)))
         sources = await self._rows(FileRow, "files_by_id", {"file_ids": wanted})
-        group_ids = json.dumps(sorted({f.group_id for f in sources if f.group_id is not None}))
-        groups = await self._rows(GroupRow, "groups_by_id", {"group_ids": group_ids})
-        call_files = await self._rows(FileRow, "call_files", {"group_ids": group_ids})
-        return calls_as_delivered(sources, groups, call_files)
+        call_row_ids = json.dumps(
+            sorted({f.call_row_id for f in sources if f.call_row_id is not None})
+        )
+        calls = await self._rows(CallRow, "calls_by_id", {"call_row_ids": call_row_ids})
+        call_files = await self._rows(FileRow, "call_files", {"call_row_ids": call_row_ids})
+        return calls_as_delivered(sources, calls, call_files)
 
     @staticmethod
     async def _wake_duplicates(db: aiosqlite.Connection, file_ids: Sequence[int]) -> None:
-        """Waiting groups of these files' contents go back to ready (one statement)."""
+        """Waiting calls of these files' contents go back to ready (one statement)."""
         if file_ids:
             await db.execute(QUERIES["wake_duplicates"], {"file_ids": json.dumps(list(file_ids))})
 
 
-async def _candidates(db: aiosqlite.Connection, group_ids: Sequence[int]) -> list[Candidate]:
-    rows = await _all(db, "dedupe_candidates", {"group_ids": json.dumps(list(group_ids))})
+async def _candidates(db: aiosqlite.Connection, call_row_ids: Sequence[int]) -> list[Candidate]:
+    rows = await _all(db, "dedupe_candidates", {"call_row_ids": json.dumps(list(call_row_ids))})
     candidates = []
     for r in rows:
         key = content_key(r["sha256"], r["workflow"], r["input_type"])
         if key is not None:
-            candidates.append(Candidate(r["group_id"], key))
+            candidates.append(Candidate(r["call_row_id"], key))
     return candidates
 
 

@@ -1,7 +1,7 @@
 """Running the named statements of ``queries.sql`` on the SQLite store's one connection.
 
 Reads, one write transaction at a time (``BEGIN IMMEDIATE``, with the crash points around its
-commit), and rows turned back into :class:`GroupRow` / :class:`FileRow` with names as text.
+commit), and rows turned back into :class:`CallRow` / :class:`FileRow` with names as text.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import anyio
 from runner import faults
 from runner.errors import StoreError
 from runner.names import from_raw
-from runner.store.base import FileRow, GroupRow
+from runner.store.base import CallRow, FileRow
 from runner.store.named_sql import load_queries
 
 QUERIES = load_queries("queries.sql")
-_NAME_COLUMNS = ("rel", "group_key")
+_NAME_COLUMNS = ("rel", "batch_key")
 """Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
-Row = TypeVar("Row", GroupRow, FileRow)
+Row = TypeVar("Row", CallRow, FileRow)
 
 
 class SqlitePlumbing:

@@ -29,43 +29,53 @@ class SqliteWebhooks(SqlitePlumbing):
             inserted = cursor.rowcount
             await cursor.close()
             if inserted == 0:
-                return EventRecorded(duplicate=True, group_id=None, submitted_at=None)
+                return EventRecorded(duplicate=True, call_row_id=None, submitted_at=None)
             if event.call_id is None:
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
-            async with db.execute(QUERIES["group_of_call"], {"call_id": event.call_id}) as c:
-                group = await c.fetchone()
-            if group is None:
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
+                return EventRecorded(duplicate=False, call_row_id=None, submitted_at=None)
+            async with db.execute(QUERIES["call_row_of_call"], {"call_id": event.call_id}) as c:
+                call = await c.fetchone()
+            if call is None:
+                return EventRecorded(duplicate=False, call_row_id=None, submitted_at=None)
             await db.execute(
                 QUERIES["match_webhook_event"],
-                {"event_id": event.event_id, "group_id": group["id"]},
+                {"event_id": event.event_id, "call_row_id": call["id"]},
             )
-            if group["state"] != "polling":
-                return EventRecorded(duplicate=False, group_id=None, submitted_at=None)
+            if call["state"] != "polling":
+                return EventRecorded(duplicate=False, call_row_id=None, submitted_at=None)
             await db.execute(
                 QUERIES["mark_for_confirmation"],
-                {"id": group["id"], "now": now, "confirm_at": confirm_at},
+                {"id": call["id"], "now": now, "confirm_at": confirm_at},
             )
             return EventRecorded(
-                duplicate=False, group_id=int(group["id"]), submitted_at=group["submitted_at"]
+                duplicate=False, call_row_id=int(call["id"]), submitted_at=call["submitted_at"]
             )
 
     async def claim_webhook_events(
-        self, group_id: int, *, call_id: str, call_reference_id: str, now: float, confirm_at: float
+        self,
+        call_row_id: int,
+        *,
+        call_id: str,
+        call_reference_id: str,
+        now: float,
+        confirm_at: float,
     ) -> int:
         """Pending events of a call just recorded (by callID or callReferenceID): marked for
         confirmation by ``confirm_at``. How many there were."""
         async with self._transaction("claim_webhook_events") as db:
             cursor = await db.execute(
                 QUERIES["claim_webhook_events"],
-                {"group_id": group_id, "call_id": call_id, "call_reference_id": call_reference_id},
+                {
+                    "call_row_id": call_row_id,
+                    "call_id": call_id,
+                    "call_reference_id": call_reference_id,
+                },
             )
             claimed = cursor.rowcount
             await cursor.close()
             if claimed:
                 await db.execute(
                     QUERIES["mark_for_confirmation"],
-                    {"id": group_id, "now": now, "confirm_at": confirm_at},
+                    {"id": call_row_id, "now": now, "confirm_at": confirm_at},
                 )
         return max(0, claimed)
 
