@@ -27,7 +27,7 @@ from runner.file_ops import (
     open_root,
     replace_via_temporary,
 )
-from runner.outbox import Limits, Place, fits, shown_place
+from runner.outbox import SINGLE_OWNER_TOKEN, Limits, Place, fits, shown_place
 from runner.store.base import FileRow
 
 log = structlog.get_logger("runner.archive")
@@ -52,18 +52,31 @@ class CannotFinish(Exception):
 
 
 def finish_inputs(
-    inbox: Path, archive: Path, files: Sequence[FileRow], on_done: str
+    inbox: Path,
+    archive: Path,
+    files: Sequence[FileRow],
+    on_done: str,
+    *,
+    token: str = SINGLE_OWNER_TOKEN,
 ) -> list[FinishOutcome]:
     """Archive, delete or keep delivered inputs, then fsync the directories touched once each.
 
-    Safe to repeat after a crash.
+    Safe to repeat after a crash. ``token`` names this runner's temporaries in the archive (only
+    written when it is on another file system than the inbox).
     """
     results: list[FinishOutcome] = []
     touched: list[set[Path]] = []
     for file in files:
         try:
             touched.append(
-                finish_input(inbox, archive, file.rel, on_done, taken=(file.size, file.mtime_ns))
+                finish_input(
+                    inbox,
+                    archive,
+                    file.rel,
+                    on_done,
+                    taken=(file.size, file.mtime_ns),
+                    token=token,
+                )
             )
             results.append(None)
         except CannotFinish as exc:
@@ -93,7 +106,13 @@ def _sync_directories(directories: set[Path]) -> dict[Path, OSError]:
 
 
 def finish_input(
-    inbox: Path, archive: Path, rel: str, on_done: str, *, taken: tuple[int, int] | None = None
+    inbox: Path,
+    archive: Path,
+    rel: str,
+    on_done: str,
+    *,
+    taken: tuple[int, int] | None = None,
+    token: str = SINGLE_OWNER_TOKEN,
 ) -> set[Path]:
     """Archive, delete or keep one delivered input; return the directories to fsync.
 
@@ -118,7 +137,7 @@ def finish_input(
         return set()
     root_fd = open_root(archive, create=True)  # the archive itself: retried, never one file's
     try:
-        return _archive(source, archive, root_fd, rel)
+        return _archive(source, archive, root_fd, rel, token)
     finally:
         os.close(root_fd)
 
@@ -131,7 +150,7 @@ def _delete(source: Path) -> set[Path]:
     return {source.parent}
 
 
-def _archive(source: Path, archive: Path, root_fd: int, rel: str) -> set[Path]:
+def _archive(source: Path, archive: Path, root_fd: int, rel: str, token: str) -> set[Path]:
     *folders, name = rel.split("/")
     place = Place(tuple(folders), name)
     if not fits(archive, place, Limits.of(root_fd)):
@@ -145,7 +164,7 @@ def _archive(source: Path, archive: Path, root_fd: int, rel: str) -> set[Path]:
     try:
         faults.point("archive.before_rename")
         try:
-            _move(source, fd, name)
+            _move(source, fd, name, token)
         except OSError as exc:
             raise _cannot_finish_or(exc, shown_place(archive, place)) from exc
         faults.point("archive.after_rename")
@@ -178,17 +197,17 @@ def _cannot_finish_or(exc: OSError, where: str) -> Exception:
     return exc
 
 
-def _move(source: Path, folder_fd: int, name: str) -> None:
+def _move(source: Path, folder_fd: int, name: str, token: str) -> None:
     try:
         os.replace(source, name, dst_dir_fd=folder_fd)
     except OSError as exc:
         if exc.errno != errno.EXDEV:  # archive on another file system
             raise
-        _copy_into(source, folder_fd, name)
+        _copy_into(source, folder_fd, name, token)
         source.unlink()
 
 
-def _copy_into(source: Path, folder_fd: int, name: str) -> None:
+def _copy_into(source: Path, folder_fd: int, name: str, token: str) -> None:
     st = source.stat()
 
     def fill(fh: BinaryIO) -> None:
@@ -198,7 +217,8 @@ def _copy_into(source: Path, folder_fd: int, name: str) -> None:
         os.utime(fh.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
         os.fsync(fh.fileno())
 
-    replace_via_temporary(folder_fd, name, fill, name_max=Limits.of(folder_fd).name_max)
+    name_max = Limits.of(folder_fd).name_max
+    replace_via_temporary(folder_fd, name, fill, name_max=name_max, token=token)
 
 
 def _make_private(folder_fd: int, name: str) -> bool:

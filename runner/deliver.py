@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -38,11 +39,13 @@ from runner.outbox import (
     ERROR_SUFFIX,
     KINDS,
     RESULT_SUFFIX,
+    SINGLE_OWNER_TOKEN,
     SUFFIXES,
     Kind,
     claims_natural,
     document_places,
     natural_place,
+    runner_token,
     shown_place,
 )
 from runner.store.base import Delivery, FileRow
@@ -95,7 +98,9 @@ def outbox_paths(outbox: Path, rel: str) -> tuple[Path, Path]:
     return outbox / (rel + RESULT_SUFFIX), outbox / (rel + ERROR_SUFFIX)
 
 
-def write_documents(outbox: Path, documents: Sequence[Document]) -> list[WriteOutcome]:
+def write_documents(
+    outbox: Path, documents: Sequence[Document], *, token: str = SINGLE_OWNER_TOKEN
+) -> list[WriteOutcome]:
     """Write many documents, then fsync each directory once; per document, its outcome.
 
     A document counts as written only once its directory is synced, so a failing directory
@@ -103,7 +108,7 @@ def write_documents(outbox: Path, documents: Sequence[Document]) -> list[WriteOu
     every document with its (retried) error: it is never one file's fault.
     """
     try:
-        folders = Folders(outbox)
+        folders = Folders(outbox, token=token)
     except OSError as exc:
         return [exc for _ in documents]
     with folders:
@@ -134,7 +139,9 @@ def _write_document(folders: Folders, document: Document) -> Written | Unwritabl
     for place in places[kind]:
         try:
             fd = folders.fd(place.folders, create=True)
-            write_atomic_at(fd, place.name, data, name_max=folders.limits.name_max)
+            write_atomic_at(
+                fd, place.name, data, name_max=folders.limits.name_max, token=folders.token
+            )
         except OSError as exc:
             if not is_permanent(exc.errno):
                 raise
@@ -240,7 +247,8 @@ class Deliverer:
         if not documents:
             return []
         outbox = self._ctx.config.paths.outbox
-        outcomes = await anyio.to_thread.run_sync(write_documents, outbox, documents)
+        write = partial(write_documents, token=runner_token(self._ctx.runner_id))
+        outcomes = await anyio.to_thread.run_sync(write, outbox, documents)
         done: list[tuple[Document, Kind, str | None]] = []
         for document, outcome in zip(documents, outcomes, strict=True):
             file = names.shown(document.file.rel)
@@ -291,8 +299,9 @@ class Deliverer:
             return [], set()
         ctx = self._ctx
         paths = ctx.config.paths
+        finish = partial(finish_inputs, token=runner_token(ctx.runner_id))
         results = await anyio.to_thread.run_sync(
-            finish_inputs, paths.inbox, paths.archive, files, ctx.config.inbox.on_done
+            finish, paths.inbox, paths.archive, files, ctx.config.inbox.on_done
         )
         finished: list[FileRow] = []
         left: set[int] = set()

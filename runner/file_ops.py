@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from runner import faults
-from runner.outbox import Limits, Place, temporary_name
+from runner.outbox import SINGLE_OWNER_TOKEN, Limits, Place, temporary_name, temporary_token
 
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
@@ -128,8 +128,10 @@ class Folders:
     Raises the root's own error when the root cannot be opened: that is never one file's fault.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, token: str = SINGLE_OWNER_TOKEN) -> None:
         self.root = root
+        self.token = token
+        """This runner's token in the temporaries it writes (:func:`runner.outbox.runner_token`)."""
         self._root_fd = open_root(root, create=True)
         try:
             self.limits = Limits.of(self._root_fd)
@@ -185,11 +187,14 @@ class Folders:
 # Files
 
 
-def write_atomic_at(folder_fd: int, name: str, data: bytes, *, name_max: int) -> None:
+def write_atomic_at(
+    folder_fd: int, name: str, data: bytes, *, name_max: int, token: str = SINGLE_OWNER_TOKEN
+) -> None:
     """Temporary file, fsync, rename, all relative to the folder; the caller syncs the folder.
 
-    The temporary's name depends only on the target, so a temporary left by a process killed
-    before the rename is replaced by the next delivery of the same document.
+    The temporary's name depends only on the target and the runner's ``token``, so a temporary
+    left by a process killed before the rename is replaced by that runner's next delivery of the
+    same document, and another runner's (:func:`remove_dead_temporaries`) once it is gone.
     """
 
     def fill(fh: BinaryIO) -> None:
@@ -199,7 +204,7 @@ def write_atomic_at(folder_fd: int, name: str, data: bytes, *, name_max: int) ->
         os.fsync(fh.fileno())
         faults.point("deliver.after_fsync")
 
-    replace_via_temporary(folder_fd, name, fill, name_max=name_max, point=faults.point)
+    replace_via_temporary(folder_fd, name, fill, name_max=name_max, token=token, point=faults.point)
 
 
 def replace_via_temporary(
@@ -208,10 +213,11 @@ def replace_via_temporary(
     fill: Callable[[BinaryIO], None],
     *,
     name_max: int,
+    token: str = SINGLE_OWNER_TOKEN,
     point: Callable[[str], None] | None = None,
 ) -> None:
     """Create the temporary, let ``fill`` write and fsync it, rename it over ``name``."""
-    temporary = temporary_name(name, name_max)
+    temporary = temporary_name(name, name_max, token)
     fd = _create(folder_fd, temporary)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -271,7 +277,8 @@ def remove_places(folders: Folders, places: Iterable[Place]) -> set[tuple[str, .
             if exc.errno == errno.ENOENT or is_permanent(exc.errno):
                 continue
             raise
-        for name in (place.name, temporary_name(place.name, folders.limits.name_max)):
+        temporary = temporary_name(place.name, folders.limits.name_max, folders.token)
+        for name in (place.name, temporary):
             try:
                 removed = unlink_at(fd, name)
             except OSError as exc:
@@ -282,3 +289,20 @@ def remove_places(folders: Folders, places: Iterable[Place]) -> set[tuple[str, .
                 folders.changed(place.folders)
                 changed.add(place.folders)
     return changed
+
+
+def remove_dead_temporaries(root: Path, live_tokens: Collection[str]) -> list[Path]:
+    """Remove the temporaries below ``root`` of runners whose token is not in ``live_tokens``
+    (they died before their rename); the paths removed. Nothing else is touched, nor followed
+    through a link."""
+    removed: list[Path] = []
+    for folder, _, files in os.walk(root):  # links to folders are not followed
+        for name in files:
+            token = temporary_token(name)
+            if token is None or token in live_tokens:
+                continue
+            path = Path(folder, name)
+            with contextlib.suppress(FileNotFoundError):  # its owner's rename came first
+                path.unlink()
+                removed.append(path)
+    return removed

@@ -20,8 +20,10 @@ that folder can hold it, else straight under the outbox root. Either way the doc
 - writing it failed in a way that can never succeed (:func:`runner.file_ops.is_permanent`):
   a folder, a file or a symbolic link in the way.
 
-A temporary file is ``.<name>.tmp`` beside its target, or ``.<name cut>~<hash>.tmp`` when that
-would be longer than NAME_MAX.
+A temporary file is ``.<name>.<token>.tmp`` beside its target, or ``.<name cut>~<hash>.<token>.tmp``
+when that would be longer than NAME_MAX. ``<token>`` is the writing runner's (eight hex digits of
+the SHA-256 of its id; all zeros for a store one process owns), so two runners writing the same
+document never share a temporary: each renames a complete file of its own over the target.
 
 The files themselves are written, replaced and removed by :mod:`runner.file_ops`.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,11 @@ RESULT_SUFFIX = ".json"
 ERROR_SUFFIX = ".error.json"
 SUFFIXES: dict[Kind, str] = {"result": RESULT_SUFFIX, "error": ERROR_SUFFIX}
 HASH_DIGITS = 16
+TOKEN_DIGITS = 8
+SINGLE_OWNER_TOKEN = "0" * TOKEN_DIGITS
+"""The temporaries' token of the one process that owns its store (SQLite)."""
+TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(rf"\A\..+\.([0-9a-f]{{{TOKEN_DIGITS}}})\.tmp\Z", re.DOTALL)
 NAME_MAX = 255
 PATH_MAX = 4096
 """Linux's usual limits, used until a folder's own are read (:meth:`Limits.of`)."""
@@ -143,13 +151,27 @@ def document_places(root: Path, rel: str, kind: Kind, limits: Limits) -> list[Pl
     return [p for p in dict.fromkeys(candidates) if fits(root, p, limits)]
 
 
-def temporary_name(name: str, name_max: int) -> str:
-    """The temporary beside ``name``: fits whenever ``name`` does, and depends only on it."""
-    plain = f".{name}.tmp"
+def runner_token(runner_id: str | None) -> str:
+    """The token in a runner's temporaries; ``None`` is the one owner of a SQLite store."""
+    if runner_id is None:
+        return SINGLE_OWNER_TOKEN
+    return hashlib.sha256(runner_id.encode()).hexdigest()[:TOKEN_DIGITS]
+
+
+def temporary_name(name: str, name_max: int, token: str = SINGLE_OWNER_TOKEN) -> str:
+    """The temporary of one runner beside ``name``: fits whenever ``name`` does, and depends
+    only on the two (a runner's own leftover is replaced by its next write of ``name``)."""
+    plain = f".{name}.{token}{TEMPORARY_SUFFIX}"
     if size(plain) <= name_max:
         return plain
-    tail = f"~{short_hash(name)}.tmp"
+    tail = f"~{short_hash(name)}.{token}{TEMPORARY_SUFFIX}"
     return "." + cut(name, name_max - 1 - size(tail)) + tail
+
+
+def temporary_token(name: str) -> str | None:
+    """The runner token of a temporary's name; None for any other name."""
+    match = _TEMPORARY.match(name)
+    return match.group(1) if match else None
 
 
 def shown_place(root: Path, place: Place) -> str:

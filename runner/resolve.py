@@ -3,12 +3,15 @@
 The call's ``callReferenceID`` was journalled before the POST. Calls with that reference are
 listed (``GET /v3/calls?referenceIDs=...``): one found is adopted; not finding it proves nothing
 until the listing has had ``api.visibility_window`` to show it, and only then is the call sent
-again (:func:`runner.policy.unknown_outcome_resolution`).
+again (:func:`runner.policy.unknown_outcome_resolution`). A call this very process still has a
+POST out for (it was declared dead meanwhile, and its ``sending`` became ``unknown``) is left to
+that POST's answer instead, and its claim given back: the POST may still be queued behind the
+rate limit, so the window proves nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 import structlog
 
@@ -87,14 +90,22 @@ def recheck_seconds(ctx: Context) -> float:
 class Resolver:
     """Resolves the calls whose POST outcome is unknown, a page of references at a time."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, posting: Set[str] = frozenset()) -> None:
         self._ctx = ctx
+        self._posting = posting
 
     async def resolve_due(self) -> None:
         """Adopt calls that were created after all; resend those that surely were not."""
         ctx = self._ctx
         now = ctx.clock.wall()
+        # a POST not out before the claim was answered (and recorded) before it: its row is fresh
+        posting = set(self._posting)
         calls = await ctx.store.claim_due_unknown(now=now, limit=LIST_REFERENCES_PER_REQUEST)
+        posting |= self._posting
+        answering = [g.id for g in calls if g.call_reference_id in posting]
+        if answering:
+            await ctx.store.release(answering)
+            calls = [g for g in calls if g.call_reference_id not in posting]
         if not calls:
             return
         try:

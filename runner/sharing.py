@@ -9,9 +9,15 @@ Two named side tasks run while a runner shares a PostgreSQL store with others:
 - the wake-up listener turns other runners' notifications into this runner's nudges. The
   stages still look on their own intervals, so a lost notification only delays.
 
-A runner declared dead by the others (it was silent past its lease: their fencing keeps it off
-the work it held) stops, as does one whose side task fails; a supervisor starts it again under a
-new identity.
+A runner declared dead by the others (it was silent past its lease, e.g. the store could not be
+reached for that long) joins again under the same id and goes on: the others freed its claims
+and their fencing keeps every write of the work it held off (:class:`ClaimLostError`, dropped by
+:mod:`runner.claims`), so what it held is dropped and claimed afresh by whoever comes first. A
+runner whose side task fails stops.
+
+Temporaries in the outbox and the archive carry their runner's token (:mod:`runner.outbox`):
+those of a runner no longer among the store's runners (it died before its rename) are removed
+when this runner starts and whenever it expires others.
 
 A stage that meets a store it cannot reach (:class:`StoreUnavailableError`) is started again
 once it answers; a POST whose answer could not be recorded meanwhile is ``unknown`` by then
@@ -21,11 +27,16 @@ once it answers; a POST whose answer could not be recorded meanwhile is ``unknow
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 
+import anyio
 import structlog
 
+from runner import names
 from runner.context import Context, Nudge
-from runner.errors import StoreUnavailableError
+from runner.errors import ClaimLostError, StoreUnavailableError
+from runner.file_ops import remove_dead_temporaries
+from runner.outbox import runner_token
 
 log = structlog.get_logger("runner.sharing")
 
@@ -60,10 +71,14 @@ async def keep_running(ctx: Context, stage: Stage, *, after_outage: Stage | None
 async def beat_heart(ctx: Context, *, lease_seconds: float) -> None:
     """Renew this runner's lease and claims; expire the runners that fell silent."""
     every = lease_seconds / HEARTBEATS_PER_LEASE
+    swept = False
     while not ctx.stopping.is_set():
         try:
-            await ctx.store.heartbeat()  # ClaimLostError: declared dead, this runner stops
+            await _renew_or_rejoin(ctx)
             dead = await ctx.store.expire_runners()
+            if dead or not swept:
+                await remove_leftover_temporaries(ctx)
+                swept = True
         except StoreUnavailableError as exc:
             ctx.store_health.failed(exc.message, now=ctx.clock.wall())
         else:
@@ -74,6 +89,39 @@ async def beat_heart(ctx: Context, *, lease_seconds: float) -> None:
                 )
                 _nudge(_stage_nudges(ctx).values())
         await ctx.clock.wait(ctx.stopping, every)
+
+
+async def remove_leftover_temporaries(ctx: Context) -> None:
+    """Remove the outbox's and the archive's temporaries of runners that are gone (none of a
+    live one's)."""
+    live = {runner_token(runner.id) for runner in await ctx.store.runners()}
+    paths = ctx.config.paths
+    removed: list[Path] = []
+    for root in (paths.outbox, paths.archive):
+        try:
+            if root.is_dir():
+                removed += await anyio.to_thread.run_sync(remove_dead_temporaries, root, live)
+        except OSError as exc:  # left for the next sweep: never a reason to stop the runner
+            log.warning(
+                "cannot remove the temporaries of runners gone",
+                folder=names.shown(str(root)),
+                error=names.shown(str(exc)),
+            )
+    if removed:
+        log.info("temporaries of runners gone removed", count=len(removed))
+
+
+async def _renew_or_rejoin(ctx: Context) -> None:
+    try:
+        await ctx.store.heartbeat()
+    except ClaimLostError as exc:
+        log.warning(
+            "declared dead by the other runners; joining again, the work it held is dropped",
+            runner=ctx.runner_id,
+            reason=exc.message,
+        )
+        await ctx.store.join()
+        _nudge(_stage_nudges(ctx).values())  # claim afresh what nobody has taken yet
 
 
 async def follow_wake_ups(ctx: Context) -> None:

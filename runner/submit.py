@@ -44,7 +44,9 @@ class Submitter:
     def __init__(self, ctx: Context, *, preflight: Preflight) -> None:
         self._ctx = ctx
         self._preflight = preflight
-        self._resolver = Resolver(ctx)
+        self._posting: set[str] = set()
+        """The callReferenceIDs of this process's POSTs not yet answered."""
+        self._resolver = Resolver(ctx, posting=self._posting)
         self._in_flight = 0
         self._key_accepted = False
         self._next_auth_probe = 0.0
@@ -135,6 +137,8 @@ class Submitter:
         return [sendable[start : start + size] for start in range(0, len(sendable), size)]
 
     async def _send(self, batch: Sendable) -> None:
+        references = {call.call_reference_id for call, _ in batch}
+        self._posting.update(references)
         try:
             # a POST already sent finishes even during shutdown, so its outcome is recorded
             with anyio.CancelScope(shield=True), _unless_lost(batch[0][0]):
@@ -144,6 +148,7 @@ class Submitter:
                     call, files = batch[0]
                     await self._send_v3(call, files)
         finally:
+            self._posting.difference_update(references)
             self._in_flight -= 1
             # refill in pages, not one query round per finished POST (a failure nudges itself)
             if self._in_flight <= self._ctx.config.limits.max_concurrency:

@@ -40,6 +40,7 @@ from runner.outbox import (
     document_places,
     fits,
     natural_place,
+    runner_token,
     temporary_name,
 )
 from runner.store.base import FileRow
@@ -437,7 +438,8 @@ def test_a_link_named_like_a_document_is_replaced_not_followed(
     kept = outside / "kept.txt"
     kept.write_bytes(b"not ours")
     (outbox / "wf/a.txt.json").symlink_to(kept)
-    (outbox / "wf/.a.txt.json.tmp").symlink_to(kept)  # a "temporary" planted beside it
+    # a "temporary" planted beside it
+    (outbox / "wf" / temporary_name("a.txt.json", NAME_MAX)).symlink_to(kept)
     (outcome,) = write_documents(outbox, [document(1, "wf/a.txt", "result")])
     assert isinstance(outcome, Written)
     assert outcome.instead_of is None
@@ -572,14 +574,18 @@ def test_an_archive_on_another_file_system_gets_a_complete_copy(
     archive = tmp_path / "archive"
     inbox, files = inbox_with(tmp_path, ["wf/a.txt"])
     real_replace = os.replace
+    renamed_from: list[str] = []
 
     def across_devices(src: Any, dst: Any, **kwargs: Any) -> None:
         if "src_dir_fd" not in kwargs:  # from the inbox: another file system
             raise OSError(errno.EXDEV, "Invalid cross-device link")
+        renamed_from.append(src)
         real_replace(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "replace", across_devices)
-    assert finish_inputs(inbox, archive, files, "archive") == [None]
+    token = runner_token("host-1")
+    assert finish_inputs(inbox, archive, files, "archive", token=token) == [None]
+    assert renamed_from == [temporary_name("a.txt", NAME_MAX, token)], "this runner's temporary"
     assert (archive / "wf/a.txt").read_bytes() == b"abc"
     assert (archive / "wf/a.txt").stat().st_mtime_ns == files[0].mtime_ns
     assert not (inbox / "wf/a.txt").exists()

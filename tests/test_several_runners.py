@@ -21,6 +21,7 @@ import anyio.abc
 import pytest
 
 from runner.emulator import Emulator, EmulatorSettings, serve_emulator
+from runner.store.postgres import open_postgres_store
 
 from .conftest import run_sql
 from .harness import API_KEY, KILLED, Workspace, unique_files
@@ -267,3 +268,53 @@ async def test_files_arriving_while_runners_come_and_go_are_each_taken_once(
         finally:
             await stop(space, processes)
         check_exactly_once(space, served, postgres_url)
+
+
+REJOINED = "declared dead by the other runners; joining again"
+
+
+async def declare_dead(store_url: str, runner_id: str) -> None:
+    """Another runner finds ``runner_id`` silent past its lease (its heartbeat moved back in the
+    database) and expires it; tried again should the runner's own heartbeat land in between."""
+    async with open_postgres_store(
+        store_url, runner_id="other", lease_seconds=SHORT_LEASE
+    ) as other:
+        for _ in range(round(DEADLINE_SECONDS / LOOK_EVERY)):
+            silent = f"now() - interval '{DEADLINE_SECONDS} seconds'"
+            run_sql(
+                store_url, f"UPDATE runners SET heartbeat_at = {silent} WHERE id = '{runner_id}'"
+            )
+            if await other.expire_runners() == [runner_id]:
+                return
+    pytest.fail(f"{runner_id} was never expired")
+
+
+async def test_a_runner_declared_dead_joins_again_and_every_file_is_delivered_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    served = emulator(seed=16)
+    rng = random.Random(16)
+    first, second = unique_files(rng, 0, FILES // 2), unique_files(rng, FILES // 2, FILES // 2)
+    async with serve_emulator(served) as base_url:
+        space = workspace(tmp_path, base_url, lease_seconds=SHORT_LEASE)
+        space.settings["store"]["runner_id"] = "slow"
+        space.write_config()
+        for rel, content in first:
+            space.drop(rel, content)
+        process = await start_runner(space, postgres_url)
+        try:
+            await until("a quarter delivered", space, lambda: delivered(space) >= FILES // 4)
+            # its claims freed, its POSTs in flight unknown: resolved by listing, never resent
+            await declare_dead(postgres_url, "slow")
+            await until("joined again", space, lambda: REJOINED in space.log.read_text())
+            for rel, content in second:
+                space.drop(rel, content)
+            await until("every file delivered", space, lambda: everything_delivered(space))
+        finally:
+            await stop(space, [process])
+        assert process.returncode == 0
+        check_exactly_once(space, served, postgres_url)
+    log = space.log.read_text()
+    assert log.count(REJOINED) == 1
+    assert "Traceback" not in log
+    assert run_sql(postgres_url, "SELECT id FROM runners") == []

@@ -136,6 +136,39 @@ async def test_a_silent_runner_loses_its_claims_and_its_sends_become_unknown(
     assert (await b.call(sending.id)).call_id is None
 
 
+async def test_a_runner_never_declares_itself_dead(
+    postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = runners
+    falls_silent(postgres_url, "a")
+    assert await a.expire_runners() == []
+    assert await b.expire_runners() == ["a"]
+
+
+async def test_a_runner_declared_dead_joins_again_with_nothing_and_stays_fenced(
+    postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = runners
+    await a.add_files(_files(2), now=1.0, batch_limits={})
+    sending, waiting = await a.claim_ready(now=1.0, limit=2)
+    await a.mark_sending([sending.id], now=2.0)
+    falls_silent(postgres_url, "a")
+    assert await b.expire_runners() == ["a"]
+    (taken,) = await b.claim_due_unknown(now=3.0, limit=10)
+    with pytest.raises(ClaimLostError, match="declared dead"):
+        await a.heartbeat()
+
+    await a.join()
+    await a.heartbeat()  # alive again
+    assert [(r.id, r.calls_held) for r in await b.runners()] == [("a", 0), ("b", 1)]
+    assert await b.expire_runners() == []
+    # what another runner took meanwhile stays fenced off; what nobody took is free again
+    with pytest.raises(ClaimLostError):
+        await a.mark_submitted(taken.id, call_id="late", status=None, now=4.0, next_poll=5.0)
+    assert (await b.call(taken.id)).call_id is None
+    assert [g.id for g in await a.claim_ready(now=4.0, limit=10)] == [waiting.id]
+
+
 async def test_a_lease_not_renewed_passes_and_a_heartbeat_renews_it(
     postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
 ) -> None:

@@ -970,6 +970,9 @@ async def test_a_claimed_call_lives_its_whole_life_under_its_claim(store: Store)
     (runner,) = await store.runners()
     assert runner.calls_held == 0
     assert runner.id
+    await store.join()  # joining again (after being declared dead) leaves it the one runner
+    await store.heartbeat()
+    assert [r.id for r in await store.runners()] == [runner.id]
 
 
 # -- crash between any two writes ------------------------------------------------------------

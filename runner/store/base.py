@@ -324,8 +324,13 @@ class Store(Protocol):
     async def claim_due_polls(self, *, now: float, limit: int) -> list[CallRow]: ...
     async def claim_terminal(self, *, limit: int) -> list[CallRow]: ...
     async def release(self, call_row_ids: Sequence[int]) -> None: ...
+    async def join(self) -> None:
+        """Be one of the store's runners again (after :meth:`heartbeat` found this one declared
+        dead): a fresh lease, no claims."""
+
     async def heartbeat(self) -> None:
-        """Renew this runner's lease and its claims' (every ``lease_seconds / 3``)."""
+        """Renew this runner's lease and its claims' (every ``lease_seconds / 3``);
+        :class:`~runner.errors.ClaimLostError` when the others declared this runner dead."""
 
     async def expire_runners(self) -> list[str]:
         """Runners silent past their lease: gone, their claims free, their ``sending`` unknown."""

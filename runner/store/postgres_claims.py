@@ -82,6 +82,8 @@ class PostgresClaims(PostgresPlumbing):
             await conn.execute(QUERIES["release"], {"ids": list(call_row_ids), "me": self._me})
 
     async def join(self) -> None:
+        if self._me is None:
+            return
         params = {"me": self._me, "host": socket.gethostname(), "pid": os.getpid()}
         async with self._transaction("join_runner") as conn:
             await conn.execute(QUERIES["join_runner"], {**params, "lease": self._lease})
@@ -106,7 +108,7 @@ class PostgresClaims(PostgresPlumbing):
 
     async def expire_runners(self) -> list[str]:
         async with self._transaction("expire_runners") as conn:
-            cursor = await conn.execute(QUERIES["expire_runners"])
+            cursor = await conn.execute(QUERIES["expire_runners"], {"me": self._me})
             dead = [str(row[0]) for row in await cursor.fetchall()]
             if dead and self._me is not None:
                 await self._wake(conn, ALL_STAGES)

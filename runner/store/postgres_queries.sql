@@ -348,8 +348,10 @@ UPDATE runners SET heartbeat_at = now() WHERE id = %(me)s RETURNING id;
 UPDATE calls SET lease_until = now() + make_interval(secs => %(lease)s) WHERE claimed_by = %(me)s;
 
 -- name: expire_runners
+-- never the caller itself: its own heartbeat, just before, says it lives
 WITH dead AS (
     DELETE FROM runners WHERE heartbeat_at + make_interval(secs => lease_seconds) < now()
+                          AND id IS DISTINCT FROM %(me)s
     RETURNING id),
 freed AS (
     UPDATE calls SET state = CASE WHEN state = 'sending' THEN 'unknown' ELSE state END,

@@ -48,6 +48,9 @@ class SingleOwner:
     async def release(self, call_row_ids: Sequence[int]) -> None:
         return None
 
+    async def join(self) -> None:
+        return None
+
     async def heartbeat(self) -> None:
         return None
 
