@@ -158,6 +158,8 @@ class Submitter:
         ctx = self._ctx
         uploads = _uploads(ctx.config.paths.inbox, group, files)
         multipart = sum(f.size for f in files) >= ctx.config.api.multipart_min_bytes
+        # a claim lost meanwhile raises here, and _send logs it: the POST never goes out
+        await ctx.store.confirm_sending([group.id], now=ctx.clock.wall())
         try:
             faults.point("submit.before_send")
             call = await ctx.client.invoke_workflow(
@@ -176,6 +178,9 @@ class Submitter:
 
     async def _send_v2(self, batch: Sendable) -> None:
         ctx = self._ctx
+        batch = await self._still_held(batch)
+        if not batch:
+            return
         requests = [
             V2CallRequest(
                 workflow_name=group.workflow,
@@ -205,6 +210,22 @@ class Submitter:
                     await ctx.store.mark_unknown([group.id], not_before=ctx.clock.wall())
                 else:
                     await record_call(ctx, group, call.call_id, call.status)
+
+    async def _still_held(self, batch: Sendable) -> Sendable:
+        """The calls of a POST about to go out that this runner still holds (see
+        :meth:`Store.confirm_sending`); the others are left to whoever took them over."""
+        store, now = self._ctx.store, self._ctx.clock.wall()
+        try:
+            await store.confirm_sending([call.id for call, _ in batch], now=now)
+            return batch
+        except ClaimLostError:
+            pass  # some were taken over: find which, one by one (rare)
+        held: Sendable = []
+        for call, files in batch:
+            with _unless_lost(call):
+                await store.confirm_sending([call.id], now=now)
+                held.append((call, files))
+        return held
 
     async def _failed(self, calls: list[CallRow], exc: ApiError) -> None:
         """What a failed POST means for its calls: resolve, wait, stop, fail or retry."""

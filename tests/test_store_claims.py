@@ -206,3 +206,24 @@ async def test_a_runner_that_leaves_gives_everything_up(postgres_url: str) -> No
         assert [r.id for r in await b.runners()] == ["b"]
         assert (await b.call(first.id)).state == "unknown"
         assert len(await b.claim_ready(now=1.0, limit=10)) == 1
+
+
+async def test_a_post_goes_out_only_while_its_runner_still_holds_the_call(
+    postgres_url: str, runners: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = runners
+    await a.add_files(_files(1), now=1.0, batch_limits={})
+    (call,) = await a.claim_ready(now=1.0, limit=1)
+    await a.mark_sending([call.id], now=2.0)
+    await a.confirm_sending([call.id], now=3.0)  # still a's: its POST may go out
+    assert (await b.call(call.id)).sent_at == 3.0  # the visibility window counts from here
+    # a waited for the rate limit (or froze) past its lease: b takes the call over as unknown
+    falls_silent(postgres_url, "a")
+    assert await b.expire_runners() == ["a"]
+    with pytest.raises(ClaimLostError):
+        await a.confirm_sending([call.id], now=40.0)
+    (taken,) = await b.claim_due_unknown(now=41.0, limit=10)
+    assert taken.id == call.id
+    with pytest.raises(ClaimLostError):
+        await a.confirm_sending([call.id], now=42.0)
+    assert (await b.call(call.id)).sent_at == 3.0

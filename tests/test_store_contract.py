@@ -361,6 +361,14 @@ async def test_submitted_at_is_the_first_submission(store: Store) -> None:
     assert (await store.call(call.id)).submitted_at == 3.0
 
 
+async def test_a_call_being_sent_is_confirmed_just_before_its_post(store: Store) -> None:
+    call = await one_ready(store, "wf/a.txt")
+    await store.mark_sending([call.id], now=2.0)
+    await store.confirm_sending([call.id], now=3.0)
+    sending = await store.call(call.id)
+    assert (sending.state, sending.attempts) == ("sending", 1)
+
+
 async def test_a_call_bem_rejects_ends_terminal_from_sending(store: Store) -> None:
     call = await one_ready(store, "wf/a.txt")
     await store.mark_sending([call.id], now=2.0)

@@ -224,6 +224,9 @@ class PostgresStore(
     async def mark_sending(self, call_row_ids: list[int], *, now: float) -> None:
         await self._write("mark_sending", ({"id": gid, "now": now} for gid in call_row_ids))
 
+    async def confirm_sending(self, call_row_ids: Sequence[int], *, now: float) -> None:
+        await self._write("confirm_sending", ({"id": gid, "now": now} for gid in call_row_ids))
+
     async def mark_submitted(
         self, call_row_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
     ) -> None:

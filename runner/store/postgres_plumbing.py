@@ -24,6 +24,7 @@ QUERIES = load_queries("postgres_queries.sql")
 FENCED = frozenset(
     {
         "mark_sending",
+        "confirm_sending",
         "mark_submitted",
         "mark_submit_later",
         "mark_unknown",

@@ -176,6 +176,11 @@ ORDER BY call_row_id, id;
 UPDATE calls SET state = 'sending', sent_at = %(now)s, attempts = attempts + 1
 WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
+-- name: confirm_sending
+-- only while the call is still being sent, by this runner (not taken over as unknown)
+UPDATE calls SET sent_at = %(now)s
+WHERE id = %(id)s AND state = 'sending' AND (claimed_by IS NULL OR claimed_by = %(me)s);
+
 -- name: mark_submitted
 UPDATE calls SET state = 'polling', call_id = %(call_id)s, status = %(status)s,
        submitted_at = coalesce(submitted_at, %(now)s), not_before = %(next_poll)s, attempts = 0,

@@ -48,6 +48,9 @@ class SingleOwner:
     async def release(self, call_row_ids: Sequence[int]) -> None:
         return None
 
+    async def confirm_sending(self, call_row_ids: Sequence[int], *, now: float) -> None:
+        return None
+
     async def join(self) -> None:
         return None
 
