@@ -25,7 +25,6 @@ from runner.config import Config, load_config
 from runner.daemon import ExitCode, Outcome, Runner, RunnerOptions
 from runner.errors import RunnerError
 from runner.logs import LEVELS, configure_logging
-from runner.metrics import Metrics, fetch_live, render_live, serve_metrics
 from runner.notify import Notifier, notify_settings
 from runner.progress import DrainProgress
 from runner.retry import requeue_failed
@@ -281,8 +280,12 @@ def _execute(
         async with _api_target(use_emulator) as retarget:
             with ExitStack() as stack:
                 notifier = stack.enter_context(Notifier(settings))
-                metrics = Metrics(runner_id_for(config)) if config.service.metrics_addr else None
-                if metrics is not None and config.service.metrics_addr:
+                metrics = None
+                if config.service.metrics_addr:
+                    # prometheus_client loads only when metrics are served
+                    from runner.metrics import Metrics, serve_metrics
+
+                    metrics = Metrics(runner_id_for(config))
                     host, port = stack.enter_context(
                         serve_metrics(metrics, config.service.metrics_addr)
                     )
@@ -360,6 +363,8 @@ def status(
     async def main() -> dict[str, Any]:
         async with open_store(config.store_target, read_only=True) as store:
             return await collect_status(store, now=time.time())
+
+    from runner.metrics import fetch_live, render_live
 
     report = _run(main)
     address = config.service.metrics_addr

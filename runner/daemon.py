@@ -18,6 +18,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -30,7 +31,6 @@ from runner.context import Context
 from runner.deliver import Deliverer
 from runner.errors import ConfigError, RunnerError, StoreUnavailableError
 from runner.group import Grouper
-from runner.metrics import Metrics
 from runner.notify import STATUS_MAX, Notifier, NotifySettings, status_line
 from runner.outcome import ExitCode, Outcome
 from runner.poll import Poller
@@ -42,7 +42,9 @@ from runner.store import is_postgres_url, open_store
 from runner.store.base import Counts, Store
 from runner.submit import Submitter
 from runner.watch import EventSource, Watcher, watchfiles_events
-from runner.webhook import add_receiver
+
+if TYPE_CHECKING:  # prometheus_client loads only where metrics are served
+    from runner.metrics import Metrics
 
 __all__ = ["ExitCode", "Outcome", "Progress", "Runner", "RunnerOptions"]
 
@@ -188,7 +190,10 @@ class Runner:
             "poll": Poller(ctx).run,
             "deliver": Deliverer(ctx, on_finished=watcher.file_finished).run,
         }
-        add_receiver(ctx, stages)
+        if ctx.config.webhook.listen is not None:
+            from runner.webhook import add_receiver  # uvicorn loads only for a receiver
+
+            add_receiver(ctx, stages)
         running = set(stages)
         all_stopped = anyio.Event()
         resumes = {"watch", "group", "submit", "poll", "deliver"}

@@ -1,10 +1,10 @@
 """The poller: follows every open call to a terminal state.
 
-In v3 mode one ``GET /v3/calls?callIDs=...`` answers for many calls at once; when each call is
-polled next is :mod:`runner.schedule`'s (a shared grid, learnt latencies, the rate and request
-budget), relaxed while webhook events flow (:mod:`runner.webhook_policy`). In v2 mode each
-call is read with ``GET /v2/calls/{id}`` and, once terminal, its outputs are read once with
-``GET /v3/calls/{id}`` (v2 calls carry none).
+One ``GET /v3/calls?callIDs=...`` answers for many calls at once; when each call is polled next
+is :mod:`runner.schedule`'s (a shared grid, learnt latencies, the rate and request budget),
+relaxed while webhook events flow (:mod:`runner.webhook_policy`). Calls created with
+``POST /v2/calls`` are followed the same way: a v2 call is a bem call like any other, and
+``GET /v2/calls/{id}`` would answer for one call at a time and without its outputs.
 A call older than ``poll.give_up_after`` ends as "timed out".
 """
 
@@ -86,24 +86,17 @@ class Poller:
                 return max(ctx.poll_plan.next_slot_in(now), MIN_WAIT)  # the next grid point
             await self._load_item_references(due)
             try:
-                if ctx.config.api.version == "v2":
-                    await self._poll_v2(due)
-                else:
-                    await self._poll_v3(due)
+                await self._poll_v3(due)
             except ApiError as exc:
                 await self._failed(due, exc)
                 return 1.0
         return 0.0
 
     async def _plan(self, now: float) -> float:
-        """Choose the grid from what is pending and learnt; return the ride-along window.
-
-        v2 reads one call per request, which no grid makes cheaper: each call keeps its own
-        exponential schedule there.
-        """
+        """Choose the grid from what is pending and learnt; return the ride-along window."""
         ctx = self._ctx
         plan, poll = ctx.poll_plan, ctx.config.poll
-        if ctx.config.api.version == "v2" or plan.longest == 0:
+        if plan.longest == 0:
             plan.grid = None  # nothing learnt yet: today's exponential schedule, uncapped
         else:
             outlook = Outlook(
@@ -141,25 +134,6 @@ class Poller:
                 if call is None:
                     continue
             self._follow(page, group, call.status if call else group.status, call)
-        await self._record(page)
-
-    async def _poll_v2(self, due: list[CallRow]) -> None:
-        ctx = self._ctx
-        page = PollPage()
-        for group in due:
-            try:
-                faults.point("poll.before_send")
-                ctx.poll_plan.sent(ctx.clock.wall())
-                v2 = await ctx.client.get_call_v2(group.call_id or "")
-                faults.point("poll.after_receive")
-            except NotFoundError:
-                page.ended(group, *self._lost(group))
-                continue
-            call = None
-            if v2.is_terminal:
-                ctx.poll_plan.sent(ctx.clock.wall())
-                call = await ctx.client.get_call(v2.call_id)
-            self._follow(page, group, v2.status, call)
         await self._record(page)
 
     def _follow(

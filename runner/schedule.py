@@ -221,6 +221,9 @@ class PollPlan:
     _spent: int = 0
     """The grid point of the latest request, and the requests sent at it."""
     _samples: dict[str, deque[float]] = field(default_factory=dict)
+    _ordered: dict[str, list[float]] = field(default_factory=dict)
+    """The usable samples of each workflow, kept sorted as they come and go (as
+    :meth:`Latencies.of` would sort them), so a new sample never sorts them all again."""
     _learnt: dict[str, Latencies | None] = field(default_factory=dict)
     """The distribution of each workflow's samples, computed once per change of them."""
 
@@ -230,14 +233,20 @@ class PollPlan:
         samples = self._samples.get(workflow)
         if samples is None:
             samples = self._samples[workflow] = deque(maxlen=SAMPLES_KEPT)
+        ordered = self._ordered.setdefault(workflow, [])
+        if len(samples) == samples.maxlen and math.isfinite(samples[0]):
+            del ordered[bisect.bisect_left(ordered, max(0.0, samples[0]))]
         samples.append(seconds)
+        if math.isfinite(seconds):
+            bisect.insort(ordered, max(0.0, seconds))
         self._learnt.pop(workflow, None)
         return not was_learnt and self.latencies(workflow) is not None
 
     def latencies(self, workflow: str) -> Latencies | None:
         if workflow not in self._learnt:
-            samples = self._samples.get(workflow)
-            self._learnt[workflow] = Latencies.of(samples) if samples else None
+            ordered = self._ordered.get(workflow, [])
+            learnt = len(ordered) >= MIN_SAMPLES
+            self._learnt[workflow] = Latencies(tuple(ordered)) if learnt else None
         return self._learnt[workflow]
 
     @property

@@ -8,6 +8,7 @@ files it knows, and checks queued files again just before they are sent.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -106,21 +107,25 @@ class Watcher:
         """Before a POST: drop files that vanished or changed since they were queued (a changed
         one is taken anew), and calls left empty. The calls worth sending, with their files."""
         store = self._ctx.store
-        files_by_call = await store.files_of_calls([g.id for g in calls])
+        files_by_call = await store.files_of_calls([c.id for c in calls])
+        inbox = self._ctx.config.paths.inbox
+        rels = [f.rel for call in calls for f in files_by_call[call.id]]
+        # the whole page in one trip to a worker thread, not one trip per file
+        found = await anyio.to_thread.run_sync(_lstat_each, inbox, rels)
         sendable = []
         for call in calls:
-            keep = [f for f in files_by_call[call.id] if await self._unchanged(call, f)]
+            files = files_by_call[call.id]
+            keep = [f for f in files if await self._unchanged(call, f, found[f.rel])]
             if keep:
                 sendable.append((call, keep))
             else:
                 await store.drop_empty_call(call.id)
         return sendable
 
-    async def _unchanged(self, call: CallRow, file: FileRow) -> bool:
+    async def _unchanged(self, call: CallRow, file: FileRow, st: os.stat_result | OSError) -> bool:
         ctx = self._ctx
-        try:
-            st = await anyio.Path(ctx.config.paths.inbox / file.rel).lstat()
-        except OSError as exc:
+        if isinstance(st, OSError):
+            exc = st
             await ctx.store.reject_queued_file(
                 file, f"the file vanished from the inbox before it was sent ({exc.strerror})"
             )
@@ -296,6 +301,17 @@ class Watcher:
             if rel not in self._reported:
                 self._reported.add(rel)
                 log.warning("file skipped", file=rel, reason=why)
+
+
+def _lstat_each(inbox: Path, rels: list[str]) -> dict[str, os.stat_result | OSError]:
+    """Each file's lstat, or why it failed."""
+    found: dict[str, os.stat_result | OSError] = {}
+    for rel in rels:
+        try:
+            found[rel] = (inbox / rel).lstat()
+        except OSError as exc:
+            found[rel] = exc
+    return found
 
 
 def _has_document_for(outbox: Path, new: NewFile) -> bool:

@@ -119,7 +119,10 @@ def assert_same_request(ours: httpx.Request, sdks: httpx.Request) -> None:
     limit=st.integers(min_value=1, max_value=100),
     after=ids,
 )
-@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# no deadline: an example builds real clients, whose time depends on the machine, not the code
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 async def test_list_filters_go_as_the_sdk_sends_them(
     call_ids: list[str],
     reference_ids: list[str],
@@ -203,7 +206,10 @@ async def test_get_call_path_is_the_sdks(call_id: str) -> None:
     wait=st.booleans(),
     metadata=st.none() | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
-@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# no deadline: an example builds real clients, whose time depends on the machine, not the code
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 async def test_a_json_batch_invoke_is_the_sdks(
     tmp_path: Path,
     workflow: str,

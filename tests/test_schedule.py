@@ -16,6 +16,7 @@ from runner.schedule import (
     OVERDUE_FACTOR,
     POLL_SHARE,
     PRIORITY_SPREAD,
+    SAMPLES_KEPT,
     START_QUANTILE,
     TICK_QUANTUM,
     Grid,
@@ -500,3 +501,39 @@ def test_credits_are_what_the_calls_earned_less_what_was_spent() -> None:
     assert latencies.ascending == (1.0, 2.0, 3.0, 4.0, 5.0)
     assert plan.longest == 5.0
     assert plan.latencies("other") is None
+
+
+# -- learnt latencies, kept sorted as samples come and go ------------------------------------------
+
+any_seconds = st.one_of(
+    st.floats(min_value=-10.0, max_value=600.0),
+    st.sampled_from([math.inf, -math.inf, math.nan, 0.0, -0.0]),
+)
+
+
+@given(
+    learnt=st.lists(st.tuples(st.sampled_from(["a", "b"]), any_seconds), max_size=700),
+)
+@settings(max_examples=60, deadline=None)
+def test_learnt_latencies_are_always_those_of_the_samples_kept(
+    learnt: list[tuple[str, float]],
+) -> None:
+    """However samples arrive (out of range, not finite, past what is kept), the plan's
+    distribution of a workflow is the one of its latest SAMPLES_KEPT samples."""
+    plan = PollPlan()
+    for workflow, value in learnt:
+        plan.learn(workflow, value)
+    for workflow in ("a", "b"):
+        recent = [value for w, value in learnt if w == workflow][-SAMPLES_KEPT:]
+        assert plan.latencies(workflow) == Latencies.of(recent)
+
+
+@given(values=st.lists(any_seconds, min_size=1, max_size=600))
+@settings(max_examples=60, deadline=None)
+def test_each_learnt_sample_leaves_the_distribution_of_the_samples_kept(
+    values: list[float],
+) -> None:
+    plan = PollPlan()
+    for count, value in enumerate(values, start=1):
+        plan.learn("wf", value)
+        assert plan.latencies("wf") == Latencies.of(values[max(0, count - SAMPLES_KEPT) : count])

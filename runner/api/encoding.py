@@ -153,6 +153,10 @@ class PartsStream(httpx.AsyncByteStream):
     def length(self) -> int:
         return sum(len(part) for part in self._parts)
 
+    def joined(self) -> bytes:
+        """The whole body as one byte string (a copy: for small bodies only)."""
+        return b"".join(self._parts)
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         for part in self._parts:
             yield part

@@ -102,7 +102,7 @@ class SqliteIntake(SqlitePlumbing):
     async def _insert_call(
         self, db: aiosqlite.Connection, workflow: str, mode: str, key: str, state: str, now: float
     ) -> int:
-        cursor = await db.execute(
+        inserted = await db.execute_insert(
             QUERIES["insert_call"],
             {
                 "call_reference_id": new_call_reference_id(),
@@ -113,7 +113,6 @@ class SqliteIntake(SqlitePlumbing):
                 "now": now,
             },
         )
-        call_row_id = cursor.lastrowid
-        await cursor.close()
-        assert call_row_id is not None
+        assert inserted is not None
+        call_row_id: int = inserted[0]
         return call_row_id
