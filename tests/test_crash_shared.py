@@ -63,13 +63,25 @@ def shared_workspace(root: Path, base_url: str) -> Workspace:
     return space
 
 
-async def crash_one(space: Workspace, store_url: str, spec: str, tag: str, seed: int) -> bool:
-    """Start a runner that crashes at ``spec``, give both runners new files once it is up;
-    whether it crashed there (else it is stopped once every file is delivered)."""
+async def crash_one(
+    space: Workspace, store_url: str, spec: str, tag: str, seed: int, steady: anyio.abc.Process
+) -> bool:
+    """Start a runner that crashes at ``spec`` and give it new files once it is up, the steady
+    runner frozen meanwhile (SIGSTOP) so that the new work reaches the crashing one; whether it
+    crashed there (else it is stopped once every file is delivered). The steady runner goes on
+    after: declared dead while frozen, it joins again and takes the crashed runner's work over."""
     crashing = await start_runner(space, store_url, crash_at=spec)
     await until("the crashing runner started", space, lambda: started(space) >= space.runs)
-    for rel, content in sweep_files(random.Random(seed), tag):
-        space.drop(rel, content)
+    steady.send_signal(signal.SIGSTOP)
+    try:
+        for rel, content in sweep_files(random.Random(seed), tag):
+            space.drop(rel, content)
+        return await _crashed_or_finished(space, crashing, spec)
+    finally:
+        steady.send_signal(signal.SIGCONT)
+
+
+async def _crashed_or_finished(space: Workspace, crashing: anyio.abc.Process, spec: str) -> bool:
 
     def settled() -> bool:
         return crashing.returncode is not None or everything_delivered(space)
@@ -94,10 +106,11 @@ async def shared_sweep(root: Path, store_url: str, points: tuple[str, ...], seed
         try:
             for index, point in enumerate(points):
                 spec = f"{point}:1"
-                # the live runner may take every new file first: a point gets a few tries
+                # a point a runner meets only on some paths (a poll that finds its call still
+                # running, say) gets a few tries
                 for attempt in range(SWEEP_TRIES):
                     tag = f"{index}-{attempt}"
-                    if await crash_one(space, store_url, spec, tag, seed * 1000 + index):
+                    if await crash_one(space, store_url, spec, tag, seed * 1000 + index, steady):
                         reached.add(point)
                         break
             await until("every file delivered", space, lambda: everything_delivered(space))
