@@ -26,8 +26,9 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
+from runner.names import raw
 from runner.route import Destination
 
 DEFAULT_LEASE_SECONDS = 30.0
@@ -50,6 +51,36 @@ def this_runner_id(configured: str = "") -> str:
 def new_call_reference_id() -> str:
     """The ``callReferenceID`` a call is born with: unique, and recognisably this runner's."""
     return f"{CALL_REFERENCE_PREFIX}{uuid.uuid4().hex}"
+
+
+def new_call_params(workflow: str, mode: str, key: str, state: str, now: float) -> dict[str, Any]:
+    """The parameters of every store's ``insert_call``: a call born with its reference."""
+    return {
+        "call_reference_id": new_call_reference_id(),
+        "workflow": workflow,
+        "mode": mode,
+        "batch_key": raw(key),
+        "state": state,
+        "now": now,
+    }
+
+
+def new_file_params(new: NewFile, call_row_id: int | None, now: float) -> dict[str, Any]:
+    """The parameters of every store's ``insert_file``: queued in its call, or rejected."""
+    destination = new.destination
+    return {
+        "rel": raw(new.rel),
+        "size": new.size,
+        "mtime_ns": new.mtime_ns,
+        "sha256": new.sha256,
+        "input_type": new.input_type,
+        "workflow": destination.workflow if destination else None,
+        "item_reference_id": destination.item_reference_id if destination else None,
+        "call_row_id": call_row_id,
+        "state": "queued" if call_row_id is not None else "rejected",
+        "reason": new.reason,
+        "seen_at": now,
+    }
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ working on, or the very same file (path, size, mtime, content) it finished, is l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from runner.names import raw
-from runner.store.base import BatchLimits, NewFile, new_call_reference_id
+from runner.store.base import BatchLimits, NewFile, new_call_params, new_file_params
 from runner.store.postgres_plumbing import QUERIES, Connection, PostgresPlumbing, _clean
 
 INTAKE_LOCK = 0x62656D04
@@ -52,7 +51,7 @@ class PostgresIntake(PostgresPlumbing):
                 await cursor.executemany(
                     QUERIES["insert_file"],
                     [
-                        _file_params(new, gid, now)
+                        _clean(new_file_params(new, gid, now))
                         for new, gid in zip(files, call_row_ids, strict=True)
                     ],
                 )
@@ -91,7 +90,7 @@ class PostgresIntake(PostgresPlumbing):
         for index in indexes:
             new = files[index]
             assert new.destination is not None
-            params.append(_call_params(new.destination.workflow, "file", new.rel, "ready", now))
+            params.append(new_call_params(new.destination.workflow, "file", new.rel, "ready", now))
             params[-1].update(file_count=1, byte_count=new.size)
         ids: list[int] = []
         async with conn.cursor() as cursor:
@@ -128,7 +127,7 @@ class PostgresIntake(PostgresPlumbing):
                 await conn.execute(QUERIES["close_batch"], {"id": current.id})
                 current = None
             if current is None:
-                params = _call_params(
+                params = new_call_params(
                     new.destination.workflow, new.destination.mode, key, "collecting", now
                 )
                 params.update(file_count=0, byte_count=0)
@@ -165,33 +164,3 @@ async def _not_taken(conn: Connection, files: list[NewFile]) -> list[NewFile]:
     )
     taken = {bytes(row[0]) for row in await cursor.fetchall()}
     return [f for f in files if raw(f.rel) not in taken]
-
-
-def _call_params(workflow: str, mode: str, key: str, state: str, now: float) -> dict[str, Any]:
-    return {
-        "call_reference_id": new_call_reference_id(),
-        "workflow": workflow,
-        "mode": mode,
-        "batch_key": raw(key),
-        "state": state,
-        "now": now,
-    }
-
-
-def _file_params(new: NewFile, call_row_id: int | None, now: float) -> dict[str, Any]:
-    destination = new.destination
-    return _clean(
-        {
-            "rel": raw(new.rel),
-            "size": new.size,
-            "mtime_ns": new.mtime_ns,
-            "sha256": new.sha256,
-            "input_type": new.input_type,
-            "workflow": destination.workflow if destination else None,
-            "item_reference_id": destination.item_reference_id if destination else None,
-            "call_row_id": call_row_id,
-            "state": "queued" if call_row_id is not None else "rejected",
-            "reason": new.reason,
-            "seen_at": now,
-        }
-    )

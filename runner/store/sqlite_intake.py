@@ -9,7 +9,14 @@ from __future__ import annotations
 import aiosqlite
 
 from runner.names import from_raw, raw
-from runner.store.base import BatchLimits, CallRow, KnownFile, NewFile, new_call_reference_id
+from runner.store.base import (
+    BatchLimits,
+    CallRow,
+    KnownFile,
+    NewFile,
+    new_call_params,
+    new_file_params,
+)
 from runner.store.sqlite_plumbing import QUERIES, SqlitePlumbing
 
 
@@ -48,22 +55,7 @@ class SqliteIntake(SqlitePlumbing):
         call_row_id: int | None = None
         if destination is not None and new.reason is None:
             call_row_id = await self._call_for(db, new, now, batch_limits)
-        await db.execute(
-            QUERIES["insert_file"],
-            {
-                "rel": raw(new.rel),
-                "size": new.size,
-                "mtime_ns": new.mtime_ns,
-                "sha256": new.sha256,
-                "input_type": new.input_type,
-                "workflow": destination.workflow if destination else None,
-                "item_reference_id": destination.item_reference_id if destination else None,
-                "call_row_id": call_row_id,
-                "state": "queued" if call_row_id is not None else "rejected",
-                "reason": new.reason,
-                "seen_at": now,
-            },
-        )
+        await db.execute(QUERIES["insert_file"], new_file_params(new, call_row_id, now))
 
     async def _call_for(
         self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
@@ -103,15 +95,7 @@ class SqliteIntake(SqlitePlumbing):
         self, db: aiosqlite.Connection, workflow: str, mode: str, key: str, state: str, now: float
     ) -> int:
         inserted = await db.execute_insert(
-            QUERIES["insert_call"],
-            {
-                "call_reference_id": new_call_reference_id(),
-                "workflow": workflow,
-                "mode": mode,
-                "batch_key": raw(key),
-                "state": state,
-                "now": now,
-            },
+            QUERIES["insert_call"], new_call_params(workflow, mode, key, state, now)
         )
         assert inserted is not None
         call_row_id: int = inserted[0]
