@@ -9,10 +9,11 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from runner.errors import ClaimLostError
+from runner.errors import ClaimLostError, StoreUnavailableError
 from runner.route import Destination
 from runner.store.base import Finished, NewFile
 from runner.store.postgres import PostgresStore, open_postgres_store
+from runner.store.postgres_dedupe import _lock as take_dedupe_lock
 from tests.conftest import run_sql
 
 pytestmark = pytest.mark.anyio
@@ -227,3 +228,39 @@ async def test_a_post_goes_out_only_while_its_runner_still_holds_the_call(
     with pytest.raises(ClaimLostError):
         await a.confirm_sending([call.id], now=42.0)
     assert (await b.call(call.id)).sent_at == 3.0
+
+
+async def test_a_runner_frozen_inside_a_transaction_holds_its_locks_no_longer_than_its_lease(
+    postgres_url: str,
+) -> None:
+    # a paused VM or a SIGSTOPped process: its session sits idle in a transaction holding the
+    # content-dedupe lock, which every delivery and every dedupe decision of the others waits on
+    async with (
+        open_postgres_store(postgres_url, runner_id="frozen", lease_seconds=1.0) as frozen,
+        open_postgres_store(postgres_url, runner_id="live") as live,
+    ):
+        await live.add_files(_files(1), now=1.0, batch_limits={})
+        (call,) = await live.claim_ready(now=1.0, limit=1)
+        locked, resumed = anyio.Event(), anyio.Event()
+
+        async def hold_the_lock_frozen() -> None:
+            async with frozen._transaction("freeze") as conn:
+                await take_dedupe_lock(conn)
+                locked.set()
+                await resumed.wait()
+                await conn.execute("SELECT 1")  # the server ended it meanwhile
+
+        async def freeze_holding_the_lock() -> None:
+            with pytest.raises(StoreUnavailableError, match="idle-in-transaction timeout"):
+                await hold_the_lock_frozen()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(freeze_holding_the_lock)
+            await locked.wait()
+            with anyio.fail_after(30):  # the server's clock: about the frozen one's lease
+                settled = await live.settle_duplicates([call.id], now=2.0)
+            assert settled.reused == []
+            assert settled.waiting == []
+            resumed.set()
+        # thawed, it goes on with a fresh session
+        assert [c.id for c in await frozen.ready_calls(now=3.0, limit=10)] == [call.id]

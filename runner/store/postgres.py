@@ -16,7 +16,7 @@ meaning as the SQLite store (the store contract suite runs on both). File names 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -75,9 +75,28 @@ log = structlog.get_logger("runner.store.postgres")
 POOL_SIZE = 4
 POOL_WAIT_SECONDS = 5.0
 """How long a statement waits for a connection: a server that is gone is an error this soon."""
+MIN_IDLE_IN_TRANSACTION_MS = 1000
+"""The least the server lets a transaction of ours sit idle, however short the lease."""
 
 
 # -- opening ------------------------------------------------------------------------------------
+
+
+def _ends_frozen_transactions(
+    lease_seconds: float,
+) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
+    """Each pooled session's transactions end if left idle longer than the lease.
+
+    A runner frozen inside a transaction (a paused VM, SIGSTOP, a network partition with no
+    reset) would otherwise hold its row and advisory locks for ever, and every other runner would
+    wait on them; this way the server rolls it back once the runner has lost its claims anyway.
+    """
+    timeout_ms = max(MIN_IDLE_IN_TRANSACTION_MS, round(lease_seconds * 1000))
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(QUERIES["end_frozen_transactions"], {"timeout": f"{timeout_ms}ms"})
+
+    return configure
 
 
 @asynccontextmanager
@@ -114,6 +133,7 @@ async def open_postgres_store(
             min_size=1,
             max_size=POOL_SIZE,
             timeout=POOL_WAIT_SECONDS,
+            configure=_ends_frozen_transactions(lease_seconds),
             open=False,
             name="bem-runner-store",
         )

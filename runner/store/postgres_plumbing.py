@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import anyio
 import psycopg
+import psycopg.errors
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -51,6 +52,9 @@ WAKES: dict[str, tuple[str, ...]] = {
     "leave_runner": ALL_STAGES,
 }
 """The stages of other runners that a write (by its label) gives work to; told on commit."""
+_PASSING = (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)
+"""Errors that may pass: a lost or refused connection (a restart, the network, a full pool), or
+a session the server ended after this runner sat frozen inside a transaction past its lease."""
 _NAME_COLUMNS = ("rel", "batch_key")
 Row = TypeVar("Row", CallRow, FileRow)
 Connection = psycopg.AsyncConnection[Any]
@@ -76,8 +80,7 @@ class PostgresPlumbing:
         """This process owns the store alone (no runner id, not read-only)."""
 
     def _error(self, label: str, exc: psycopg.Error) -> StoreError:
-        # a lost or refused connection (a restart, the network, a full pool) may come back
-        kind = StoreUnavailableError if isinstance(exc, psycopg.OperationalError) else StoreError
+        kind = StoreUnavailableError if isinstance(exc, _PASSING) else StoreError
         return kind(f"{self._target.shown}: {label}: {self._target.scrub(str(exc))}")
 
     async def _fetch(

@@ -80,6 +80,10 @@ INSERT INTO rate_bucket (id, tokens, updated_at) VALUES (1, 0, 'epoch');
 -- Advisory locks are per database: each is keyed (purpose, hash of the schema), so stores in
 -- two schemas of one database are two stores.
 
+-- name: end_frozen_transactions
+-- Per pooled session: a transaction left idle this long is rolled back and its session ended.
+SELECT set_config('idle_in_transaction_session_timeout', %(timeout)s, false);
+
 -- name: migration_lock
 SELECT pg_advisory_xact_lock(%(purpose)s, hashtext(current_schema()));
 
