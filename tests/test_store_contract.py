@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1389,6 +1390,37 @@ async def test_a_reuse_decided_before_a_crash_is_kept_and_costs_no_call(
         (terminal,) = await store.terminal_calls(limit=10)
         assert (terminal.id, terminal.reused_file_id) == (second.id, source.id)
         assert await store.settle_duplicates([second.id], now=10.0) == Settled([], [])
+
+
+# -- many tasks at once ----------------------------------------------------------------------
+
+CONCURRENT_TASKS = 8
+ROUNDS_PER_TASK = 30
+
+
+async def test_many_tasks_writing_and_reading_at_once_each_read_back_what_they_wrote(
+    store: Store,
+) -> None:
+    # The stages share one store: the same statements run for several tasks at once, and
+    # reads run while another task's write is in its transaction.
+    calls = [
+        await to_polling(store, await one_ready(store, f"wf/{n}.txt"), call_id=f"c{n}")
+        for n in range(CONCURRENT_TASKS)
+    ]
+
+    async def write_and_read(call: CallRow) -> None:
+        for step in range(ROUNDS_PER_TASK):
+            due = 100.0 + step
+            await store.reschedule_polls([NextPoll(call.id, due, "running")])
+            assert (await store.call(call.id)).not_before == due
+            assert (await store.counts()).calls.get("polling") == CONCURRENT_TASKS
+            await store.add_files([new_file(f"wf/{call.id}-{step}.txt")], now=2.0, batch_limits={})
+
+    async with anyio.create_task_group() as tasks:
+        for call in calls:
+            tasks.start_soon(write_and_read, call)
+    files = await store.files_of_calls([g.id for g in await store.ready_calls(now=1e9, limit=1000)])
+    assert sum(len(f) for f in files.values()) == CONCURRENT_TASKS * ROUNDS_PER_TASK
 
 
 # -- the rate budget -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ roll back behind an outbox rename that already happened, hence ``synchronous=FUL
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from runner.names import from_raw
 from runner.store.base import CallRow, Counts, Delivery, FileRow, Finished, NextPoll
 from runner.store.lock import state_owner
 from runner.store.single_owner import SingleOwner
-from runner.store.sqlite_dedupe import SqliteDedupe
+from runner.store.sqlite_dedupe import SqliteDedupe, wake_duplicates
 from runner.store.sqlite_intake import SqliteIntake
 from runner.store.sqlite_plumbing import QUERIES
 from runner.store.sqlite_setup import SCHEMA_VERSION, SqliteSetup, connect
@@ -82,21 +83,20 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
 
     async def supersede_file(self, file: FileRow) -> None:
         """The file changed after it was queued: drop it from its call; it will be taken anew."""
-        async with self._transaction("supersede_file") as db:
-            await db.execute(QUERIES["supersede_file"], {"id": file.id})
-            if file.call_row_id is not None:
-                await db.execute(
-                    QUERIES["shrink_call"], {"id": file.call_row_id, "size": file.size}
-                )
-            await self._wake_duplicates(db, [file.id])
+
+        def supersede(db: sqlite3.Connection) -> None:
+            db.execute(QUERIES["supersede_file"], {"id": file.id})
+            _shrink_call(db, file)
+            wake_duplicates(db, [file.id])
+
+        await self._run_transaction("supersede_file", supersede)
 
     async def reject_queued_file(self, file: FileRow, reason: str) -> None:
-        async with self._transaction("reject_file") as db:
-            await db.execute(QUERIES["reject_file"], {"id": file.id, "reason": reason})
-            if file.call_row_id is not None:
-                await db.execute(
-                    QUERIES["shrink_call"], {"id": file.call_row_id, "size": file.size}
-                )
+        def reject(db: sqlite3.Connection) -> None:
+            db.execute(QUERIES["reject_file"], {"id": file.id, "reason": reason})
+            _shrink_call(db, file)
+
+        await self._run_transaction("reject_file", reject)
 
     async def drop_empty_call(self, call_row_id: int) -> None:
         await self._write("drop_empty_call", [{"id": call_row_id}])
@@ -140,21 +140,23 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
         if not finished:
             await self.reschedule_polls(next_polls)
             return
-        async with self._transaction("mark_terminal") as db:
-            await db.executemany(
-                QUERIES["mark_terminal"],
-                [
-                    {
-                        "id": f.call_row_id,
-                        "status": f.status,
-                        "result_json": f.result_json,
-                        "error_reason": f.error_reason,
-                        "now": now,
-                    }
-                    for f in finished
-                ],
-            )
-            await db.executemany(QUERIES["reschedule_poll"], _next_poll_rows(next_polls))
+        terminal = [
+            {
+                "id": f.call_row_id,
+                "status": f.status,
+                "result_json": f.result_json,
+                "error_reason": f.error_reason,
+                "now": now,
+            }
+            for f in finished
+        ]
+        rescheduled = _next_poll_rows(next_polls)
+
+        def record(db: sqlite3.Connection) -> None:
+            db.executemany(QUERIES["mark_terminal"], terminal)
+            db.executemany(QUERIES["reschedule_poll"], rescheduled)
+
+        await self._run_transaction("mark_terminal", record)
 
     # -- poll -------------------------------------------------------------------------------
 
@@ -192,16 +194,19 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
         self, deliveries: Sequence[Delivery], *, finished_calls: Sequence[int], now: float
     ) -> None:
         """Files whose documents are written; calls with no file left to deliver are done."""
-        async with self._transaction("mark_delivered") as db:
-            await db.executemany(
-                QUERIES["mark_delivered"],
-                [
-                    {"id": d.file_id, "outcome": d.outcome, "reason": d.reason, "now": now}
-                    for d in deliveries
-                ],
-            )
-            await db.executemany(QUERIES["mark_call_done"], [{"id": g} for g in finished_calls])
-            await self._wake_duplicates(db, [d.file_id for d in deliveries])
+        delivered = [
+            {"id": d.file_id, "outcome": d.outcome, "reason": d.reason, "now": now}
+            for d in deliveries
+        ]
+        done = [{"id": g} for g in finished_calls]
+        file_ids = [d.file_id for d in deliveries]
+
+        def record(db: sqlite3.Connection) -> None:
+            db.executemany(QUERIES["mark_delivered"], delivered)
+            db.executemany(QUERIES["mark_call_done"], done)
+            wake_duplicates(db, file_ids)
+
+        await self._run_transaction("mark_delivered", record)
 
     async def mark_done(self, file_ids: Sequence[int], *, now: float) -> None:
         if file_ids:
@@ -239,6 +244,11 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
 
     async def mark_retried(self, file_ids: list[int]) -> None:
         await self._write("supersede_file", ({"id": fid} for fid in file_ids))
+
+
+def _shrink_call(db: sqlite3.Connection, file: FileRow) -> None:
+    if file.call_row_id is not None:
+        db.execute(QUERIES["shrink_call"], {"id": file.call_row_id, "size": file.size})
 
 
 def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ writer, so no delivery can slip between what was read and what was decided.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,11 +66,11 @@ class SqliteDedupe(SqlitePlumbing):
         call_files = await self._rows(FileRow, "call_files", {"call_row_ids": call_row_ids})
         return calls_as_delivered(sources, calls, call_files)
 
-    @staticmethod
-    async def _wake_duplicates(db: aiosqlite.Connection, file_ids: Sequence[int]) -> None:
-        """Waiting calls of these files' contents go back to ready (one statement)."""
-        if file_ids:
-            await db.execute(QUERIES["wake_duplicates"], {"file_ids": json.dumps(list(file_ids))})
+
+def wake_duplicates(db: sqlite3.Connection, file_ids: Sequence[int]) -> None:
+    """Waiting calls of these files' contents go back to ready (one statement)."""
+    if file_ids:
+        db.execute(QUERIES["wake_duplicates"], {"file_ids": json.dumps(list(file_ids))})
 
 
 async def _candidates(db: aiosqlite.Connection, call_row_ids: Sequence[int]) -> list[Candidate]:

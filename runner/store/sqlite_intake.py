@@ -6,7 +6,7 @@ a full window closed and another opened. Everything a scan found is one transact
 
 from __future__ import annotations
 
-import aiosqlite
+import sqlite3
 
 from runner.names import from_raw, raw
 from runner.store.base import (
@@ -38,9 +38,11 @@ class SqliteIntake(SqlitePlumbing):
     async def add_files(
         self, files: list[NewFile], *, now: float, batch_limits: BatchLimits
     ) -> None:
-        async with self._transaction("add_files") as db:
+        def add(db: sqlite3.Connection) -> None:
             for new in files:
-                await self._add_file(db, new, now, batch_limits)
+                _add_file(db, new, now, batch_limits)
+
+        await self._run_transaction("add_files", add)
 
     async def collecting_calls(self) -> list[CallRow]:
         return await self._rows(CallRow, "collecting_calls", {})
@@ -48,55 +50,46 @@ class SqliteIntake(SqlitePlumbing):
     async def close_batch(self, call_row_id: int) -> None:
         await self._write("close_batch", [{"id": call_row_id}])
 
-    async def _add_file(
-        self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
-    ) -> None:
-        destination = new.destination
-        call_row_id: int | None = None
-        if destination is not None and new.reason is None:
-            call_row_id = await self._call_for(db, new, now, batch_limits)
-        await db.execute(QUERIES["insert_file"], new_file_params(new, call_row_id, now))
 
-    async def _call_for(
-        self, db: aiosqlite.Connection, new: NewFile, now: float, batch_limits: BatchLimits
-    ) -> int:
-        destination = new.destination
-        assert destination is not None
-        if destination.mode == "file":
-            call_row_id = await self._insert_call(
-                db, destination.workflow, "file", new.rel, "ready", now
-            )
-            await db.execute(
-                QUERIES["add_to_batch"], {"id": call_row_id, "size": new.size, "now": now}
-            )
-            return call_row_id
-        async with db.execute(
-            QUERIES["collecting_call_by_key"], {"batch_key": raw(destination.batch_key)}
-        ) as c:
-            row = await c.fetchone()
-        if row is not None and destination.batch_key in batch_limits:
-            max_files, max_bytes = batch_limits[destination.batch_key]
-            full = row["file_count"] >= max_files or (
-                row["file_count"] > 0 and row["byte_count"] + new.size > max_bytes
-            )
-            if full:
-                await db.execute(QUERIES["close_batch"], {"id": row["id"]})
-                row = None
-        if row is None:
-            call_row_id = await self._insert_call(
-                db, destination.workflow, destination.mode, destination.batch_key, "collecting", now
-            )
-        else:
-            call_row_id = int(row["id"])
-        await db.execute(QUERIES["add_to_batch"], {"id": call_row_id, "size": new.size, "now": now})
+def _add_file(db: sqlite3.Connection, new: NewFile, now: float, batch_limits: BatchLimits) -> None:
+    destination = new.destination
+    call_row_id: int | None = None
+    if destination is not None and new.reason is None:
+        call_row_id = _call_for(db, new, now, batch_limits)
+    db.execute(QUERIES["insert_file"], new_file_params(new, call_row_id, now))
+
+
+def _call_for(db: sqlite3.Connection, new: NewFile, now: float, batch_limits: BatchLimits) -> int:
+    destination = new.destination
+    assert destination is not None
+    if destination.mode == "file":
+        call_row_id = _insert_call(db, destination.workflow, "file", new.rel, "ready", now)
+        db.execute(QUERIES["add_to_batch"], {"id": call_row_id, "size": new.size, "now": now})
         return call_row_id
-
-    async def _insert_call(
-        self, db: aiosqlite.Connection, workflow: str, mode: str, key: str, state: str, now: float
-    ) -> int:
-        inserted = await db.execute_insert(
-            QUERIES["insert_call"], new_call_params(workflow, mode, key, state, now)
+    row = db.execute(
+        QUERIES["collecting_call_by_key"], {"batch_key": raw(destination.batch_key)}
+    ).fetchone()
+    if row is not None and destination.batch_key in batch_limits:
+        max_files, max_bytes = batch_limits[destination.batch_key]
+        full = row["file_count"] >= max_files or (
+            row["file_count"] > 0 and row["byte_count"] + new.size > max_bytes
         )
-        assert inserted is not None
-        call_row_id: int = inserted[0]
-        return call_row_id
+        if full:
+            db.execute(QUERIES["close_batch"], {"id": row["id"]})
+            row = None
+    if row is None:
+        call_row_id = _insert_call(
+            db, destination.workflow, destination.mode, destination.batch_key, "collecting", now
+        )
+    else:
+        call_row_id = int(row["id"])
+    db.execute(QUERIES["add_to_batch"], {"id": call_row_id, "size": new.size, "now": now})
+    return call_row_id
+
+
+def _insert_call(
+    db: sqlite3.Connection, workflow: str, mode: str, key: str, state: str, now: float
+) -> int:
+    cursor = db.execute(QUERIES["insert_call"], new_call_params(workflow, mode, key, state, now))
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid

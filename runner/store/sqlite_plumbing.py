@@ -2,12 +2,19 @@
 
 Reads, one write transaction at a time (``BEGIN IMMEDIATE``, with the crash points around its
 commit), and rows turned back into :class:`CallRow` / :class:`FileRow` with names as text.
+
+The connection lives on aiosqlite's thread, and each trip there and back costs the event loop a
+wake-up: a read is one trip (statement and rows together), and the writes of the pipeline's
+stages are one trip each, their whole transaction written as a plain function of the connection
+(:meth:`SqlitePlumbing._run_transaction`). Rarer writes that decide between statements use the
+async :meth:`SqlitePlumbing._transaction`, a trip per statement.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -26,6 +33,10 @@ QUERIES = load_queries("queries.sql")
 _NAME_COLUMNS = ("rel", "batch_key")
 """Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
 Row = TypeVar("Row", CallRow, FileRow)
+Work = Callable[[sqlite3.Connection], None]
+"""A transaction's statements, run on the connection's own thread. It returns nothing: a
+cursor that reached the event loop's thread and was freed there would reset its statement
+while the connection's thread runs that same cached statement for someone else."""
 
 
 class SqlitePlumbing:
@@ -40,8 +51,7 @@ class SqlitePlumbing:
 
     async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[sqlite3.Row]:
         try:
-            async with self._db.execute(QUERIES[name], params or {}) as cursor:
-                return list(await cursor.fetchall())
+            return list(await self._db.execute_fetchall(QUERIES[name], params or {}))
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: {name}: {exc}") from exc
 
@@ -75,14 +85,44 @@ class SqlitePlumbing:
                 except sqlite3.Error as exc:
                     raise StoreError(f"{self._path}: {exc}") from exc
 
+    async def _run_transaction(self, label: str, work: Work) -> None:
+        """``work`` as one write transaction, in one trip to the connection's thread."""
+        async with self._writer:
+            with anyio.CancelScope(shield=True):  # as in _transaction
+                try:
+                    # aiosqlite runs any function on its thread, in order with its own calls
+                    await self._db._execute(  # type: ignore[no-untyped-call]
+                        _transaction, self._db._conn, label, work
+                    )
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{self._path}: {exc}") from exc
+
     async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        async with self._transaction(name) as db:
-            await db.executemany(QUERIES[name], list(rows))
+        params = list(rows)
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(QUERIES[name], params)
+
+        await self._run_transaction(name, write)
 
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
         names = [f.name for f in fields(cls)]
         rows = await self._fetch(name, params)
         return [cls(**{key: _column(key, row[key]) for key in names}) for row in rows]
+
+
+def _transaction(db: sqlite3.Connection, label: str, work: Work) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        work(db)
+    except BaseException as exc:
+        db.execute("ROLLBACK")
+        # the error goes to the event loop's thread: its frames' cursors are freed here
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    faults.point("store.before_commit", label)
+    db.execute("COMMIT")
+    faults.point("store.after_commit", label)
 
 
 def _column(key: str, value: Any) -> Any:
