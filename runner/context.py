@@ -35,15 +35,28 @@ class Nudge:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._event = anyio.Event()
+        self._wakes_at = math.inf
+        """While the stage waits, the wall-clock time it looks again by itself; else infinity."""
 
     def set(self) -> None:
         self._event.set()
+
+    def set_unless_due_later(self, due: float) -> None:
+        """Work that is due at ``due`` (wall clock): wake the stage only if it would sleep past
+        then. While the stage is awake it is woken regardless: it may have read the store
+        before that work was written."""
+        if due < self._wakes_at:
+            self._event.set()
 
     async def wait(self, at_most: float) -> None:
         """Until :meth:`set` is called or ``at_most`` seconds of the clock's time have passed."""
         if not self._event.is_set() and at_most > 0:
             idle = min(at_most, MAX_IDLE_SECONDS) if math.isfinite(at_most) else MAX_IDLE_SECONDS
-            await self._clock.wait(self._event, idle)
+            self._wakes_at = self._clock.wall() + idle
+            try:
+                await self._clock.wait(self._event, idle)
+            finally:
+                self._wakes_at = math.inf
         self._event = anyio.Event()
 
 

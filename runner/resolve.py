@@ -59,7 +59,7 @@ async def record_call(ctx: Context, call: CallRow, call_id: str, status: str | N
         batch=call.batch_key,
         files=call.file_count,
     )
-    ctx.nudges.poll.set()
+    ctx.nudges.poll.set_unless_due_later(next_poll)
 
 
 def first_poll_at(ctx: Context, workflow: str, *, now: float) -> float:

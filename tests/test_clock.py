@@ -7,6 +7,7 @@ import anyio.lowlevel
 import pytest
 
 from runner.clock import Clock, FakeClock, SystemClock
+from runner.context import Nudge
 
 
 def test_both_clocks_satisfy_the_protocol() -> None:
@@ -196,3 +197,40 @@ def test_fake_clock_can_be_made_outside_an_event_loop() -> None:
         return clock.now()
 
     assert anyio.run(main, backend="asyncio") == 2.0
+
+
+# -- a stage's wake-up ---------------------------------------------------------------------
+
+
+async def _waits_then_reports(
+    nudge: Nudge, at_most: float, woke: list[float], clock: FakeClock
+) -> None:
+    await nudge.wait(at_most)
+    woke.append(clock.wall())
+
+
+@pytest.mark.anyio
+async def test_work_due_later_than_a_stage_looks_again_does_not_wake_it() -> None:
+    clock = FakeClock(0.0, wall_start=1000.0)
+    nudge = Nudge(clock)
+    woke: list[float] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_waits_then_reports, nudge, 10.0, woke, clock)
+        await clock.wait_for_sleepers(1)
+        nudge.set_unless_due_later(1010.0)  # it looks again at 1010 anyway
+        nudge.set_unless_due_later(1020.0)
+        await anyio.wait_all_tasks_blocked()
+        assert woke == []
+        nudge.set_unless_due_later(1009.5)  # sooner than it would look: woken now
+    assert woke == [1000.0]
+
+
+@pytest.mark.anyio
+async def test_work_due_at_any_time_wakes_a_stage_that_is_not_waiting() -> None:
+    # awake, the stage may have read the store before the work was written: it looks again
+    clock = FakeClock(0.0, wall_start=1000.0)
+    nudge = Nudge(clock)
+    nudge.set_unless_due_later(1e12)
+    with anyio.fail_after(5):
+        await nudge.wait(3600.0)  # returns at once, no time passed
+    assert clock.now() == 0.0
