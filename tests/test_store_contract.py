@@ -1423,6 +1423,26 @@ async def test_many_tasks_writing_and_reading_at_once_each_read_back_what_they_w
     assert sum(len(f) for f in files.values()) == CONCURRENT_TASKS * ROUNDS_PER_TASK
 
 
+async def test_answers_recorded_at_once_are_each_written_before_their_caller_goes_on(
+    store: Store,
+) -> None:
+    # each POST's answer is recorded by its own task, and a store may commit them together
+    calls = [await one_ready(store, f"wf/{n}.txt") for n in range(20)]
+    await store.mark_sending([g.id for g in calls], now=2.0)
+
+    async def record(call: CallRow) -> None:
+        await store.mark_submitted(
+            call.id, call_id=f"c{call.id}", status="pending", now=3.0, next_poll=4.0
+        )
+        recorded = await store.call(call.id)
+        assert (recorded.state, recorded.call_id) == ("polling", f"c{call.id}")
+
+    async with anyio.create_task_group() as tasks:
+        for call in calls:
+            tasks.start_soon(record, call)
+    assert (await store.counts()).calls == {"polling": 20}
+
+
 # -- the rate budget -------------------------------------------------------------------------
 
 

@@ -107,18 +107,14 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
     async def mark_submitted(
         self, call_row_id: int, *, call_id: str, status: str | None, now: float, next_poll: float
     ) -> None:
-        await self._write(
-            "mark_submitted",
-            [
-                {
-                    "id": call_row_id,
-                    "call_id": call_id,
-                    "status": status,
-                    "now": now,
-                    "next_poll": next_poll,
-                }
-            ],
-        )
+        row = {
+            "id": call_row_id,
+            "call_id": call_id,
+            "status": status,
+            "now": now,
+            "next_poll": next_poll,
+        }
+        await self._write_together("mark_submitted", row)
 
     async def mark_submit_later(self, call_row_ids: list[int], *, not_before: float) -> None:
         await self._write(

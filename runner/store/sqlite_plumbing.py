@@ -16,7 +16,7 @@ import sqlite3
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +39,13 @@ cursor that reached the event loop's thread and was freed there would reset its 
 while the connection's thread runs that same cached statement for someone else."""
 
 
+@dataclass
+class _Batch:
+    rows: list[Mapping[str, Any]]
+    committed: anyio.Event = field(default_factory=anyio.Event)
+    error: StoreError | None = None
+
+
 class SqlitePlumbing:
     """The connection, the state's path (for messages), and how a statement is run."""
 
@@ -48,6 +55,8 @@ class SqlitePlumbing:
         self.owned = owned
         """This process owns the state (a writer); False when it only reads it."""
         self._writer = anyio.Lock()  # one connection, so one transaction at a time
+        self._batches: dict[str, _Batch] = {}
+        """Rows of one statement waiting for the writer together (:meth:`_write_together`)."""
 
     async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[sqlite3.Row]:
         try:
@@ -89,13 +98,47 @@ class SqlitePlumbing:
         """``work`` as one write transaction, in one trip to the connection's thread."""
         async with self._writer:
             with anyio.CancelScope(shield=True):  # as in _transaction
+                await self._trip(label, work)
+
+    async def _trip(self, label: str, work: Work) -> None:
+        try:
+            # aiosqlite runs any function on its thread, in order with its own calls
+            await self._db._execute(  # type: ignore[no-untyped-call]
+                _transaction, self._db._conn, label, work
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self._path}: {exc}") from exc
+
+    async def _write_together(self, name: str, row: Mapping[str, Any]) -> None:
+        """One row of ``name``, committed with the rows other tasks write meanwhile.
+
+        Each answer to a POST is recorded by its own task; while one transaction commits, the
+        rows that arrive wait for the writer together and go in one transaction (one fsync)
+        instead of one each. Every caller returns once its row is committed.
+        """
+        batch = self._batches.get(name)
+        if batch is not None:  # a batch is waiting for the writer: join it
+            batch.rows.append(row)
+            await batch.committed.wait()
+            if batch.error is not None:
+                raise StoreError(batch.error.message) from batch.error
+            return
+        batch = self._batches[name] = _Batch([row])
+        # shielded: the rows of the tasks that joined are this task's to write
+        with anyio.CancelScope(shield=True):
+            async with self._writer:
+                del self._batches[name]  # closed: later rows wait for the next one
+
+                def write(db: sqlite3.Connection) -> None:
+                    db.executemany(QUERIES[name], batch.rows)
+
                 try:
-                    # aiosqlite runs any function on its thread, in order with its own calls
-                    await self._db._execute(  # type: ignore[no-untyped-call]
-                        _transaction, self._db._conn, label, work
-                    )
-                except sqlite3.Error as exc:
-                    raise StoreError(f"{self._path}: {exc}") from exc
+                    await self._trip(name, write)
+                except StoreError as exc:
+                    batch.error = exc
+                    raise
+                finally:
+                    batch.committed.set()
 
     async def _write(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
         params = list(rows)
