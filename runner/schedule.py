@@ -11,7 +11,9 @@ submits are still pending, the rate, and the poll requests this runner may still
   :data:`OVERDUE_FACTOR` × the longest learnt latency, from when it backs off (each wait as long
   as the call is overdue, so doubling). Among calls due at the same tick, the ones most likely
   to have finished since their last poll come first. Until :data:`MIN_SAMPLES` calls of a
-  workflow have finished, its calls keep the exponential schedule of :func:`poll_delay`.
+  workflow have finished, its calls are polled every ``poll.initial_seconds`` for their first
+  :data:`COLD_POLLS` polls (on that grid, so they share requests), then on the exponential
+  schedule of :func:`poll_delay`.
 - **Rate budget.** While submits are pending, polls take at most :data:`POLL_SHARE` of the
   rate, so they never starve submits; once nothing is left to submit (a drain's last POSTs are
   out) the whole rate is spare and the grid tightens to :data:`TAIL_TICK_SECONDS`.
@@ -35,6 +37,10 @@ from runner.policy import poll_delay
 MIN_SAMPLES = 5
 """Finished calls of a workflow needed before its latencies replace the exponential schedule."""
 SAMPLES_KEPT = 256
+COLD_POLLS = 5
+"""Polls a call gets every ``poll.initial_seconds`` while its workflow's latencies are unknown:
+a drain's first calls mostly finish within them (learning needs some seen finishing), and a
+call still running after them backs off."""
 START_QUANTILE = 0.05
 """A call is first polled once this fraction of its workflow's finished calls had taken as long."""
 OVERDUE_FACTOR = 1.5
@@ -184,7 +190,11 @@ def next_poll_at(
     Never before ``now``, never more than ``max(maximum, tick)`` plus a tick after it.
     """
     if latencies is None or tick is None:
-        return now + poll_delay(attempts, initial=initial, maximum=maximum, rng=rng)
+        if attempts < COLD_POLLS:
+            return max(now, on_grid(now + initial / 2, initial))
+        return now + poll_delay(
+            attempts - COLD_POLLS + 1, initial=initial, maximum=maximum, rng=rng
+        )
     start = submitted_at + latencies.quantile(START_QUANTILE)
     overdue_at = submitted_at + OVERDUE_FACTOR * latencies.longest
     earliest = now + tick / 2

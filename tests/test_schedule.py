@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from runner.schedule import (
     ALLOWANCE_PER_CALL,
+    COLD_POLLS,
     INITIAL_CREDITS,
     MIN_SAMPLES,
     OVERDUE_FACTOR,
@@ -344,12 +345,33 @@ def test_calls_due_at_one_tick_share_a_request_most_likely_first(
                 assert at <= other_at
 
 
-@given(now=moments, age=st.floats(0, 1e3), attempts=st.integers(0, 50), seed=st.integers(0, 99))
-def test_before_anything_is_learnt_the_exponential_schedule_holds(
-    now: float, age: float, attempts: int, seed: int
+@given(
+    now=moments,
+    age=st.floats(0, 1e3),
+    attempts=st.integers(0, COLD_POLLS - 1),
+    tick=st.none() | ticks,
+    seed=st.integers(0, 99),
+)
+def test_before_its_latencies_are_learnt_a_call_is_first_polled_on_the_initial_grid(
+    now: float, age: float, attempts: int, tick: float | None, seed: int
 ) -> None:
-    at = schedule(now=now, age=age, latencies=None, tick=1.0, attempts=attempts, seed=seed)
-    step = min(30.0, 1.0 * 2.0**attempts)
+    at = schedule(now=now, age=age, latencies=None, tick=tick, attempts=attempts, seed=seed)
+    assert now + 0.5 - 1e-6 * now <= at <= now + 1.5 + 1e-6 * now
+    assert at == on_grid(at, 1.0)  # calls polled together share one request
+
+
+@given(
+    now=moments,
+    age=st.floats(0, 1e3),
+    attempts=st.integers(COLD_POLLS, 60),
+    tick=st.none() | ticks,
+    seed=st.integers(0, 99),
+)
+def test_before_its_latencies_are_learnt_a_call_then_backs_off_exponentially(
+    now: float, age: float, attempts: int, tick: float | None, seed: int
+) -> None:
+    at = schedule(now=now, age=age, latencies=None, tick=tick, attempts=attempts, seed=seed)
+    step = min(30.0, 1.0 * 2.0 ** (attempts - COLD_POLLS + 1))
     assert now + step / 2 - 1e-6 * now <= at <= now + min(30.0, step) + 1e-6 * now
 
 
