@@ -35,6 +35,10 @@ from runner.store.base import CallRow, FileRow, Finished
 
 log = structlog.get_logger("runner.submit")
 
+NO_ROOM_WAIT = 1.0
+"""With no room for another POST, how long the submitter idles unless told that room freed
+(a POST ended, a call finished: both nudge it)."""
+
 Sendable = list[tuple[CallRow, list[FileRow]]]
 Preflight = Callable[[list[CallRow]], Awaitable[Sendable]]
 """Given ready calls, the ones still worth sending, with their files (the watcher checks them)."""
@@ -79,7 +83,7 @@ class Submitter:
             # until bem has answered once, one POST at a time: a bad key costs one 401
             room = min(room, 1 - self._in_flight)
         if room <= 0:
-            return 1.0
+            return NO_ROOM_WAIT
         calls = await ctx.store.claim_ready(now=now, limit=room)
         try:
             sendable = await self._preflight(calls)
@@ -95,11 +99,13 @@ class Submitter:
             )
             await ctx.store.release([g.id for g in calls])
             return MIN_WAIT
-        for batch in self._requests(sendable):
+        requests = self._requests(sendable)
+        for batch in requests:
             self._in_flight += 1
             tg.start_soon(self._send, batch, name=f"submit-{batch[0][0].call_reference_id}")
         if len(calls) == room:
-            return MIN_WAIT
+            # More may be ready. A POST per claimed call spent the room; else look again soon.
+            return NO_ROOM_WAIT if len(requests) == len(calls) else MIN_WAIT
         next_due = await ctx.store.next_submit_due()
         if next_due is None:
             return ctx.config.inbox.rescan_seconds
