@@ -1,10 +1,14 @@
 """What bem-runner's commands pay in imports before they do anything.
 
 Each figure is a fresh interpreter timing one import statement (wall and CPU seconds), the best of
-``--runs``: ``runner.cli`` is what ``bem-runner --help`` (and every command) imports; a drain
-then also loads the HTTP transport when its client opens its pool. The heavy modules a command
-does not use (uvicorn and starlette for the webhook receiver, prometheus_client for metrics, the
-emulator) are listed when ``runner.cli`` has loaded them.
+``--runs``: ``runner.cli`` is what ``bem-runner --help`` imports (each command then imports what
+it uses); a drain imports the configuration, the pipeline, the SQLite store and, when its client
+opens its pool, the HTTP transport, and starts anyio's event loop. The drain's row is all of it
+from a fresh interpreter, ``runner.cli`` included (the modules a real ``bem-runner drain
+--no-progress`` has in ``sys.modules`` at its end); the transport's row is its share of that. The
+heavy modules a drain does not use (uvicorn and starlette for the webhook receiver,
+prometheus_client for metrics, the emulator, psycopg) are listed when a probe has loaded them,
+and for ``--help`` also those a drain needs (httpx, aiohttp, pydantic, structlog, rich).
 """
 
 from __future__ import annotations
@@ -18,23 +22,27 @@ from collections.abc import Sequence
 
 PYTHON = sys.executable
 DEFAULT_RUNS = 7
-# Modules only some commands use: present after `import runner.cli` means --help pays for them.
-HEAVY = ("uvicorn", "starlette", "prometheus_client", "aiohttp", "runner.emulator", "psycopg")
+# Modules only some commands use: present after a probe means a drain (or --help) pays for them.
+HEAVY = ("uvicorn", "starlette", "prometheus_client", "runner.emulator", "psycopg")
+# What a drain needs and --help does not.
+NOT_FOR_HELP = ("httpx", "aiohttp", "pydantic", "structlog", "rich")
+# What a drain imports besides runner.cli: the configuration, the pipeline, the SQLite store,
+# the HTTP transport (when its client opens its pool) and anyio's worker threads.
+DRAIN = "runner.config, runner.daemon, runner.store.sqlite, runner.api.transport, anyio.to_thread"
 PROBE = """
 import json, sys, time
+{before}
 wall, cpu = time.perf_counter(), time.process_time()
-import {module}
+{statement}
 print(json.dumps({{"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
                   "loaded": [m for m in {heavy!r} if m in sys.modules]}}))
 """
-TRANSPORT_PROBE = """
-import json, time
-import runner.cli
-wall, cpu = time.perf_counter(), time.process_time()
-import runner.api.transport
-print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
-                  "loaded": []}))
-"""
+# The event loop's start loads anyio's asyncio backend: a drain pays for it too.
+START_LOOP = "import anyio; anyio.run(anyio.sleep, 0)"
+
+
+def probe(statement: str, *, before: str = "", heavy: Sequence[str] = HEAVY) -> str:
+    return PROBE.format(before=before, statement=statement, heavy=tuple(heavy))
 
 
 def measure(code: str, runs: int) -> tuple[float, float, list[str]]:
@@ -58,11 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
     args = parser.parse_args(argv)
     rows = [
+        ("import runner.cli (--help)", probe("import runner.cli", heavy=HEAVY + NOT_FOR_HELP)),
         (
-            "import runner.cli (--help, every command)",
-            PROBE.format(module="runner.cli", heavy=HEAVY),
+            "a drain's imports in total (runner.cli included)",
+            probe(f"import runner.cli, {DRAIN}\n{START_LOOP}"),
         ),
-        ("+ the HTTP transport (drain, run)", TRANSPORT_PROBE),
+        (
+            "of which the HTTP transport",
+            probe(
+                "import runner.api.transport",
+                before=f"import runner.cli, {DRAIN.replace(', runner.api.transport', '')}",
+            ),
+        ),
     ]
     print("| what | wall s | CPU s | heavy modules loaded |")
     print("| --- | --- | --- | --- |")

@@ -13,28 +13,23 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import anyio
 import click
-from pydantic import SecretStr
-from rich.console import Console
 
 from runner import faults
-from runner.config import Config, load_config
-from runner.daemon import ExitCode, Outcome, Runner, RunnerOptions
 from runner.errors import RunnerError
 from runner.logs import LEVELS, configure_logging
-from runner.notify import Notifier, notify_settings
-from runner.progress import DrainProgress
-from runner.retry import requeue_failed
-from runner.startup import runner_id_for
-from runner.status import collect_status, render_status
-from runner.store import open_store
+
+# What a command needs is imported by that command: `bem-runner --help` loads no configuration
+# models, no pipeline, no HTTP client and no rich (tests/test_imports.py).
+if TYPE_CHECKING:
+    from runner.config import Config
+    from runner.daemon import Outcome, RunnerOptions
 
 PATH_FLAGS = ("inbox", "outbox", "archive", "state")
 T = TypeVar("T")
-Retarget = Callable[[Config], Config]
+Retarget = Callable[["Config"], "Config"]
 
 
 def path_options(command: Any) -> Any:
@@ -159,6 +154,8 @@ def cli(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
 
 
 def _config(ctx: click.Context, overrides: Mapping[str, Any]) -> Config:
+    from runner.outcome import ExitCode
+
     try:
         return _load(ctx, overrides)()
     except RunnerError as exc:
@@ -170,6 +167,8 @@ def _load(ctx: click.Context, overrides: Mapping[str, Any]) -> Callable[[], Conf
     """Reads the configuration as at startup: same file, same flags, same environment."""
     path: Path | None = ctx.obj["config_path"]
     environ: dict[str, str] = ctx.obj["environ"]
+    from runner.config import load_config
+
     return lambda: load_config(path, environ=environ, overrides=overrides)
 
 
@@ -202,6 +201,8 @@ def run(
     **paths: Path | None,
 ) -> None:
     """Run as a daemon until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+    from runner.daemon import RunnerOptions
+
     overrides = _overrides(
         paths,
         **{
@@ -245,6 +246,8 @@ def drain(
     3 bem rejected the API key or cannot be reached (state kept, nothing lost),
     4 interrupted by a signal before everything was delivered (state kept; run again).
     """
+    from runner.daemon import RunnerOptions
+
     config = _config(
         ctx, _overrides(paths, **{"inbox.on_done": on_done, "inbox.settle_seconds": settle_seconds})
     )
@@ -274,6 +277,9 @@ def _execute(
     show_progress: bool = False,
     reload: Callable[[], Config] | None = None,
 ) -> Outcome:
+    from runner.daemon import Runner
+    from runner.notify import Notifier, notify_settings
+
     settings = notify_settings(environ, pid=os.getpid())
 
     async def main() -> Outcome:
@@ -284,6 +290,7 @@ def _execute(
                 if config.service.metrics_addr:
                     # prometheus_client loads only when metrics are served
                     from runner.metrics import Metrics, serve_metrics
+                    from runner.startup import runner_id_for
 
                     metrics = Metrics(runner_id_for(config))
                     host, port = stack.enter_context(
@@ -292,6 +299,11 @@ def _execute(
                     click.echo(f"metrics at http://{host}:{port}/metrics", err=True)
                 progress = None
                 if show_progress:
+                    # rich's console and progress bar load only when the bar is shown
+                    from rich.console import Console
+
+                    from runner.progress import DrainProgress
+
                     progress = stack.enter_context(DrainProgress(Console(stderr=True))).update
                 runner = Runner(
                     retarget(config),
@@ -308,6 +320,10 @@ def _execute(
 
 def _run(main: Callable[[], Awaitable[T]]) -> T:
     """Run ``main``; any error the runner raised on purpose is a message and exit code 2."""
+    import anyio
+
+    from runner.outcome import ExitCode
+
     try:
         return anyio.run(main)
     except* RunnerError as group:
@@ -330,6 +346,8 @@ async def _api_target(use_emulator: bool) -> AsyncIterator[Retarget]:
     if not use_emulator:
         yield lambda config: config
         return
+    from pydantic import SecretStr
+
     from runner.emulator import Emulator, EmulatorSettings, serve_emulator  # only when used
 
     settings = EmulatorSettings(latency_min=0.2, latency_max=1.0)
@@ -359,6 +377,10 @@ def status(
 ) -> None:
     """Counts by state, open calls and recent errors; live figures from a running daemon."""
     config = _config(ctx, _overrides(paths, **{"service.metrics_addr": metrics_addr}))
+    from rich.console import Console
+
+    from runner.status import collect_status, render_status
+    from runner.store import open_store
 
     async def main() -> dict[str, Any]:
         async with open_store(config.store_target, read_only=True) as store:
@@ -387,6 +409,8 @@ def status(
 def retry(ctx: click.Context, /, **paths: Path | None) -> None:
     """Requeue every file that ended in an error."""
     config = _config(ctx, _overrides(paths))
+    from runner.retry import requeue_failed
+    from runner.store import open_store
 
     async def main() -> tuple[list[str], list[tuple[str, str]]]:
         async with open_store(config.store_target) as store:

@@ -10,8 +10,6 @@ import logging
 import sys
 from typing import Any, TextIO
 
-import structlog
-
 from runner.names import shown
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -44,6 +42,8 @@ def configure_logging(
     level: str = "info", *, json_lines: bool | None = None, stream: TextIO | None = None
 ) -> None:
     """Log to ``stream`` (stderr): JSON unless it is a terminal or ``json_lines`` says so."""
+    import structlog  # here, not at the top: `bem-runner --help` never configures logging
+
     out: Any = stream if stream is not None else _Stderr()
     terminal = out.isatty()
     if json_lines is None:

@@ -31,7 +31,10 @@ Items = Annotated[list[_Item], BeforeValidator(_null_as_empty)]
 
 
 class ApiModel(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    # Each model builds its validator when it first parses: a drain parses responses only, so
+    # the nested models (built into their parents' validators) and, on v3, the v2 ones never
+    # build their own.
+    model_config = ConfigDict(extra="allow", populate_by_name=True, defer_build=True)
 
 
 # ---------------------------------------------------------------------------------------------
