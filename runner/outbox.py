@@ -30,6 +30,7 @@ The files themselves are written, replaced and removed by :mod:`runner.file_ops`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -83,7 +84,7 @@ class Place:
 
 def size(text: str) -> int:
     """Length in bytes of a name as the file system sees it."""
-    return len(names.raw(text))
+    return len(text) if text.isascii() else len(names.raw(text))
 
 
 def short_hash(text: str) -> str:
@@ -92,6 +93,8 @@ def short_hash(text: str) -> str:
 
 def cut(text: str, budget: int) -> str:
     """The longest start of ``text`` of at most ``budget`` bytes that ends between characters."""
+    if size(text) <= budget:
+        return text
     kept: list[str] = []
     used = 0
     for character in text:
@@ -107,8 +110,19 @@ def fits(root: Path, place: Place, limits: Limits) -> bool:
     parts = (*place.folders, place.name)
     if any(size(part) > limits.name_max for part in parts):
         return False
-    total = size(os.path.abspath(root)) + sum(1 + size(part) for part in parts)
+    total = _root_size(root) + sum(1 + size(part) for part in parts)
     return total < limits.path_max
+
+
+def _root_size(root: Path) -> int:
+    """The outbox root's absolute path in bytes."""
+    return _absolute_size(root) if root.is_absolute() else size(os.path.abspath(root))
+
+
+@functools.lru_cache(maxsize=16)
+def _absolute_size(root: Path) -> int:
+    # one root per runner, asked for every place of every document
+    return size(os.path.abspath(root))
 
 
 def natural_place(rel: str, kind: Kind) -> Place:
@@ -131,7 +145,7 @@ def alternative_name(rel: str, kind: Kind, room: int) -> str | None:
 
 def room(root: Path, folders: Sequence[str], limits: Limits) -> int:
     """The longest name that fits in this folder (NAME_MAX, and the path under PATH_MAX)."""
-    used = size(os.path.abspath(root)) + sum(1 + size(part) for part in folders) + 1
+    used = _root_size(root) + sum(1 + size(part) for part in folders) + 1
     return min(limits.name_max, limits.path_max - 1 - used)
 
 

@@ -41,6 +41,7 @@ from runner.outbox import (
     fits,
     natural_place,
     runner_token,
+    size,
     temporary_name,
 )
 from runner.store.base import FileRow
@@ -236,6 +237,13 @@ def test_a_cut_ends_between_characters(text: str, budget: int) -> None:
     assert len(names.raw(shortened)) <= budget
     assert names.raw(text).startswith(names.raw(shortened))
     assert names.is_exact(shortened)  # UTF-8 stays UTF-8
+    # the longest such start: one more character would not fit
+    assert shortened == text or len(names.raw(text[: len(shortened) + 1])) > budget
+
+
+@given(st.binary(max_size=300))
+def test_a_names_size_is_its_bytes_on_the_file_system(data: bytes) -> None:
+    assert size(names.from_raw(data)) == len(data)
 
 
 def test_the_alternative_name_is_documented_and_stable() -> None:

@@ -219,8 +219,12 @@ def _write_json(value: object, writer: _BodyWriter) -> None:
         writer.small(_json_bytes(value))
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""One encoder for every value: ``json.dumps`` with these options would build one per call."""
+
+
 def _json_bytes(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
+    return _COMPACT_JSON.encode(value).encode("ascii")
 
 
 def input_document(files: Sequence[UploadFile], *, batch: bool) -> dict[str, object]:
