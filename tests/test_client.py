@@ -524,3 +524,34 @@ async def test_json_body_is_valid_json_with_base64_content(tmp_path: Path) -> No
     assert item == {"inputType": "pdf", "itemReferenceID": "dir/bin.pdf"}
     assert document["callReferenceID"] == "r"
     assert document["metadata"] == {"quote": 'say "hi"', "unicode": "é"}
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://bem.test", "http://bem.test/api/", "http://bem.test/api"]
+)
+async def test_posts_go_to_the_workflows_url_under_the_base_each_time(
+    tmp_path: Path, base_url: str
+) -> None:
+    source = write(tmp_path / "a.txt", b"a")
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        call = {"callID": f"c{len(seen)}", "callReferenceID": "r", "status": "pending"}
+        return httpx.Response(202, json={"call": call})
+
+    transport = httpx.MockTransport(answer)
+    async with BemClient(base_url=base_url, api_key=API_KEY, transport=transport) as bem:
+        for workflow, wait in [("a", False), ("b", True), ("a", False), ("b", True), ("a", True)]:
+            await bem.invoke_workflow(
+                workflow, [UploadFile(source, "text", "a.txt")], call_reference_id="r",
+                batch=False, wait=wait,
+            )  # fmt: skip
+    prefix = base_url.removesuffix("/").removeprefix("http://bem.test")
+    assert [str(r.url) for r in seen] == [
+        f"http://bem.test{prefix}/v3/workflows/a/call",
+        f"http://bem.test{prefix}/v3/workflows/b/call?wait=true",
+        f"http://bem.test{prefix}/v3/workflows/a/call",
+        f"http://bem.test{prefix}/v3/workflows/b/call?wait=true",
+        f"http://bem.test{prefix}/v3/workflows/a/call?wait=true",
+    ]

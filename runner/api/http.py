@@ -43,6 +43,7 @@ _ModelT = TypeVar("_ModelT", bound=BaseModel)
 RETRY_AFTER_HONOURED_SECONDS = 60.0
 MAX_REDIRECTS = 10
 SMALL_BODY_BYTES = 256 * 1024
+MAX_CACHED_URLS = 1024
 
 _log = structlog.get_logger("runner.api.client")
 
@@ -75,6 +76,8 @@ class BemHttp:
         self._on_response = on_response
         self._http: httpx.AsyncClient | None = None
         self._closed = False
+        self._urls: dict[tuple[str, tuple[tuple[str, str], ...]], httpx.URL] = {}
+        """Absolute URLs of the paths POSTed to (one per workflow): parsed once, not per call."""
 
     async def aclose(self) -> None:
         """Close the connection pool; it cannot be used afterwards."""
@@ -118,8 +121,7 @@ class BemHttp:
         content = body.joined() if body.length <= SMALL_BODY_BYTES else body
         return self.pool().build_request(
             "POST",
-            path,
-            params=params,
+            self._url(path, params),
             content=content,
             headers={
                 "content-type": "application/json",
@@ -127,6 +129,16 @@ class BemHttp:
                 "content-length": str(body.length),
             },
         )
+
+    def _url(self, path: str, params: Mapping[str, str] | None) -> httpx.URL:
+        """``path`` and ``params`` on the base URL, as httpx would join them."""
+        key = (path, tuple(sorted((params or {}).items())))
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= MAX_CACHED_URLS:
+                self._urls.clear()
+            url = self._urls[key] = self.pool().build_request("POST", path, params=params).url
+        return url
 
     async def read(
         self,
