@@ -198,7 +198,8 @@ def run_client(
         env["PGPASSWORD"] = server.password
         runners = args.runners if client == "bem-runner" else 1  # one webhook port each
     argv = client_argv(client, args, base, files, webhook_port=port, store=store)
-    startup = harness.run_measured([*argv, "--help"], env=env, logs=base / "logs-startup")
+    startup = harness.run_measured(startup_argv(client, args, base, argv, port, store), env=env,
+                                   logs=base / "logs-startup")  # fmt: skip
     emu.reset_stats()
     with harness.StatsSampler(emu) as sampler:
         measured = harness.combined(
@@ -247,6 +248,23 @@ def run_client(
 def longest_call(latency: str) -> float:
     """The upper end of ``--latency`` (``"2-6"`` → 6.0, ``"3"`` → 3.0)."""
     return float(latency.split("-")[-1])
+
+
+def startup_argv(
+    client: str,
+    args: argparse.Namespace,
+    base: Path,
+    argv: list[str],
+    webhook_port: int | None,
+    store: str | None,
+) -> list[str]:
+    """What a client pays before its first file: bem-runner drains an empty inbox (its imports,
+    store and client as in the real run); a script shows its help (its imports)."""
+    if client not in ("bem-runner", webhooks.CLIENT):
+        return [*argv, "--help"]
+    empty = base / "startup"
+    (empty / "inbox").mkdir(parents=True, exist_ok=True)
+    return client_argv(client, args, empty, 0, webhook_port=webhook_port, store=store)
 
 
 def client_argv(

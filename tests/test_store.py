@@ -3,6 +3,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import anyio
 import pytest
 
 from runner.errors import StoreError
@@ -206,3 +207,30 @@ async def test_one_poll_page_is_one_transaction(tmp_path: Path) -> None:
         files = await store.files_of_calls([a.id, b.id])
         assert [f.rel for f in files[a.id]] == ["wf/a.txt"]
         assert [f.rel for f in files[b.id]] == ["wf/b.txt"]
+
+
+async def test_answers_written_together_all_fail_when_their_transaction_fails(
+    tmp_path: Path,
+) -> None:
+    # answers recorded at once share a transaction: when it fails, no caller is told otherwise
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.add_files([new_file(f"wf/{n}.txt") for n in range(5)], now=1.0, batch_limits={})
+        calls = await store.ready_calls(now=1.0, limit=10)
+        await store.mark_sending([g.id for g in calls], now=2.0)
+        await store._db.execute("PRAGMA query_only = ON")  # every write now fails
+        failed: list[int] = []
+
+        async def record(call_row_id: int) -> None:
+            with pytest.raises(StoreError, match="readonly"):
+                await store.mark_submitted(
+                    call_row_id, call_id=f"c{call_row_id}", status="pending", now=3.0, next_poll=4.0
+                )
+            failed.append(call_row_id)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tasks:
+                for call in calls:
+                    tasks.start_soon(record, call.id)
+        await store._db.execute("PRAGMA query_only = OFF")
+        assert sorted(failed) == sorted(g.id for g in calls)
+        assert {(await store.call(g.id)).state for g in calls} == {"sending"}

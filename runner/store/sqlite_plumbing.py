@@ -43,7 +43,7 @@ while the connection's thread runs that same cached statement for someone else."
 class _Batch:
     rows: list[Mapping[str, Any]]
     committed: anyio.Event = field(default_factory=anyio.Event)
-    error: StoreError | None = None
+    error: BaseException | None = None
 
 
 class SqlitePlumbing:
@@ -120,8 +120,10 @@ class SqlitePlumbing:
         if batch is not None:  # a batch is waiting for the writer: join it
             batch.rows.append(row)
             await batch.committed.wait()
-            if batch.error is not None:
+            if isinstance(batch.error, StoreError):
                 raise StoreError(batch.error.message) from batch.error
+            if batch.error is not None:
+                raise StoreError(f"{self._path}: {name}: {batch.error}") from batch.error
             return
         batch = self._batches[name] = _Batch([row])
         # shielded: the rows of the tasks that joined are this task's to write
@@ -134,7 +136,7 @@ class SqlitePlumbing:
 
                 try:
                     await self._trip(name, write)
-                except StoreError as exc:
+                except BaseException as exc:  # whatever it was, the joined rows are not written
                     batch.error = exc
                     raise
                 finally:
