@@ -23,12 +23,12 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Protocol, TypeVar
 
-from runner.names import raw
+from runner.names import from_raw, raw
 from runner.route import Destination
 
 DEFAULT_LEASE_SECONDS = 30.0
@@ -386,3 +386,33 @@ class Store(Protocol):
         runner's committed writes gave work. Lost wake-ups only delay: every stage also looks
         on its own interval. One process alone is never woken (it nudges itself)."""
         ...
+
+
+NAME_COLUMNS = ("rel", "batch_key")
+"""Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
+RowT = TypeVar("RowT", "CallRow", "FileRow")
+
+
+def rows_as(cls: type[RowT], rows: Iterable[Any]) -> list[RowT]:
+    """Rows read from a store (each indexed by column name) as ``cls``, names given back as
+    the runner's ``str``."""
+    columns = _columns(cls)
+    named = [key for key in columns if key in NAME_COLUMNS]
+    built = []
+    for row in rows:
+        values = {key: row[key] for key in columns}
+        for key in named:
+            if isinstance(values[key], bytes):
+                values[key] = from_raw(values[key])
+        built.append(cls(**values))
+    return built
+
+
+_COLUMNS: dict[type, tuple[str, ...]] = {}
+
+
+def _columns(cls: type[RowT]) -> tuple[str, ...]:
+    columns = _COLUMNS.get(cls)
+    if columns is None:
+        columns = _COLUMNS[cls] = tuple(f.name for f in fields(cls))
+    return columns

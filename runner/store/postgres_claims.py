@@ -14,14 +14,13 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
 from typing import Any
 
 from psycopg.rows import dict_row
 
 from runner.errors import ClaimLostError
-from runner.store.base import CallRow, RunnerRow, this_runner_id
-from runner.store.postgres_plumbing import ALL_STAGES, QUERIES, PostgresPlumbing, _column
+from runner.store.base import CallRow, RunnerRow, rows_as, this_runner_id
+from runner.store.postgres_plumbing import ALL_STAGES, QUERIES, PostgresPlumbing
 
 
 class PostgresClaims(PostgresPlumbing):
@@ -69,11 +68,10 @@ class PostgresClaims(PostgresPlumbing):
         return sorted(rows, key=lambda g: (g.finished_at or 0.0, g.id))
 
     async def _claim(self, name: str, params: Mapping[str, Any]) -> list[CallRow]:
-        names = [f.name for f in fields(CallRow)]
         async with self._transaction(name) as conn, conn.cursor(row_factory=dict_row) as cursor:
             await cursor.execute(QUERIES[name], {**params, "me": self._me, "lease": self._lease})
             rows = await cursor.fetchall()
-        return [CallRow(**{key: _column(key, row[key]) for key in names}) for row in rows]
+        return rows_as(CallRow, rows)
 
     async def release(self, call_row_ids: Sequence[int]) -> None:
         if self._me is None or not call_row_ids:

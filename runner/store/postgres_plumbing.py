@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import fields
 from typing import Any, TypeVar
 
 import anyio
@@ -16,8 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from runner import faults
 from runner.errors import ClaimLostError, StoreError, StoreUnavailableError
-from runner.names import from_raw
-from runner.store.base import DEFAULT_LEASE_SECONDS, CallRow, FileRow
+from runner.store.base import DEFAULT_LEASE_SECONDS, CallRow, FileRow, rows_as
 from runner.store.named_sql import load_queries
 from runner.store.postgres_target import Target
 
@@ -55,7 +53,6 @@ WAKES: dict[str, tuple[str, ...]] = {
 _PASSING = (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)
 """Errors that may pass: a lost or refused connection (a restart, the network, a full pool), or
 a session the server ended after this runner sat frozen inside a transaction past its lease."""
-_NAME_COLUMNS = ("rel", "batch_key")
 Row = TypeVar("Row", CallRow, FileRow)
 Connection = psycopg.AsyncConnection[Any]
 
@@ -140,13 +137,8 @@ class PostgresPlumbing:
             )
 
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
-        names = [f.name for f in fields(cls)]
-        rows = await self._fetch(name, params)
-        return [cls(**{key: _column(key, row[key]) for key in names}) for row in rows]
+        return rows_as(cls, await self._fetch(name, params))
 
-
-def _column(key: str, value: Any) -> Any:
-    return from_raw(value) if key in _NAME_COLUMNS and isinstance(value, bytes) else value
 
 
 def _clean(params: Mapping[str, Any]) -> dict[str, Any]:

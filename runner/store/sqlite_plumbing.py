@@ -16,7 +16,7 @@ import sqlite3
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,13 +25,10 @@ import anyio
 
 from runner import faults
 from runner.errors import StoreError
-from runner.names import from_raw
-from runner.store.base import CallRow, FileRow
+from runner.store.base import CallRow, FileRow, rows_as
 from runner.store.named_sql import load_queries
 
 QUERIES = load_queries("queries.sql")
-_NAME_COLUMNS = ("rel", "batch_key")
-"""Columns that hold a file-system name: its exact bytes in the database (see names.py)."""
 Row = TypeVar("Row", CallRow, FileRow)
 Work = Callable[[sqlite3.Connection], None]
 """A transaction's statements, run on the connection's own thread. It returns nothing: a
@@ -151,9 +148,7 @@ class SqlitePlumbing:
         await self._run_transaction(name, write)
 
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
-        names = [f.name for f in fields(cls)]
-        rows = await self._fetch(name, params)
-        return [cls(**{key: _column(key, row[key]) for key in names}) for row in rows]
+        return rows_as(cls, await self._fetch(name, params))
 
 
 def _transaction(db: sqlite3.Connection, label: str, work: Work) -> None:
@@ -169,6 +164,3 @@ def _transaction(db: sqlite3.Connection, label: str, work: Work) -> None:
     db.execute("COMMIT")
     faults.point("store.after_commit", label)
 
-
-def _column(key: str, value: Any) -> Any:
-    return from_raw(value) if key in _NAME_COLUMNS and isinstance(value, bytes) else value
