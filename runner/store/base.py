@@ -65,6 +65,33 @@ def new_call_params(workflow: str, mode: str, key: str, state: str, now: float) 
     }
 
 
+def terminal_params(finished: Sequence[Finished], now: float) -> list[dict[str, Any]]:
+    """The parameters of every store's ``mark_terminal``, one per call that ended."""
+    return [
+        {
+            "id": f.call_row_id,
+            "status": f.status,
+            "result_json": f.result_json,
+            "error_reason": f.error_reason,
+            "now": now,
+        }
+        for f in finished
+    ]
+
+
+def next_poll_params(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
+    """The parameters of every store's ``reschedule_poll``."""
+    return [
+        {
+            "id": n.call_row_id,
+            "not_before": n.not_before,
+            "status": n.status,
+            "seen_event_at": n.seen_event_at,
+        }
+        for n in next_polls
+    ]
+
+
 def new_file_params(new: NewFile, call_row_id: int | None, now: float) -> dict[str, Any]:
     """The parameters of every store's ``insert_file``: queued in its call, or rejected."""
     destination = new.destination

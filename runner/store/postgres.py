@@ -36,6 +36,8 @@ from runner.store.base import (
     Finished,
     KnownFile,
     NextPoll,
+    next_poll_params,
+    terminal_params,
 )
 from runner.store.postgres_budget import PostgresBudget
 from runner.store.postgres_claims import PostgresClaims
@@ -284,27 +286,14 @@ class PostgresStore(
             await self.reschedule_polls(next_polls)
             return
         async with self._transaction("mark_terminal") as conn, conn.cursor() as cursor:
-            await self._many(
-                cursor,
-                "mark_terminal",
-                [
-                    {
-                        "id": f.call_row_id,
-                        "status": f.status,
-                        "result_json": f.result_json,
-                        "error_reason": f.error_reason,
-                        "now": now,
-                    }
-                    for f in finished
-                ],
-            )
+            await self._many(cursor, "mark_terminal", terminal_params(finished, now))
             if next_polls:
-                await self._many(cursor, "reschedule_poll", _next_poll_rows(next_polls))
+                await self._many(cursor, "reschedule_poll", next_poll_params(next_polls))
 
     # -- poll -------------------------------------------------------------------------------
 
     async def reschedule_polls(self, next_polls: Sequence[NextPoll]) -> None:
-        await self._write("reschedule_poll", _next_poll_rows(next_polls))
+        await self._write("reschedule_poll", next_poll_params(next_polls))
 
     async def next_poll_due(self) -> float | None:
         value = await self._scalar("next_poll_due")
@@ -376,15 +365,3 @@ class PostgresStore(
 
     async def mark_retried(self, file_ids: list[int]) -> None:
         await self._write("supersede_file", ({"id": fid} for fid in file_ids))
-
-
-def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": n.call_row_id,
-            "not_before": n.not_before,
-            "status": n.status,
-            "seen_event_at": n.seen_event_at,
-        }
-        for n in next_polls
-    ]

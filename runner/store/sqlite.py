@@ -19,13 +19,21 @@ import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 
 from runner.errors import StoreError
 from runner.names import from_raw
-from runner.store.base import CallRow, Counts, Delivery, FileRow, Finished, NextPoll
+from runner.store.base import (
+    CallRow,
+    Counts,
+    Delivery,
+    FileRow,
+    Finished,
+    NextPoll,
+    next_poll_params,
+    terminal_params,
+)
 from runner.store.lock import state_owner
 from runner.store.single_owner import SingleOwner
 from runner.store.sqlite_dedupe import SqliteDedupe, wake_duplicates
@@ -136,17 +144,8 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
         if not finished:
             await self.reschedule_polls(next_polls)
             return
-        terminal = [
-            {
-                "id": f.call_row_id,
-                "status": f.status,
-                "result_json": f.result_json,
-                "error_reason": f.error_reason,
-                "now": now,
-            }
-            for f in finished
-        ]
-        rescheduled = _next_poll_rows(next_polls)
+        terminal = terminal_params(finished, now)
+        rescheduled = next_poll_params(next_polls)
 
         def record(db: sqlite3.Connection) -> None:
             db.executemany(QUERIES["mark_terminal"], terminal)
@@ -161,7 +160,7 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
 
     async def reschedule_polls(self, next_polls: Sequence[NextPoll]) -> None:
         if next_polls:
-            await self._write("reschedule_poll", _next_poll_rows(next_polls))
+            await self._write("reschedule_poll", next_poll_params(next_polls))
 
     async def due_unknown(self, *, now: float, limit: int) -> list[CallRow]:
         return await self._rows(CallRow, "due_unknown", {"now": now, "limit": limit})
@@ -245,15 +244,3 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
 def _shrink_call(db: sqlite3.Connection, file: FileRow) -> None:
     if file.call_row_id is not None:
         db.execute(QUERIES["shrink_call"], {"id": file.call_row_id, "size": file.size})
-
-
-def _next_poll_rows(next_polls: Sequence[NextPoll]) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": n.call_row_id,
-            "not_before": n.not_before,
-            "status": n.status,
-            "seen_event_at": n.seen_event_at,
-        }
-        for n in next_polls
-    ]
