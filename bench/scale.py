@@ -126,10 +126,15 @@ def drain(
 
 
 def drains(args: argparse.Namespace, root: Path) -> bool:
-    table = [["files", "wall s", "files/s", "CPU s", "CPU ms/file", "peak RSS MB",
-              "requests/file", "delivered", "duplicates"]]  # fmt: skip
+    table = [["files", "wall s", "files/s", "CPU s", "CPU ms/file", "net of start-up",
+              "peak RSS MB", "requests/file", "delivered", "duplicates"]]  # fmt: skip
     ok = True
     with harness.emulator(rate=args.rate, burst=args.burst, latency=args.latency) as emu:
+        # what a drain pays before its first file: imports, store, client (an empty inbox)
+        (root / "start-up" / "inbox" / WORKFLOW).mkdir(parents=True)
+        startup, _ = drain(
+            args, root / "start-up", emu, inbox={"rescan_seconds": args.rescan_seconds}
+        )
         for count in args.files:
             base = root / str(count)
             digests = harness.make_inputs(base / "inbox" / WORKFLOW, count)
@@ -145,6 +150,7 @@ def drains(args: argparse.Namespace, root: Path) -> bool:
                     f"{count / measured.wall_seconds:.0f}",
                     f"{measured.cpu_seconds:.1f}",
                     f"{measured.cpu_seconds * 1000 / count:.2f}",
+                    f"{(measured.cpu_seconds - startup.cpu_seconds) * 1000 / count:.2f}",
                     f"{measured.peak_rss_mb:.0f}",
                     f"{requests['total'] / count:.2f}",
                     f"{delivered}/{count}" + (f" ({errors} errors)" if errors else ""),
@@ -155,7 +161,8 @@ def drains(args: argparse.Namespace, root: Path) -> bool:
     print(
         f"drains: rate limit {args.rate:g} req/s (burst {args.burst}), latency {args.latency} s, "
         f"inbox.rescan_seconds {args.rescan_seconds:g}, "
-        + (f"{args.batch} files per call\n" if args.batch else "one call per file\n")
+        + (f"{args.batch} files per call" if args.batch else "one call per file")
+        + f"; start-up (a drain of an empty inbox) {startup.cpu_seconds:.2f} s CPU\n"
     )
     print(markdown_table(table) + "\n", flush=True)
     return ok
