@@ -60,13 +60,16 @@ class TimeMachine:
     async def run(self, operation: Callable[[], Awaitable[T]]) -> T:
         """``operation()``'s result; its error is raised as it is, not in an exception group."""
         result: list[T] = []
+        stopped: list[BaseException] = []
+        operation_scope = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self.keep_moving)
+                tasks.start_soon(self._keep_moving_or_wind_down, operation_scope, stopped)
 
                 async def run_operation() -> None:
                     try:
-                        result.append(await operation())
+                        with operation_scope:
+                            result.append(await operation())
                     finally:
                         tasks.cancel_scope.cancel()
 
@@ -74,8 +77,27 @@ class TimeMachine:
         except ExceptionGroup as group:
             [error] = group.exceptions
             raise error from error.__cause__
+        if stopped:  # the machine itself failed: say so, whatever the operation did meanwhile
+            raise stopped[0]
         [value] = result
         return value
+
+    async def _keep_moving_or_wind_down(
+        self, operation_scope: anyio.CancelScope, stopped: list[BaseException]
+    ) -> None:
+        """:meth:`keep_moving`; should it fail, the operation is cancelled and the clock keeps
+        moving until the operation has ended: its shutdown may wait on the fake clock (shielded),
+        and a test must fail, not hang."""
+        try:
+            await self.keep_moving()
+        except Exception as exc:
+            stopped.append(exc)
+            operation_scope.cancel()
+            while True:
+                await anyio.sleep(THREAD_POLL_SECONDS)
+                deadline = self.clock.next_deadline
+                if deadline is not None:
+                    self.advance(max(0.0, deadline - self.clock.now()))
 
     async def keep_moving(self) -> None:
         """Forever: once the event loop is quiet, move the clock to the next deadline."""
@@ -155,7 +177,10 @@ def _all_threads_wait() -> bool:
 def _blocked(frame: FrameType) -> bool:
     """Whether the thread's innermost Python line is a call that blocks for work. Only the line
     is read: another thread's ``f_locals`` is not safe to touch while that thread may run."""
-    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    lineno = frame.f_lineno  # None while the thread is between lines: it is working
+    if lineno is None:
+        return False
+    line = linecache.getline(frame.f_code.co_filename, lineno)
     return any(call in line for call in BLOCKING_CALLS)
 
 

@@ -67,3 +67,33 @@ async def test_the_clock_stands_while_a_worker_thread_works() -> None:
     with anyio.fail_after(HANG_GUARD_SECONDS):
         assert await TimeMachine(clock).run(operation) == 0.0
     assert set(seen) == {0.0}
+
+
+class FailingMachine(TimeMachine):
+    """A machine whose look at the threads fails the second time it looks."""
+
+    looks = 0
+
+    async def _until_quiet(self) -> None:
+        self.looks += 1
+        if self.looks == 2:
+            raise RuntimeError("the machine broke")
+        await super()._until_quiet()
+
+
+async def test_a_machine_that_fails_fails_the_test_even_when_shutdown_waits_on_the_clock() -> None:
+    clock = FakeClock()
+    slept: list[float] = []
+
+    async def operation() -> None:
+        try:
+            await clock.sleep(1)  # the machine moves the clock once, then breaks
+            await clock.sleep(1)
+        finally:
+            with anyio.CancelScope(shield=True):  # a graceful stop, timed on the clock
+                await clock.sleep(30)
+                slept.append(clock.now())
+
+    with anyio.fail_after(HANG_GUARD_SECONDS), pytest.raises(RuntimeError, match="broke"):
+        await FailingMachine(clock).run(operation)
+    assert slept == [31.0]

@@ -256,11 +256,13 @@ async def test_a_runner_frozen_inside_a_transaction_holds_its_locks_no_longer_th
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(freeze_holding_the_lock)
-            await locked.wait()
-            with anyio.fail_after(30):  # the server's clock: about the frozen one's lease
-                settled = await live.settle_duplicates([call.id], now=2.0)
+            try:
+                await locked.wait()
+                with anyio.fail_after(30):  # the server's clock: about the frozen one's lease
+                    settled = await live.settle_duplicates([call.id], now=2.0)
+            finally:
+                resumed.set()  # whatever happened, the frozen one thaws (its wait is shielded)
             assert settled.reused == []
             assert settled.waiting == []
-            resumed.set()
         # thawed, it goes on with a fresh session
         assert [c.id for c in await frozen.ready_calls(now=3.0, limit=10)] == [call.id]
