@@ -25,7 +25,7 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from runner.errors import StoreError, StoreUnavailableError
+from runner.errors import ClaimLostError, StoreError, StoreUnavailableError
 from runner.names import from_raw
 from runner.store.base import (
     DEFAULT_LEASE_SECONDS,
@@ -247,7 +247,15 @@ class PostgresStore(
         await self._write("mark_sending", ({"id": gid, "now": now} for gid in call_row_ids))
 
     async def confirm_sending(self, call_row_ids: Sequence[int], *, now: float) -> None:
-        await self._write("confirm_sending", ({"id": gid, "now": now} for gid in call_row_ids))
+        ids = sorted(set(call_row_ids))
+        if not ids:
+            return
+        changed = await self._statement("confirm_sending", {"ids": ids, "now": now})
+        if changed < len(ids):
+            raise ClaimLostError(
+                f"{self._target.shown}: confirm_sending: {len(ids) - changed} of {len(ids)} "
+                "calls are held by another runner (or gone); nothing is sent"
+            )
 
     async def mark_submitted(
         self, call_row_id: int, *, call_id: str, status: str | None, now: float, next_poll: float

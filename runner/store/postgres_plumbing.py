@@ -23,7 +23,6 @@ QUERIES = load_queries("postgres_queries.sql")
 FENCED = frozenset(
     {
         "mark_sending",
-        "confirm_sending",
         "mark_submitted",
         "mark_submit_later",
         "mark_unknown",
@@ -90,6 +89,16 @@ class PostgresPlumbing:
             ):
                 await cursor.execute(QUERIES[name], params or {})
                 return await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise self._error(name, exc) from None
+
+    async def _statement(self, name: str, params: Mapping[str, Any]) -> int:
+        """One write statement on its own, as this runner (atomic without a transaction around
+        it, so one round-trip); the rows it changed."""
+        try:
+            async with self._pool.connection() as conn, conn.cursor() as cursor:
+                await cursor.execute(QUERIES[name], _clean({**params, "me": self._me}))
+                return cursor.rowcount
         except psycopg.Error as exc:
             raise self._error(name, exc) from None
 

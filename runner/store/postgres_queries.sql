@@ -182,8 +182,9 @@ WHERE id = %(id)s AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: confirm_sending
 -- only while the call is still being sent, by this runner (not taken over as unknown)
+-- one statement, atomic on its own: a POST waits for no BEGIN and COMMIT
 UPDATE calls SET sent_at = %(now)s
-WHERE id = %(id)s AND state = 'sending' AND (claimed_by IS NULL OR claimed_by = %(me)s);
+WHERE id = ANY(%(ids)s) AND state = 'sending' AND (claimed_by IS NULL OR claimed_by = %(me)s);
 
 -- name: mark_submitted
 UPDATE calls SET state = 'polling', call_id = %(call_id)s, status = %(status)s,
