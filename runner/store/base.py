@@ -65,6 +65,17 @@ def new_call_params(workflow: str, mode: str, key: str, state: str, now: float) 
     }
 
 
+def webhook_event_params(event: WebhookEvent, now: float) -> dict[str, Any]:
+    """The parameters of every store's ``insert_webhook_event``."""
+    return {
+        "event_id": event.event_id,
+        "event_type": event.event_type,
+        "call_id": event.call_id,
+        "reference_id": event.reference_id,
+        "now": now,
+    }
+
+
 def terminal_params(finished: Sequence[Finished], now: float) -> list[dict[str, Any]]:
     """The parameters of every store's ``mark_terminal``, one per call that ended."""
     return [

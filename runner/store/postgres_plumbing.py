@@ -149,7 +149,6 @@ class PostgresPlumbing:
         return rows_as(cls, await self._fetch(name, params))
 
 
-
 def _clean(params: Mapping[str, Any]) -> dict[str, Any]:
     """PostgreSQL text cannot hold NUL: one in a message from bem is kept as U+FFFD."""
     return {

@@ -6,7 +6,7 @@ event arriving while its call is being recorded is never missed by both.
 
 from __future__ import annotations
 
-from runner.store.base import EventRecorded, WebhookEvent
+from runner.store.base import EventRecorded, WebhookEvent, webhook_event_params
 from runner.store.postgres_plumbing import QUERIES, PostgresPlumbing
 
 
@@ -18,14 +18,7 @@ class PostgresWebhooks(PostgresPlumbing):
         nothing = EventRecorded(duplicate=False, call_row_id=None, submitted_at=None)
         async with self._transaction("record_webhook_event") as conn:
             cursor = await conn.execute(
-                QUERIES["insert_webhook_event"],
-                {
-                    "event_id": event.event_id,
-                    "event_type": event.event_type,
-                    "call_id": event.call_id,
-                    "reference_id": event.reference_id,
-                    "now": now,
-                },
+                QUERIES["insert_webhook_event"], webhook_event_params(event, now)
             )
             if cursor.rowcount == 0:
                 return EventRecorded(duplicate=True, call_row_id=None, submitted_at=None)

@@ -101,7 +101,7 @@ class SqlitePlumbing:
         try:
             # aiosqlite runs any function on its thread, in order with its own calls
             await self._db._execute(  # type: ignore[no-untyped-call]
-                _transaction, self._db._conn, label, work
+                _run_whole, self._db._conn, label, work
             )
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: {exc}") from exc
@@ -151,7 +151,8 @@ class SqlitePlumbing:
         return rows_as(cls, await self._fetch(name, params))
 
 
-def _transaction(db: sqlite3.Connection, label: str, work: Work) -> None:
+def _run_whole(db: sqlite3.Connection, label: str, work: Work) -> None:
+    """On the connection's thread: ``work`` between BEGIN and COMMIT, the crash points around it."""
     db.execute("BEGIN IMMEDIATE")
     try:
         work(db)
@@ -163,4 +164,3 @@ def _transaction(db: sqlite3.Connection, label: str, work: Work) -> None:
     faults.point("store.before_commit", label)
     db.execute("COMMIT")
     faults.point("store.after_commit", label)
-

@@ -3,7 +3,7 @@ claimed when a call they name is recorded later, expired and purged."""
 
 from __future__ import annotations
 
-from runner.store.base import EventRecorded, WebhookEvent
+from runner.store.base import EventRecorded, WebhookEvent, webhook_event_params
 from runner.store.sqlite_plumbing import QUERIES, SqlitePlumbing
 
 
@@ -17,14 +17,7 @@ class SqliteWebhooks(SqlitePlumbing):
         """
         async with self._transaction("record_webhook_event") as db:
             cursor = await db.execute(
-                QUERIES["insert_webhook_event"],
-                {
-                    "event_id": event.event_id,
-                    "event_type": event.event_type,
-                    "call_id": event.call_id,
-                    "reference_id": event.reference_id,
-                    "now": now,
-                },
+                QUERIES["insert_webhook_event"], webhook_event_params(event, now)
             )
             inserted = cursor.rowcount
             await cursor.close()
