@@ -6,6 +6,9 @@ back in the database, never by waiting.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
 import anyio
 import pytest
 
@@ -14,6 +17,7 @@ from runner.route import Destination
 from runner.store.base import Finished, NewFile
 from runner.store.postgres import PostgresStore, open_postgres_store
 from runner.store.postgres_dedupe import _lock as take_dedupe_lock
+from runner.store.postgres_plumbing import QUERIES, Connection
 from tests.conftest import run_sql
 
 pytestmark = pytest.mark.anyio
@@ -230,39 +234,69 @@ async def test_a_post_goes_out_only_while_its_runner_still_holds_the_call(
     assert (await b.call(call.id)).sent_at == 3.0
 
 
+@asynccontextmanager
+async def frozen_holding(
+    frozen: PostgresStore, take_lock: Callable[[Connection], Awaitable[object]]
+) -> AsyncIterator[None]:
+    """``frozen`` sits idle in a transaction that took a lock, as a paused VM or a SIGSTOPped
+    process would, until the block ends; its session is ended by the server meanwhile."""
+    locked, resumed = anyio.Event(), anyio.Event()
+
+    async def hold_the_lock_frozen() -> None:
+        async with frozen._transaction("freeze") as conn:
+            await take_lock(conn)
+            locked.set()
+            await resumed.wait()
+            await conn.execute("SELECT 1")  # the server ended it meanwhile
+
+    async def freeze_holding_the_lock() -> None:
+        with pytest.raises(StoreUnavailableError, match="idle-in-transaction timeout"):
+            await hold_the_lock_frozen()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(freeze_holding_the_lock)
+        try:
+            await locked.wait()
+            yield
+        finally:
+            resumed.set()  # whatever happened, the frozen one thaws (its wait is shielded)
+
+
 async def test_a_runner_frozen_inside_a_transaction_holds_its_locks_no_longer_than_its_lease(
     postgres_url: str,
 ) -> None:
-    # a paused VM or a SIGSTOPped process: its session sits idle in a transaction holding the
-    # content-dedupe lock, which every delivery and every dedupe decision of the others waits on
+    # the content-dedupe lock, which every delivery and every dedupe decision of the others
+    # waits on
     async with (
         open_postgres_store(postgres_url, runner_id="frozen", lease_seconds=1.0) as frozen,
         open_postgres_store(postgres_url, runner_id="live") as live,
     ):
         await live.add_files(_files(1), now=1.0, batch_limits={})
         (call,) = await live.claim_ready(now=1.0, limit=1)
-        locked, resumed = anyio.Event(), anyio.Event()
-
-        async def hold_the_lock_frozen() -> None:
-            async with frozen._transaction("freeze") as conn:
-                await take_dedupe_lock(conn)
-                locked.set()
-                await resumed.wait()
-                await conn.execute("SELECT 1")  # the server ended it meanwhile
-
-        async def freeze_holding_the_lock() -> None:
-            with pytest.raises(StoreUnavailableError, match="idle-in-transaction timeout"):
-                await hold_the_lock_frozen()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(freeze_holding_the_lock)
-            try:
-                await locked.wait()
-                with anyio.fail_after(30):  # the server's clock: about the frozen one's lease
-                    settled = await live.settle_duplicates([call.id], now=2.0)
-            finally:
-                resumed.set()  # whatever happened, the frozen one thaws (its wait is shielded)
-            assert settled.reused == []
-            assert settled.waiting == []
+        async with frozen_holding(frozen, take_dedupe_lock):
+            with anyio.fail_after(30):  # the server's clock: about the frozen one's lease
+                settled = await live.settle_duplicates([call.id], now=2.0)
+        assert settled.reused == []
+        assert settled.waiting == []
         # thawed, it goes on with a fresh session
         assert [c.id for c in await frozen.ready_calls(now=3.0, limit=10)] == [call.id]
+
+
+async def test_a_runner_frozen_holding_a_calls_row_holds_it_no_longer_than_its_lease(
+    postgres_url: str,
+) -> None:
+    # a row lock: every write to that call (here the live runner's mark_sending) waits on it
+    async with (
+        open_postgres_store(postgres_url, runner_id="frozen", lease_seconds=1.0) as frozen,
+        open_postgres_store(postgres_url, runner_id="live") as live,
+    ):
+        await live.add_files(_files(1), now=1.0, batch_limits={})
+        (call,) = await live.claim_ready(now=1.0, limit=1)
+
+        async def lock_the_row(conn: Connection) -> None:
+            await conn.execute(QUERIES["lock_call"], {"call_row_id": call.id})
+
+        async with frozen_holding(frozen, lock_the_row):
+            with anyio.fail_after(30):
+                await live.mark_sending([call.id], now=2.0)
+        assert (await frozen.call(call.id)).state == "sending"
