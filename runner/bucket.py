@@ -169,6 +169,11 @@ class TokenBucket:
         self._tokens = Fraction(burst)
         self._stamp: Fraction | None = None
 
+    def holds(self, now: float, tokens: int) -> bool:
+        """At least ``tokens`` whole tokens are there."""
+        self._refill(Fraction(now))
+        return self._tokens >= tokens
+
     def try_take(self, now: float) -> bool:
         """Take one token if there is one."""
         self._refill(Fraction(now))
@@ -198,16 +203,16 @@ class TokenBucket:
         if until is not None and self._stamp is not None and Fraction(until) > self._stamp:
             self._stamp = Fraction(until)
 
-    def wait_time(self, now: float) -> float:
-        """Seconds until a whole token is there (0 if one is), such that the float ``now + d``
-        is not before the exact moment the token arrives (and, for a clock reading >= 0, at most
-        one float step after it)."""
+    def wait_time(self, now: float, tokens: int = 1) -> float:
+        """Seconds until ``tokens`` whole tokens are there (0 if they are), such that the float
+        ``now + d`` is not before the exact moment the last of them arrives (and, for a clock
+        reading >= 0, at most one float step after it)."""
         exact_now = Fraction(now)
         self._refill(exact_now)
-        if self._tokens >= 1:
+        if self._tokens >= tokens:
             return 0.0
         start = max(exact_now, self._stamp) if self._stamp is not None else exact_now
-        return float_delay(now, start + (1 - self._tokens) / self._rate)
+        return float_delay(now, start + (tokens - self._tokens) / self._rate)
 
     def set_rate(self, now: float, rate: float) -> None:
         self._refill(Fraction(now))

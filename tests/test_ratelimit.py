@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from runner.bucket import TokenBucket
 from runner.clock import FakeClock
-from runner.ratelimit import DEFAULT_RETRY_AFTER, RateLimiter
+from runner.ratelimit import DEFAULT_RETRY_AFTER, RateLimiter, grants_together
 
 
 async def until(condition: Callable[[], bool], *, turns: int = 1000) -> None:
@@ -166,10 +166,61 @@ async def test_sustained_demand_is_served_at_the_rate_never_faster() -> None:
             tg.start_soon(worker)
         await drive(clock, lambda: len(grants) == 40)
     assert grants[:burst] == [0.0] * burst
-    for index, granted in enumerate(grants[burst:], start=1):
-        ideal = Fraction(index) / Fraction(rate)
+    # then two at a time (half the burst), each pair as soon as its second token exists
+    for index, granted in enumerate(grants[burst:]):
+        ideal = Fraction(index // 2 * 2 + 2) / Fraction(rate)
         assert Fraction(granted) >= ideal  # never before the token exists
         assert granted - float(ideal) < 1e-6  # and not noticeably later
+
+
+@given(
+    waiting=st.integers(0, 50),
+    free_slots=st.integers(-2, 50),
+    burst=st.integers(1, 100),
+    refused_before=st.booleans(),
+)
+def test_grants_together_never_more_than_half_a_burst_or_than_wait(
+    waiting: int, free_slots: int, burst: int, refused_before: bool
+) -> None:
+    together = grants_together(
+        waiting=waiting, free_slots=free_slots, burst=burst, refused_before=refused_before
+    )
+    assert together >= 1
+    if refused_before:
+        assert together == 1
+    else:
+        assert together == max(1, min(burst // 2, waiting, free_slots))
+        assert together <= max(1, burst // 2)
+
+
+@pytest.mark.anyio
+async def test_a_request_granted_with_another_waits_out_the_429_that_came_before_it_went_out() -> (
+    None
+):
+    clock = FakeClock(0.0)
+    limiter = make(clock, rate=10.0, burst=4)  # two at a time
+    entered: list[tuple[str, float]] = []
+
+    async def refused() -> None:
+        async with limiter.slot():
+            entered.append(("refused", clock.now()))
+            limiter.on_rate_limited(3.0)
+
+    async def other() -> None:
+        async with limiter.slot():
+            entered.append(("other", clock.now()))
+
+    for _ in range(4):  # the full bucket goes at once
+        async with limiter.slot():
+            pass
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(refused)
+        tg.start_soon(other)
+        await drive(clock, lambda: len(entered) == 2)
+    # both granted when the second token came; the 429 came back before the other went out, so
+    # it gave its token back and went at the first token after the pause, at the halved rate
+    assert [name for name, _ in entered] == ["refused", "other"]
+    assert [at for _, at in entered] == [pytest.approx(0.2), pytest.approx(3.4)]
 
 
 @pytest.mark.anyio
@@ -608,25 +659,32 @@ def test_token_bucket_basics() -> None:
     start=st.floats(min_value=0.0, max_value=1e7),
     rate=st.floats(min_value=0.01, max_value=1e4),
     burst=st.integers(1, 5),
-    steps=st.lists(st.floats(min_value=0.0, max_value=3.0), min_size=1, max_size=20),
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=3.0), st.integers(1, 5)),
+        min_size=1,
+        max_size=20,
+    ),
 )
 def test_token_bucket_wait_time_is_exactly_enough(
-    start: float, rate: float, burst: int, steps: list[float]
+    start: float, rate: float, burst: int, steps: list[tuple[float, int]]
 ) -> None:
     bucket = TokenBucket(rate=rate, burst=burst)
     now = start
-    for step in steps:
+    for step, wanted in steps:
+        tokens = min(wanted, burst)
         now += step
         while bucket.try_take(now):
             pass
-        delay = bucket.wait_time(now)
+        delay = bucket.wait_time(now, tokens)
         assert delay > 0
         due = now + delay
         # float rounding may overshoot the exact moment, but by no more than one step
         earlier = math.nextafter(math.nextafter(due, -math.inf), -math.inf)
         if earlier > now:
-            assert bucket.wait_time(earlier) > 0  # not before ...
-        assert bucket.try_take(due)  # ... but then, there it is
+            assert not bucket.holds(earlier, tokens)  # not before ...
+        assert bucket.holds(due, tokens)  # ... but then, there they are
+        for _ in range(tokens):
+            assert bucket.try_take(due)
         now = due
 
 
@@ -792,7 +850,19 @@ def test_under_pure_contention_grants_follow_the_bucket_exactly(
 
     grants = anyio.run(main, backend="asyncio")
     start = Fraction(12345.678)
-    for index, granted in enumerate(grants):
-        ideal = start + Fraction(max(0, index - burst + 1)) / Fraction(rate)
+    for granted, tokens in zip(grants, tokens_before_each_grant(requests, burst), strict=True):
+        ideal = start + Fraction(tokens) / Fraction(rate)
         assert Fraction(granted) >= ideal
         assert granted - float(ideal) < 1e-5
+
+
+def tokens_before_each_grant(requests: int, burst: int) -> list[int]:
+    """Under pure contention: a full bucket's worth at once, then requests in groups of half a
+    burst (fewer when fewer are left), each group when its last token has accrued."""
+    accrued = [0] * min(requests, burst)
+    gathered = 0
+    while len(accrued) < requests:
+        together = max(1, min(burst // 2, requests - len(accrued)))
+        gathered += together
+        accrued += [gathered] * together
+    return accrued
