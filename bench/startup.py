@@ -2,10 +2,11 @@
 
 Each figure is a fresh interpreter timing one import statement (wall and CPU seconds), the best of
 ``--runs``: ``runner.cli`` is what ``bem-runner --help`` imports (each command then imports what
-it uses); a drain imports the configuration, the pipeline, the SQLite store and, when its client
-opens its pool, the HTTP transport, and starts anyio's event loop. The drain's row is all of it
-from a fresh interpreter, ``runner.cli`` included (the modules a real ``bem-runner drain
---no-progress`` has in ``sys.modules`` at its end); the transport's row is its share of that. The
+it uses); a drain imports the configuration, the pipeline and the HTTP transport (with garbage
+collection off, as ``bem-runner`` runs a command's imports), then the SQLite store, and starts
+anyio's event loop. The drain's row is all of it from a fresh interpreter, ``runner.cli``
+included (the modules a real ``bem-runner drain --no-progress`` has in ``sys.modules`` at its
+end); the transport's row is its share of that. The
 heavy modules a drain does not use (uvicorn and starlette for the webhook receiver,
 prometheus_client for metrics, the emulator, psycopg) are listed when a probe has loaded them,
 and for ``--help`` also those a drain needs (httpx, aiohttp, pydantic, structlog, rich).
@@ -26,9 +27,11 @@ DEFAULT_RUNS = 7
 HEAVY = ("uvicorn", "starlette", "prometheus_client", "runner.emulator", "psycopg")
 # What a drain needs and --help does not.
 NOT_FOR_HELP = ("httpx", "aiohttp", "pydantic", "structlog", "rich")
-# What a drain imports besides runner.cli: the configuration, the pipeline, the SQLite store,
-# the HTTP transport (when its client opens its pool) and anyio's worker threads.
-DRAIN = "runner.config, runner.daemon, runner.store.sqlite, runner.api.transport, anyio.to_thread"
+# What a drain imports besides runner.cli, in its order: the configuration, the pipeline and the
+# HTTP transport with the command (while the command line collects no garbage, as
+# runner.cli.main does), then the SQLite store and anyio's worker threads once the runner starts.
+COMMAND = "runner.config, runner.daemon, runner.api.transport"
+STARTED = "runner.store.sqlite, anyio.to_thread"
 PROBE = """
 import json, sys, time
 {before}
@@ -39,6 +42,11 @@ print(json.dumps({{"wall": time.perf_counter() - wall, "cpu": time.process_time(
 """
 # The event loop's start loads anyio's asyncio backend: a drain pays for it too.
 START_LOOP = "import anyio; anyio.run(anyio.sleep, 0)"
+DRAIN_IMPORTS = f"""import runner.cli
+import gc; gc.disable()
+import {COMMAND}
+gc.freeze(); gc.enable()
+import {STARTED}"""
 
 
 def probe(statement: str, *, before: str = "", heavy: Sequence[str] = HEAVY) -> str:
@@ -69,13 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("import runner.cli (--help)", probe("import runner.cli", heavy=HEAVY + NOT_FOR_HELP)),
         (
             "a drain's imports in total (runner.cli included)",
-            probe(f"import runner.cli, {DRAIN}\n{START_LOOP}"),
+            probe(f"{DRAIN_IMPORTS}\n{START_LOOP}"),
         ),
         (
             "of which the HTTP transport",
             probe(
                 "import runner.api.transport",
-                before=f"import runner.cli, {DRAIN.replace(', runner.api.transport', '')}",
+                before="import runner.cli, gc; gc.disable(); import runner.config, runner.daemon",
             ),
         ),
     ]

@@ -279,6 +279,8 @@ def _execute(
     show_progress: bool = False,
     reload: Callable[[], Config] | None = None,
 ) -> Outcome:
+    # The runner's client opens its pool on aiohttp: imported now, with the command's modules.
+    import runner.api.transport  # noqa: F401
     from runner.daemon import Runner
     from runner.notify import Notifier, notify_settings
 

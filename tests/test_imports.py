@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,75 @@ def test_the_api_models_build_their_validators_when_they_first_parse() -> None:
         text=True,
     )
     assert out.stdout.split() == ["False", "True", "False"]
+
+
+# -- garbage collection at start-up -------------------------------------------------------------
+
+WATCH_THE_EVENT_LOOP_START = """
+import gc, json, sys
+import anyio
+from runner import cli
+
+seen = []
+real_run = anyio.run
+
+
+def run(*args, **kwargs):
+    seen.append({"collecting": gc.isenabled(), "frozen": gc.get_freeze_count()})
+    return real_run(*args, **kwargs)
+
+
+anyio.run = run
+sys.argv = ["bem-runner", *sys.argv[1:]]
+try:
+    cli.main()
+finally:
+    print(json.dumps(seen))
+"""
+
+
+def test_a_command_collects_garbage_from_when_its_event_loop_starts(tmp_path: Path) -> None:
+    """Start-up runs with collection off (`runner.cli.main`); the command's modules, imported
+    by then, are frozen, and collection is on again before the command does its work."""
+    state = tmp_path / "state.db"
+    out = subprocess.run(
+        [sys.executable, "-c", WATCH_THE_EVENT_LOOP_START, "status", "--state", str(state)],
+        capture_output=True,
+        text=True,
+    )
+    seen = json.loads(out.stdout.splitlines()[-1])
+
+    assert len(seen) == 1  # the status command ran its event loop once
+    assert seen[0]["collecting"] is True
+    assert seen[0]["frozen"] > 10_000  # the modules status imported, among others
+
+
+WATCH_A_LAZY_COMMAND_LOAD = """
+import gc, sys
+from runner import cli
+
+real_get_command = cli.LazyGroup.get_command
+
+
+def get_command(self, ctx, name):
+    if name in self.lazy:
+        print("collecting while", name, "loads:", gc.isenabled())
+    return real_get_command(self, ctx, name)
+
+
+cli.LazyGroup.get_command = get_command
+sys.argv = ["bem-runner", "emulator", "--help"]
+try:
+    cli.main()
+finally:
+    print("frozen:", gc.get_freeze_count() > 0, "collecting:", gc.isenabled())
+"""
+
+
+def test_a_lazy_command_loads_with_collection_off_and_runs_with_it_on() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", WATCH_A_LAZY_COMMAND_LOAD], capture_output=True, text=True
+    )
+
+    assert "collecting while emulator loads: False" in out.stdout
+    assert "frozen: True collecting: True" in out.stdout
