@@ -147,6 +147,7 @@ class RateLimiter:
         self._granted = 0  # grants so far: the number of the next one
         self._held: set[_Grant] = set()
         self._queues: dict[str, deque[_Waiter]] = {}
+        self._waiting = 0  # waiters in all the queues
         self._turns: deque[str] = deque()  # kinds with waiters, next to be served first
         self._timekeeper: _Waiter | None = None
         self._timer: anyio.CancelScope | None = None
@@ -169,7 +170,7 @@ class RateLimiter:
     @property
     def waiting(self) -> int:
         """Requests waiting for a slot."""
-        return sum(len(queue) for queue in self._queues.values())
+        return self._waiting
 
     @property
     def paused_until(self) -> float | None:
@@ -341,6 +342,7 @@ class RateLimiter:
             return
         queue = self._queues[waiter.kind]
         queue.remove(waiter)
+        self._waiting -= 1
         if not queue:
             del self._queues[waiter.kind]
             self._turns.remove(waiter.kind)
@@ -363,6 +365,7 @@ class RateLimiter:
             queue.appendleft(waiter)
         else:
             queue.append(waiter)
+        self._waiting += 1
 
     def _dispatch(self) -> None:
         """Grant slots to waiters, kind by kind in turn, while limits allow."""
@@ -380,6 +383,7 @@ class RateLimiter:
             kind = self._turns.popleft()
             queue = self._queues[kind]
             waiter = queue.popleft()
+            self._waiting -= 1
             if queue:
                 self._turns.append(kind)
             else:

@@ -161,3 +161,63 @@ async def test_a_server_closing_after_the_request_leaves_a_post_outcome_unknown(
     assert methods.count(b"POST") == 1
     assert set(methods[1:]) == {b"GET"}
     assert API_KEY not in str(on_post.value)
+
+
+# -- cookies: none kept --------------------------------------------------------------------------
+
+SETS_A_COOKIE = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    b"set-cookie: session=abc123; Path=/\r\ncontent-length: 12\r\n\r\n"
+    b'{"calls":[]}'
+)
+
+
+@asynccontextmanager
+async def cookie_setting_server(seen: list[bytes]) -> AsyncIterator[str]:
+    """A loopback server answering every request on a connection with a ``set-cookie``."""
+
+    async def serve(stream: SocketStream) -> None:
+        async with stream:
+            while True:
+                try:
+                    seen.append(await _read_request(stream))
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return
+                await stream.send(SETS_A_COOKIE)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, serve)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            tasks.cancel_scope.cancel()
+
+
+async def test_the_default_client_sends_back_no_cookie_a_server_set(clock: FakeClock) -> None:
+    seen: list[bytes] = []
+    async with (
+        cookie_setting_server(seen) as base_url,
+        BemClient(base_url=base_url, api_key=API_KEY, clock=clock) as bem,
+    ):
+        for _ in range(3):
+            assert await bem.list_calls() == []
+
+    assert len(seen) == 3
+    assert [b"cookie:" in request.lower() for request in seen] == [False] * 3
+
+
+async def test_a_client_on_a_given_transport_sends_back_no_cookie_either() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"calls": []}, headers={"set-cookie": "session=abc123"})
+
+    transport = httpx.MockTransport(answer)
+    async with BemClient(base_url="http://bem.test", api_key=API_KEY, transport=transport) as bem:
+        for _ in range(3):
+            await bem.list_calls()
+
+    assert [request.headers.get("cookie") for request in seen] == [None] * 3

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from runner import __version__
 from runner.api import encoding, failures
+from runner.api.cookieless import CookielessClient
 from runner.clock import Clock
 from runner.errors import (
     ApiError,
@@ -97,7 +98,7 @@ class BemHttp:
 
                 client_class: type[httpx.AsyncClient] = AiohttpClient
             else:
-                client_class = httpx.AsyncClient
+                client_class = CookielessClient
             try:
                 self._http = client_class(
                     base_url=self._base_url,

@@ -24,6 +24,8 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
+from runner.api.cookieless import CookielessClient
+
 __all__ = ["AiohttpClient", "MappedAiohttpTransport", "httpx_error"]
 
 # httpx's own defaults, which httpx passes in anyway.
@@ -112,8 +114,9 @@ class MappedAiohttpTransport(AiohttpTransport):
         return response
 
 
-class AiohttpClient(HttpxAiohttpClient):
-    """An ``httpx.AsyncClient`` whose transports (direct or through a proxy) are aiohttp's."""
+class AiohttpClient(CookielessClient, HttpxAiohttpClient):
+    """An ``httpx.AsyncClient`` whose transports (direct or through a proxy) are aiohttp's, and
+    that keeps no cookies."""
 
     def _init_transport(
         self,
