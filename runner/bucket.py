@@ -52,7 +52,8 @@ class Mark:
         if grant < self.first_grant:
             return self
         latest = max(granted_at, self.last_granted_at or granted_at)
-        return replace(self, accepted=self.accepted + 1, last_granted_at=latest)
+        # built directly: this runs for every mark at every answer, and replace() is slow
+        return Mark(self.at, self.first_grant, self.tokens, self.accepted + 1, latest)
 
     @property
     def evidence(self) -> float:
@@ -168,22 +169,23 @@ class TokenBucket:
         self._burst = Fraction(burst)
         self._tokens = Fraction(burst)
         self._stamp: Fraction | None = None
+        self._seen: float | None = None  # the clock reading last refilled to
 
     def holds(self, now: float, tokens: int) -> bool:
         """At least ``tokens`` whole tokens are there."""
-        self._refill(Fraction(now))
+        self._advance(now)
         return self._tokens >= tokens
 
     def try_take(self, now: float) -> bool:
         """Take one token if there is one."""
-        self._refill(Fraction(now))
+        self._advance(now)
         if self._tokens < 1:
             return False
         self._tokens -= 1
         return True
 
     def is_full(self, now: float) -> bool:
-        self._refill(Fraction(now))
+        self._advance(now)
         return self._tokens >= self._burst
 
     def give_back(self) -> None:
@@ -192,13 +194,13 @@ class TokenBucket:
 
     def debt(self, now: float) -> Fraction:
         """How many tokens are owed (0 unless the bucket is in debt)."""
-        self._refill(Fraction(now))
+        self._advance(now)
         return max(Fraction(0), -self._tokens)
 
     def empty(self, now: float, *, until: float | None = None, owing: Fraction | int = 0) -> None:
         """No token now (``owing`` tokens owed), and none accrues before ``until`` (the end of a
         429 pause)."""
-        self._refill(Fraction(now))
+        self._advance(now)
         self._tokens = -Fraction(max(0, owing))
         if until is not None and self._stamp is not None and Fraction(until) > self._stamp:
             self._stamp = Fraction(until)
@@ -207,21 +209,27 @@ class TokenBucket:
         """Seconds until ``tokens`` whole tokens are there (0 if they are), such that the float
         ``now + d`` is not before the exact moment the last of them arrives (and, for a clock
         reading >= 0, at most one float step after it)."""
-        exact_now = Fraction(now)
-        self._refill(exact_now)
+        self._advance(now)
         if self._tokens >= tokens:
             return 0.0
+        exact_now = Fraction(now)
         start = max(exact_now, self._stamp) if self._stamp is not None else exact_now
         return float_delay(now, start + (tokens - self._tokens) / self._rate)
 
     def set_rate(self, now: float, rate: float) -> None:
-        self._refill(Fraction(now))
+        self._advance(now)
         self._rate = Fraction(rate)
 
     def set_burst(self, now: float, burst: int) -> None:
-        self._refill(Fraction(now))
+        self._advance(now)
         self._burst = Fraction(burst)
         self._tokens = min(self._tokens, self._burst)
+
+    def _advance(self, now: float) -> None:
+        # Refilling twice to one reading adds nothing the second time: skip the exact arithmetic.
+        if now != self._seen:
+            self._seen = now
+            self._refill(Fraction(now))
 
     def _refill(self, now: Fraction) -> None:
         if self._stamp is not None and now > self._stamp:
