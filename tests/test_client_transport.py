@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import aiohttp
 import anyio
@@ -111,16 +111,8 @@ def _reset(stream: SocketStream) -> None:
 
 
 @asynccontextmanager
-async def closing_server(
-    how: Callable[[SocketStream], None], seen: list[bytes]
-) -> AsyncIterator[str]:
-    """A loopback server that reads each request whole, then closes as ``how`` says."""
-
-    async def serve(stream: SocketStream) -> None:
-        async with stream:
-            seen.append(await _read_request(stream))
-            how(stream)
-
+async def loopback_server(serve: Callable[[SocketStream], Awaitable[None]]) -> AsyncIterator[str]:
+    """A server on a free loopback port, each connection to ``serve``; yields its base URL."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, anyio.create_task_group() as tasks:
@@ -129,6 +121,19 @@ async def closing_server(
             yield f"http://127.0.0.1:{port}"
         finally:
             tasks.cancel_scope.cancel()
+
+
+def closing_server(
+    how: Callable[[SocketStream], None], seen: list[bytes]
+) -> AbstractAsyncContextManager[str]:
+    """A loopback server that reads each request whole, then closes as ``how`` says."""
+
+    async def serve(stream: SocketStream) -> None:
+        async with stream:
+            seen.append(await _read_request(stream))
+            how(stream)
+
+    return loopback_server(serve)
 
 
 @pytest.mark.parametrize(
@@ -172,8 +177,7 @@ SETS_A_COOKIE = (
 )
 
 
-@asynccontextmanager
-async def cookie_setting_server(seen: list[bytes]) -> AsyncIterator[str]:
+def cookie_setting_server(seen: list[bytes]) -> AbstractAsyncContextManager[str]:
     """A loopback server answering every request on a connection with a ``set-cookie``."""
 
     async def serve(stream: SocketStream) -> None:
@@ -185,14 +189,7 @@ async def cookie_setting_server(seen: list[bytes]) -> AsyncIterator[str]:
                     return
                 await stream.send(SETS_A_COOKIE)
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with listener, anyio.create_task_group() as tasks:
-        tasks.start_soon(listener.serve, serve)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            tasks.cancel_scope.cancel()
+    return loopback_server(serve)
 
 
 async def test_the_default_client_sends_back_no_cookie_a_server_set(clock: FakeClock) -> None:
