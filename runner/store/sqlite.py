@@ -210,16 +210,19 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
     # -- reports ----------------------------------------------------------------------------
 
     async def counts(self) -> Counts:
+        # read each time the supervisor turns: one trip for all four
+        by_file, by_call, open_calls, reused = await self._fetch_each(
+            ("count_files", "count_calls", "open_call_count", "count_reused")
+        )
         files: dict[str, int] = {}
-        for state, outcome, count in await self._fetch("count_files"):
+        for state, outcome, count in by_file:
             key = f"{state}:{outcome}" if state in ("delivered", "done") and outcome else state
             files[key] = files.get(key, 0) + count
-        calls = {state: count for state, count in await self._fetch("count_calls")}
         return Counts(
             files=files,
-            calls=calls,
-            open_calls=await self.open_call_count(),
-            reused=int(await self._scalar("count_reused") or 0),
+            calls={state: count for state, count in by_call},
+            open_calls=open_calls[0][0],  # a count: always one row
+            reused=reused[0][0],
         )
 
     async def open_call_count(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +60,16 @@ class SqlitePlumbing:
             return list(await self._db.execute_fetchall(QUERIES[name], params or {}))
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: {name}: {exc}") from exc
+
+    async def _fetch_each(self, names: Sequence[str]) -> list[list[sqlite3.Row]]:
+        """The rows of each named read, all of them in one trip to the connection's thread."""
+        try:
+            # aiosqlite runs any function on its thread, in order with its own calls
+            return await self._db._execute(  # type: ignore[no-untyped-call,no-any-return]
+                _fetch_each, self._db._conn, names
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self._path}: {', '.join(names)}: {exc}") from exc
 
     async def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
         rows = await self._fetch(name, params)
@@ -149,6 +159,11 @@ class SqlitePlumbing:
 
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
         return rows_as(cls, await self._fetch(name, params))
+
+
+def _fetch_each(db: sqlite3.Connection, names: Sequence[str]) -> list[list[sqlite3.Row]]:
+    """On the connection's thread: each named read's rows, no cursor left open."""
+    return [db.execute(QUERIES[name]).fetchall() for name in names]
 
 
 def _run_whole(db: sqlite3.Connection, label: str, work: Work) -> None:
