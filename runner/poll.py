@@ -81,7 +81,10 @@ class Poller:
             due = await ctx.store.claim_due_polls(now=now + ride, limit=limit)
             if not due:  # what is due is another runner's to poll now
                 return CLAIMED_ELSEWHERE_WAIT
-            if not ctx.poll_plan.may_send(now, calls=len(due), per_request=limit):
+            announced = any(call.event_at is not None for call in due)
+            if not ctx.poll_plan.may_send(
+                now, calls=len(due), per_request=limit, announced=announced
+            ):
                 await ctx.store.release([g.id for g in due])
                 return max(ctx.poll_plan.next_slot_in(now), MIN_WAIT)  # the next grid point
             await self._load_item_references(due)

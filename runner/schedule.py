@@ -280,11 +280,14 @@ class PollPlan:
         self.calls += 1
         self.last_call_at = now if self.last_call_at is None else max(self.last_call_at, now)
 
-    def may_send(self, now: float, *, calls: int, per_request: int) -> bool:
+    def may_send(
+        self, now: float, *, calls: int, per_request: int, announced: bool = False
+    ) -> bool:
         """Whether the grid allows a request for ``calls`` due calls at ``now``: the first at a
         grid point always, more only while the point has requests left and the page is worth
-        it (:data:`MIN_EXTRA_FILL`); off the grid, always."""
-        if self.grid is None:
+        it (:data:`MIN_EXTRA_FILL`); off the grid, always. ``announced``: bem said one of them
+        has finished (a webhook event): it is fetched now, not at the next grid point."""
+        if self.grid is None or announced:
             return True
         if self._point != self.grid.point(now):
             return True

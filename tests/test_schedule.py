@@ -235,6 +235,14 @@ def test_a_grid_point_takes_its_requests_and_no_more() -> None:
     assert plan.requests == 2
 
 
+def test_a_call_bem_announced_is_fetched_without_waiting_for_the_next_grid_point() -> None:
+    plan = PollPlan(grid=Grid(tick=1.0, requests=1))
+    plan.sent(10.01)
+    assert not plan.may_send(10.02, calls=1, per_request=50)  # the point is spent
+    # a webhook event said one of the due calls has finished: its outputs are fetched now
+    assert plan.may_send(10.02, calls=1, per_request=50, announced=True)
+
+
 @given(
     grid=st.builds(Grid, tick=ticks, requests=st.integers(1, 5)),
     gaps=st.lists(st.floats(0.0, 5.0), min_size=1, max_size=60),
