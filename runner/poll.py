@@ -25,7 +25,6 @@ from runner.errors import ApiError, AuthError, NotFoundError
 from runner.health import AUTH_RETRY_SECONDS
 from runner.schedule import Outlook, grid_for, next_poll_at, ride_along_seconds
 from runner.store.base import CallRow, Finished, NextPoll
-from runner.webhook_policy import CONFIRM_WINDOW_SECONDS
 
 log = structlog.get_logger("runner.poll")
 
@@ -79,7 +78,7 @@ class Poller:
                 ride = await self._plan(now)
                 planned = True
             # calls due soon ride along with the ones due now: one request instead of many
-            due = await ctx.store.claim_due_polls(now=now + self._ride(ride, now), limit=limit)
+            due = await ctx.store.claim_due_polls(now=now + ride, limit=limit)
             if not due:  # what is due is another runner's to poll now
                 return CLAIMED_ELSEWHERE_WAIT
             announced = any(call.event_at is not None for call in due)
@@ -95,14 +94,6 @@ class Poller:
                 await self._failed(due, exc)
                 return 1.0
         return 0.0
-
-    def _ride(self, ride: float, now: float) -> float:
-        """While events flow, the calls announced in the last confirmation window ride along
-        too: announced calls are fetched at once, so they go together."""
-        flow = self._ctx.webhook_flow
-        if flow is not None and flow.flowing(now):
-            return max(ride, CONFIRM_WINDOW_SECONDS)
-        return ride
 
     async def _plan(self, now: float) -> float:
         """Choose the grid from what is pending and learnt; return the ride-along window."""
@@ -120,7 +111,12 @@ class Poller:
                 horizon=plan.horizon(now),
             )
             plan.grid = grid_for(outlook, base=poll.initial_seconds)
-        return ride_along_seconds(plan.grid, initial=poll.initial_seconds)
+        flow = ctx.webhook_flow
+        return ride_along_seconds(
+            plan.grid,
+            initial=poll.initial_seconds,
+            events_flowing=flow is not None and flow.flowing(now),
+        )
 
     async def _load_item_references(self, due: list[CallRow]) -> None:
         batches = [g.id for g in due if g.batch]

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from runner.policy import poll_delay
+from runner.webhook_policy import CONFIRM_WINDOW_SECONDS
 
 MIN_SAMPLES = 5
 """Finished calls of a workflow needed before its latencies replace the exponential schedule."""
@@ -207,9 +208,17 @@ def next_poll_at(
     return max(now, slot - tick * PRIORITY_SPREAD * likely)
 
 
-def ride_along_seconds(grid: Grid | None, *, initial: float) -> float:
-    """How far ahead of now calls are taken into the same request as the ones due."""
-    return initial if grid is None else grid.tick * PRIORITY_SPREAD
+def ride_along_seconds(
+    grid: Grid | None, *, initial: float, events_flowing: bool = False
+) -> float:
+    """How far ahead of now calls are taken into the same request as the ones due.
+
+    While webhook events flow, a call bem announced is fetched at once (:meth:`PollPlan.may_send`)
+    and is due a confirmation window after its event: the calls announced within that window
+    go in the same request, or each event would cost a GET of its own.
+    """
+    ride = initial if grid is None else grid.tick * PRIORITY_SPREAD
+    return max(ride, CONFIRM_WINDOW_SECONDS) if events_flowing else ride
 
 
 @dataclass

@@ -32,6 +32,7 @@ from runner.schedule import (
     quantized,
     ride_along_seconds,
 )
+from runner.webhook_policy import CONFIRM_WINDOW_SECONDS
 
 seconds = st.floats(min_value=0.01, max_value=600.0, allow_nan=False)
 samples = st.lists(seconds, min_size=MIN_SAMPLES, max_size=60)
@@ -567,3 +568,24 @@ def test_each_learnt_sample_leaves_the_distribution_of_the_samples_kept(
     for count, value in enumerate(values, start=1):
         plan.learn("wf", value)
         assert plan.latencies("wf") == Latencies.of(values[max(0, count - SAMPLES_KEPT) : count])
+
+
+@given(
+    tick=st.floats(0.01, 60.0),
+    initial=st.floats(0.01, 60.0),
+    on_grid=st.booleans(),
+    events_flowing=st.booleans(),
+)
+def test_while_events_flow_the_calls_announced_in_one_confirmation_window_go_together(
+    tick: float, initial: float, on_grid: bool, events_flowing: bool
+) -> None:
+    grid = Grid(tick, 1) if on_grid else None
+    quiet = ride_along_seconds(grid, initial=initial)
+    ride = ride_along_seconds(grid, initial=initial, events_flowing=events_flowing)
+
+    assert quiet == (initial if grid is None else tick * PRIORITY_SPREAD)
+    if events_flowing:
+        # an event's call is due a confirmation window after it: the window's events ride along
+        assert ride == max(quiet, CONFIRM_WINDOW_SECONDS)
+    else:
+        assert ride == quiet
