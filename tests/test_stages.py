@@ -19,6 +19,7 @@ from runner.group import READY_MARKER, Grouper
 from runner.health import AUTH_RETRY_SECONDS
 from runner.poll import Poller
 from runner.resolve import Resolver
+from runner.store.base import WebhookEvent
 from runner.submit import Submitter
 from runner.watch import Watcher
 
@@ -271,6 +272,41 @@ async def test_polls_back_off_and_one_request_answers_for_many_calls(tmp_path: P
         assert sum(world.requests(LIST).values()) <= len(waits) < 5 * 70 / 8
         assert 4 < max(waits) <= 8
         assert {(await world.call_of(f"wf/{n}.txt")).state for n in range(5)} == {"terminal"}
+
+
+async def test_the_poller_tells_the_grid_when_a_due_call_was_announced(tmp_path: Path) -> None:
+    """A page holding a call bem announced (a webhook event) is fetched off the grid
+    (``PollPlan.may_send``, tests/test_schedule.py); the poller says which pages those are."""
+    emulator = frozen_emulator(latency=600)
+    async with stage_world(tmp_path, emulator) as world:
+        await world.take(("wf/a.txt", b"a"), ("wf/b.txt", b"b"))
+        submitter = submitter_of(world)
+        await submit_pass(submitter)  # one POST until bem has answered once
+        await submit_pass(submitter)
+        plan = world.ctx.poll_plan
+        asked: list[bool] = []
+        may_send = plan.may_send
+
+        def recording(now: float, *, calls: int, per_request: int, announced: bool = False) -> bool:
+            asked.append(announced)
+            return may_send(now, calls=calls, per_request=per_request, announced=announced)
+
+        plan.may_send = recording  # type: ignore[method-assign]
+        poller = Poller(world.ctx)
+        while not asked:  # the first look at the calls
+            world.advance(await poller.poll_due())
+        call = await world.call_of("wf/a.txt")
+        now = world.clock.wall()
+        event = WebhookEvent("e1", "transform", call.call_id, call.call_reference_id)
+        await world.ctx.store.record_webhook_event(event, now=now, confirm_at=now + 0.2)
+        world.advance(0.2)
+        looked = sum(world.requests(LIST).values())
+
+        await poller.poll_due()
+
+        assert asked[0] is False
+        assert asked[-1] is True
+        assert sum(world.requests(LIST).values()) == looked + 1
 
 
 async def test_a_call_followed_past_give_up_after_ends_timed_out(tmp_path: Path) -> None:
