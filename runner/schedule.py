@@ -208,9 +208,7 @@ def next_poll_at(
     return max(now, slot - tick * PRIORITY_SPREAD * likely)
 
 
-def ride_along_seconds(
-    grid: Grid | None, *, initial: float, events_flowing: bool = False
-) -> float:
+def ride_along_seconds(grid: Grid | None, *, initial: float, events_flowing: bool = False) -> float:
     """How far ahead of now calls are taken into the same request as the ones due.
 
     While webhook events flow, a call bem announced is fetched at once (:meth:`PollPlan.may_send`)
