@@ -6,10 +6,10 @@ it uses); a drain imports the configuration, the pipeline and the HTTP transport
 collection off, as ``bem-runner`` runs a command's imports), then the SQLite store, and starts
 anyio's event loop. The drain's row is all of it from a fresh interpreter, ``runner.cli``
 included (the modules a real ``bem-runner drain --no-progress`` has in ``sys.modules`` at its
-end); the transport's row is its share of that. The
-heavy modules a drain does not use (uvicorn and starlette for the webhook receiver,
-prometheus_client for metrics, the emulator, psycopg) are listed when a probe has loaded them,
-and for ``--help`` also those a drain needs (httpx, aiohttp, pydantic, structlog, rich).
+end); the transport's row is its share of that. The heavy modules a drain does not use (uvicorn
+and starlette for the webhook receiver, prometheus_client for metrics, the emulator, psycopg)
+are listed when a probe has loaded them, and for ``--help`` also those a drain needs (httpx,
+aiohttp, pydantic, structlog, rich).
 """
 
 from __future__ import annotations

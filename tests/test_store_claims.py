@@ -14,7 +14,7 @@ import pytest
 
 from runner.errors import ClaimLostError, StoreUnavailableError
 from runner.route import Destination
-from runner.store.base import Finished, NewFile
+from runner.store.base import CallRow, Finished, NewFile
 from runner.store.postgres import PostgresStore, open_postgres_store
 from runner.store.postgres_dedupe import _lock as take_dedupe_lock
 from runner.store.postgres_plumbing import QUERIES, Connection
@@ -262,17 +262,26 @@ async def frozen_holding(
             resumed.set()  # whatever happened, the frozen one thaws (its wait is shielded)
 
 
-async def test_a_runner_frozen_inside_a_transaction_holds_its_locks_no_longer_than_its_lease(
+@asynccontextmanager
+async def frozen_and_live(
     postgres_url: str,
-) -> None:
-    # the content-dedupe lock, which every delivery and every dedupe decision of the others
-    # waits on
+) -> AsyncIterator[tuple[PostgresStore, PostgresStore, CallRow]]:
+    """A runner about to freeze (a 1 s lease), a live one, and a call the live one claimed."""
     async with (
         open_postgres_store(postgres_url, runner_id="frozen", lease_seconds=1.0) as frozen,
         open_postgres_store(postgres_url, runner_id="live") as live,
     ):
         await live.add_files(_files(1), now=1.0, batch_limits={})
         (call,) = await live.claim_ready(now=1.0, limit=1)
+        yield frozen, live, call
+
+
+async def test_a_runner_frozen_inside_a_transaction_holds_its_locks_no_longer_than_its_lease(
+    postgres_url: str,
+) -> None:
+    # the content-dedupe lock, which every delivery and every dedupe decision of the others
+    # waits on
+    async with frozen_and_live(postgres_url) as (frozen, live, call):
         async with frozen_holding(frozen, take_dedupe_lock):
             with anyio.fail_after(30):  # the server's clock: about the frozen one's lease
                 settled = await live.settle_duplicates([call.id], now=2.0)
@@ -286,12 +295,7 @@ async def test_a_runner_frozen_holding_a_calls_row_holds_it_no_longer_than_its_l
     postgres_url: str,
 ) -> None:
     # a row lock: every write to that call (here the live runner's mark_sending) waits on it
-    async with (
-        open_postgres_store(postgres_url, runner_id="frozen", lease_seconds=1.0) as frozen,
-        open_postgres_store(postgres_url, runner_id="live") as live,
-    ):
-        await live.add_files(_files(1), now=1.0, batch_limits={})
-        (call,) = await live.claim_ready(now=1.0, limit=1)
+    async with frozen_and_live(postgres_url) as (frozen, live, call):
 
         async def lock_the_row(conn: Connection) -> None:
             await conn.execute(QUERIES["lock_call"], {"call_row_id": call.id})

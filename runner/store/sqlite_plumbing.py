@@ -30,6 +30,7 @@ from runner.store.named_sql import load_queries
 
 QUERIES = load_queries("queries.sql")
 Row = TypeVar("Row", CallRow, FileRow)
+Result = TypeVar("Result")
 Work = Callable[[sqlite3.Connection], None]
 """A transaction's statements, run on the connection's own thread. It returns nothing: a
 cursor that reached the event loop's thread and was freed there would reset its statement
@@ -64,12 +65,14 @@ class SqlitePlumbing:
     async def _fetch_each(self, names: Sequence[str]) -> list[list[sqlite3.Row]]:
         """The rows of each named read, all of them in one trip to the connection's thread."""
         try:
-            # aiosqlite runs any function on its thread, in order with its own calls
-            return await self._db._execute(  # type: ignore[no-untyped-call,no-any-return]
-                _fetch_each, self._db._conn, names
-            )
+            return await self._on_connection_thread(_fetch_each, names)
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: {', '.join(names)}: {exc}") from exc
+
+    async def _on_connection_thread(self, fn: Callable[..., Result], *args: Any) -> Result:
+        """``fn(connection, *args)`` on the connection's own thread, in order with the rest."""
+        # aiosqlite runs any function on its thread, in order with its own calls
+        return await self._db._execute(fn, self._db._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
 
     async def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
         rows = await self._fetch(name, params)
@@ -109,10 +112,7 @@ class SqlitePlumbing:
 
     async def _trip(self, label: str, work: Work) -> None:
         try:
-            # aiosqlite runs any function on its thread, in order with its own calls
-            await self._db._execute(  # type: ignore[no-untyped-call]
-                _run_whole, self._db._conn, label, work
-            )
+            await self._on_connection_thread(_run_whole, label, work)
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: {exc}") from exc
 
