@@ -9,7 +9,7 @@ included (the modules a real ``bem-runner drain --no-progress`` has in ``sys.mod
 end); the transport's row is its share of that. The heavy modules a drain does not use (uvicorn
 and starlette for the webhook receiver, prometheus_client for metrics, the emulator, psycopg)
 are listed when a probe has loaded them, and for ``--help`` also those a drain needs (httpx,
-aiohttp, pydantic, structlog, rich).
+aiohttp, pydantic, structlog).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ DEFAULT_RUNS = 7
 # Modules only some commands use: present after a probe means a drain (or --help) pays for them.
 HEAVY = ("uvicorn", "starlette", "prometheus_client", "runner.emulator", "psycopg")
 # What a drain needs and --help does not.
-NOT_FOR_HELP = ("httpx", "aiohttp", "pydantic", "structlog", "rich")
+NOT_FOR_HELP = ("httpx", "aiohttp", "pydantic", "structlog")
 # What a drain imports besides runner.cli, in its order: the configuration, the pipeline and the
 # HTTP transport with the command (while the command line collects no garbage, as
 # runner.cli.main does), then the SQLite store and anyio's worker threads once the runner starts.

@@ -23,7 +23,7 @@ from runner.errors import RunnerError
 from runner.logs import LEVELS, configure_logging
 
 # What a command needs is imported by that command: `bem-runner --help` loads no configuration
-# models, no pipeline, no HTTP client and no rich (tests/test_imports.py).
+# models, no pipeline and no HTTP client (tests/test_imports.py).
 if TYPE_CHECKING:
     from runner.config import Config
     from runner.daemon import Outcome, RunnerOptions
@@ -303,12 +303,9 @@ def _execute(
                     click.echo(f"metrics at http://{host}:{port}/metrics", err=True)
                 progress = None
                 if show_progress:
-                    # rich's console and progress bar load only when the bar is shown
-                    from rich.console import Console
-
                     from runner.progress import DrainProgress
 
-                    progress = stack.enter_context(DrainProgress(Console(stderr=True))).update
+                    progress = stack.enter_context(DrainProgress(sys.stderr)).update
                 runner = Runner(
                     retarget(config),
                     options,
@@ -382,8 +379,6 @@ def status(
 ) -> None:
     """Counts by state, open calls and recent errors; live figures from a running daemon."""
     config = _config(ctx, _overrides(paths, **{"service.metrics_addr": metrics_addr}))
-    from rich.console import Console
-
     from runner.status import collect_status, render_status
     from runner.store import open_store
 
@@ -401,10 +396,10 @@ def status(
             report["live"] = live.as_dict() if live is not None else None
         click.echo(json.dumps(report, indent=2))
         return
-    console = Console()
-    render_status(report, console)
+    click.echo(render_status(report))
     if address:
-        render_live(live, address, console)
+        click.echo()
+        click.echo(render_live(live, address))
 
 
 @cli.command()

@@ -26,7 +26,8 @@ def show_names(_logger: object, _method: str, event: dict[str, Any]) -> dict[str
 
 class _Stderr:
     """Whatever ``sys.stderr`` is at the moment of writing: while the drain's progress line is
-    shown, rich stands in for it and prints each log line above the line, not through it."""
+    shown, it stands in for the terminal and puts each log line above the line, not through it
+    (:mod:`runner.progress`)."""
 
     def write(self, text: str) -> int:
         return sys.stderr.write(text)

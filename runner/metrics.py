@@ -16,13 +16,12 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
-from rich.console import Console
-from rich.table import Table
 
 from runner.config_checks import host_port_problem
 from runner.errors import ConfigError
 from runner.store import this_runner_id
 from runner.store.base import Counts
+from runner.tables import table
 
 LOOPBACK = "127.0.0.1"
 """Where metrics are served when an address names only a port."""
@@ -212,22 +211,19 @@ def fetch_live(address: str, *, timeout: float = 2.0) -> Live | None:
     return parse_exposition(response.text)
 
 
-def render_live(live: Live | None, address: str, console: Console) -> None:
+def render_live(live: Live | None, address: str) -> str:
     if live is None:
-        console.print(f"no runner answers on {address} (metrics)")
-        return
-    table = Table(title=f"live (metrics on {address})")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    table.add_row("runner", live.runner_id or "-")
-    table.add_row("request rate allowed now (/s)", f"{live.request_rate:.2f}")
-    table.add_row("requests in flight", f"{live.in_flight:.0f}")
-    table.add_row("429 answers", f"{live.rate_limited:.0f}")
-    table.add_row("calls open", f"{live.open_calls:.0f}")
-    table.add_row("poll lag (s)", f"{live.poll_lag:.1f}")
-    table.add_row("calls finished", f"{live.calls_finished:.0f}")
+        return f"no runner answers on {address} (metrics)"
     mean = "-" if live.latency_mean is None else f"{live.latency_mean:.1f}"
-    table.add_row("mean submit-to-result (s)", mean)
-    for key, count in sorted(live.requests.items()):
-        table.add_row(f"requests {key}", f"{count:.0f}")
-    console.print(table)
+    rows = [
+        ("runner", live.runner_id or "-"),
+        ("request rate allowed now (/s)", f"{live.request_rate:.2f}"),
+        ("requests in flight", f"{live.in_flight:.0f}"),
+        ("429 answers", f"{live.rate_limited:.0f}"),
+        ("calls open", f"{live.open_calls:.0f}"),
+        ("poll lag (s)", f"{live.poll_lag:.1f}"),
+        ("calls finished", f"{live.calls_finished:.0f}"),
+        ("mean submit-to-result (s)", mean),
+        *((f"requests {key}", f"{count:.0f}") for key, count in sorted(live.requests.items())),
+    ]
+    return table(f"live (metrics on {address})", ("what", "value"), rows, right={"value"})

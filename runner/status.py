@@ -5,10 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from runner.store.base import RunnerRow, Store
+from runner.tables import table
 
 
 async def collect_status(store: Store, *, now: float | None = None) -> dict[str, Any]:
@@ -29,44 +27,39 @@ async def collect_status(store: Store, *, now: float | None = None) -> dict[str,
     }
 
 
-def render_status(report: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
-    table = Table(title="bem-runner status")
-    table.add_column("what")
-    table.add_column("state")
-    table.add_column("count", justify="right")
-    for state, count in sorted(report["files"].items()):
-        table.add_row("files", state, str(count))
-    for state, count in sorted(report["calls"].items()):
-        table.add_row("calls", state, str(count))
-    table.add_row("calls", "open (sending, unknown, polling)", str(report["open_calls"]))
-    table.add_row("files", "reused (a result copied, no call)", str(report["reused"]))
-    console.print(table)
-    render_runners(report["runners"], console)
+def render_status(report: dict[str, Any]) -> str:
+    """The report of :func:`collect_status` as tables: counts, runners, recent errors."""
+    counts = [
+        *(("files", state, str(count)) for state, count in sorted(report["files"].items())),
+        *(("calls", state, str(count)) for state, count in sorted(report["calls"].items())),
+        ("calls", "open (sending, unknown, polling)", str(report["open_calls"])),
+        ("files", "reused (a result copied, no call)", str(report["reused"])),
+    ]
+    parts = [
+        table("bem-runner status", ("what", "state", "count"), counts, right={"count"}),
+        render_runners(report["runners"]),
+    ]
     if report["recent_errors"]:
-        errors = Table(title="recent errors")
-        errors.add_column("file")
-        errors.add_column("reason")
-        errors.add_column("at")
-        for error in report["recent_errors"]:
-            errors.add_row(error["file"], error["reason"] or "", error["at"] or "")
-        console.print(errors)
+        errors = (
+            (error["file"], error["reason"] or "", error["at"] or "")
+            for error in report["recent_errors"]
+        )
+        parts.append(table("recent errors", ("file", "reason", "at"), errors))
+    return "\n\n".join(parts)
 
 
-def render_runners(runners: list[dict[str, Any]], console: Console) -> None:
+def render_runners(runners: list[dict[str, Any]]) -> str:
     if not runners:
-        console.print("runners: none has joined this store")
-        return
-    table = Table(title="runners")
-    for column in ("runner", "host", "pid", "last heartbeat", "calls held"):
-        table.add_column(column, justify="right" if column in ("pid", "calls held") else "left")
+        return "runners: none has joined this store"
+    rows = []
     for runner in runners:
         age = runner["heartbeat_age_seconds"]
         heartbeat = runner["heartbeat_at"] + (f" ({age:.0f} s ago)" if age is not None else "")
-        table.add_row(
-            runner["id"], runner["host"], str(runner["pid"]), heartbeat, str(runner["calls_held"])
+        rows.append(
+            (runner["id"], runner["host"], str(runner["pid"]), heartbeat, str(runner["calls_held"]))
         )
-    console.print(table)
+    columns = ("runner", "host", "pid", "last heartbeat", "calls held")
+    return table("runners", columns, rows, right={"pid", "calls held"})
 
 
 def _runner(row: RunnerRow, now: float | None) -> dict[str, Any]:

@@ -51,7 +51,6 @@ NOT_FOR_HELP = (
     "httpx",
     "pydantic",
     "structlog",
-    "rich",
     "anyio",
     "runner.config",
     "runner.daemon",

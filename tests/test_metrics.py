@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from rich.console import Console
 
 from runner.daemon import Runner, RunnerOptions
 from runner.emulator import Emulator, EmulatorSettings
@@ -97,9 +96,7 @@ def test_endpoint_serves_its_own_registry_and_status_reads_it() -> None:
     assert live.request_rate == 9.7
     assert live.calls_finished == 2
     assert live.latency_mean == 5.0
-    console = Console(record=True, width=120)
-    render_live(live, f"{host}:{port}", console)
-    text = console.export_text()
+    text = render_live(live, f"{host}:{port}")
     assert "429 answers" in text
     assert "POST /v3/workflows/{workflowName}/call 429" in text
 
@@ -127,10 +124,12 @@ def test_the_metrics_name_their_runner_and_status_reads_it_back() -> None:
         live = fetch_live(f"{host}:{port}")
     assert live is not None
     assert live.as_dict()["runner_id"] == "host-a-1234"
-    console = Console(record=True, width=120)
-    render_live(live, f"{host}:{port}", console)
-    assert "host-a-1234" in console.export_text()
+    assert "host-a-1234" in render_live(live, f"{host}:{port}")
 
 
 def test_without_a_configured_id_a_runner_is_its_host_and_pid() -> None:
     assert Metrics().runner_id == f"{socket.gethostname()}-{os.getpid()}"
+
+
+def test_no_runner_answering_is_said_in_one_line() -> None:
+    assert render_live(None, "127.0.0.1:9464") == "no runner answers on 127.0.0.1:9464 (metrics)"

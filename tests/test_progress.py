@@ -9,10 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
-from runner.progress import DrainProgress, Tally
+from runner.progress import ERASE_LINE, DrainProgress, Tally
 from runner.store.base import Counts
+
+
+class Terminal(io.StringIO):
+    """What the bar writes, as if to a terminal."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 class Clock:
@@ -40,9 +46,9 @@ def test_tally_counts_this_drain_only() -> None:
 
 @pytest.mark.anyio
 async def test_progress_shows_submitted_completed_failed_rate_and_eta() -> None:
-    console = Console(file=io.StringIO(), force_terminal=True, width=160, record=True)
+    terminal = Terminal()
     clock = Clock()
-    with DrainProgress(console, get_time=clock) as progress:
+    with DrainProgress(terminal, get_time=clock, get_width=lambda: 160) as progress:
         await progress.update(counts({"queued": 10}, {"ready": 10}))
         clock.now += 10
         await progress.update(
@@ -51,11 +57,51 @@ async def test_progress_shows_submitted_completed_failed_rate_and_eta() -> None:
                 {"polling": 2, "done": 4, "ready": 4},
             )
         )
-    text = console.export_text()
-    assert "submitted 6  completed 3  failed 1" in text
-    assert "4/10" in text
-    assert "0.4 files/s" in text
-    assert "ETA 0:00:15" in text
+    last_line = terminal.getvalue().split("\r")[-1]
+    assert "draining" in last_line
+    assert "submitted 6  completed 3  failed 1" in last_line
+    assert "4/10" in last_line
+    assert "0.4 files/s" in last_line
+    assert "ETA 0:00:15" in last_line
+    assert terminal.getvalue().endswith("\n")
+
+
+@pytest.mark.anyio
+async def test_more_files_after_all_finished_show_the_new_total() -> None:
+    terminal = Terminal()
+    clock = Clock()
+    with DrainProgress(terminal, get_time=clock, get_width=lambda: 160) as progress:
+        await progress.update(counts({"queued": 4}, {"ready": 4}))
+        clock.now += 4
+        await progress.update(counts({"done:result": 4}, {"done": 4}))
+        await progress.update(counts({"done:result": 4, "queued": 2}, {"done": 4, "ready": 2}))
+    last_line = terminal.getvalue().split("\r")[-1]
+    assert "4/6" in last_line
+    assert "1.0 files/s  ETA 0:00:02" in last_line
+
+
+@pytest.mark.anyio
+async def test_log_lines_go_above_the_progress_line_and_it_fits_the_terminal() -> None:
+    terminal = Terminal()
+    stderr = sys.stderr
+    with DrainProgress(terminal, get_time=Clock(), get_width=lambda: 40) as progress:
+        await progress.update(counts({"queued": 2}, {"ready": 2}))
+        print("file submitted", file=sys.stderr)  # print writes the newline apart
+        sys.stderr.write("call finished\nfile deliv")
+        sys.stderr.write("ered\n")
+    assert sys.stderr is stderr
+    screen = terminal.getvalue().replace(ERASE_LINE, "\r").split("\r")
+    shown = [part for part in screen if part]
+    line = "draining [" + "-" * 29  # 39 columns: one short of the terminal's width
+    assert shown == [
+        line,
+        "file submitted\n",
+        line,
+        "call finished\n",
+        line,
+        "file delivered\n",
+        line + "\n",
+    ]
 
 
 def test_quiet_when_not_a_terminal(tmp_path: Path) -> None:

@@ -74,11 +74,12 @@ async def test_status_lists_each_runner_with_its_heartbeat_and_the_calls_it_hold
 
     code, output = await anyio.to_thread.run_sync(status, "--store", url, *paths(tmp_path))
     assert code == 0, output
-    table = output[output.index("runners") :]
-    assert "a " in table
-    assert "b " in table
-    assert " 2 " in table  # a's calls held
-    assert "s ago)" in table
+    table = output[output.index("runners") :].splitlines()
+    rows = {line.split()[0]: line.split() for line in table}
+    assert rows["a"][1] == rows["b"][1] == socket.gethostname()
+    assert rows["a"][-1] == "2"  # calls held
+    assert rows["b"][-1] == "0"
+    assert rows["b"][-3:-1] == ["s", "ago)"]
 
 
 def test_status_on_a_sqlite_state_lists_no_runner(tmp_path: Path) -> None:
