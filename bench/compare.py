@@ -61,6 +61,10 @@ class Row:
     cpu_ms_per_file: float
     startup_cpu_seconds: float
     net_cpu_ms_per_file: float
+    user_ms_per_file: float
+    """The CPU per file split: in the runner's own code and libraries (user) and in the kernel on
+    its behalf (system: file writes, fsyncs, renames, sockets)."""
+    system_ms_per_file: float
     peak_rss_mb: float
     delivered: int
     errors: int
@@ -230,6 +234,8 @@ def run_client(
         cpu_ms_per_file=measured.cpu_seconds * 1000 / files,
         startup_cpu_seconds=startup.cpu_seconds * runners,
         net_cpu_ms_per_file=(measured.cpu_seconds - startup.cpu_seconds * runners) * 1000 / files,
+        user_ms_per_file=measured.user_seconds * 1000 / files,
+        system_ms_per_file=measured.system_seconds * 1000 / files,
         peak_rss_mb=measured.peak_rss_mb,
         delivered=delivered,
         errors=errors,

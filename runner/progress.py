@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class DrainProgress:
         self._line = ""
         self._unfinished = ""
         self._stderr: TextIO | None = None
+        # A log line may come from a worker thread while the loop draws the progress line.
+        self._writing = threading.Lock()
 
     def __enter__(self) -> DrainProgress:
         self._stderr = sys.stderr
@@ -110,21 +113,24 @@ class DrainProgress:
         rate = finished / elapsed if elapsed > 0 and finished else None
         eta = "--" if rate is None else _duration(max(0, total - finished) / rate)
         filled = BAR_WIDTH * finished // total if total else 0
-        self._line = (
+        line = (
             f"draining [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {finished}/{total}"
             f"  submitted {now.submitted}  completed {now.completed}  failed {now.failed}  "
             + ("-- files/s" if rate is None else f"{rate:.1f} files/s")
             + f"  ETA {eta}"
         )
-        self._draw()
+        with self._writing:
+            self._line = line
+            self._draw()
 
     def write_above(self, text: str) -> None:
         """Each line of ``text`` (log lines) above the progress line, which is drawn again
         below them; a line's start waits for its end (``print`` writes the newline apart)."""
-        lines, newline, self._unfinished = (self._unfinished + text).rpartition("\n")
-        if newline:
-            self._terminal.write(ERASE_LINE + lines + newline)
-            self._draw()
+        with self._writing:
+            lines, newline, self._unfinished = (self._unfinished + text).rpartition("\n")
+            if newline:
+                self._terminal.write(ERASE_LINE + lines + newline)
+                self._draw()
 
     def _draw(self) -> None:
         # One column short of the width: a line that fills the last column wraps on some terminals.

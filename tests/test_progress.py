@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,28 @@ async def test_log_lines_go_above_the_progress_line_and_it_fits_the_terminal() -
         "file delivered\n",
         line + "\n",
     ]
+
+
+@pytest.mark.anyio
+async def test_log_lines_from_threads_stay_whole() -> None:
+    terminal = Terminal()
+    with DrainProgress(terminal, get_time=Clock(), get_width=lambda: 200) as progress:
+
+        def log(worker: int) -> None:
+            for n in range(300):
+                print(f"worker {worker} line {n}", file=sys.stderr)
+
+        workers = [threading.Thread(target=log, args=(worker,)) for worker in range(2)]
+        for thread in workers:
+            thread.start()
+        for n in range(300):
+            await progress.update(counts({"queued": 300 - n, "done:result": n}, {}))
+        for thread in workers:
+            thread.join()
+    logged = [line for line in terminal.getvalue().split(ERASE_LINE) if line.startswith("w")]
+    assert sorted(logged) == sorted(
+        f"worker {worker} line {n}\n" for worker in range(2) for n in range(300)
+    )
 
 
 def test_quiet_when_not_a_terminal(tmp_path: Path) -> None:
