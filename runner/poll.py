@@ -162,7 +162,7 @@ class Poller:
             page.ended(group, "failed", None, reason)
         elif call is not None and call.is_terminal:
             self._learn(group, call)
-            result = call.model_dump_json(by_alias=True, exclude_unset=True)
+            result = call.sent_json()
             page.ended(group, call.status or "failed", result, None)
         elif (reason := self._gave_up(group, status)) is not None:
             page.ended(group, "failed", None, reason)

@@ -379,6 +379,30 @@ async def test_a_malformed_success_answer_to_a_post_is_outcome_unknown(
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"calls": [{"callID": "c1", "outputs": [{"transformedContent": '
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}]}]}",
+        b'{"calls": [{"callID": "c1", "status": 3}]}',
+        b'{"calls": [{"callID": "c1"}]} trailing',
+    ],
+    ids=["nested too deep", "wrong type", "not JSON"],
+)
+async def test_an_unreadable_answer_to_a_read_is_transient_and_retried(
+    clock: FakeClock, body: bytes
+) -> None:
+    seen: list[httpx.Request] = []
+    transport = stand_in(200, body, seen)
+    async with make_client(BASE_URL, clock, transport=transport) as bem:
+        with pytest.raises(TransientError, match="not a valid CallList"):
+            await TimeDriver(clock).run(bem.list_calls())
+
+    assert len(seen) == 3
+
+
 async def test_408_is_transient_for_reads_and_writes(clock: FakeClock, upload: UploadFile) -> None:
     seen: list[httpx.Request] = []
     transport = stand_in(408, b"", seen)

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import anyio
 import bem
 import httpx
+import msgspec
 import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
@@ -320,6 +321,57 @@ async def test_null_outputs_and_errors_read_as_empty_lists(
     assert call.is_terminal
 
 
+# -- fields and event types bem adds ---------------------------------------------------------------
+
+LATER_CALL: dict[str, Any] = {
+    "callID": "c1",
+    "callReferenceID": "r",
+    "status": "completed",
+    "addedLater": {"nested": [1, None, "x"]},
+    "input": {"singleFile": {"inputType": "pdf", "pageCount": 3}},
+    "outputs": [
+        {
+            "eventType": "summarize",
+            "referenceID": "a.pdf",
+            "itemOffset": "0",
+            "summary": "one line",
+            "transformedContent": {"total": 1e3},
+        }
+    ],
+    "errors": None,
+}
+
+
+async def test_fields_and_event_types_bem_adds_are_read_and_kept_as_sent(clock: FakeClock) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = {"calls": [LATER_CALL]} if request.url.path == "/v3/calls" else {"call": LATER_CALL}
+        return httpx.Response(200, json=body)
+
+    transport = httpx.MockTransport(answer)
+    async with BemClient(base_url=BASE_URL, api_key=KEY, transport=transport, clock=clock) as c:
+        got = await c.get_call("c1")
+        [listed] = await c.list_calls()
+
+    for call in (got, listed):
+        [output] = call.outputs
+        assert (output.event_type, output.reference_id) == ("summarize", "a.pdf")
+        assert output.item_offset == 0
+        assert output.transformed_content == {"total": 1000.0}
+        assert call.errors == []
+        assert call.is_terminal
+        assert json.loads(call.sent_json()) == LATER_CALL
+
+
+def test_a_call_not_read_from_bem_is_its_fields_that_are_set() -> None:
+    call = make_call(status="running", outputs=[{"eventID": "e1"}])
+
+    assert json.loads(call.sent_json()) == {
+        "callID": "c1",
+        "status": "running",
+        "outputs": [{"eventID": "e1"}],
+    }
+
+
 # -- item names in multipart forms -----------------------------------------------------------------
 
 raw_names = st.binary(min_size=1, max_size=24).filter(
@@ -448,7 +500,7 @@ async def test_an_unreachable_server_is_reported_by_its_url_without_the_query(
 
 
 def make_call(**fields: Any) -> Call:
-    return Call.model_validate({"callID": "c1", **fields})
+    return msgspec.convert({"callID": "c1", **fields}, Call)
 
 
 def test_a_call_with_another_reference_is_a_mismatch() -> None:

@@ -83,18 +83,27 @@ def test_the_pipeline_loads_no_progress_bar_and_no_status_table() -> None:
     assert {"runner.progress", "runner.status", "runner.retry"} & loaded == set()
 
 
-def test_the_api_models_build_their_validators_when_they_first_parse() -> None:
-    """Importing the models builds none (a v3 drain never builds the v2 ones, and the nested
-    models are built into the responses that hold them); parsing builds the one it uses."""
+def test_the_api_client_loads_no_pydantic() -> None:
+    """bem's answers are read with msgspec: the client and its models need no pydantic."""
+    loaded = loaded_after("import runner.api.client")
+
+    assert "msgspec" in loaded
+    assert "pydantic" not in loaded
+
+
+def test_the_api_models_build_their_decoders_when_they_first_read() -> None:
+    """A response type builds its decoder when it first reads: a v3 drain never builds the v2
+    ones."""
     out = subprocess.run(
         [
             sys.executable,
             "-c",
             "from runner.api import models\n"
-            "before = models.CallResponse.__pydantic_complete__\n"
-            "models.CallResponse.model_validate_json(b'{\"call\": {\"callID\": \"c\"}}')\n"
-            "print(before, models.CallResponse.__pydantic_complete__,"
-            " models.V2CallResponse.__pydantic_complete__)",
+            "def built(model):\n"
+            "    return model.__dict__.get('_decoder') is not None\n"
+            "before = built(models.V2CallResponse)\n"
+            "models.V2CallResponse.from_json(b'{}')\n"
+            "print(before, built(models.V2CallResponse), built(models.V2CreateResponse))",
         ],
         check=True,
         capture_output=True,

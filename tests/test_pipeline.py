@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import random
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import httpx
 import pytest
 
-from runner.daemon import ExitCode
+from runner.daemon import ExitCode, Runner, RunnerOptions
 from runner.emulator import Emulator, EmulatorSettings
 from runner.retry import requeue_failed
 from runner.status import collect_status
@@ -74,6 +78,53 @@ async def test_every_file_gets_exactly_one_document(tmp_path: Path, version: str
         if p.is_file()
     ) == sorted(rels)
     assert not [p for p in config.paths.inbox.rglob("*") if p.is_file()]
+
+
+class AddedLater:
+    """The emulator as a bem that has since added a call field, an event field and an event
+    type the runner does not know."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self._inner = httpx.ASGITransport(app=emulator.app)
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        body = await response.aread()
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        if request.method != "GET" or response.status_code != 200:
+            return httpx.Response(response.status_code, headers=headers, content=body)
+        document: dict[str, Any] = json.loads(body)
+        for call in document.get("calls") or [document.get("call") or {}]:
+            call["addedLater"] = {"kept": True}
+            for output in call.get("outputs") or []:
+                output.update(eventType="summarize", summary="one line")
+        return httpx.Response(response.status_code, headers=headers, json=document)
+
+
+async def test_what_bem_adds_reaches_the_stored_call_and_the_documents(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    write_files(config.paths.inbox, [("wf/a.txt", b"a")])
+    server = AddedLater(fast_emulator(latency_min=0, latency_max=0))
+    runner = Runner(
+        config,
+        RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05),
+        transport=httpx.MockTransport(server.handle),
+        events=None,
+    )
+
+    outcome = await runner.serve()
+
+    assert outcome.exit_code == ExitCode.OK
+    connection = sqlite3.connect(config.paths.state)
+    try:
+        [(stored,)] = connection.execute("SELECT result_json FROM calls").fetchall()
+    finally:
+        connection.close()
+    assert json.loads(stored)["addedLater"] == {"kept": True}
+    kind, document = outbox_documents(config.paths.outbox)["wf/a.txt"]
+    assert kind == "result"
+    [output] = document["outputs"]
+    assert (output["eventType"], output["summary"]) == ("summarize", "one line")
 
 
 async def test_batch_folder_is_one_call_split_per_item(tmp_path: Path) -> None:

@@ -26,12 +26,12 @@ from types import TracebackType
 from typing import IO, Self
 
 import httpx
-from pydantic import ValidationError
 
 from runner.api import encoding, failures
 from runner.api.failures import parse_retry_after
 from runner.api.http import BemHttp, parse
 from runner.api.models import (
+    UNREADABLE,
     Call,
     CallFilter,
     CallList,
@@ -291,6 +291,6 @@ def _check_file_count(files: Sequence[UploadFile], *, batch: bool) -> None:
 def _call_from_failed_wait(response: httpx.Response) -> Call | None:
     """The call a ``wait=true`` invocation reports as failed (HTTP 500 with the call), if any."""
     try:
-        return CallResponse.model_validate_json(response.content).call
-    except ValidationError:
+        return CallResponse.from_json(response.content).call
+    except UNREADABLE:
         return None

@@ -19,11 +19,11 @@ from typing import TypeVar
 
 import httpx
 import structlog
-from pydantic import BaseModel, ValidationError
 
 from runner import __version__
 from runner.api import encoding, failures
 from runner.api.cookieless import CookielessClient
+from runner.api.models import UNREADABLE, ApiResponse
 from runner.clock import Clock
 from runner.errors import (
     ApiError,
@@ -37,7 +37,7 @@ from runner.ratelimit import RateLimiter
 
 __all__ = ["BemHttp", "parse"]
 
-_ModelT = TypeVar("_ModelT", bound=BaseModel)
+_ModelT = TypeVar("_ModelT", bound=ApiResponse)
 
 # A read is retried inside the client only while the server asks for at most this long (as the
 # SDK); a longer Retry-After goes back to the caller, which reschedules the work.
@@ -297,8 +297,8 @@ def _check_same_origin(sent: httpx.Request, following: httpx.Request, *, status:
 
 def parse(response: httpx.Response, model: type[_ModelT], *, creates: bool) -> _ModelT:
     try:
-        return model.model_validate_json(response.content)
-    except ValidationError as exc:
+        return model.from_json(response.content)
+    except UNREADABLE as exc:
         message = (
             f"{failures.target(response.request)}: HTTP {response.status_code} "
             f"with a body that is not a valid {model.__name__}"
