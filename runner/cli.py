@@ -348,8 +348,9 @@ async def _api_target(use_emulator: bool) -> AsyncIterator[Retarget]:
     if not use_emulator:
         yield lambda config: config
         return
-    from pydantic import SecretStr
+    import msgspec.structs
 
+    from runner.credentials import Secret
     from runner.emulator import Emulator, EmulatorSettings, serve_emulator  # only when used
 
     settings = EmulatorSettings(latency_min=0.2, latency_max=1.0)
@@ -357,8 +358,8 @@ async def _api_target(use_emulator: bool) -> AsyncIterator[Retarget]:
         click.echo(f"bem emulator at {base_url}", err=True)
 
         def retarget(config: Config) -> Config:
-            api = config.api.model_copy(update={"base_url": base_url})
-            return config.model_copy(update={"api": api, "api_key": SecretStr(settings.api_key)})
+            api = msgspec.structs.replace(config.api, base_url=base_url)
+            return msgspec.structs.replace(config, api=api, api_key=Secret(settings.api_key))
 
         yield retarget
 

@@ -1,16 +1,18 @@
 """The configuration file: read as TOML (bounded, UTF-8), keys set from flags and the
-environment, and pydantic's validation errors told as the file's own keys."""
+environment, and validation errors told as the file's own keys."""
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+import msgspec
 
 from runner.config_checks import base_url_problem
 from runner.errors import ConfigError
+from runner.validation import NOT_GIVEN, Problem, explain
 
 MAX_CONFIG_BYTES = 1_000_000
 SHOWN_VALUE_CHARS = 80
@@ -63,36 +65,35 @@ def check_env_base_url(value: str) -> None:
         raise ConfigError(f"invalid configuration:\n  BEM_BASE_URL: {problem}{shown}")
 
 
-def describe_validation_error(exc: ValidationError, source: str | None) -> str:
+def describe_validation_error(
+    exc: msgspec.ValidationError, raw: Mapping[str, Any], schema: type, source: str | None
+) -> str:
+    """What is wrong with ``raw`` (the file's tables, flags and environment merged), which
+    failed to convert to ``schema``; only the first problem is known."""
+    return describe_problem(explain(exc, raw, schema), source)
+
+
+def describe_problem(problem: Problem, source: str | None) -> str:
+    """The ConfigError message for ``problem``: its key, what it must be, the value given."""
     where = f"{source}: " if source else ""
-    lines: list[str] = []
-    for error in exc.errors():
-        key = _key(error["loc"])
-        if error["type"] == "extra_forbidden":
-            line = f"{where}unknown setting {key!r}"
-        else:
-            message = _TABLE_HINTS.get(error["type"], error["msg"]).removeprefix("Value error, ")
-            if key == "route" and error["type"] == "tuple_type":
-                message = "must be an array of tables: write each route as [[route]]"
-            line = f"{where}{key}: {message}" if key else f"{where}{message}"
-            if key and _may_show(key, error.get("input")):
-                line += f" (got {_shown(error.get('input'))})"
-        if line not in lines:
-            lines.append(line)
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    key = problem.key
+    if problem.unknown:
+        return f"invalid configuration:\n  {where}unknown setting {key!r}"
+    message = problem.message
+    if problem.expected == "object":
+        message = _table_hint(key)
+    elif key == "route" and problem.expected == "array":
+        message = "must be an array of tables: write each route as [[route]]"
+    line = f"{where}{key}: {message}" if key else f"{where}{message}"
+    if key and problem.value is not NOT_GIVEN and _may_show(key, problem.value):
+        line += f" (got {_shown(problem.value)})"
+    return f"invalid configuration:\n  {line}"
 
 
-_TABLE_HINTS = {
-    "model_type": "must be a table ([section] in TOML)",
-    "model_attributes_type": "must be a table ([section] in TOML)",
-    "dict_type": "must be a table ([section] in TOML)",
-}
-
-
-def _key(loc: tuple[int | str, ...]) -> str:
-    """``section.key`` (``route.0.glob``) from a pydantic location, without its type tags."""
-    parts = [str(p) for p in loc if isinstance(p, int) or p.isidentifier()]
-    return ".".join(parts)
+def _table_hint(key: str) -> str:
+    section = key.partition(".")[0]
+    table = f"[[{section}]]" if section == "route" else f"[{section}]"
+    return f"must be a table ({table} in TOML)"
 
 
 def _may_show(key: str, value: object) -> bool:

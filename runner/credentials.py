@@ -13,14 +13,40 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from pydantic import SecretStr
+from typing import Final
 
 from runner.errors import ConfigError
 
 MAX_SECRET_CHARS = 4096
 _SURROUNDING_WHITESPACE = " \t\r\n\v\f"
 _FIRST_VISIBLE, _LAST_VISIBLE = 0x21, 0x7E
+_HIDDEN: Final = "**********"
+
+
+class Secret:
+    """A secret string: handed over by :meth:`get_secret_value`, never shown by repr or str."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({_HIDDEN!r})"
+
+    def __str__(self) -> str:
+        return _HIDDEN
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return self._value == other._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
 
 
 @dataclass(frozen=True)
@@ -39,11 +65,11 @@ class SecretSource:
 
 def resolve_secret(
     source: SecretSource, *, environ: Mapping[str, str], file: Path | None
-) -> SecretStr | None:
+) -> Secret | None:
     """The secret from the first place that has one; None if none does."""
     value = environ.get(source.env_var)
     if value:
-        return SecretStr(_checked(value, source.env_var))
+        return Secret(_checked(value, source.env_var))
     if file is not None:
         return _from_file(file, f"{source.what} file {file} ({source.file_key})")
     credentials = environ.get("CREDENTIALS_DIRECTORY")
@@ -90,7 +116,7 @@ def _checked(raw: str, where: str) -> str:
     return text
 
 
-def _from_file(path: Path, where: str) -> SecretStr:
+def _from_file(path: Path, where: str) -> Secret:
     try:
         with path.open("rb") as fh:
             data = fh.read(4 * MAX_SECRET_CHARS + 1)
@@ -106,4 +132,4 @@ def _from_file(path: Path, where: str) -> SecretStr:
                 f"{where} contains a non-ASCII byte at position {position}; only visible ASCII "
                 "characters (0x21-0x7E) can be sent in a header"
             )
-    return SecretStr(_checked(data.decode("ascii"), where))
+    return Secret(_checked(data.decode("ascii"), where))

@@ -322,12 +322,11 @@ class Runner:
             return
         self.notifier.reloading()
         try:
-            fresh = self.reload()
+            config = reloadable(ctx.config, self.reload())
         except RunnerError as exc:
             log.error("reload failed; keeping the running configuration", error=str(exc))
             self.notifier.ready(f"reload failed: {exc}"[:STATUS_MAX])
             return
-        config = reloadable(ctx.config, fresh)
         assert self._limiter is not None
         limits = limits_for(config)
         self._limiter.reconfigure(**limits)

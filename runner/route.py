@@ -16,11 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import msgspec
 
 from runner.names import shown
+from runner.validation import FieldProblem
 
 INPUT_TYPES: Mapping[str, str] = MappingProxyType(
     {
@@ -64,40 +65,28 @@ MAX_BATCH_BYTES = 10_000_000_000
 MAX_BATCH_WINDOW_SECONDS = 86_400.0
 
 
-class Route(BaseModel):
+class Route(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """One ``[[route]]`` of the config: files matching ``glob`` go to ``workflow``.
 
-    The one definition of a valid route: the config validates its ``[[route]]`` tables with this
-    model, so a route that loads can be used as it is. Numbers are strict (no booleans, no
+    The one definition of a valid route: the config validates its ``[[route]]`` tables as this
+    struct, so a route that loads can be used as it is. Numbers are strict (no booleans, no
     strings) and bounded; a glob must be able to match a file the runner takes.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     glob: str
     workflow: str
     group: GroupMode = "file"
-    batch_max_files: int = Field(default=50, ge=1, le=MAX_BATCH_FILES)
-    batch_max_bytes: int = Field(default=50_000_000, ge=1, le=MAX_BATCH_BYTES)
-    batch_window_seconds: float = Field(
-        default=10.0, gt=0, le=MAX_BATCH_WINDOW_SECONDS, allow_inf_nan=False
-    )
+    batch_max_files: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_FILES)] = 50
+    batch_max_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_BYTES)] = 50_000_000
+    batch_window_seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_BATCH_WINDOW_SECONDS)] = 10.0
 
-    @field_validator("glob")
-    @classmethod
-    def _matchable(cls, glob: str) -> str:
-        problem = glob_problem(glob)
+    def __post_init__(self) -> None:
+        problem = glob_problem(self.glob)
         if problem is not None:
-            raise ValueError(problem)
-        return glob
-
-    @field_validator("workflow")
-    @classmethod
-    def _usable_name(cls, workflow: str) -> str:
-        problem = workflow_name_problem(workflow)
+            raise FieldProblem("glob", problem)
+        problem = workflow_name_problem(self.workflow)
         if problem is not None:
-            raise ValueError(problem)
-        return workflow
+            raise FieldProblem("workflow", problem)
 
 
 def workflow_name_problem(name: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypedDict
 
+import msgspec.structs
 import structlog
 
 from runner.config import Config
@@ -55,12 +56,19 @@ def limits_for(config: Config) -> Limits:
 
 def reloadable(current: Config, fresh: Config) -> Config:
     """A re-read configuration as a running runner applies it: limits and routes now; paths,
-    API, service and store kept as they are (changes to them are logged, for the next start)."""
+    API, service and store kept as they are (changes to them are logged, for the next start).
+
+    A :class:`ConfigError` when the new sections do not go with the kept ones (archiving into
+    a running inbox).
+    """
     kept = {}
     for section in RESTART_SECTIONS:
         if getattr(fresh, section) != getattr(current, section):
             log.warning("reload: changes to this section need a restart", section=section)
         kept[section] = getattr(current, section)
-    return fresh.model_copy(
-        update={**kept, "api_key": current.api_key, "store_url": current.store_url}
-    )
+    try:
+        return msgspec.structs.replace(
+            fresh, **kept, api_key=current.api_key, store_url=current.store_url
+        )
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration with the running paths:\n  {exc}") from exc

@@ -27,11 +27,11 @@ from typing import Literal
 import anyio
 import structlog
 import uvicorn
-from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from runner.context import Context
+from runner.credentials import Secret
 from runner.errors import ConfigError, StoreError
 from runner.store.base import WebhookEvent
 from runner.webhook_policy import CONFIRM_WINDOW_SECONDS, EventFlow
@@ -99,7 +99,7 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 def verify(
     header: str | None,
     body: bytes,
-    secrets: Sequence[SecretStr],
+    secrets: Sequence[Secret],
     *,
     now: float,
     tolerance: float,

@@ -11,12 +11,14 @@ from typing import Any
 
 import anyio
 import httpx
-from pydantic import SecretStr
+import msgspec
+import msgspec.structs
 
 from runner.clock import FakeClock
 from runner.config import Config, load_config
 from runner.daemon import Outcome, Runner, RunnerOptions
 from runner.emulator import Emulator
+from runner.route import Route
 from runner.watch import EventSource
 
 from .fake_time import UNTIL_REAL_SECONDS, TimeMachine, fake_clock
@@ -48,9 +50,8 @@ def make_config(
     routes = raw.pop("route.list", None)
     config = load_config(None, environ={"BEM_API_KEY": API_KEY}, overrides=raw)
     if routes:
-        config = Config.model_validate(
-            {**config.model_dump(exclude={"api_key"}), "route": routes}
-        ).model_copy(update={"api_key": SecretStr(API_KEY)})
+        parsed = msgspec.convert(routes, tuple[Route, ...], strict=True)
+        config = msgspec.structs.replace(config, route=parsed)
     return config
 
 

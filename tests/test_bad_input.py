@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec.structs
 import pytest
-from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from runner.archive import finish_input
+from runner.credentials import Secret
 from runner.daemon import ExitCode
 from runner.emulator import Emulator, EmulatorSettings
 from runner.health import AUTH_RETRY_SECONDS
@@ -259,7 +260,7 @@ async def test_a_rejected_key_stops_sending_and_fails_no_file(tmp_path: Path) ->
     assert set(file_states(config.paths.state).values()) == {"queued"}
     assert outbox_documents(config.paths.outbox) == {}
 
-    fixed = config.model_copy(update={"api_key": SecretStr("the-right-key")})
+    fixed = msgspec.structs.replace(config, api_key=Secret("the-right-key"))
     outcome = await drain(fixed, emulator)
 
     assert outcome.exit_code == ExitCode.OK

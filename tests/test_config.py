@@ -4,8 +4,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import msgspec.structs
 import pytest
-from pydantic import BaseModel
 
 from runner.config import (
     ApiConfig,
@@ -20,6 +21,7 @@ from runner.config import (
 from runner.errors import ConfigError
 from runner.policy import parse_duration
 from runner.route import Route
+from runner.startup import reloadable
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -66,9 +68,51 @@ def test_broken_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml", environ={})
 
 
-def test_key_in_the_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="BEM_API_KEY"):
-        load_config(write(tmp_path, 'api_key = "k"\n'), environ={})
+@pytest.mark.parametrize(
+    ("toml", "instead"),
+    [
+        ('api_key = "k"', "BEM_API_KEY"),
+        ('webhook_secrets = ["whsec_x"]', "webhook.secret_file"),
+        ('store_url = "postgresql://h/db"', "BEM_RUNNER_STORE_URL"),
+    ],
+)
+def test_secrets_in_the_file_are_refused(tmp_path: Path, toml: str, instead: str) -> None:
+    with pytest.raises(ConfigError, match=rf"is not a setting; use .*{instead}"):
+        load_config(write(tmp_path, toml + "\n"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        ('[inbox]\non_done = "shred"', "inbox.on_done: must be one of 'archive', 'delete', 'keep'"),
+        ("[limits]\nburst = 1.0", "limits.burst: must be a whole number (got 1.0)"),
+        ('[limits]\nrequests_per_second = "10"', "limits.requests_per_second: must be a number"),
+        ("[limits]\nmax_concurrency = 0", "limits.max_concurrency: must be >= 1 (got 0)"),
+        ("[inbox]\nrescan_seconds = 0", "inbox.rescan_seconds: must be >= 0.01 (got 0)"),
+        ("[limits]\nrequests_per_second = nan", "limits.requests_per_second: must be a finite"),
+        ("[api]\ntimeout_seconds = 0", "api.timeout_seconds: must be > 0 (got 0)"),
+        ("[poll]\ngive_up_after = true", 'must be a number of seconds or a duration such as "30s"'),
+        ("[poll]\ngive_up_after = " + "9" * 30, "poll.give_up_after: must be <= 7776000"),
+        ("[poll]\ninitial_seconds = 5\nmax_seconds = 1", "must be >= poll.initial_seconds (got 1)"),
+        ('[store]\nrunner_id = "' + "r" * 201 + '"', "store.runner_id: must be at most 200"),
+        ("paths = 5", "paths: must be a table ([paths] in TOML) (got 5)"),
+        ("route = [1]", "route.0: must be a table ([[route]] in TOML) (got 1)"),
+        ('[[route]]\nworkflow = "w"', "route.0.glob: is required"),
+        ('[route]\nglob = "a/**"', "route: must be an array of tables: write each route as"),
+    ],
+)
+def test_errors_say_what_the_key_must_be(tmp_path: Path, toml: str, line: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, toml + "\n"), environ={})
+    assert line in caught.value.message
+
+
+def test_only_the_first_problem_is_told(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\nburst = 0\nmax_concurrency = 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert caught.value.message.count("\n") == 1
+    assert "limits.burst: must be >= 1 (got 0)" in caught.value.message
 
 
 def test_routes_and_durations(tmp_path: Path) -> None:
@@ -117,7 +161,7 @@ def test_api_key_sources_in_order(tmp_path: Path) -> None:
     # the key is never in the config's repr or dump
     config = load_config(None, environ={"BEM_API_KEY": "sekrit-123"})
     assert "sekrit-123" not in repr(config)
-    assert "sekrit-123" not in config.model_dump_json()
+    assert "sekrit-123" not in str(msgspec.to_builtins(config, enc_hook=str))
 
 
 def test_unreadable_key_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -294,7 +338,7 @@ def test_the_quickstart_config_loads_from_the_repository_root(
     config = load_config(Path("config/quickstart.toml"), environ={})
     assert config.paths.inbox == root / "examples" / "inbox"
     assert config.paths.outbox == root / "out" / "outbox"
-    assert all(p.is_absolute() for p in vars(config.paths).values())
+    assert all(p.is_absolute() for p in msgspec.structs.astuple(config.paths))
 
 
 @pytest.mark.parametrize(
@@ -345,7 +389,7 @@ def test_the_archive_may_overlap_only_when_it_is_not_used(tmp_path: Path) -> Non
 def test_every_numeric_bound_is_documented_in_the_example_config() -> None:
     """Each number setting's accepted range is written beside it in config/bem-runner.toml."""
     documented = _documented_ranges(Path(__file__).parent.parent / "config" / "bem-runner.toml")
-    models: dict[str, type[BaseModel]] = {
+    models: dict[str, type[msgspec.Struct]] = {
         "api": ApiConfig,
         "limits": LimitsConfig,
         "inbox": InboxConfig,
@@ -356,25 +400,26 @@ def test_every_numeric_bound_is_documented_in_the_example_config() -> None:
         "route": Route,
     }
     expected = {
-        f"{section}.{name}": bounds
+        f"{section}.{field.name}": bounds
         for section, model in models.items()
-        for name, field in model.model_fields.items()
-        if (bounds := _bounds(field.metadata)) is not None
+        for field in msgspec.structs.fields(model)
+        if (bounds := _bounds(field.type)) is not None
     }
     assert documented.pop("service.metrics_addr") == ("[", 0, 65535)  # the port
     assert documented.pop("webhook.listen") == ("[", 0, 65535)
     assert documented == expected
 
 
-def _bounds(metadata: list[Any]) -> tuple[str, float, float] | None:
+def _bounds(kind: Any) -> tuple[str, float, float] | None:
     """A field's range as written in the example: ("[" or "(", low, high); None if unbounded."""
-    highs = [item.le for item in metadata if getattr(item, "le", None) is not None]
+    metas = [item for item in getattr(kind, "__metadata__", ()) if isinstance(item, msgspec.Meta)]
+    highs = [float(item.le) for item in metas if item.le is not None]
     if not highs:
         return None
-    lows = [(item.ge, "[") for item in metadata if getattr(item, "ge", None) is not None]
-    lows += [(item.gt, "(") for item in metadata if getattr(item, "gt", None) is not None]
+    lows = [(float(item.ge), "[") for item in metas if item.ge is not None]
+    lows += [(float(item.gt), "(") for item in metas if item.gt is not None]
     low, closed = max(lows, key=lambda bound: (bound[0], bound[1] == "("))  # gt beats an equal ge
-    return closed, float(low), float(min(highs))
+    return closed, low, min(highs)
 
 
 def _documented_ranges(path: Path) -> dict[str, tuple[str, float, float]]:
@@ -404,3 +449,31 @@ def test_an_existing_path_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
             load_config(None, environ={}, overrides={f"paths.{key}": tmp_path / "file"})
     with pytest.raises(ConfigError, match=r"paths\.state .* is a folder"):
         load_config(None, environ={}, overrides={"paths.state": tmp_path / "folder"})
+
+
+# -- reload -----------------------------------------------------------------------------------
+
+
+def test_a_reload_that_would_archive_into_the_running_inbox_is_refused(tmp_path: Path) -> None:
+    """Paths are kept from the start; a new [inbox] that does not go with them is refused."""
+    running = load_config(
+        None,
+        environ={},
+        overrides={
+            "paths.inbox": tmp_path / "in",
+            "paths.outbox": tmp_path / "out",
+            "paths.archive": tmp_path / "in" / "done",
+            "inbox.on_done": "keep",
+        },
+    )
+    fresh = load_config(
+        None,
+        environ={},
+        overrides={"paths.inbox": tmp_path / "elsewhere", "limits.burst": 3},
+    )
+    assert fresh.inbox.on_done == "archive"
+    with pytest.raises(ConfigError, match=r"paths\.archive .* is inside paths\.inbox") as caught:
+        reloadable(running, fresh)
+    assert " - at `" not in caught.value.message
+    applied = reloadable(running, msgspec.structs.replace(fresh, inbox=running.inbox))
+    assert (applied.paths, applied.limits.burst) == (running.paths, 3)

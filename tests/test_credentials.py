@@ -10,7 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.config import load_config
-from runner.credentials import MAX_SECRET_CHARS, SecretSource, resolve_secret, secret_problem
+from runner.credentials import (
+    MAX_SECRET_CHARS,
+    Secret,
+    SecretSource,
+    resolve_secret,
+    secret_problem,
+)
 from runner.errors import ConfigError
 
 CONTROL = [chr(c) for c in [*range(0x20), 0x7F]]
@@ -171,3 +177,14 @@ def test_the_same_resolution_serves_any_future_secret(tmp_path: Path) -> None:
     assert (
         resolve_secret(WEBHOOK, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)}, file=None) is None
     )
+
+
+def test_a_secret_is_handed_over_on_request_and_never_shown() -> None:
+    secret = Secret("sk-live-123")
+    assert secret.get_secret_value() == "sk-live-123"
+    for shown in (repr(secret), str(secret), f"{secret}", repr([secret]), repr({"k": secret})):
+        assert "sk-live-123" not in shown
+    assert secret == Secret("sk-live-123")
+    assert secret != Secret("sk-live-124")
+    assert secret != "sk-live-123"
+    assert len({secret, Secret("sk-live-123")}) == 1

@@ -16,6 +16,7 @@ import pytest
 
 from runner.api.models import CallList, CallResponse, V2CallResponse, V2CreateResponse
 from runner.emulator import Emulator, EmulatorSettings
+from runner.emulator.settings import parse_settings
 from runner.errors import ConfigError
 
 from .conftest import frozen_emulator
@@ -931,7 +932,13 @@ def test_advance_rejects_going_back() -> None:
 
 
 def test_settings_reject_unknown_fields_and_bad_values() -> None:
-    with pytest.raises(ValueError, match="extra"):
+    with pytest.raises(ConfigError, match="unknown setting 'color'"):
+        parse_settings({"color": "red"})
+    with pytest.raises(ConfigError, match=r"failure_rate: must be <= 1"):
+        parse_settings({"failure_rate": 1.5})
+    with pytest.raises(ConfigError, match="latency_min"):
+        parse_settings({"latency_min": 3, "latency_max": 1})
+    with pytest.raises(TypeError, match="color"):
         EmulatorSettings(color="red")  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="latency_min"):
         EmulatorSettings(latency_min=3, latency_max=1)

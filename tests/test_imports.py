@@ -50,6 +50,7 @@ def test_the_transport_module_is_what_loads_aiohttp() -> None:
 NOT_FOR_HELP = (
     "httpx",
     "pydantic",
+    "msgspec",
     "structlog",
     "anyio",
     "runner.config",

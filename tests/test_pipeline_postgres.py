@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec.structs
 import pytest
-from pydantic import SecretStr
 
+from runner.credentials import Secret
 from runner.emulator import Emulator, EmulatorSettings
 from tests.pipeline import drain, make_config, outbox_documents, write_files
 
@@ -26,7 +27,7 @@ async def test_a_drain_on_the_postgresql_store_delivers_every_file_once(
     tmp_path: Path, postgres_url: str
 ) -> None:
     config = make_config(tmp_path)
-    config = config.model_copy(update={"store_url": SecretStr(postgres_url)})
+    config = msgspec.structs.replace(config, store_url=Secret(postgres_url))
     files = [(f"wf/f{i}.txt", f"file {i}".encode()) for i in range(6)]
     files += [("wf/batch/a.txt", b"a"), ("wf/batch/b.txt", b"b")]
     write_files(config.paths.inbox, files)

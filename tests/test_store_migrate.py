@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import msgspec.structs
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
 from runner.cli import cli
+from runner.credentials import Secret
 from runner.emulator import Emulator, EmulatorSettings
 from runner.names import shown
 from runner.route import Destination
@@ -139,7 +140,7 @@ async def test_a_half_done_state_moves_to_postgresql_and_finishes_there_sending_
     [(event_state,)] = run_sql(postgres_url, "SELECT state FROM webhook_events")
     assert event_state == "pending"
 
-    on_postgres = config.model_copy(update={"store_url": SecretStr(postgres_url)})
+    on_postgres = msgspec.structs.replace(config, store_url=Secret(postgres_url))
     outcome = await drain(on_postgres, emulator)
 
     documents = outbox_documents(config.paths.outbox)

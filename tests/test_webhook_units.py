@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
 from runner.config import load_config
+from runner.credentials import Secret
 from runner.errors import ConfigError
 from runner.route import Destination
 from runner.store import Store, open_store
@@ -21,7 +21,7 @@ from runner.store.base import NewFile, NextPoll, WebhookEvent
 from runner.webhook import parse_event, parse_signature, sign, verify
 from runner.webhook_policy import EventFlow, expected_event_seconds, relaxed_poll_at
 
-SECRETS = (SecretStr("whsec_one"), SecretStr("whsec_two"))
+SECRETS = (Secret("whsec_one"), Secret("whsec_two"))
 NOW = 1_700_000_000
 
 pytest_plugins = ["tests.postgres"]
@@ -31,7 +31,7 @@ pytest_plugins = ["tests.postgres"]
 
 
 @given(body=st.binary(max_size=300), secret=st.sampled_from(SECRETS))
-def test_a_signature_by_either_secret_verifies(body: bytes, secret: SecretStr) -> None:
+def test_a_signature_by_either_secret_verifies(body: bytes, secret: Secret) -> None:
     header = sign(secret.get_secret_value(), NOW, body)
     assert verify(header, body, SECRETS, now=NOW, tolerance=300) == "ok"
 

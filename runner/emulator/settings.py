@@ -1,28 +1,34 @@
-"""The emulator's knobs: latency, failures, faults and limits, validated as one model."""
+"""The emulator's knobs: latency, failures, faults and limits, validated as one struct."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import msgspec
+import msgspec.structs
+from msgspec import Meta
 
 from runner.errors import ConfigError
+from runner.validation import FINITE, FieldProblem, explain
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Seconds = Annotated[float, Field(ge=0.0)]
-ErrorStatus = Annotated[int, Field(ge=400, le=599)]
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+Seconds = Annotated[float, Meta(ge=0.0, le=FINITE)]
+Positive = Annotated[float, Meta(gt=0.0, le=FINITE)]
+ErrorStatus = Annotated[int, Meta(ge=400, le=599)]
 RedirectStatus = Literal[301, 302, 303, 307, 308]
 
 
-class EmulatorSettings(BaseModel):
-    """How the emulator behaves. Every field has a default; unknown fields are an error."""
+class EmulatorSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """How the emulator behaves. Every field has a default; unknown fields are an error.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    :func:`parse_settings` validates types and bounds; the constructor, for code that knows its
+    values, checks only that the latency range is ordered.
+    """
 
-    api_key: str = Field(default="emulator-key", min_length=1)
+    api_key: Annotated[str, Meta(min_length=1)] = "emulator-key"
     # Empty: every workflow name exists except names starting "unknown-".
-    workflows: list[str] = Field(default_factory=list)
+    workflows: list[str] = msgspec.field(default_factory=list)
     latency_min: Seconds = 0.5
     latency_max: Seconds = 2.0
     failure_rate: Probability = 0.0
@@ -31,8 +37,8 @@ class EmulatorSettings(BaseModel):
     drop_rate: Probability = 0.0
     slow_rate: Probability = 0.0
     slow_seconds: Seconds = 5.0
-    rate_limit_rps: Annotated[float, Field(gt=0.0)] | None = None
-    rate_limit_burst: Annotated[int, Field(ge=1)] = 10
+    rate_limit_rps: Positive | None = None
+    rate_limit_burst: Annotated[int, Meta(ge=1)] = 10
     # How a wait is announced: Retry-After in seconds or as an HTTP date, or retry-after-ms.
     retry_after_format: Literal["seconds", "http-date", "milliseconds"] = "seconds"
     # Answer a share of requests with error_status (without running the handler).
@@ -57,17 +63,13 @@ class EmulatorSettings(BaseModel):
     webhook_duplicate_rate: Probability = 0.0
     webhook_delay: Seconds = 0.0
     webhook_reorder_seconds: Seconds = 0.0
-    webhook_retry_base: Annotated[float, Field(gt=0.0)] = 0.5
-    webhook_max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
-    webhook_timeout: Annotated[float, Field(gt=0.0)] = 10.0
+    webhook_retry_base: Positive = 0.5
+    webhook_max_attempts: Annotated[int, Meta(ge=1, le=100)] = 8
+    webhook_timeout: Positive = 10.0
 
-    @model_validator(mode="after")
-    def _latency_range_is_ordered(self) -> Self:
+    def __post_init__(self) -> None:
         if self.latency_min > self.latency_max:
-            raise ValueError(
-                f"latency_min ({self.latency_min}) must not exceed latency_max ({self.latency_max})"
-            )
-        return self
+            raise FieldProblem("latency_min", f"must not exceed latency_max ({self.latency_max})")
 
     def workflow_exists(self, name: str) -> bool:
         if self.workflows:
@@ -76,24 +78,28 @@ class EmulatorSettings(BaseModel):
 
     def with_changes(self, changes: Mapping[str, object]) -> EmulatorSettings:
         """A copy with ``changes`` applied, validated as a whole; ConfigError when invalid."""
-        return parse_settings({**self.model_dump(), **changes})
+        return parse_settings({**msgspec.structs.asdict(self), **changes})
 
     def public_view(self) -> dict[str, Any]:
         """Every setting except the API key, which may be a real key taken from the environment."""
-        return self.model_dump(exclude={"api_key"})
+        view: dict[str, Any] = msgspec.to_builtins(self)
+        del view["api_key"]
+        return view
 
 
 def parse_settings(data: Mapping[str, object]) -> EmulatorSettings:
-    """Validate ``data`` as settings; ConfigError naming every bad field."""
+    """Validate ``data`` as settings (leniently: ``"0.5"`` is a number); ConfigError naming the
+    first bad field."""
+    raw = dict(data)
     try:
-        return EmulatorSettings.model_validate(dict(data))
-    except ValidationError as exc:
-        raise ConfigError(f"invalid emulator settings: {describe_validation_error(exc)}") from exc
+        return msgspec.convert(raw, EmulatorSettings, strict=False)
+    except msgspec.ValidationError as exc:
+        problem = describe_validation_error(exc, raw)
+        raise ConfigError(f"invalid emulator settings: {problem}") from exc
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"])
-        parts.append(f"{location}: {error['msg']}" if location else str(error["msg"]))
-    return "; ".join(parts)
+def describe_validation_error(exc: msgspec.ValidationError, raw: Mapping[str, object]) -> str:
+    problem = explain(exc, raw, EmulatorSettings)
+    if problem.unknown:
+        return f"unknown setting {problem.key!r}"
+    return f"{problem.key}: {problem.message}" if problem.key else problem.message
