@@ -12,10 +12,10 @@ import os
 import shutil
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
 import structlog
 
 from runner import faults, names
@@ -36,8 +36,7 @@ log = structlog.get_logger("runner.archive")
 # Finishing inputs (blocking; run in a worker thread)
 
 
-@dataclass(frozen=True)
-class LeftInPlace:
+class LeftInPlace(msgspec.Struct, frozen=True):
     """An input that can never be archived: it stays in the inbox, and its file is finished."""
 
     reason: str

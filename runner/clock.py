@@ -10,11 +10,11 @@ import heapq
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
 import anyio.lowlevel
+import msgspec
 
 
 class Clock(Protocol):
@@ -55,11 +55,11 @@ class SystemClock:
         return event.is_set()
 
 
-@dataclass(order=True)
-class _Sleeper:
+class _Sleeper(msgspec.Struct, order=True):
     deadline: float
     seq: int
-    woken: anyio.Event = field(compare=False)
+    """Unique: sleepers with the same deadline are ordered by it, never by ``woken``."""
+    woken: anyio.Event
 
 
 class FakeClock:

@@ -11,9 +11,10 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import cached_property
 
 import anyio
+import msgspec
 
 from runner.api.client import BemClient
 from runner.clock import Clock
@@ -60,8 +61,7 @@ class Nudge:
         self._event = anyio.Event()
 
 
-@dataclass
-class Nudges:
+class Nudges(msgspec.Struct):
     watch: Nudge
     group: Nudge
     submit: Nudge
@@ -78,34 +78,34 @@ class Nudges:
         return (self.watch, self.group, self.submit, self.poll, self.deliver, self.supervisor)
 
 
-@dataclass
-class Context:
+class Context(msgspec.Struct, dict=True):
     config: Config
     store: Store
     client: BemClient
     clock: Clock
     draining: bool
-    nudges: Nudges = field(init=False)
-    health: ApiHealth = field(default_factory=ApiHealth)
-    store_health: StoreHealth = field(default_factory=StoreHealth)
-    stopping: anyio.Event = field(default_factory=anyio.Event)
+    health: ApiHealth = msgspec.field(default_factory=ApiHealth)
+    store_health: StoreHealth = msgspec.field(default_factory=StoreHealth)
+    stopping: anyio.Event = msgspec.field(default_factory=anyio.Event)
     """Set on shutdown: take no new files, send nothing new, finish what is in flight."""
-    inbox_taken: anyio.Event = field(default_factory=anyio.Event)
+    inbox_taken: anyio.Event = msgspec.field(default_factory=anyio.Event)
     """Drain only: everything that was in the inbox has been taken."""
-    rng: random.Random = field(default_factory=random.Random)
-    tally: Counter[str] = field(default_factory=Counter)
+    rng: random.Random = msgspec.field(default_factory=random.Random)
+    tally: Counter[str] = msgspec.field(default_factory=Counter)
     """Documents delivered by this process, by outcome ("result" / "error")."""
     on_call_finished: Callable[[float], None] | None = None
     """Told the submit-to-result seconds of every call that reaches its end (metrics)."""
     webhook_flow: EventFlow | None = None
     """What the webhook receiver hears, when there is one (:mod:`runner.webhook`)."""
-    poll_plan: PollPlan = field(default_factory=PollPlan)
+    poll_plan: PollPlan = msgspec.field(default_factory=PollPlan)
     """What the poll schedule has learnt (:mod:`runner.schedule`)."""
     runner_id: str | None = None
     """This runner's id when it shares its store with other runners; None: it owns the store."""
 
-    def __post_init__(self) -> None:
-        self.nudges = Nudges.on(self.clock)
+    @cached_property
+    def nudges(self) -> Nudges:
+        """The stages' wake-ups, each waiting on :attr:`clock`."""
+        return Nudges.on(self.clock)
 
     def stop(self) -> None:
         self.stopping.set()

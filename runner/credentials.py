@@ -11,9 +11,10 @@ wrong with it, never what it is.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+import msgspec
 
 from runner.errors import ConfigError
 
@@ -49,8 +50,7 @@ class Secret:
         return hash(self._value)
 
 
-@dataclass(frozen=True)
-class SecretSource:
+class SecretSource(msgspec.Struct, frozen=True):
     """Where one secret may come from, in order of precedence."""
 
     what: str

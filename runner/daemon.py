@@ -17,11 +17,11 @@ import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
 import httpx
+import msgspec
 import structlog
 
 from runner.api.client import BemClient
@@ -64,8 +64,7 @@ STOP_MARGIN = 10.0
 """Seconds beyond the graceful timeout that persisting and closing may take."""
 
 
-@dataclass
-class RunnerOptions:
+class RunnerOptions(msgspec.Struct):
     drain: bool = False
     graceful_timeout: float = 30.0
     handle_signals: bool = True

@@ -24,30 +24,28 @@ Pure: the store reads the facts, this says what to do with them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 NOT_WAITED_FOR = frozenset({"waiting", "done"})
 """Peers in these states are not on their way: a waiter waits for no other waiter."""
 
 
-@dataclass(frozen=True, order=True)
-class ContentKey:
+class ContentKey(msgspec.Struct, frozen=True, order=True):
     sha256: str
     workflow: str
     input_type: str
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(msgspec.Struct, frozen=True):
     """A ready single-file call about to be sent, and its file's content key."""
 
     call_row_id: int
     key: ContentKey
 
 
-@dataclass(frozen=True)
-class Peer:
+class Peer(msgspec.Struct, frozen=True):
     """A queued file's call with the same key (a candidate is its own peer): id and state."""
 
     call_row_id: int
@@ -56,16 +54,14 @@ class Peer:
     """A folder or window call: it is always sent, so it is waited for even when younger."""
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(msgspec.Struct, frozen=True):
     """A completed result: the file it was delivered to, and the call that produced it."""
 
     file_id: int
     call_id: str
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     call_row_id: int
     action: Literal["reuse", "wait", "send"]
     source: Source | None = None

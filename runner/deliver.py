@@ -15,12 +15,12 @@ input that can never be archived is left where it is and logged once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import anyio
+import msgspec
 import structlog
 
 from runner import faults, names
@@ -71,8 +71,7 @@ __all__ = [
 # Writing documents (blocking; run in a worker thread)
 
 
-@dataclass(frozen=True)
-class Written:
+class Written(msgspec.Struct, frozen=True):
     """A document in place; ``instead_of`` is its natural name when that could not hold it."""
 
     path: Path
@@ -82,8 +81,7 @@ class Written:
     why: str | None = None
 
 
-@dataclass(frozen=True)
-class Unwritable:
+class Unwritable(msgspec.Struct, frozen=True):
     """No name can ever hold the document: the file ends in error, with this reason."""
 
     reason: str

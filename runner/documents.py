@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 from runner import names
 from runner.outbox import (
@@ -22,8 +23,7 @@ from runner.store.base import CallRow, FileRow
 Event = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Document:
+class Document(msgspec.Struct, frozen=True):
     file: FileRow
     outcome: Kind
     body: dict[str, Any]

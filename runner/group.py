@@ -8,9 +8,9 @@ quiet for the settle time with no unsettled file left in it; a window closes whe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from runner.context import MIN_WAIT, Context
@@ -21,8 +21,7 @@ log = structlog.get_logger("runner.group")
 READY_MARKER = ".ready"
 
 
-@dataclass(frozen=True)
-class CallFacts:
+class CallFacts(msgspec.Struct, frozen=True):
     """What the decision needs to know besides the row itself."""
 
     now: float

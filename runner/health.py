@@ -8,8 +8,7 @@ drain. Any answer from bem that is not about the key clears both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import msgspec
 import structlog
 
 from runner.errors import ApiError, AuthError, TransientError
@@ -20,8 +19,7 @@ AUTH_RETRY_SECONDS = 60.0
 """While bem rejects the key, one request (a probe) this often, not one per file."""
 
 
-@dataclass
-class ApiHealth:
+class ApiHealth(msgspec.Struct):
     auth_error: str | None = None
     unreachable_since: float | None = None
     last_error: str | None = None
@@ -49,8 +47,7 @@ class ApiHealth:
         return 0.0 if self.unreachable_since is None else now - self.unreachable_since
 
 
-@dataclass
-class StoreHealth:
+class StoreHealth(msgspec.Struct):
     """Whether a shared store (PostgreSQL) answers. While it does not, nothing is claimed, so
     nothing is sent; every task tries again on its own, and ``drain`` gives up (exit 3) after
     ``api.unreachable_timeout``, as for bem. Told once when it goes and once when it is back."""

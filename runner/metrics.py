@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
@@ -141,8 +141,7 @@ def serve_metrics(metrics: Metrics, address: str) -> Iterator[tuple[str, int]]:
         thread.join()
 
 
-@dataclass(frozen=True)
-class Live:
+class Live(msgspec.Struct, frozen=True):
     """What the running daemon's metrics endpoint says, reduced to one screen."""
 
     requests: dict[str, float]

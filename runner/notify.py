@@ -11,9 +11,9 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import TracebackType
 
+import msgspec
 import structlog
 
 log = structlog.get_logger("runner.notify")
@@ -24,8 +24,7 @@ NSEC_PER_USEC = 1_000
 """``systemctl status`` shows one line; longer texts only cost bytes."""
 
 
-@dataclass(frozen=True)
-class NotifySettings:
+class NotifySettings(msgspec.Struct, frozen=True):
     """What systemd told the process through its environment."""
 
     socket: str | None = None

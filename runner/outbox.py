@@ -35,9 +35,10 @@ import hashlib
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import msgspec
 
 from runner import names
 
@@ -61,8 +62,7 @@ PATH_MAX = 4096
 # Names (pure)
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(msgspec.Struct, frozen=True):
     name_max: int = NAME_MAX
     path_max: int = PATH_MAX
 
@@ -71,8 +71,7 @@ class Limits:
         return cls(os.fpathconf(folder_fd, "PC_NAME_MAX"), os.fpathconf(folder_fd, "PC_PATH_MAX"))
 
 
-@dataclass(frozen=True)
-class Place:
+class Place(msgspec.Struct, frozen=True):
     """A name below a root: the folders that lead to it, then its own name."""
 
     folders: tuple[str, ...]

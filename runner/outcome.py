@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
+
+import msgspec
 
 from runner.store.base import Counts
 
@@ -17,8 +18,7 @@ class ExitCode(IntEnum):
     """A drain stopped by a signal before everything was delivered; the state is kept."""
 
 
-@dataclass
-class Outcome:
+class Outcome(msgspec.Struct):
     exit_code: ExitCode
     counts: Counts
     delivered: dict[str, int]

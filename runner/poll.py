@@ -10,10 +10,10 @@ A call older than ``poll.give_up_after`` ends as "timed out".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import anyio
+import msgspec
 import structlog
 
 from runner import faults
@@ -32,13 +32,12 @@ CLAIMED_ELSEWHERE_WAIT = 0.5
 """Calls are due but other runners sharing the store hold them: look again this much later."""
 
 
-@dataclass
-class PollPage:
+class PollPage(msgspec.Struct):
     """What one page of polls found: calls that ended, and when to look at the others again."""
 
-    calls: list[CallRow] = field(default_factory=list)
-    finished: list[Finished] = field(default_factory=list)
-    next_polls: list[NextPoll] = field(default_factory=list)
+    calls: list[CallRow] = msgspec.field(default_factory=list)
+    finished: list[Finished] = msgspec.field(default_factory=list)
+    next_polls: list[NextPoll] = msgspec.field(default_factory=list)
 
     def ended(
         self, call: CallRow, status: str, result_json: str | None, reason: str | None

@@ -15,9 +15,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TextIO
+
+import msgspec
 
 from runner.store.base import Counts
 
@@ -27,8 +28,7 @@ ERASE_LINE = "\r\x1b[2K"
 BAR_WIDTH = 30
 
 
-@dataclass(frozen=True)
-class Tally:
+class Tally(msgspec.Struct, frozen=True):
     """Files and calls as the display counts them."""
 
     total: int

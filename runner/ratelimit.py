@@ -54,11 +54,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Protocol
 
 import anyio
+import msgspec
 
 from runner.bucket import PROBE_GROWTH, RateState, TokenBucket, float_delay
 from runner.clock import Clock
@@ -78,8 +78,7 @@ class SharedTokens(Protocol):
     async def rate_limited(self, retry_after: float | None) -> None: ...
 
 
-@dataclass(eq=False)
-class _Grant:
+class _Grant(msgspec.Struct, eq=False):
     """One slot handed out: the request it is for is in flight until the slot is left."""
 
     owner: RateLimiter
@@ -97,11 +96,10 @@ _holding: ContextVar[_Grant | None] = ContextVar("bem_rate_limit_slot", default=
 """The slot the current task holds, so that an answer is matched to the request it is for."""
 
 
-@dataclass(eq=False)
-class _Waiter:
+class _Waiter(msgspec.Struct, eq=False):
     kind: str
     grant: _Grant | None = None
-    wake: anyio.Event = field(default_factory=anyio.Event)
+    wake: anyio.Event = msgspec.field(default_factory=anyio.Event)
 
 
 class RateLimiter:

@@ -13,7 +13,6 @@ import functools
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import Annotated, Literal, get_args
@@ -130,8 +129,7 @@ def glob_problem(glob: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Destination:
+class Destination(msgspec.Struct, frozen=True):
     """Where one file goes.
 
     ``batch_key`` names the call the file belongs to: the file's own path (mode "file"), the

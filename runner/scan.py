@@ -13,9 +13,9 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import msgspec
 import structlog
 
 from runner.route import INPUT_TYPES, Route, input_type_for, is_ignored, route_file
@@ -26,8 +26,7 @@ log = structlog.get_logger("runner.watch")
 HASH_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(msgspec.Struct, frozen=True):
     """A regular file seen in the inbox."""
 
     rel: str
@@ -35,10 +34,9 @@ class Entry:
     mtime_ns: int
 
 
-@dataclass
-class ScanReport:
-    entries: list[Entry] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+class ScanReport(msgspec.Struct):
+    entries: list[Entry] = msgspec.field(default_factory=list)
+    skipped: list[tuple[str, str]] = msgspec.field(default_factory=list)
     """(rel, why) for symlinks and non-regular files: never taken, reported once."""
 
 
@@ -81,12 +79,11 @@ def _rel(inbox: Path, path: Path) -> str:
     return path.relative_to(inbox).as_posix()
 
 
-@dataclass
-class Settler:
+class Settler(msgspec.Struct):
     """Remembers what each unsettled file looked like and since when."""
 
     settle_seconds: float
-    _pending: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    _pending: dict[str, tuple[int, int, float]] = msgspec.field(default_factory=dict)
 
     def observe(self, entries: Iterable[Entry], *, now: float, complete: bool) -> list[Entry]:
         """Feed one scan; return the entries that have settled.

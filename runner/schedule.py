@@ -30,7 +30,8 @@ import math
 import random
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from runner.policy import poll_delay
 from runner.webhook_policy import CONFIRM_WINDOW_SECONDS
@@ -62,8 +63,7 @@ PRIORITY_SPREAD = 0.01
 """Calls due at one tick are spread over this fraction of a tick, most likely finished first."""
 
 
-@dataclass(frozen=True)
-class Latencies:
+class Latencies(msgspec.Struct, frozen=True):
     """Seconds the finished calls of one workflow took, ascending (never empty)."""
 
     ascending: tuple[float, ...]
@@ -88,8 +88,7 @@ class Latencies:
         return bisect.bisect_right(self.ascending, seconds) / len(self.ascending)
 
 
-@dataclass(frozen=True)
-class Outlook:
+class Outlook(msgspec.Struct, frozen=True):
     """The pipeline now, as far as the grid depends on it."""
 
     submits_pending: bool
@@ -103,8 +102,7 @@ class Outlook:
     """Seconds until the open calls are expected to be done."""
 
 
-@dataclass(frozen=True)
-class Grid:
+class Grid(msgspec.Struct, frozen=True):
     """Polls go out every ``tick`` seconds, at most ``requests`` requests at each."""
 
     tick: float
@@ -219,8 +217,7 @@ def ride_along_seconds(grid: Grid | None, *, initial: float, events_flowing: boo
     return max(ride, CONFIRM_WINDOW_SECONDS) if events_flowing else ride
 
 
-@dataclass
-class PollPlan:
+class PollPlan(msgspec.Struct):
     """What the schedule learns as the runner goes: latencies per workflow, calls, requests.
 
     Shared by the submitter (a new call's first poll) and the poller (every other one).
@@ -237,11 +234,11 @@ class PollPlan:
     _point: tuple[float, int] = (0.0, 0)
     _spent: int = 0
     """The grid point of the latest request, and the requests sent at it."""
-    _samples: dict[str, deque[float]] = field(default_factory=dict)
-    _ordered: dict[str, list[float]] = field(default_factory=dict)
+    _samples: dict[str, deque[float]] = msgspec.field(default_factory=dict)
+    _ordered: dict[str, list[float]] = msgspec.field(default_factory=dict)
     """The usable samples of each workflow, kept sorted as they come and go (as
     :meth:`Latencies.of` would sort them), so a new sample never sorts them all again."""
-    _learnt: dict[str, Latencies | None] = field(default_factory=dict)
+    _learnt: dict[str, Latencies | None] = msgspec.field(default_factory=dict)
     """The distribution of each workflow's samples, computed once per change of them."""
 
     def learn(self, workflow: str, seconds: float) -> bool:

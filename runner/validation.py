@@ -14,7 +14,6 @@ import math
 import re
 import sys
 import typing
-from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -44,8 +43,7 @@ NOT_GIVEN: Final = _NotGiven()
 """The value of a :class:`Problem` whose key the input does not hold (a default was checked)."""
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(msgspec.Struct, frozen=True):
     """The first thing wrong with an input."""
 
     key: str

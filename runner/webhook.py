@@ -21,10 +21,10 @@ import json
 import re
 import socket
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import anyio
+import msgspec
 import structlog
 import uvicorn
 from starlette.datastructures import Headers
@@ -56,8 +56,7 @@ Verdict = Literal["ok", "unsigned", "malformed", "stale", "future", "mismatch"]
 # -- signatures, as pure functions ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(msgspec.Struct, frozen=True):
     timestamp: int
     macs: tuple[str, ...]
 

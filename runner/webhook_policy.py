@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+
+import msgspec
 
 from runner.store.base import CallRow
 
@@ -68,8 +69,7 @@ def relaxed_poll_at(
     return max(normal_at, min(overdue_at, now + safety_net))
 
 
-@dataclass
-class EventFlow:
+class EventFlow(msgspec.Struct):
     """What the receiver has heard, for the poller's schedule (:func:`relaxed_poll_at`)."""
 
     overdue_after: float
@@ -78,7 +78,7 @@ class EventFlow:
     last_event_at: float | None = None
     dropped: int = 0
     """Events dropped unmatched (for calls this runner never made), since startup."""
-    _durations: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
+    _durations: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
 
     def heard(self, now: float, submitted_at: float | None) -> None:
         """A verified event arrived; ``submitted_at``: when its call was sent, if it is known."""

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import errno
 import json
 import os
@@ -9,6 +8,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -209,7 +209,7 @@ def test_a_page_of_inputs_is_finished_file_by_file(tmp_path: Path) -> None:
     for n, rel in enumerate(["wf/a.txt", "wf/blocked.txt"]):
         (inbox / rel).write_bytes(b"abc")
         taken = (inbox / rel).stat().st_mtime_ns
-        files.append(dataclasses.replace(file_row(n, rel, None), mtime_ns=taken))
+        files.append(msgspec.structs.replace(file_row(n, rel, None), mtime_ns=taken))
     ok, left = finish_inputs(inbox, archive, files, "archive")
     assert ok is None
     assert isinstance(left, LeftInPlace)  # never archivable: not an error to retry

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-import dataclasses
-
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,7 +39,7 @@ def facts(**changes: object) -> CallFacts:
         unsettled_inside=False,
         inbox_taken=False,
     )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return msgspec.structs.replace(base, **changes)
 
 
 def test_folder_closes_on_marker_or_quiet_but_never_with_unsettled_files() -> None:
@@ -52,7 +51,7 @@ def test_folder_closes_on_marker_or_quiet_but_never_with_unsettled_files() -> No
 
 
 def test_window_closes_when_old_enough() -> None:
-    window = dataclasses.replace(BASE, mode="window", batch_key="window:0")
+    window = msgspec.structs.replace(BASE, mode="window", batch_key="window:0")
     assert not should_close(window, facts(now=109.0, window_seconds=10.0))
     assert should_close(window, facts(now=110.0, window_seconds=10.0))
     assert next_check(window, facts(window_seconds=10.0)) == 110.0
@@ -82,7 +81,7 @@ def test_should_close_properties(
     unsettled: bool,
     finished: bool,
 ) -> None:
-    call = dataclasses.replace(BASE, mode=mode, state=state)
+    call = msgspec.structs.replace(BASE, mode=mode, state=state)
     f = facts(
         now=now,
         settle_seconds=settle,
@@ -100,5 +99,5 @@ def test_should_close_properties(
         assert not closes
     # a call not closed now is looked at again no later than when it could close
     if state == "collecting" and not closes and not unsettled:
-        later = dataclasses.replace(f, now=max(now, next_check(call, f)))
+        later = msgspec.structs.replace(f, now=max(now, next_check(call, f)))
         assert should_close(call, later) or (mode == "window" and window is None)

@@ -8,7 +8,6 @@ succeed must never come back as an error to retry.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import errno
 import hashlib
 import itertools
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -336,7 +336,7 @@ def test_a_document_name_taken_by_a_folder(tmp_path: Path, folder_first: bool) -
     assert_one_document_each(outbox, {"wf/b.txt": "result", "wf/b.txt.json/c.txt": "result"})
     # delivered again (after a crash, or with the other outcome), it stays one document
     for page in pages:
-        write_documents(outbox, [dataclasses.replace(d, outcome="error") for d in page])
+        write_documents(outbox, [msgspec.structs.replace(d, outcome="error") for d in page])
     assert_one_document_each(outbox, {"wf/b.txt": "error", "wf/b.txt.json/c.txt": "error"})
 
 
@@ -462,7 +462,7 @@ def inbox_with(tmp_path: Path, rels: list[str]) -> tuple[Path, list[FileRow]]:
         path = inbox / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"abc")
-        files.append(dataclasses.replace(file_row(n, rel), mtime_ns=path.stat().st_mtime_ns))
+        files.append(msgspec.structs.replace(file_row(n, rel), mtime_ns=path.stat().st_mtime_ns))
     return inbox, files
 
 
@@ -564,7 +564,7 @@ def deep_input(inbox: Path, total: int) -> tuple[str, FileRow]:
     finally:
         os.close(fd)
     rel = "/".join([*folders, "a.txt"])
-    return rel, dataclasses.replace(file_row(1, rel), mtime_ns=st.st_mtime_ns)
+    return rel, msgspec.structs.replace(file_row(1, rel), mtime_ns=st.st_mtime_ns)
 
 
 @pytest.mark.parametrize("on_done", ["archive", "delete"])

@@ -6,6 +6,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
+import msgspec
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -144,7 +145,7 @@ outlooks = st.builds(
 
 
 def grid(outlook: Outlook, base: float = 1.0, **changes: object) -> Grid:
-    chosen = grid_for(Outlook(**{**vars(outlook), **changes}), base=base)
+    chosen = grid_for(msgspec.structs.replace(outlook, **changes), base=base)
     assert chosen is not None
     return chosen
 

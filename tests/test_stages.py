@@ -19,6 +19,7 @@ from runner.group import READY_MARKER, Grouper
 from runner.health import AUTH_RETRY_SECONDS
 from runner.poll import Poller
 from runner.resolve import Resolver
+from runner.schedule import PollPlan
 from runner.store.base import WebhookEvent
 from runner.submit import Submitter
 from runner.watch import Watcher
@@ -274,7 +275,9 @@ async def test_polls_back_off_and_one_request_answers_for_many_calls(tmp_path: P
         assert {(await world.call_of(f"wf/{n}.txt")).state for n in range(5)} == {"terminal"}
 
 
-async def test_the_poller_tells_the_grid_when_a_due_call_was_announced(tmp_path: Path) -> None:
+async def test_the_poller_tells_the_grid_when_a_due_call_was_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A page holding a call bem announced (a webhook event) is fetched off the grid
     (``PollPlan.may_send``, tests/test_schedule.py); the poller says which pages those are."""
     emulator = frozen_emulator(latency=600)
@@ -283,15 +286,16 @@ async def test_the_poller_tells_the_grid_when_a_due_call_was_announced(tmp_path:
         submitter = submitter_of(world)
         await submit_pass(submitter)  # one POST until bem has answered once
         await submit_pass(submitter)
-        plan = world.ctx.poll_plan
         asked: list[bool] = []
-        may_send = plan.may_send
+        may_send = PollPlan.may_send
 
-        def recording(now: float, *, calls: int, per_request: int, announced: bool = False) -> bool:
+        def recording(
+            plan: PollPlan, now: float, *, calls: int, per_request: int, announced: bool = False
+        ) -> bool:
             asked.append(announced)
-            return may_send(now, calls=calls, per_request=per_request, announced=announced)
+            return may_send(plan, now, calls=calls, per_request=per_request, announced=announced)
 
-        plan.may_send = recording  # type: ignore[method-assign]
+        monkeypatch.setattr(PollPlan, "may_send", recording)
         poller = Poller(world.ctx)
         while not asked:  # the first look at the calls
             world.advance(await poller.poll_due())

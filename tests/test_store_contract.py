@@ -9,7 +9,6 @@ left after a crash between any two writes (every write is closed and reopened fr
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1119,7 +1119,7 @@ async def snapshot(store: Store, j: Journey) -> dict[str, Any]:
 def after_recovery(calls: list[CallRow]) -> list[CallRow]:
     """What ``recover`` promises: a POST that may have been in flight is an unknown outcome."""
     return [
-        dataclasses.replace(g, state="unknown", not_before=0) if g.state == "sending" else g
+        msgspec.structs.replace(g, state="unknown", not_before=0) if g.state == "sending" else g
         for g in calls
     ]
 

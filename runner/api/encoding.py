@@ -22,10 +22,10 @@ import mimetypes
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from runner import names
 from runner.api.models import UploadFile
@@ -136,8 +136,7 @@ def header_value_problem(value: str) -> str | None:
 # -- JSON bodies ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FileContent:
+class FileContent(msgspec.Struct, frozen=True):
     """Stands for a file's base64 content in a JSON document until the body is encoded."""
 
     path: Path

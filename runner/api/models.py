@@ -11,7 +11,6 @@ Fields are snake_case here and named as bem spells them on the wire.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeAlias, TypeVar
 
@@ -81,8 +80,7 @@ class ApiResponse(ApiModel):
 # Requests
 
 
-@dataclass(frozen=True)
-class UploadFile:
+class UploadFile(msgspec.Struct, frozen=True):
     """One file to send: read from disk only when the request is built."""
 
     path: Path
@@ -95,8 +93,7 @@ CallStatusFilter = Literal["pending", "running", "completed", "failed"]
 CallTypeFilter = Literal["workflow", "direct_function", "adhoc_function"]
 
 
-@dataclass(frozen=True)
-class CallFilter:
+class CallFilter(msgspec.Struct, frozen=True):
     """Which calls ``GET /v3/calls`` lists: every filter bem takes, as one value."""
 
     call_ids: Sequence[str] = ()
@@ -328,8 +325,7 @@ class V2CreateResponse(ApiResponse):
         self.calls = _listed(self.calls)
 
 
-@dataclass(frozen=True)
-class V2CallRequest:
+class V2CallRequest(msgspec.Struct, frozen=True):
     """One entry of ``POST /v2/calls``: a workflow and its files (one = singleFile)."""
 
     workflow_name: str

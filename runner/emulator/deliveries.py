@@ -24,11 +24,11 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
 import httpx
+import msgspec
 
 from runner.emulator import render
 from runner.emulator.clock import Timekeeper
@@ -59,21 +59,20 @@ def call_events(record: CallRecord) -> list[dict[str, Any]]:
     return events
 
 
-@dataclass
-class Delivery:
+class Delivery(msgspec.Struct):
     url: str
     body: bytes
     event_id: str
     attempt: int = 0
 
 
-@dataclass(order=True)
-class _Due:
+class _Due(msgspec.Struct, order=True):
     at: float
     seq: int
-    delivery: Delivery | None = field(compare=False)
+    """Unique: entries due at the same time are ordered by it, never by what they carry."""
+    delivery: Delivery | None
     """None: the call ``record`` ends now and its events are to be sent."""
-    record: CallRecord | None = field(compare=False, default=None)
+    record: CallRecord | None = None
 
 
 class EmulatorForDeliveries(Protocol):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Literal
 
 import httpx
+import msgspec
 
 from runner.emulator.settings import EmulatorSettings
 
@@ -75,8 +75,7 @@ def announced_seconds(headers: dict[str, str], wall_now: float) -> float:
     return parsedate_to_datetime(value).timestamp() - wall_now
 
 
-@dataclass(frozen=True)
-class FaultPlan:
+class FaultPlan(msgspec.Struct, frozen=True):
     """What goes wrong with one request that was let through."""
 
     error_status: int | None = None

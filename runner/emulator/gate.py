@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
@@ -49,10 +49,9 @@ def error_response(
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
-@dataclass
-class _HeldResponse:
+class _HeldResponse(msgspec.Struct):
     status: int = 0
-    start: Message = field(default_factory=dict)
+    start: Message = msgspec.field(default_factory=dict)
     body: bytes = b""
 
     async def collect(self, message: Message) -> None:

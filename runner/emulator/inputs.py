@@ -13,10 +13,10 @@ import binascii
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+import msgspec
 from starlette.datastructures import FormData, UploadFile
 
 from runner.emulator.errors import InvalidRequest
@@ -52,8 +52,7 @@ _FORM_FIELDS = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class ContentDigest:
+class ContentDigest(msgspec.Struct, frozen=True):
     size: int
     sha256: str
     excerpt: str | None
@@ -61,15 +60,13 @@ class ContentDigest:
     contains_invalid_marker: bool
 
 
-@dataclass(frozen=True)
-class ItemInput:
+class ItemInput(msgspec.Struct, frozen=True):
     input_type: str
     item_reference_id: str | None
     digest: ContentDigest
 
 
-@dataclass(frozen=True)
-class CallInput:
+class CallInput(msgspec.Struct, frozen=True):
     items: tuple[ItemInput, ...]
     batch: bool
     call_reference_id: str | None = None

@@ -11,9 +11,9 @@ before ``endingBefore`` in the requested order. With only ``endingBefore`` the p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 from starlette.datastructures import QueryParams
 
 from runner.emulator.errors import InvalidRequest
@@ -37,8 +37,7 @@ _SCALAR_PARAMS = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class ListQuery:
+class ListQuery(msgspec.Struct, frozen=True):
     call_ids: frozenset[str] = frozenset()
     reference_ids: frozenset[str] = frozenset()
     reference_id_substring: str | None = None

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
+
+import msgspec
 
 from runner.emulator.inputs import CallInput, ItemInput
 
@@ -25,8 +26,7 @@ CALL_TYPES: tuple[str, ...] = ("workflow", "direct_function", "adhoc_function")
 PENDING_SHARE = 1 / 3
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     """What a call invokes: a workflow, or a single function called directly."""
 
     call_type: CallType
@@ -51,14 +51,12 @@ class Target:
         return derived_id("fn", self.function_name) if self.call_type == "workflow" else self.id
 
 
-@dataclass(frozen=True)
-class ItemFailure:
+class ItemFailure(msgspec.Struct, frozen=True):
     kind: str
     message: str
 
 
-@dataclass(frozen=True)
-class ItemRecord:
+class ItemRecord(msgspec.Struct, frozen=True):
     offset: int
     reference_id: str
     item_reference_id: str | None
@@ -71,8 +69,7 @@ class ItemRecord:
     function_call_id: str
 
 
-@dataclass(frozen=True)
-class CallRecord:
+class CallRecord(msgspec.Struct, frozen=True):
     call_id: str
     seq: int
     target: Target

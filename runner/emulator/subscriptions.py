@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import secrets
 import urllib.parse
-from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -48,8 +48,7 @@ _UPDATABLE = frozenset(
 _LIST_QUERY = frozenset({"functionNames", "limit", "sortOrder", "startingAfter", "endingBefore"})
 
 
-@dataclass(frozen=True)
-class Subscription:
+class Subscription(msgspec.Struct, frozen=True):
     subscription_id: str
     seq: int
     name: str
@@ -84,12 +83,11 @@ class Subscription:
         return self.function_name is not None and event.get("functionName") == self.function_name
 
 
-@dataclass
-class WebhookBook:
+class WebhookBook(msgspec.Struct):
     """The environment's signing secret and its subscriptions, in creation order."""
 
     secret: str | None = None
-    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    subscriptions: dict[str, Subscription] = msgspec.field(default_factory=dict)
     _created: int = 0
 
     def new_secret(self) -> str:
@@ -151,7 +149,7 @@ class _Routes:
             return Response(status_code=204)
         if request.method == "PATCH":
             changes = parse_subscription_changes(parse_json_body(await request.body()))
-            found = replace(found, **changes)
+            found = msgspec.structs.replace(found, **changes)
             check_target(found)
             self._book.subscriptions[subscription_id] = found
         return JSONResponse(found.render())

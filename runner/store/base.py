@@ -25,8 +25,9 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, fields
 from typing import Any, Literal, Protocol, TypeVar
+
+import msgspec
 
 from runner.names import from_raw, raw
 from runner.route import Destination
@@ -121,8 +122,7 @@ def new_file_params(new: NewFile, call_row_id: int | None, now: float) -> dict[s
     }
 
 
-@dataclass(frozen=True)
-class CallRow:
+class CallRow(msgspec.Struct, frozen=True):
     id: int
     call_reference_id: str
     workflow: str
@@ -152,8 +152,7 @@ class CallRow:
         return self.mode != "file"
 
 
-@dataclass(frozen=True)
-class FileRow:
+class FileRow(msgspec.Struct, frozen=True):
     id: int
     rel: str
     size: int
@@ -171,8 +170,7 @@ class FileRow:
     done_at: float | None
 
 
-@dataclass(frozen=True)
-class NewFile:
+class NewFile(msgspec.Struct, frozen=True):
     """A settled file as the watcher hands it over: routed, or rejected with a reason."""
 
     rel: str
@@ -188,15 +186,13 @@ LEFT_IN_INBOX = "left"
 """A :class:`KnownFile` state of the watcher's: finished, but could not be archived or deleted."""
 
 
-@dataclass(frozen=True, slots=True)
-class KnownFile:
+class KnownFile(msgspec.Struct, frozen=True):
     size: int
     mtime_ns: int
     state: str
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(msgspec.Struct, frozen=True):
     """A call that reached its end: bem's final status, the call as JSON, or why it failed."""
 
     call_row_id: int
@@ -205,8 +201,7 @@ class Finished:
     error_reason: str | None
 
 
-@dataclass(frozen=True)
-class NextPoll:
+class NextPoll(msgspec.Struct, frozen=True):
     call_row_id: int
     not_before: float
     status: str | None
@@ -215,8 +210,7 @@ class NextPoll:
     keeps its earlier confirmation time; None: ``not_before`` is taken as it is."""
 
 
-@dataclass(frozen=True)
-class WebhookEvent:
+class WebhookEvent(msgspec.Struct, frozen=True):
     """A verified webhook event, as much of it as the runner keeps."""
 
     event_id: str
@@ -225,8 +219,7 @@ class WebhookEvent:
     reference_id: str | None
 
 
-@dataclass(frozen=True)
-class EventRecorded:
+class EventRecorded(msgspec.Struct, frozen=True):
     """What recording one event did."""
 
     duplicate: bool
@@ -237,8 +230,7 @@ class EventRecorded:
     """When that call was submitted, to learn how long calls take to produce events."""
 
 
-@dataclass(frozen=True)
-class Delivery:
+class Delivery(msgspec.Struct, frozen=True):
     """A file whose outbox document is written."""
 
     file_id: int
@@ -246,8 +238,7 @@ class Delivery:
     reason: str | None
 
 
-@dataclass(frozen=True)
-class Counts:
+class Counts(msgspec.Struct, frozen=True):
     files: dict[str, int]
     calls: dict[str, int]
     """Calls by state (calls that reused a result are no bem calls and not counted here)."""
@@ -256,8 +247,7 @@ class Counts:
     """Files whose document was copied from an earlier completed result (content dedupe)."""
 
 
-@dataclass(frozen=True)
-class Settled:
+class Settled(msgspec.Struct, frozen=True):
     """What :meth:`Store.settle_duplicates` did with the calls it was given."""
 
     reused: list[int]
@@ -286,8 +276,7 @@ def calls_as_delivered(
     }
 
 
-@dataclass(frozen=True)
-class RunnerRow:
+class RunnerRow(msgspec.Struct, frozen=True):
     """A runner sharing the store: who it is, when it last said it was alive, what it holds."""
 
     id: str
@@ -298,8 +287,7 @@ class RunnerRow:
     calls_held: int
 
 
-@dataclass(frozen=True)
-class Tokens:
+class Tokens(msgspec.Struct, frozen=True):
     """What one take from the shared rate budget gave: tokens, and how long until the next."""
 
     granted: int
@@ -434,7 +422,7 @@ RowT = TypeVar("RowT", "CallRow", "FileRow")
 def rows_as(cls: type[RowT], rows: Iterable[Any]) -> list[RowT]:
     """Rows read from a store (each indexed by column name) as ``cls``, names given back as
     the runner's ``str``."""
-    columns = _columns(cls)
+    columns = cls.__struct_fields__
     named = [key for key in columns if key in NAME_COLUMNS]
     built = []
     for row in rows:
@@ -444,13 +432,3 @@ def rows_as(cls: type[RowT], rows: Iterable[Any]) -> list[RowT]:
                 values[key] = from_raw(values[key])
         built.append(cls(**values))
     return built
-
-
-_COLUMNS: dict[type, tuple[str, ...]] = {}
-
-
-def _columns(cls: type[RowT]) -> tuple[str, ...]:
-    columns = _COLUMNS.get(cls)
-    if columns is None:
-        columns = _COLUMNS[cls] = tuple(f.name for f in fields(cls))
-    return columns

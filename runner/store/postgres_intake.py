@@ -11,7 +11,7 @@ working on, or the very same file (path, size, mtime, content) it finished, is l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from runner.names import raw
 from runner.store.base import BatchLimits, NewFile, new_call_params, new_file_params
@@ -20,8 +20,7 @@ from runner.store.postgres_plumbing import QUERIES, Connection, PostgresPlumbing
 INTAKE_LOCK = 0x62656D04
 
 
-@dataclass
-class _CollectingCall:
+class _CollectingCall(msgspec.Struct):
     id: int
     file_count: int
     byte_count: int

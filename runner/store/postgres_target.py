@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
@@ -24,8 +24,7 @@ PASSWORD_CREDENTIAL = "store-password"
 CONNECT_TIMEOUT_SECONDS = 10
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     """A parsed store URL: what to connect with, and how to name it in messages."""
 
     conninfo: str

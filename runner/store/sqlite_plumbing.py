@@ -16,12 +16,12 @@ import sqlite3
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
+import msgspec
 
 from runner import faults
 from runner.errors import StoreError
@@ -37,10 +37,9 @@ cursor that reached the event loop's thread and was freed there would reset its 
 while the connection's thread runs that same cached statement for someone else."""
 
 
-@dataclass
-class _Batch:
+class _Batch(msgspec.Struct):
     rows: list[Mapping[str, Any]]
-    committed: anyio.Event = field(default_factory=anyio.Event)
+    committed: anyio.Event = msgspec.field(default_factory=anyio.Event)
     error: BaseException | None = None
 
 

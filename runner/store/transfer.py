@@ -17,11 +17,11 @@ import sqlite3
 import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import psycopg
 
 from runner.errors import StoreError
@@ -57,8 +57,7 @@ OLD_COLUMN_NAMES = {"batch_key": "group_key", "call_row_id": "group_id"}  # an o
 CALL_TABLES = {"calls", "groups"}  # an older schema's name
 
 
-@dataclass(frozen=True)
-class Copied:
+class Copied(msgspec.Struct, frozen=True):
     """What a migrate copied: calls and files by state, webhook events; and where to."""
 
     into: str
