@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +135,20 @@ async def drain_on_real_time(config: Config, emulator: Emulator, **options: Any)
         config,
         RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05, **options),
         transport=httpx.ASGITransport(app=emulator.app),
+        events=None,
+    )
+    return await runner.serve()
+
+
+async def drain_through(
+    config: Config, answer: Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+) -> Outcome:
+    """A whole drain on the system clock against a stand-in bem: ``answer`` answers each
+    request (often the emulator's answer, changed)."""
+    runner = Runner(
+        config,
+        RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05),
+        transport=httpx.MockTransport(answer),
         events=None,
     )
     return await runner.serve()

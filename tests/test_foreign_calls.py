@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 
 from runner.api import call_mismatch
 from runner.api.models import Call
-from runner.daemon import Runner, RunnerOptions
 from runner.emulator import Emulator, EmulatorSettings
-from tests.pipeline import make_config, outbox_documents, write_files
+from tests.pipeline import drain_through, make_config, outbox_documents, write_files
 
 pytestmark = pytest.mark.anyio
 
@@ -82,13 +81,7 @@ async def test_a_reused_call_id_never_delivers_another_files_results(tmp_path: P
     config = make_config(tmp_path)
     write_files(config.paths.inbox, [(f"wf/f{i}.txt", f"file {i}".encode()) for i in range(4)])
     server = ReusedCallIds(Emulator(EmulatorSettings(latency_min=0, latency_max=0)), b"file 2")
-    runner = Runner(
-        config,
-        RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05),
-        transport=httpx.MockTransport(server.handle),
-        events=None,
-    )
-    outcome = await runner.serve()
+    outcome = await drain_through(config, server.handle)
     assert outcome.exit_code == 1  # one file ended in an error
     documents = outbox_documents(config.paths.outbox)
     assert sorted(documents) == [f"wf/f{i}.txt" for i in range(4)]

@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 
-from runner.daemon import ExitCode, Runner, RunnerOptions
+from runner.daemon import ExitCode
 from runner.emulator import Emulator, EmulatorSettings
 from runner.retry import requeue_failed
 from runner.status import collect_status
@@ -22,6 +22,7 @@ from runner.store.sqlite import open_sqlite_store
 from .conftest import fast_emulator
 from .pipeline import (
     drain,
+    drain_through,
     leftover_temporaries,
     make_config,
     outbox_documents,
@@ -105,14 +106,8 @@ async def test_what_bem_adds_reaches_the_stored_call_and_the_documents(tmp_path:
     config = make_config(tmp_path)
     write_files(config.paths.inbox, [("wf/a.txt", b"a")])
     server = AddedLater(fast_emulator(latency_min=0, latency_max=0))
-    runner = Runner(
-        config,
-        RunnerOptions(drain=True, handle_signals=False, supervise_every=0.05),
-        transport=httpx.MockTransport(server.handle),
-        events=None,
-    )
 
-    outcome = await runner.serve()
+    outcome = await drain_through(config, server.handle)
 
     assert outcome.exit_code == ExitCode.OK
     connection = sqlite3.connect(config.paths.state)
