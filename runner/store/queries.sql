@@ -106,6 +106,16 @@ DROP INDEX files_by_group;
 CREATE INDEX files_by_call ON files (call_row_id);
 UPDATE meta SET value = '5' WHERE key = 'schema_version';
 
+-- name: schema_6
+-- The supervisor counts files and calls at every turn: each count reads an index that holds what
+-- it counts, not every row (a call's row carries its whole result). A state of 100,000 files took
+-- about 0.24 s a count, which the drain paid every second. (state, outcome) serves every lookup
+-- by state, so the index on state alone goes.
+CREATE INDEX files_by_state_outcome ON files (state, outcome);
+DROP INDEX files_by_state;
+CREATE INDEX calls_by_reuse ON calls (reused_file_id, state);
+UPDATE meta SET value = '6' WHERE key = 'schema_version';
+
 -- name: schema_version
 SELECT value FROM meta WHERE key = 'schema_version';
 
@@ -236,7 +246,8 @@ SELECT state, outcome, count(*) FROM files GROUP BY state, outcome;
 SELECT state, count(*) FROM calls WHERE reused_file_id IS NULL GROUP BY state;
 
 -- name: count_reused
-SELECT count(*) FROM files f JOIN calls g ON g.id = f.call_row_id
+-- From the few calls that reuse a result to their files (CROSS JOIN keeps that order).
+SELECT count(*) FROM calls g CROSS JOIN files f ON f.call_row_id = g.id
 WHERE g.reused_file_id IS NOT NULL AND f.state IN ('delivered', 'done');
 
 -- name: open_call_count

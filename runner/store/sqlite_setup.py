@@ -14,7 +14,7 @@ import anyio
 from runner.errors import StoreError
 from runner.store.sqlite_plumbing import QUERIES, SqlitePlumbing
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MIGRATIONS: dict[int, str] = {
     version: QUERIES[f"schema_{version}"] for version in range(1, SCHEMA_VERSION + 1)
 }
