@@ -503,6 +503,14 @@ DROP INDEX groups_one_open_per_key;
 UPDATE calls SET state = 'collecting' WHERE state = 'open';
 CREATE UNIQUE INDEX calls_one_collecting_per_key ON calls (batch_key) WHERE state = 'collecting';
 
+-- name: schema_7
+-- The supervisor counts files and calls at every turn: indexes that hold what it counts, so a
+-- count need not read every row (a call's row carries its whole result). (state, outcome) serves
+-- every lookup by state, so the index on state alone goes.
+CREATE INDEX files_by_state_outcome ON files (state, outcome);
+DROP INDEX files_by_state;
+CREATE INDEX calls_by_reuse ON calls (reused_file_id, state);
+
 -- Content dedupe (runner/dedupe.py decides; these read its facts and apply its decisions).
 -- Deciding and waking hold one advisory lock, so a delivery never slips between what a
 -- decision read and what it wrote. Keys come as three arrays: sha256s, workflows, input types.

@@ -19,7 +19,7 @@ from runner.store.named_sql import statements
 from runner.store.postgres_plumbing import QUERIES, Connection
 from runner.store.postgres_target import Target
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 MIGRATIONS: dict[int, str] = {n: QUERIES[f"schema_{n}"] for n in range(1, SCHEMA_VERSION + 1)}
 MIGRATION_LOCK = 0x62656D01
 OWNER_LOCK = 0x62656D02
