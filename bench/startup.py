@@ -7,9 +7,9 @@ collection off, as ``bem-runner`` runs a command's imports), then the SQLite sto
 anyio's event loop. The drain's row is all of it from a fresh interpreter, ``runner.cli``
 included (the modules a real ``bem-runner drain --no-progress`` has in ``sys.modules`` at its
 end); the transport's row is its share of that. The heavy modules a drain does not use (uvicorn
-and starlette for the webhook receiver, prometheus_client for metrics, the emulator, psycopg)
-are listed when a probe has loaded them, and for ``--help`` also those a drain needs (httpx,
-aiohttp, pydantic, structlog).
+and starlette for the webhook receiver, prometheus_client for metrics, the emulator, psycopg,
+pydantic, which bem's SDK brings into a development environment) are listed when a probe has
+loaded them, and for ``--help`` also those a drain needs (httpx, aiohttp, msgspec, structlog).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 PYTHON = sys.executable
 DEFAULT_RUNS = 7
 # Modules only some commands use: present after a probe means a drain (or --help) pays for them.
-HEAVY = ("uvicorn", "starlette", "prometheus_client", "runner.emulator", "psycopg")
+HEAVY = ("uvicorn", "starlette", "prometheus_client", "runner.emulator", "psycopg", "pydantic")
 # What a drain needs and --help does not.
-NOT_FOR_HELP = ("httpx", "aiohttp", "pydantic", "structlog")
+NOT_FOR_HELP = ("httpx", "aiohttp", "msgspec", "structlog")
 # What a drain imports besides runner.cli, in its order: the configuration, the pipeline and the
 # HTTP transport with the command (while the command line collects no garbage, as
 # runner.cli.main does), then the SQLite store and anyio's worker threads once the runner starts.

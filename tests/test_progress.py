@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from runner.progress import ERASE_LINE, DrainProgress, Tally
 from runner.store.base import Counts
@@ -125,6 +127,27 @@ async def test_log_lines_from_threads_stay_whole() -> None:
     assert sorted(logged) == sorted(
         f"worker {worker} line {n}\n" for worker in range(2) for n in range(300)
     )
+
+
+# Any character but a lone surrogate, control characters included; ESC is left out only so that
+# the erase sequences can be told apart from the text.
+LOGGED = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x1b"), max_size=40)
+
+
+@given(st.lists(LOGGED, max_size=12))
+def test_whatever_is_logged_goes_above_the_line_in_whole_lines(pieces: list[str]) -> None:
+    """Any text, written in any pieces (control characters, carriage returns, no final newline
+    included): each line it holds is written once, whole and in order, above the progress line."""
+    terminal = Terminal()
+    with DrainProgress(terminal, get_time=Clock(), get_width=lambda: 80):
+        for piece in pieces:
+            sys.stderr.write(piece)
+    text = "".join(pieces)
+    expected = [line + "\n" for line in text.split("\n")] if text else []
+    if text.endswith("\n"):
+        expected.pop()
+    written = terminal.getvalue().split(ERASE_LINE)
+    assert [segment for segment in written if segment] == expected
 
 
 def test_quiet_when_not_a_terminal(tmp_path: Path) -> None:
