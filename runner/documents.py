@@ -8,6 +8,7 @@ any file name (:mod:`runner.names`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -194,10 +195,23 @@ def _iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
+_PYTHON_WRITES_FLOATS_OTHERWISE = re.compile(rb"[0-9][eE]|\.0000")
+"""Where msgspec's float text may differ from ``json.dumps``': an exponent (``1e-7`` against
+``1e-07``), or a small number msgspec writes out in full (``0.00001`` against ``1e-05``). It
+also matches some strings; those documents merely take the slower way."""
+
+
 def encode(body: dict[str, Any]) -> bytes:
-    """The document as UTF-8 JSON, whatever strings it holds (bem's JSON may carry lone
-    surrogates, written then as ``\\u`` escapes)."""
+    """The document as indented UTF-8 JSON, whatever strings it holds (bem's JSON may carry
+    lone surrogates, written then as ``\\u`` escapes).
+
+    The bytes are exactly ``json.dumps(body, indent=2, ensure_ascii=False)``'s, written by
+    msgspec where that gives the same bytes (six times faster), by ``json`` where it may not.
+    """
     try:
-        return json.dumps(body, indent=2, ensure_ascii=False).encode() + b"\n"
+        compact = msgspec.json.encode(body)
     except UnicodeEncodeError:
         return json.dumps(body, indent=2, ensure_ascii=True).encode() + b"\n"
+    if _PYTHON_WRITES_FLOATS_OTHERWISE.search(compact):
+        return json.dumps(body, indent=2, ensure_ascii=False).encode() + b"\n"
+    return msgspec.json.format(compact, indent=2) + b"\n"

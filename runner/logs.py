@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any, TextIO
 
 from runner.names import shown
@@ -39,13 +40,29 @@ class _Stderr:
         return sys.stderr.isatty()
 
 
+class _LineWriter:
+    """structlog's logger: each rendered line goes out in one write (``print`` makes two, the
+    line and its newline, each a system call on an unbuffered stderr)."""
+
+    def __init__(self, out: TextIO | _Stderr) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._out.write(message + "\n")
+            self._out.flush()
+
+    debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
+
+
 def configure_logging(
     level: str = "info", *, json_lines: bool | None = None, stream: TextIO | None = None
 ) -> None:
     """Log to ``stream`` (stderr): JSON unless it is a terminal or ``json_lines`` says so."""
     import structlog  # here, not at the top: `bem-runner --help` never configures logging
 
-    out: Any = stream if stream is not None else _Stderr()
+    out = stream if stream is not None else _Stderr()
     terminal = out.isatty()
     if json_lines is None:
         json_lines = not terminal
@@ -64,9 +81,10 @@ def configure_logging(
     # The runner says once that its store cannot be reached; the connection pool would say so
     # again at every attempt to reconnect.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    writer = _LineWriter(out)
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from runner.archive import LeftInPlace, finish_input, finish_inputs
 from runner.deliver import Written, write_documents
-from runner.documents import Document, documents_for_call, rejection_document
+from runner.documents import Document, documents_for_call, encode, rejection_document
 from runner.file_ops import write_atomic
 from runner.store.base import CallRow, FileRow
 
@@ -331,3 +331,29 @@ def test_a_name_that_is_not_utf8_is_carried_exactly() -> None:
         assert body["file"] == "wf/f/\\xff\\xfebad.txt"
         assert base64.b64decode(body["fileBase64"]) == b"wf/f/\xff\xfebad.txt"
         json.dumps(body, ensure_ascii=False).encode()  # valid UTF-8 JSON
+
+
+# Any JSON value bem's answers can carry: every float (NaN and infinities aside: a call is read
+# by msgspec, which refuses them), integers past 64 bits, any text with lone surrogates too.
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.floats(min_value=-1e-3, max_value=1e-3)
+    | st.text()
+    | st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=2),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=6))
+def test_a_document_is_written_exactly_as_json_writes_it(body: dict[str, object]) -> None:
+    try:
+        expected = json.dumps(body, indent=2, ensure_ascii=False).encode() + b"\n"
+    except UnicodeEncodeError:
+        expected = json.dumps(body, indent=2, ensure_ascii=True).encode() + b"\n"
+    assert encode(body) == expected

@@ -87,3 +87,27 @@ async def test_every_event_about_a_call_or_file_names_it(tmp_path: Path) -> None
     assert max(per_thing.values()) == 1
     delivered = [e for e in info if e["event"] == "file delivered"]
     assert sorted(e["file"] for e in delivered) == ["wf/a.txt", "wf/b.txt", "wf/c.txt"]
+
+
+class CountedWrites(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_each_line_goes_out_in_one_write(json_lines: bool) -> None:
+    # On an unbuffered stderr every write is a system call: a line and its newline are one.
+    stream = CountedWrites()
+    configure_logging("info", json_lines=json_lines, stream=stream)
+    structlog.get_logger("t").info("file queued", file="wf/a.txt")
+    structlog.get_logger("t").warning("file rejected", file="wf/b.txt", reason="empty")
+    assert len(stream.writes) == 2
+    assert all(write.endswith("\n") and write.count("\n") == 1 for write in stream.writes)
+    assert "wf/a.txt" in stream.writes[0]
+    assert "wf/b.txt" in stream.writes[1]
