@@ -40,7 +40,8 @@ TAKE_PAGE = 1000
 # The watch stage
 
 EventSource = Callable[[Path, anyio.Event], AsyncIterator[set[str]]]
-"""Yields sets of changed paths below the inbox until the event is set."""
+"""Yields sets of changed paths below the inbox until the event is set. The watcher sets it
+whenever it stops following, cancelled too: a source may wait where no cancellation reaches."""
 
 
 EVENTS_LOST_PAUSE = 1.0
@@ -63,6 +64,11 @@ async def watchfiles_events(inbox: Path, stop: anyio.Event) -> AsyncIterator[set
                 recursive=True,
                 debounce=200,
                 step=50,
+                # A wait for changes is a call in a worker thread that no cancellation ends: it
+                # returns on changes, on ``stop`` (looked at every ``step``) or after this many
+                # ms. The watcher sets ``stop`` when it stops following, so this is only how
+                # often an idle wait starts over (watchfiles' default on Linux, written out).
+                rust_timeout=5_000,
                 ignore_permission_denied=True,
             ):
                 yield {path for _, path in changes}
@@ -170,19 +176,29 @@ class Watcher:
     async def _follow_events(self) -> None:
         assert self._events is not None
         inbox = self._ctx.config.paths.inbox
-        # an event of its own: watchfiles sets the one it is given when it is cancelled, and the
-        # watcher is cancelled (then started again) when the store cannot be reached
-        async for paths in self._events(inbox, anyio.Event()):
-            for path in paths:
-                try:
-                    rel = Path(path).relative_to(inbox).as_posix()
-                except ValueError:
-                    continue
-                if rel == ".":
-                    self._rescan_now = True
-                else:
-                    self._dirty.add(rel)
-            self._ctx.nudges.watch.set()
+        # The source ends at once only when ``stop`` is set: watchfiles waits for changes in a
+        # worker thread that a cancellation cannot interrupt (it would hold the runner's stop
+        # up to 5 s), but that looks at ``stop`` every 50 ms. So ``stop`` is set as soon as
+        # following ends, however it ends: the runner stopping, or the watcher failing on a
+        # store that cannot be reached (it is then started again, with a new event).
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_set_when_cancelled, stop, name="watch-events-stop")
+            async for paths in self._events(inbox, stop):
+                self._note_changed(inbox, paths)
+            tg.cancel_scope.cancel()
+
+    def _note_changed(self, inbox: Path, paths: set[str]) -> None:
+        for path in paths:
+            try:
+                rel = Path(path).relative_to(inbox).as_posix()
+            except ValueError:
+                continue
+            if rel == ".":
+                self._rescan_now = True
+            else:
+                self._dirty.add(rel)
+        self._ctx.nudges.watch.set()
 
     async def _loop(self) -> None:
         ctx = self._ctx
@@ -301,6 +317,14 @@ class Watcher:
             if rel not in self._reported:
                 self._reported.add(rel)
                 log.warning("file skipped", file=rel, reason=why)
+
+
+async def _set_when_cancelled(event: anyio.Event) -> None:
+    """Sets ``event`` when cancelled: when the task group it runs in ends, however it ends."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        event.set()
 
 
 def _lstat_each(inbox: Path, rels: list[str]) -> dict[str, os.stat_result | OSError]:

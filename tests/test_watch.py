@@ -2,16 +2,28 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, Literal
 
 import anyio
 import pytest
+import watchfiles.main
 from hypothesis import given
 from hypothesis import strategies as st
+from watchfiles._rust_notify import RustNotify
 
+from runner.errors import StoreUnavailableError
 from runner.scan import Entry, Settler, examine, hash_file, is_new, scan_inbox, scan_paths
+from runner.sharing import keep_running
 from runner.store.base import KnownFile
-from runner.watch import watchfiles_events
+from runner.watch import Watcher, watchfiles_events
+
+from .conftest import fast_emulator, frozen_emulator
+from .fake_time import UNTIL_REAL_SECONDS
+from .pipeline import make_config, running
+from .stages import stage_world
 
 
 def touch(path: Path, content: bytes = b"x", mtime: float | None = None) -> None:
@@ -156,3 +168,106 @@ async def test_file_events_survive_a_name_watchfiles_cannot_decode(tmp_path: Pat
                     stop.set()
     assert rescan.is_set()
     assert after.is_set()
+
+
+# -- stopping the file events ----------------------------------------------------------------
+# watchfiles waits for events in a worker thread that no cancellation reaches: only the stop
+# event it was given ends a wait early. Each wait below ends on that event or, as a hang guard
+# only, after a minute; a wait the stop event did not end fails the test.
+
+
+class WaitingSource:
+    """An event source that, like watchfiles, waits in a worker thread until its stop event
+    is set, looking at it every few milliseconds; it yields nothing."""
+
+    def __init__(self) -> None:
+        self.waiting = anyio.Event()
+        self.ended: list[str] = []
+        """How each wait ended: "stop" (the event was set) or "timeout" (the hang guard)."""
+
+    async def __call__(self, inbox: Path, stop: anyio.Event) -> AsyncIterator[set[str]]:
+        await anyio.to_thread.run_sync(self._wait, stop)
+        return
+        yield set()  # an async generator, as a source is; it ends without events
+
+    def _wait(self, stop: anyio.Event) -> None:
+        anyio.from_thread.run_sync(self.waiting.set)
+        guard = time.monotonic() + UNTIL_REAL_SECONDS
+        while not stop.is_set() and time.monotonic() < guard:
+            time.sleep(0.005)
+        self.ended.append("stop" if stop.is_set() else "timeout")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["stopped", "cancelled", "store unreachable"])
+async def test_a_wait_for_file_events_ends_when_the_watcher_stops_however_it_stops(
+    tmp_path: Path, how: Literal["stopped", "cancelled", "store unreachable"]
+) -> None:
+    """The runner stops it, a task group around it is cancelled, or it fails on the store."""
+    source = WaitingSource()
+    async with stage_world(tmp_path, frozen_emulator()) as world:
+        watcher = Watcher(world.ctx, events=source)
+        async with anyio.create_task_group() as tg:
+            if how == "store unreachable":
+
+                async def take_unreachable(*, full: bool) -> int:
+                    await source.waiting.wait()
+                    raise StoreUnavailableError("the connection was refused")
+
+                watcher.take = take_unreachable  # type: ignore[method-assign]
+                # the watcher stops on the error, to be started again after a pause
+                tg.start_soon(keep_running, world.ctx, watcher.run)
+                await world.clock.wait_for_sleepers(1)  # the pause: the watcher has stopped
+                world.ctx.stop()
+            else:
+                tg.start_soon(watcher.run)
+                await source.waiting.wait()
+                if how == "stopped":
+                    world.ctx.stop()
+                else:
+                    tg.cancel_scope.cancel()
+    assert source.ended == ["stop"]
+
+
+@pytest.mark.anyio
+async def test_a_wait_for_file_events_ends_when_the_daemon_stops(tmp_path: Path) -> None:
+    source = WaitingSource()
+    config = make_config(tmp_path)
+    async with running(config, fast_emulator(), events=source):
+        await source.waiting.wait()
+    assert source.ended == ["stop"]
+
+
+@pytest.mark.anyio
+async def test_stopping_the_watcher_ends_the_wait_of_watchfiles_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real file events on a real folder. Each wait here lasts up to a minute, not 5 s:
+    only the stop event can end it."""
+    waiting = anyio.Event()
+    ended: list[object] = []
+
+    class LongWaits:
+        def __init__(self, *args: Any) -> None:
+            self._notify = RustNotify(*args)
+
+        def __enter__(self) -> LongWaits:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._notify.close()
+
+        def watch(self, debounce_ms: int, step_ms: int, timeout_ms: int, stop: Any) -> object:
+            anyio.from_thread.run_sync(waiting.set)
+            outcome = self._notify.watch(debounce_ms, step_ms, int(UNTIL_REAL_SECONDS * 1000), stop)
+            ended.append(outcome)
+            return outcome
+
+    monkeypatch.setattr(watchfiles.main, "RustNotify", LongWaits)
+    async with stage_world(tmp_path, frozen_emulator()) as world:
+        watcher = Watcher(world.ctx, events=watchfiles_events)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watcher.run)
+            await waiting.wait()
+            world.ctx.stop()
+    assert ended == ["stop"]
