@@ -7,6 +7,7 @@ module's docstring for the policy (evidence, decrease, slow increase, one overru
 from __future__ import annotations
 
 import math
+import operator
 from fractions import Fraction
 
 import msgspec
@@ -157,30 +158,43 @@ class RateState(msgspec.Struct, frozen=True):
 class TokenBucket:
     """A token bucket (``burst`` capacity, refilled at ``rate`` per second), full when first used.
 
-    Kept in exact rational arithmetic, so it never holds a token that the ideal bucket would not
-    hold, however long it runs. A server-side bucket built from this class with the same limits
-    and read with the same clock never refuses a request the limiter let through. It can be in
-    debt (fewer than no tokens): tokens owed for requests already sent.
+    Kept in exact arithmetic, so it never holds a token that the ideal bucket would not hold,
+    however long it runs. A server-side bucket built from this class with the same limits and
+    read with the same clock never refuses a request the limiter let through. It can be in debt
+    (fewer than no tokens): tokens owed for requests already sent.
+
+    Exact without :class:`~fractions.Fraction`: every input is a float or an int, and every float
+    is a dyadic rational (an integer over a power of two), as are the sums, differences, products,
+    minima and maxima of such numbers, which are all a refill needs. So the state is plain ints
+    in binary fixed point: clock readings and the rate in units of ``2**-bits``, tokens in units
+    of ``2**-(2 * bits)`` (elapsed time times rate lands there exactly). An input with more
+    fractional bits than that makes ``bits`` grow and what is held is shifted to the finer
+    units; ``bits`` never shrinks, so nothing is ever rounded. This does the same as rationals
+    without a gcd per operation, which made the bucket a noticeable share of the runner's CPU.
+    Only :meth:`wait_time` divides (by the rate), once per wait.
     """
 
     def __init__(self, *, rate: float, burst: int) -> None:
-        self._rate = Fraction(rate)
-        self._burst = Fraction(burst)
-        self._tokens = Fraction(burst)
-        self._stamp: Fraction | None = None
+        rate_numerator, bits = _dyadic(rate)
+        self._bits = bits  # fractional bits of clock readings and the rate: only ever grows
+        self._rate = rate_numerator  # in time units (2**-bits) of tokens per second
+        self._one = 1 << 2 * bits  # one token, in token units (2**-(2 * bits))
+        self._burst = operator.index(burst) * self._one
+        self._tokens = self._burst
+        self._stamp: int | None = None  # the latest clock reading refilled to, in time units
         self._seen: float | None = None  # the clock reading last refilled to
 
     def holds(self, now: float, tokens: int) -> bool:
         """At least ``tokens`` whole tokens are there."""
         self._advance(now)
-        return self._tokens >= tokens
+        return self._tokens >= tokens * self._one
 
     def try_take(self, now: float) -> bool:
         """Take one token if there is one."""
         self._advance(now)
-        if self._tokens < 1:
+        if self._tokens < self._one:
             return False
-        self._tokens -= 1
+        self._tokens -= self._one
         return True
 
     def is_full(self, now: float) -> bool:
@@ -189,61 +203,117 @@ class TokenBucket:
 
     def give_back(self) -> None:
         """Return a token that was taken but not used."""
-        self._tokens = min(self._burst, self._tokens + 1)
+        self._tokens = min(self._burst, self._tokens + self._one)
 
     def debt(self, now: float) -> Fraction:
-        """How many tokens are owed (0 unless the bucket is in debt)."""
+        """How many tokens are owed (0 unless the bucket is in debt), exactly."""
         self._advance(now)
-        return max(Fraction(0), -self._tokens)
+        return Fraction(max(0, -self._tokens), self._one)
 
     def empty(self, now: float, *, until: float | None = None, owing: Fraction | int = 0) -> None:
-        """No token now (``owing`` tokens owed), and none accrues before ``until`` (the end of a
-        429 pause)."""
+        """No token now (``owing`` tokens owed: a whole or dyadic number, such as a
+        :meth:`debt` less some tokens), and none accrues before ``until`` (the end of a 429
+        pause)."""
         self._advance(now)
-        self._tokens = -Fraction(max(0, owing))
-        if until is not None and self._stamp is not None and Fraction(until) > self._stamp:
-            self._stamp = Fraction(until)
+        self._tokens = -self._token_units(max(0, owing))
+        if until is not None and self._stamp is not None:
+            end = self._units(until)  # first: it may refine the units the stamp is in
+            self._stamp = max(self._stamp, end)
 
     def wait_time(self, now: float, tokens: int = 1) -> float:
         """Seconds until ``tokens`` whole tokens are there (0 if they are), such that the float
         ``now + d`` is not before the exact moment the last of them arrives (and, for a clock
         reading >= 0, at most one float step after it)."""
         self._advance(now)
-        if self._tokens >= tokens:
+        if self._tokens >= tokens * self._one:
             return 0.0
-        exact_now = Fraction(now)
-        start = max(exact_now, self._stamp) if self._stamp is not None else exact_now
-        return float_delay(now, start + (tokens - self._tokens) / self._rate)
+        start = self._units(now)  # first: it may refine the units of what is held
+        if self._stamp is not None:
+            start = max(start, self._stamp)
+        missing = tokens * self._one - self._tokens
+        # due = start + missing / rate, in seconds: (start * 2**-bits) + (missing *
+        # 2**-(2 * bits)) / (rate * 2**-bits), over the common denominator rate * 2**bits
+        numerator = start * self._rate + missing
+        denominator = self._rate << self._bits
+        return _delay_to(now, _float_at_or_after(numerator, denominator))
 
     def set_rate(self, now: float, rate: float) -> None:
         self._advance(now)
-        self._rate = Fraction(rate)
+        self._rate = self._units(rate)
 
     def set_burst(self, now: float, burst: int) -> None:
         self._advance(now)
-        self._burst = Fraction(burst)
+        self._burst = operator.index(burst) * self._one
         self._tokens = min(self._tokens, self._burst)
 
     def _advance(self, now: float) -> None:
-        # Refilling twice to one reading adds nothing the second time: skip the exact arithmetic.
-        if now != self._seen:
-            self._seen = now
-            self._refill(Fraction(now))
+        # Refilling twice to one reading adds nothing the second time: skip the arithmetic.
+        if now == self._seen:
+            return
+        self._seen = now
+        reading = self._units(now)
+        if self._stamp is None or reading > self._stamp:
+            # a clock reading before the stamp (a clock that went back) refills nothing
+            if self._stamp is not None:
+                refill = (reading - self._stamp) * self._rate
+                self._tokens = min(self._burst, self._tokens + refill)
+            self._stamp = reading
 
-    def _refill(self, now: Fraction) -> None:
-        if self._stamp is not None and now > self._stamp:
-            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        if self._stamp is None or now > self._stamp:
-            self._stamp = now
+    def _units(self, value: float) -> int:
+        """A clock reading or rate in time units, made finer first if ``value`` needs it.
+
+        Call it before reading any other value held in units: those may change."""
+        numerator, bits = _dyadic(value)
+        if bits > self._bits:
+            self._refine(bits)
+        return numerator << (self._bits - bits)
+
+    def _token_units(self, count: Fraction | int) -> int:
+        """A count of tokens in token units, made finer first if ``count`` needs it."""
+        numerator, bits = _dyadic(count)
+        if bits > 2 * self._bits:
+            self._refine((bits + 1) // 2)
+        return numerator << (2 * self._bits - bits)
+
+    def _refine(self, bits: int) -> None:
+        """Finer units: ``bits`` fractional bits for times and the rate, twice that for tokens."""
+        shift = bits - self._bits
+        self._bits = bits
+        self._rate <<= shift
+        if self._stamp is not None:
+            self._stamp <<= shift
+        self._one <<= 2 * shift
+        self._burst <<= 2 * shift
+        self._tokens <<= 2 * shift
 
 
-def float_delay(now: float, due: Fraction) -> float:
+def _dyadic(value: float | Fraction) -> tuple[int, int]:
+    """``value`` as ``numerator / 2**bits``, exactly: (numerator, bits). Any float or int is."""
+    numerator, denominator = value.as_integer_ratio()
+    bits = denominator.bit_length() - 1
+    if denominator != 1 << bits:
+        raise ValueError(f"{value!r} is not an integer over a power of two")
+    return numerator, bits
+
+
+def float_delay(now: float, due: Fraction | float) -> float:
     """A delay after which the float ``now + delay`` is not before ``due``, and barely so."""
-    target = float(due)
-    if Fraction(target) < due:
+    numerator, denominator = due.as_integer_ratio()
+    return _delay_to(now, _float_at_or_after(numerator, denominator))
+
+
+def _float_at_or_after(numerator: int, denominator: int) -> float:
+    """The least float not below ``numerator / denominator`` (``denominator`` > 0)."""
+    target = numerator / denominator  # int true division rounds correctly: the nearest float
+    low, high = target.as_integer_ratio()
+    if low * denominator < numerator * high:  # it was rounded down: the next float is above
         target = math.nextafter(target, math.inf)
+    return target
+
+
+def _delay_to(now: float, target: float) -> float:
+    """A delay after which the float ``now + delay`` is not before ``target``, and barely so."""
     delay = target - now  # exact whenever target and now are close (Sterbenz)
     while now + delay < target:  # otherwise a step or two of rounding to make up
         delay = math.nextafter(delay, math.inf)
     return delay
-

@@ -5,8 +5,8 @@ limiter is that same bucket plus a cap on requests in flight. A request waits fo
 slot and a token; waiting requests of different kinds ("submit", "poll", ...) are served in turn
 so neither starves the other, and in arrival order within a kind.
 
-The bucket is kept in exact rational arithmetic, and every wait is rounded up to the next float,
-so float rounding can never let it grant a token the ideal bucket does not have yet.
+The bucket is kept in exact (dyadic rational) arithmetic, and every wait is rounded up to the
+next float, so float rounding can never let it grant a token the ideal bucket does not have yet.
 
 **Learning the account's rate.** The configured rate may be more than the account allows. A 429
 pauses every grant until its ``Retry-After`` has passed, and the limiter then runs just below
@@ -330,7 +330,7 @@ class RateLimiter:
         now = self._clock.now()
         delay = self._bucket.wait_time(now, self._tokens_to_gather())
         if self._paused_until is not None:
-            delay = max(delay, float_delay(now, Fraction(self._paused_until)))
+            delay = max(delay, float_delay(now, self._paused_until))
         return max(_MIN_SLEEP, delay)
 
     def _withdraw(self, waiter: _Waiter) -> None:
