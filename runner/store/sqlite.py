@@ -32,6 +32,7 @@ from runner.store.base import (
     Finished,
     NextPoll,
     next_poll_params,
+    rows_as,
     terminal_params,
 )
 from runner.store.lock import state_owner
@@ -67,6 +68,11 @@ async def open_sqlite_store(path: Path, *, read_only: bool = False) -> AsyncIter
 
 
 class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, SingleOwner):
+    # The stages' reads are small (``_rows``, ``_scalar``: on the event loop's thread when the
+    # connection is idle): each is bounded by its LIMIT, by a batch of ids, or by the calls and
+    # files in flight, and finds them through an index. The reports read the whole store and
+    # take the trip to aiosqlite's thread (``_fetch``, ``_fetch_each``).
+
     # -- submit -----------------------------------------------------------------------------
 
     async def ready_calls(self, *, now: float, limit: int) -> list[CallRow]:
@@ -210,7 +216,8 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
     # -- reports ----------------------------------------------------------------------------
 
     async def counts(self) -> Counts:
-        # read each time the supervisor turns: one trip for all four
+        # read each time the supervisor turns: one trip for all four, on aiosqlite's thread as
+        # the file counts read an index of every file
         by_file, by_call, open_calls, reused = await self._fetch_each(
             ("count_files", "count_calls", "open_call_count", "count_reused")
         )
@@ -229,16 +236,20 @@ class SqliteStore(SqliteSetup, SqliteIntake, SqliteDedupe, SqliteWebhooks, Singl
         return int(await self._scalar("open_call_count") or 0)
 
     async def unfinished_work(self) -> int:
-        return int(await self._scalar("unfinished_work") or 0)
+        # on aiosqlite's thread: it counts the calls through an index of every call
+        rows = await self._fetch("unfinished_work")
+        return int(rows[0][0])  # a count: always one row
 
     async def recent_errors(self, *, limit: int) -> list[tuple[str, str | None, float | None]]:
+        # on aiosqlite's thread: it sorts every error the store holds (for ``status``)
         return [
             (from_raw(r["rel"]), r["reason"], r["done_at"])
             for r in await self._fetch("recent_errors", {"limit": limit})
         ]
 
     async def failed_files(self) -> list[FileRow]:
-        return await self._rows(FileRow, "failed_files", {})
+        # on aiosqlite's thread: every failed file of the store (``retry``)
+        return rows_as(FileRow, await self._fetch("failed_files"))
 
     async def mark_retried(self, file_ids: list[int]) -> None:
         await self._write("supersede_file", ({"id": fid} for fid in file_ids))

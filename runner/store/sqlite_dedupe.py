@@ -58,6 +58,7 @@ class SqliteDedupe(SqlitePlumbing):
         if not file_ids:
             return {}
         wanted = json.dumps(sorted(set(file_ids)))
+        # small reads: the files, calls and call files of one batch of deliveries
         sources = await self._rows(FileRow, "files_by_id", {"file_ids": wanted})
         call_row_ids = json.dumps(
             sorted({f.call_row_id for f in sources if f.call_row_id is not None})

@@ -29,6 +29,7 @@ class SqliteIntake(SqlitePlumbing):
             await db.execute(QUERIES["wake_all_waiting"])
 
     async def known_files(self) -> dict[str, KnownFile]:
+        # on aiosqlite's thread: every file the store knows, at start-up
         rows = await self._fetch("known_files")
         return {
             from_raw(row["rel"]): KnownFile(row["size"], row["mtime_ns"], row["state"])
@@ -45,6 +46,7 @@ class SqliteIntake(SqlitePlumbing):
         await self._run_transaction("add_files", add)
 
     async def collecting_calls(self) -> list[CallRow]:
+        # small: one call per batch still taking files
         return await self._rows(CallRow, "collecting_calls", {})
 
     async def close_batch(self, call_row_id: int) -> None:

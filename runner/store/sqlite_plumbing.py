@@ -1,26 +1,37 @@
-"""Running the named statements of ``queries.sql`` on the SQLite store's one connection.
+"""Running the named statements of ``queries.sql`` on the SQLite store's connections.
 
 Reads, one write transaction at a time (``BEGIN IMMEDIATE``, with the crash points around its
 commit), and rows turned back into :class:`CallRow` / :class:`FileRow` with names as text.
 
-The connection lives on aiosqlite's thread, and each trip there and back costs the event loop a
-wake-up: a read is one trip (statement and rows together), and the writes of the pipeline's
+The connection lives on aiosqlite's thread, and each trip there and back costs the event loop
+about 100 µs of CPU (the queue hand-off, the thread's wake-up, the GIL changing hands, the
+loop's self-pipe wake-up), far more than a small SELECT itself. The writes of the pipeline's
 stages are one trip each, their whole transaction written as a plain function of the connection
 (:meth:`SqlitePlumbing._run_transaction`). Rarer writes that decide between statements use the
 async :meth:`SqlitePlumbing._transaction`, a trip per statement.
+
+The stages' small reads (:meth:`SqlitePlumbing._read`) make no trip when none is needed: when
+nothing is queued or running on aiosqlite's connection and no transaction is open, they run at
+once on the event loop's thread, through a second, read-only connection to the same file (WAL
+lets it read beside the writer). Every write committed so far is then visible to it, so its
+answer is the one the trip would have brought. Otherwise the read takes the trip, in order as
+ever: behind a queued write it sees that write, inside an open transaction its uncommitted
+rows. Reads that grow with the whole store (start-up's list of files, the counts, the reports)
+always take the trip: the event loop never waits for them.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from runner import faults
@@ -31,6 +42,8 @@ from runner.store.named_sql import load_queries
 QUERIES = load_queries("queries.sql")
 Row = TypeVar("Row", CallRow, FileRow)
 Result = TypeVar("Result")
+_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+"""Primary result codes of a lock held elsewhere (the extended codes are these in the low byte)."""
 Work = Callable[[sqlite3.Connection], None]
 """A transaction's statements, run on the connection's own thread. It returns nothing: a
 cursor that reached the event loop's thread and was freed there would reset its statement
@@ -54,12 +67,62 @@ class SqlitePlumbing:
         self._writer = anyio.Lock()  # one connection, so one transaction at a time
         self._batches: dict[str, _Batch] = {}
         """Rows of one statement waiting for the writer together (:meth:`_write_together`)."""
+        self._reader: sqlite3.Connection | None = None
+        """The event loop's own read-only connection (:meth:`_read`), once the schema is ready."""
+        self._uses = 0
+        """Uses of aiosqlite's connection under way (:meth:`_in_use`)."""
+
+    async def _read(self, name: str, params: Mapping[str, Any] | None = None) -> list[sqlite3.Row]:
+        """A small read: on the event loop's thread when aiosqlite's connection is idle.
+
+        Only for reads whose rows are few and quick to find whatever the size of the store
+        (bounded by a ``LIMIT``, by a batch of ids, or by the work in flight): the loop waits
+        for them. Any other read is :meth:`_fetch`.
+        """
+        rows = self._read_here(name, params or {})
+        if rows is None:
+            return await self._fetch(name, params)
+        await anyio.lowlevel.checkpoint()  # a store call still lets other tasks run, or cancels
+        return rows
+
+    def _read_here(self, name: str, params: Mapping[str, Any]) -> list[sqlite3.Row] | None:
+        """The rows, read on this thread; None when the read must take the trip instead.
+
+        It must while aiosqlite's connection is in use, a call queued or running or a
+        transaction open (the read would miss what they write), before the schema is ready, and
+        when the file is locked: the loop does not wait for a lock (its busy timeout is short),
+        aiosqlite's thread does.
+        """
+        if self._reader is None or self._uses:
+            return None
+        try:
+            return _fetch_all(self._reader, QUERIES[name], params)
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _LOCKED:
+                return None
+            raise StoreError(f"{self._path}: {name}: {exc}") from exc
 
     async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[sqlite3.Row]:
+        """A read on aiosqlite's thread, in order with everything sent there before it."""
         try:
-            return list(await self._db.execute_fetchall(QUERIES[name], params or {}))
+            with self._in_use():
+                return list(await self._db.execute_fetchall(QUERIES[name], params or {}))
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: {name}: {exc}") from exc
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Around every use of aiosqlite's connection, a call or a whole transaction: meanwhile
+        :meth:`_read` queues behind it.
+
+        A call cancelled while it waits is still run by that thread, yet counts no longer: that
+        is harmless, as only reads can be cancelled (writes are shielded).
+        """
+        self._uses += 1
+        try:
+            yield
+        finally:
+            self._uses -= 1
 
     async def _fetch_each(self, names: Sequence[str]) -> list[list[sqlite3.Row]]:
         """The rows of each named read, all of them in one trip to the connection's thread."""
@@ -71,15 +134,18 @@ class SqlitePlumbing:
     async def _on_connection_thread(self, fn: Callable[..., Result], *args: Any) -> Result:
         """``fn(connection, *args)`` on the connection's own thread, in order with the rest."""
         # aiosqlite runs any function on its thread, in order with its own calls
-        return await self._db._execute(fn, self._db._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
+        with self._in_use():
+            return await self._db._execute(fn, self._db._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
 
     async def _scalar(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
-        rows = await self._fetch(name, params)
+        """The first column of the first row of a small read (:meth:`_read`)."""
+        rows = await self._read(name, params)
         return rows[0][0] if rows else None
 
     async def _scalar_raw(self, sql: str) -> Any:
-        async with self._db.execute(sql) as cursor:
-            row = await cursor.fetchone()
+        with self._in_use():
+            async with self._db.execute(sql) as cursor:
+                row = await cursor.fetchone()
         return row[0] if row else None
 
     @asynccontextmanager
@@ -89,7 +155,7 @@ class SqlitePlumbing:
             # Once begun, a transaction runs to its commit or rollback: a BEGIN or statement
             # cancelled half-way would still run in aiosqlite's thread and leave the shared
             # connection inside a transaction nobody owns.
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), self._in_use():
                 try:
                     await self._db.execute("BEGIN IMMEDIATE")
                     try:
@@ -157,7 +223,17 @@ class SqlitePlumbing:
         await self._run_transaction(name, write)
 
     async def _rows(self, cls: type[Row], name: str, params: Mapping[str, Any]) -> list[Row]:
-        return rows_as(cls, await self._fetch(name, params))
+        """The rows of a small read (:meth:`_read`) as ``cls``."""
+        return rows_as(cls, await self._read(name, params))
+
+
+def _fetch_all(db: sqlite3.Connection, sql: str, params: Mapping[str, Any]) -> list[sqlite3.Row]:
+    """Every row, the cursor closed: no read transaction is left open to hold the WAL back."""
+    cursor = db.execute(sql, params)
+    try:
+        return cursor.fetchall()
+    finally:
+        cursor.close()
 
 
 def _fetch_each(db: sqlite3.Connection, names: Sequence[str]) -> list[list[sqlite3.Row]]:

@@ -1,4 +1,4 @@
-"""Opening the SQLite state: the connection, the pragmas (WAL, ``synchronous=FULL``), the
+"""Opening the SQLite state: the connections, the pragmas (WAL, ``synchronous=FULL``), the
 schema's migration for a writer, and the checks of a read-only open."""
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ SCHEMA_VERSION = 6
 MIGRATIONS: dict[int, str] = {
     version: QUERIES[f"schema_{version}"] for version in range(1, SCHEMA_VERSION + 1)
 }
+READER_BUSY_TIMEOUT = 0.002
+"""Seconds the event loop's reader waits for a lock before its read takes the trip instead."""
 
 
 async def connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
     if read_only and not path.is_file():  # noqa: ASYNC240 (one stat, at startup)
         raise StoreError(f"{path}: no state database here (check --state / paths.state)")
-    if read_only:
-        target, uri = f"file:{urllib.parse.quote(os.fsencode(path))}?mode=ro", True
-    else:
-        target, uri = str(path), False
+    target, uri = (_read_only_uri(path), True) if read_only else (str(path), False)
     try:
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,11 +37,16 @@ async def connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
     return connection
 
 
+def _read_only_uri(path: Path) -> str:
+    return f"file:{urllib.parse.quote(os.fsencode(path))}?mode=ro"
+
+
 class SqliteSetup(SqlitePlumbing):
     async def migrate(self) -> None:
         self._db.row_factory = sqlite3.Row
         try:
-            await self._db.executescript(QUERIES["pragmas"])
+            with self._in_use():
+                await self._db.executescript(QUERIES["pragmas"])
             mode = await self._scalar_raw("PRAGMA journal_mode")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self._path}: not a bem-runner state database: {exc}") from exc
@@ -60,6 +64,7 @@ class SqliteSetup(SqlitePlumbing):
                 for statement in MIGRATIONS[target].split(";\n"):
                     if statement.strip():
                         await db.execute(statement)
+        self._open_reader()
 
     async def check_readable(self) -> None:
         """A read-only open: the database must be a bem-runner state this version can read."""
@@ -72,6 +77,24 @@ class SqliteSetup(SqlitePlumbing):
         if version is None:
             raise StoreError(f"{self._path}: not a bem-runner state database")
         self._check_version(version)
+        self._open_reader()
+
+    def _open_reader(self) -> None:
+        """The event loop's read-only connection to the same file, for small reads.
+
+        Opened here, on the loop's thread (it is used nowhere else), once the schema is ready.
+        """
+        try:
+            reader = sqlite3.connect(
+                _read_only_uri(self._path),
+                uri=True,
+                timeout=READER_BUSY_TIMEOUT,
+                isolation_level=None,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self._path}: cannot open state database: {exc}") from exc
+        reader.row_factory = sqlite3.Row
+        self._reader = reader
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -84,4 +107,7 @@ class SqliteSetup(SqlitePlumbing):
         return str(await self._scalar_raw("PRAGMA integrity_check"))
 
     async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()  # first: the last connection to close checkpoints the WAL
         await self._db.close()

@@ -84,4 +84,5 @@ class SqliteWebhooks(SqlitePlumbing):
 
     async def webhook_event_counts(self) -> dict[str, int]:
         """Recorded events by state: pending, matched, dropped."""
+        # on aiosqlite's thread: it reads an index of every event kept
         return {state: count for state, count in await self._fetch("count_webhook_events")}
