@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -184,6 +185,11 @@ class WaitingSource:
         self.waiting = anyio.Event()
         self.ended: list[str] = []
         """How each wait ended: "stop" (the event was set) or "timeout" (the hang guard)."""
+        self._never = threading.Event()
+        """Waited on between looks at the stop event: a thread in ``.wait(`` waits for work to
+        the time machine (tests/fake_time.py), so the fake clock moves meanwhile; a bare
+        ``time.sleep`` would look like work and hold it still (a daemon then never sees its
+        supervisor's next turn)."""
 
     async def __call__(self, inbox: Path, stop: anyio.Event) -> AsyncIterator[set[str]]:
         await anyio.to_thread.run_sync(self._wait, stop)
@@ -194,7 +200,7 @@ class WaitingSource:
         anyio.from_thread.run_sync(self.waiting.set)
         guard = time.monotonic() + UNTIL_REAL_SECONDS
         while not stop.is_set() and time.monotonic() < guard:
-            time.sleep(0.005)
+            self._never.wait(0.005)
         self.ended.append("stop" if stop.is_set() else "timeout")
 
 
