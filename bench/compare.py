@@ -78,6 +78,9 @@ class Row:
     """files ÷ rate for the POSTs plus the longest call: no drain can be faster."""
     requests_per_file: float = 0.0
     runners: int = 1
+    file_create_us: float | None = None
+    """CPU µs to create a file next to the outbox just before the run
+    (:func:`harness.file_creation_us`): what each result document's new file cost the kernel."""
     """bem-runner processes sharing one store (and R)."""
 
 
@@ -204,6 +207,7 @@ def run_client(
     argv = client_argv(client, args, base, files, webhook_port=port, store=store)
     startup = harness.run_measured(startup_argv(client, args, base, argv, port, store), env=env,
                                    logs=base / "logs-startup")  # fmt: skip
+    file_create_us = harness.file_creation_us(base / "file-creation-probe")
     emu.reset_stats()
     with harness.StatsSampler(emu) as sampler:
         measured = harness.combined(
@@ -248,6 +252,7 @@ def run_client(
         bound_seconds=len(digests) / args.rate + longest_call(args.latency),
         requests_per_file=requests["total"] / files,
         runners=runners,
+        file_create_us=file_create_us,
     )
 
 
@@ -346,7 +351,13 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
                 str(row.duplicates),
             ]
         )
-    return header + "\n\n" + markdown_table(table)
+    notes = [
+        note
+        for row in rows
+        if row.file_create_us is not None
+        and (note := harness.slow_file_creation_note(row.file_create_us, f"{row.client}'s folder"))
+    ]
+    return header + "\n\n" + markdown_table(table) + "".join("\n" + note for note in notes)
 
 
 def _ratio(value: float, bound: float | None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,42 @@ class Measured:
     peak_rss_mb: float
     stdout: str
     stderr: str
+
+
+SLOW_FILE_CREATION_US = 50.0
+"""Creating a file costs about 20 µs of CPU on an ordinary file system; above this, the kernel
+is working around something (see :func:`file_creation_us`)."""
+
+
+def file_creation_us(folder: Path, count: int = 200) -> float:
+    """CPU time (user + system, µs) this process spends creating one empty file in ``folder``.
+
+    Each result document is a new file. On ext4 without a journal the kernel does not reuse an
+    inode freed in the last minutes (``find_inode_bit`` skips ``recently_deleted`` ones), so
+    right after many deletions nearby (a previous run's folder removed, a test suite's temporary
+    files) each new file costs it a search: 20 µs becomes 100–500 µs, all of it charged to the
+    process creating the file. Measured just before a run, this says how much of a drain's
+    system time that was. The files are kept (removing them would free more inodes).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for index in range(count):
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+        os.close(os.open(folder / f"probe-{index:04d}", flags, 0o600))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    spent = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return spent * 1e6 / count
+
+
+def slow_file_creation_note(cost_us: float, where: str) -> str | None:
+    """A line for the report when creating a file cost far more than it ordinarily does."""
+    if cost_us <= SLOW_FILE_CREATION_US:
+        return None
+    return (
+        f"note: creating a file in {where} cost {cost_us:.0f} µs of CPU just before the run "
+        f"(about 20 µs ordinarily): the kernel is skipping recently freed inodes (ext4 without a "
+        f"journal, after many deletions in the last minutes); each result document pays it"
+    )
 
 
 def run_measured(

@@ -129,6 +129,7 @@ def drains(args: argparse.Namespace, root: Path) -> bool:
     table = [["files", "wall s", "files/s", "CPU s", "CPU ms/file", "net of start-up",
               "peak RSS MB", "requests/file", "delivered", "duplicates"]]  # fmt: skip
     ok = True
+    notes: list[str] = []
     with harness.emulator(rate=args.rate, burst=args.burst, latency=args.latency) as emu:
         # what a drain pays before its first file: imports, store, client (an empty inbox)
         (root / "start-up" / "inbox" / WORKFLOW).mkdir(parents=True)
@@ -138,6 +139,7 @@ def drains(args: argparse.Namespace, root: Path) -> bool:
         for count in args.files:
             base = root / str(count)
             digests = harness.make_inputs(base / "inbox" / WORKFLOW, count)
+            create_us = harness.file_creation_us(base / "file-creation-probe")
             measured, stats = drain(args, base, emu, inbox={"rescan_seconds": args.rescan_seconds})
             delivered, errors = harness.count_outputs(base / "outbox")
             duplicates, _ = harness.duplicate_calls(stats, digests)
@@ -158,13 +160,16 @@ def drains(args: argparse.Namespace, root: Path) -> bool:
                 ]
             )
             print(f"  {count} files: {measured.wall_seconds:.1f} s", file=sys.stderr, flush=True)
+            note = harness.slow_file_creation_note(create_us, f"the {count}-file drain's folder")
+            if note is not None:
+                notes.append(note)
     print(
         f"drains: rate limit {args.rate:g} req/s (burst {args.burst}), latency {args.latency} s, "
         f"inbox.rescan_seconds {args.rescan_seconds:g}, "
         + (f"{args.batch} files per call" if args.batch else "one call per file")
         + f"; start-up (a drain of an empty inbox) {startup.cpu_seconds:.2f} s CPU\n"
     )
-    print(markdown_table(table) + "\n", flush=True)
+    print(markdown_table(table) + "".join("\n" + note for note in notes) + "\n", flush=True)
     return ok
 
 
