@@ -42,6 +42,10 @@ def test_compare_runs_every_client_to_completion(tmp_path: Path) -> None:
         assert row["duplicates"] == 0
         assert row["never_sent"] == 0
         assert row["submits_per_file"] >= 1
+        # what creating a file next to the outbox cost is measured; the probe's files are kept
+        assert row["file_create_us"] > 0
+    probes = list((tmp_path / "work" / "bem-runner" / "file-creation-probe").iterdir())
+    assert len(probes) == 200
     assert rows["sequential"]["extrapolated"] is True
     assert "| bem-runner |" in completed.stdout
 
