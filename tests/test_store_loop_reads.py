@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from runner.errors import StoreError
 from runner.store.base import CallRow
@@ -121,33 +122,54 @@ async def test_a_read_on_the_loop_sees_every_committed_write(tmp_path: Path) -> 
         assert threads.of("ready_calls") == threads.of("open_call_count") == {threading.get_ident()}
 
 
+async def read_while_held(
+    store: SqliteStore,
+    first: Callable[[], Coroutine[Any, Any, object]],
+    *,
+    held_at: Callable[[str], bool],
+    trace: Callable[[str], None] | None = None,
+) -> list[CallRow]:
+    """A ``ready_calls`` read issued while ``first`` is held on aiosqlite's thread (at the first
+    statement ``held_at`` picks, by a trace callback waiting on an event): its answer, after
+    checking it did not come while ``first`` was held."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(sql: str) -> None:  # on aiosqlite's thread
+        if trace is not None:
+            trace(sql)
+        if held_at(sql):
+            entered.set()
+            release.wait(10)
+
+    await store._db.set_trace_callback(hold)
+    seen: list[list[CallRow]] = []
+
+    async def read() -> None:
+        seen.append(await store.ready_calls(now=1.0, limit=10))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(first)
+            assert await anyio.to_thread.run_sync(entered.wait, 10)
+            tasks.start_soon(read)
+            await wait_all_tasks_blocked()  # a read answered on the loop would be done by now
+            assert seen == []  # queued behind what is held, not answered from before it
+            release.set()
+    [answer] = seen
+    return answer
+
+
 async def test_a_read_issued_while_a_write_runs_waits_behind_it_and_sees_it(
     tmp_path: Path,
 ) -> None:
     async with open_sqlite_store(tmp_path / "s.db") as store:
         [call] = await ready_store(store)
-        entered, release = threading.Event(), threading.Event()
-
-        def hold_the_write(sql: str) -> None:  # on aiosqlite's thread
-            if sql.startswith("UPDATE calls SET state = 'sending'"):
-                entered.set()
-                release.wait(10)
-
-        await store._db.set_trace_callback(hold_the_write)
-        seen: list[list[CallRow]] = []
-
-        async def read() -> None:
-            seen.append(await store.ready_calls(now=1.0, limit=10))
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(partial(store.mark_sending, [call.id], now=2.0))
-                assert await anyio.to_thread.run_sync(entered.wait, 10)
-                tasks.start_soon(read)
-                await anyio.sleep(0.05)
-                assert seen == []  # queued behind the write, not answered from before it
-                release.set()
-        assert seen == [[]]  # the call is sending: the read saw the write
+        answer = await read_while_held(
+            store,
+            partial(store.mark_sending, [call.id], now=2.0),
+            held_at=lambda sql: sql.startswith("UPDATE calls SET state = 'sending'"),
+        )
+        assert answer == []  # the call is sending: the read saw the write
 
 
 async def test_a_read_issued_while_another_read_runs_on_aiosqlites_thread_goes_there_too(
@@ -156,30 +178,11 @@ async def test_a_read_issued_while_another_read_runs_on_aiosqlites_thread_goes_t
     async with open_sqlite_store(tmp_path / "s.db") as store:
         await ready_store(store)
         threads = await traced(store)
-        entered, release = threading.Event(), threading.Event()
         counting = QUERIES["count_files"]
-
-        def hold_the_counts(sql: str) -> None:  # on aiosqlite's thread
-            threads(sql)
-            if sql == counting:
-                entered.set()
-                release.wait(10)
-
-        await store._db.set_trace_callback(hold_the_counts)
-        seen: list[list[CallRow]] = []
-
-        async def read() -> None:
-            seen.append(await store.ready_calls(now=1.0, limit=10))
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(store.counts)
-                assert await anyio.to_thread.run_sync(entered.wait, 10)
-                tasks.start_soon(read)
-                await anyio.sleep(0.05)
-                assert seen == []  # in the queue behind the counts
-                release.set()
-        assert len(seen[0]) == 1
+        answer = await read_while_held(
+            store, store.counts, held_at=lambda sql: sql == counting, trace=threads
+        )
+        assert len(answer) == 1
         assert len(threads.of("ready_calls")) == 1
         assert threading.get_ident() not in threads.of("ready_calls")
 
@@ -272,7 +275,7 @@ async def test_a_locked_file_sends_the_read_to_aiosqlites_thread_at_once(tmp_pat
                     tasks.start_soon(read)
                     await anyio.lowlevel.checkpoint()  # the read meets the lock, then queues
                     loop_held_for = time.perf_counter() - started
-                    await anyio.sleep(0.05)
+                    await wait_all_tasks_blocked()
                     assert seen == []
                     other.execute("COMMIT")
             assert seen == [[]]
