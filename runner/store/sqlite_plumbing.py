@@ -238,7 +238,7 @@ def _fetch_all(db: sqlite3.Connection, sql: str, params: Mapping[str, Any]) -> l
 
 def _fetch_each(db: sqlite3.Connection, names: Sequence[str]) -> list[list[sqlite3.Row]]:
     """On the connection's thread: each named read's rows, no cursor left open."""
-    return [db.execute(QUERIES[name]).fetchall() for name in names]
+    return [_fetch_all(db, QUERIES[name], {}) for name in names]
 
 
 def _run_whole(db: sqlite3.Connection, label: str, work: Work) -> None:
